@@ -1,0 +1,55 @@
+"""``qexp``: dispatch to subcommands. ``train`` hands its arguments to Hydra untouched."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+# name -> (module with a ``main(argv) -> int``, one-line help). ``train`` is Hydra's and takes overrides.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "train": ("qexp.train", "train/evaluate/log one config or a --multirun grid (Hydra overrides)"),
+    "eval": ("qexp.evaluate", "re-evaluate a run folder (post-hoc analyses: --integer, --ptq-bits)"),
+}
+
+USAGE = """usage: qexp COMMAND [ARGS]
+
+Quantized-training experiments: compose dataset x model x method x bits, train, tabulate.
+
+commands:
+{commands}
+
+`qexp COMMAND --help` explains each one; `qexp train --help` lists the config groups.
+"""
+
+
+def usage() -> str:
+    width = max(len(c) for c in COMMANDS)
+    lines = "\n".join(f"  {c.ljust(width)}  {h}" for c, (_, h) in COMMANDS.items())
+    return USAGE.format(commands=lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(usage())
+        return 0
+    cmd, rest = argv[0], argv[1:]
+    if cmd not in COMMANDS:
+        print(f"qexp: unknown command {cmd!r}\n\n{usage()}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(COMMANDS[cmd][0])
+    if cmd == "train":
+        sys.argv = ["qexp train", *rest]
+        module.main()
+        return 0
+    from qexp.errors import QexpError
+
+    try:
+        return int(module.main(rest) or 0)
+    except QexpError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,51 @@
+"""The typed schema of the top-level training config (Hydra structured config).
+
+Groups (dataset, model, method, optim, sched) stay free-form: their YAML files are the registry and
+their ``_target_`` callables type-check their own arguments.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any
+
+from omegaconf import MISSING
+
+
+class Device(Enum):
+    auto = "auto"
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+@dataclass
+class TrainConfig:
+    dataset: Any = MISSING
+    model: Any = MISSING
+    method: Any = MISSING
+    optim: Any = MISSING
+    sched: Any = MISSING
+    name: str = "runs"  # first folder level under out_root: an experiment preset's name, or "runs"
+    bits: int = 32  # the bit budget; each method config sets its paper default
+    seed: int = 0
+    epochs: int = 1
+    batch_size: int = 64
+    eval_batch_size: int = 1000
+    lr: float = MISSING  # defaults to ${optim.lr}
+    device: Device = Device.auto
+    data_root: str = "./data"
+    out_root: str = "outputs"
+    resume: bool = True
+    progress: Any = None  # null: a progress bar when stderr is a terminal; true/false to force
+
+
+#: keys that do not change a run's result, so neither its folder nor its resume check depends on them
+VOLATILE_KEYS = ("resume", "device", "data_root", "out_root", "progress")
+
+
+def register() -> None:
+    """Store the schema so ``train.yaml`` can name it in its defaults list (idempotent)."""
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(name="qexp_schema", node=TrainConfig)

@@ -1,0 +1,66 @@
+"""``qexp eval RUN_DIR``: reload a finished (or unfinished) run and evaluate it again.
+
+Options add post-hoc analyses that write their results into the run folder:
+``--integer`` (WAGE's integer-only inference check) and ``--ptq-bits`` (post-training quantization).
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from qexp import checkpoint
+from qexp.config import register
+from qexp.errors import QexpError
+
+
+@dataclass
+class LoadedRun:
+    run_dir: Path
+    cfg: DictConfig
+    built: object  # qexp.train.Built
+    device: torch.device
+    trainer: object  # qexp.engine.Trainer, for its evaluate()
+
+
+def load_run(run_dir: str | Path, device: str = "auto", data_root: str | None = None) -> LoadedRun:
+    """Rebuild a run's data, model and method from its folder and load its checkpoint."""
+    from qexp.engine import Trainer
+    from qexp.train import CHECKPOINT, build, resolve_device
+
+    run_dir = Path(run_dir)
+    cfg_file = run_dir / ".hydra" / "config.yaml"
+    if not cfg_file.exists():
+        raise QexpError(f"{run_dir} is not a qexp run folder (no .hydra/config.yaml)")
+    if not (run_dir / CHECKPOINT).exists():
+        raise QexpError(f"{run_dir} has no {CHECKPOINT}: nothing to evaluate")
+    register()
+    cfg = OmegaConf.load(cfg_file)
+    if data_root is not None:
+        cfg.data_root = data_root
+    dev = resolve_device(device)
+    torch.manual_seed(int(cfg.seed))
+    built = build(cfg, dev)
+    state = checkpoint.load(run_dir / CHECKPOINT, map_location=dev)
+    trainer = Trainer(built.model, built.method, built.optimizer, built.scheduler, built.data, dev,
+                      int(cfg.epochs))
+    trainer.load_state_dict(state)
+    return LoadedRun(run_dir, cfg, built, dev, trainer)
+
+
+def main(argv: list[str]) -> int:
+    ap = argparse.ArgumentParser(prog="qexp eval", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("run_dir", type=Path, help="a run folder (holds .hydra/ and checkpoint.pt)")
+    ap.add_argument("--device", default="auto", help="auto | cpu | cuda (default auto)")
+    ap.add_argument("--data-root", default=None, help="override the data root stored in the run's config")
+    args = ap.parse_args(argv)
+    run = load_run(args.run_dir, args.device, args.data_root)
+    res = run.trainer.evaluate()
+    print(f"{run.run_dir}: test error {res['error']:.2f}% (accuracy {100 - res['error']:.2f}%), "
+          f"test loss {res['loss']:.4f}")
+    return 0

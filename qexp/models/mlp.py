@@ -1,0 +1,28 @@
+"""BinaryConnect's permutation-invariant MNIST net: flatten, ``depth`` x (Linear-BN-ReLU), Linear."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class MLP(nn.Module):
+    def __init__(self, in_channels: int = 1, num_classes: int = 10, image_size: int = 28,
+                 width: int = 1024, depth: int = 3, bn: bool = True, bias: bool = True,
+                 dropout: float = 0.0) -> None:
+        super().__init__()
+        layers: list[nn.Module] = [nn.Flatten()]
+        fan_in = in_channels * image_size * image_size
+        for _ in range(depth):
+            layers.append(nn.Linear(fan_in, width, bias=bias and not bn))
+            if bn:
+                layers.append(nn.BatchNorm1d(width))
+            layers.append(nn.ReLU())
+            if dropout:
+                layers.append(nn.Dropout(dropout))
+            fan_in = width
+        layers.append(nn.Linear(fan_in, num_classes, bias=bias))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)

@@ -1,0 +1,55 @@
+"""VGG-style nets from a layer list: VGG-7 (BinaryConnect/WAGE "VGG-BC"), VGG-9 and VGG-11.
+
+Numbers are 3x3 conv widths, "M" a 2x2 max-pool; ``fc`` the hidden fully-connected widths.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+LAYOUTS: dict[str, tuple[list[int | str], list[int]]] = {
+    # 2x128C3-MP2-2x256C3-MP2-2x512C3-MP2-FC1024-FC10 (WAGE's VGG-7)
+    "vgg7": ([128, 128, "M", 256, 256, "M", 512, 512, "M"], [1024]),
+    # BinaryConnect's CIFAR-10 net, (2x1024FC) head: 6 conv + 3 FC = 9 weight layers
+    "vgg9": ([128, 128, "M", 256, 256, "M", 512, 512, "M"], [1024, 1024]),
+    # VGG-11 (configuration A), used by Yin et al. 2019 on CIFAR-10
+    "vgg11": ([64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"], [512]),
+}
+
+
+class VGG(nn.Module):
+    def __init__(self, layout: str = "vgg7", in_channels: int = 3, num_classes: int = 10,
+                 image_size: int = 32, bn: bool = True, bias: bool = True) -> None:
+        super().__init__()
+        if layout not in LAYOUTS:
+            raise ValueError(f"unknown VGG layout {layout!r}; choose from {sorted(LAYOUTS)}")
+        convs, fcs = LAYOUTS[layout]
+        layers: list[nn.Module] = []
+        c, side = in_channels, image_size
+        for v in convs:
+            if v == "M":
+                layers.append(nn.MaxPool2d(2))
+                side //= 2
+                continue
+            layers.append(nn.Conv2d(c, int(v), 3, padding=1, bias=bias and not bn))
+            if bn:
+                layers.append(nn.BatchNorm2d(int(v)))
+            layers.append(nn.ReLU())
+            c = int(v)
+        if side < 1:
+            raise ValueError(f"{layout} needs larger images than {image_size} pixels")
+        self.features = nn.Sequential(*layers)
+        head: list[nn.Module] = [nn.Flatten()]
+        fan_in = c * side * side
+        for width in fcs:
+            head.append(nn.Linear(fan_in, width, bias=bias and not bn))
+            if bn:
+                head.append(nn.BatchNorm1d(width))
+            head.append(nn.ReLU())
+            fan_in = width
+        head.append(nn.Linear(fan_in, num_classes, bias=bias))
+        self.classifier = nn.Sequential(*head)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x))

@@ -1,0 +1,1 @@
+"""Pure quantization math (grids, rounding, straight-through functions) and layer injection helpers."""

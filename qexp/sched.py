@@ -1,0 +1,32 @@
+"""Per-epoch learning-rate schedules as LambdaLR factors (plain state, resumable)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+from torch.optim import Optimizer
+from torch.optim.lr_scheduler import LambdaLR
+
+
+def constant(optimizer: Optimizer, epochs: int) -> LambdaLR:
+    return LambdaLR(optimizer, lambda e: 1.0)
+
+
+def step(optimizer: Optimizer, epochs: int, milestones: Sequence[int] = (), gamma: float = 0.1) -> LambdaLR:
+    """Multiply by ``gamma`` at each milestone epoch (WAGE: eta 8 -> 1 -> 1/8 at 200 and 250)."""
+    ms = sorted(int(m) for m in milestones)
+    return LambdaLR(optimizer, lambda e: gamma ** sum(e >= m for m in ms))
+
+
+def cosine(optimizer: Optimizer, epochs: int, final_ratio: float = 0.0) -> LambdaLR:
+    def f(e: int) -> float:
+        return final_ratio + (1 - final_ratio) * 0.5 * (1 + math.cos(math.pi * min(e, epochs) / max(epochs, 1)))
+
+    return LambdaLR(optimizer, f)
+
+
+def exp(optimizer: Optimizer, epochs: int, final_ratio: float = 2e-6 / 3e-3) -> LambdaLR:
+    """BinaryConnect's decay: the same factor every epoch, reaching ``final_ratio`` at the last epoch."""
+    gamma = final_ratio ** (1.0 / max(epochs - 1, 1))
+    return LambdaLR(optimizer, lambda e: gamma**e)

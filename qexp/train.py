@@ -1,0 +1,244 @@
+"""``qexp train``: the single Hydra entry point. Compose -> build -> fit -> write results.
+
+This is the only module that reads the Hydra config; everything it builds takes plain arguments.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import sys
+import threading
+import traceback
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import hydra
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
+
+from qexp import checkpoint, record
+from qexp.config import VOLATILE_KEYS, register
+from qexp.data import DataBundle
+from qexp.engine import Progress, Trainer
+from qexp.errors import QexpError
+from qexp.jsonio import write_json
+from qexp.methods.base import Method
+
+log = logging.getLogger("qexp")
+
+CHECKPOINT = "checkpoint.pt"
+MANIFEST = "quant.json"
+#: config keys that name the component but are not constructor arguments
+META_KEYS = ("name", "tag")
+
+
+def instantiate(node: DictConfig, **kwargs: Any) -> Any:
+    """``hydra.utils.instantiate`` minus the naming keys; constructor errors become user errors."""
+    conf = OmegaConf.to_container(node, resolve=True)
+    for k in META_KEYS:
+        conf.pop(k, None)
+    try:
+        factory = hydra.utils.instantiate(conf, _partial_=True)
+    except hydra.errors.InstantiationException as e:
+        raise QexpError(f"cannot build {conf.get('_target_')}: {e}") from None
+    try:
+        return factory(**kwargs)
+    except (TypeError, ValueError) as e:  # a bad option value or name in the config
+        raise QexpError(f"cannot build {conf.get('_target_')}: {e}") from None
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise QexpError("device=cuda was asked for but no CUDA device is available; use device=auto or cpu")
+    return torch.device(name)
+
+
+def comparable_config(cfg: DictConfig) -> str:
+    """The resolved config minus keys that do not change the result: what a resume must match."""
+    c = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+    for k in VOLATILE_KEYS:
+        c.pop(k, None)
+    return json.dumps(c, sort_keys=True)
+
+
+@contextmanager
+def stop_on_signals() -> Iterator[threading.Event]:
+    """SIGTERM / SIGUSR1 (what SLURM sends before preemption) ask the loop to checkpoint and exit."""
+    stop = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield stop
+        return
+    signals = [signal.SIGTERM, signal.SIGUSR1]
+    old = {s: signal.getsignal(s) for s in signals}
+
+    def handler(signum: int, frame: Any) -> None:
+        log.warning("received signal %d: checkpointing and stopping", signum)
+        stop.set()
+
+    for s in signals:
+        signal.signal(s, handler)
+    try:
+        yield stop
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+def run_meta(cfg: DictConfig, method: Method) -> dict[str, Any]:
+    return {
+        "name": cfg.name,
+        "dataset": cfg.dataset.name,
+        "model": cfg.model.name,
+        "method": cfg.method.name,
+        "bits": method.bits,
+        "bits_tag": method.tag(),
+        "seed": cfg.seed,
+        "epochs": cfg.epochs,
+        "overrides": HydraConfig.get().job.override_dirname if HydraConfig.initialized() else "",
+        "optim": cfg.optim.name,
+        "lr": cfg.lr,
+        "batch_size": cfg.batch_size * method.batch_scale,
+    }
+
+
+@dataclass
+class Built:
+    method: Method
+    data: DataBundle
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+
+
+def build(cfg: DictConfig, device: torch.device) -> Built:
+    """Method (validates bits first), data, model (prepared by the method), optimizer, schedule."""
+    method: Method = instantiate(cfg.method)
+    method.device = device
+    data = instantiate(cfg.dataset, root=cfg.data_root, batch_size=cfg.batch_size * method.batch_scale,
+                       eval_batch_size=cfg.eval_batch_size, seed=cfg.seed, device=str(device))
+    c, h, _ = data.in_shape
+    model = instantiate(cfg.model, in_channels=c, num_classes=data.num_classes, image_size=h)
+    model = method.prepare(model.to(device)).to(device)
+    groups = method.param_groups(model)
+    for g in groups:
+        g["lr"] = cfg.lr * g.pop("lr_scale", 1.0)
+    optim_cfg = OmegaConf.masked_copy(cfg.optim, [k for k in cfg.optim if k != "lr"])
+    optimizer = instantiate(optim_cfg, params=groups, lr=cfg.lr)
+    scheduler = instantiate(cfg.sched, optimizer=optimizer, epochs=cfg.epochs)
+    return Built(method, data, model, optimizer, scheduler)
+
+
+def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
+    """Train (or resume, or skip) the run whose folder is ``run_dir``; return its metrics record."""
+    previous = record.read(run_dir)
+    if cfg.resume and previous and previous.get("status") in record.FINISHED:
+        print(f"{run_dir}: already {previous['status']}, not retrained (resume=false retrains).\n"
+              f"  {record.summary_line(previous)}")
+        return previous
+
+    torch.manual_seed(cfg.seed)
+    device = resolve_device(cfg.device.value if hasattr(cfg.device, "value") else str(cfg.device))
+    b = build(cfg, device)
+    method, model, data, optimizer, scheduler = b.method, b.model, b.data, b.optimizer, b.scheduler
+    meta = run_meta(cfg, method)
+
+    from torch.utils.tensorboard import SummaryWriter
+
+    ckpt = run_dir / CHECKPOINT
+    fingerprint = comparable_config(cfg)
+    with stop_on_signals() as stop:
+        trainer = Trainer(model, method, optimizer, scheduler, data, device, cfg.epochs, ckpt_path=ckpt,
+                          should_stop=stop.is_set, progress_bar=cfg.progress)
+        if cfg.resume and ckpt.exists():
+            state = checkpoint.load(ckpt, map_location=device)
+            if state.get("config") != fingerprint:
+                raise QexpError(f"{run_dir} holds a run with a different configuration; "
+                                "run with resume=false to replace it, or change out_root/name.")
+            trainer.load_state_dict(state)
+            log.info("resuming %s at epoch %d, batch %d", run_dir, trainer.progress.epoch,
+                     trainer.progress.batch)
+        trainer.extra_state = {"config": fingerprint}
+        write_json(run_dir / MANIFEST, method.manifest(model))
+        writer = SummaryWriter(str(run_dir), purge_step=trainer.progress.epoch + 1)
+        trainer.writer = writer
+
+        def on_epoch(p: Progress) -> None:
+            record.write(run_dir, record.build(meta, "running", p.history, p.wall_s))
+
+        trainer.on_epoch = on_epoch
+        record.write(run_dir, record.build(meta, "running", trainer.progress.history, trainer.progress.wall_s))
+        outcome = trainer.fit()
+        p = outcome.progress
+        rec = record.build(meta, outcome.status, p.history, p.wall_s, extra=outcome.extra,
+                           error="loss became NaN or infinite" if outcome.status == "diverged" else None)
+        record.write(run_dir, rec)
+        write_json(run_dir / MANIFEST, method.manifest(model))
+        if outcome.status == "completed":
+            _log_hparams(writer, meta, rec)
+        writer.close()
+    print(f"{run_dir}\n  {record.summary_line(rec)}")
+    return rec
+
+
+def _log_hparams(writer: Any, meta: dict[str, Any], rec: dict[str, Any]) -> None:
+    from torch.utils.tensorboard.summary import hparams
+
+    hp = {k: v for k, v in meta.items() if isinstance(v, (int, float, str, bool))}
+    metrics = {"hparam/test_error": rec["test_error"], "hparam/best_test_error": rec["best_test_error"]}
+    for summary in hparams(hp, metrics):
+        writer.file_writer.add_summary(summary)
+    for k, v in metrics.items():
+        writer.add_scalar(k, v)
+
+
+def run(cfg: DictConfig) -> dict[str, Any] | None:
+    """Hydra task: one configuration. In a sweep a failing job is recorded and the sweep goes on."""
+    register()  # jobs launched in fresh processes (joblib, submitit) need the schema too
+    hc = HydraConfig.get()
+    run_dir = Path(hc.runtime.output_dir)
+    sweeping = hc.mode == RunMode.MULTIRUN
+    try:
+        return train(cfg, run_dir)
+    except QexpError as e:
+        _record_failure(cfg, run_dir, str(e))
+        print(f"error: {e}", file=sys.stderr)
+        if not sweeping:
+            sys.exit(2)
+    except Exception as e:  # a genuine bug: keep the traceback, but never lose the rest of a sweep
+        _record_failure(cfg, run_dir, f"{type(e).__name__}: {e}")
+        if not sweeping:
+            raise
+        log.error("run failed:\n%s", traceback.format_exc())
+    return None
+
+
+def _record_failure(cfg: DictConfig, run_dir: Path, message: str) -> None:
+    meta = {"name": cfg.get("name"), "dataset": cfg.dataset.get("name"), "model": cfg.model.get("name"),
+            "method": cfg.method.get("name"), "bits": cfg.get("bits"), "seed": cfg.get("seed")}
+    prev = record.read(run_dir) or {}
+    record.write(run_dir, record.build(meta, "failed", prev.get("history", []), prev.get("wall_s", 0.0),
+                                       error=message))
+
+
+@hydra.main(config_path="configs", config_name="train", version_base="1.3")
+def _hydra_main(cfg: DictConfig) -> None:
+    run(cfg)
+
+
+def main() -> None:
+    """Entry for ``qexp train`` and ``python -m qexp.train``: Hydra parses ``sys.argv``."""
+    register()
+    _hydra_main()
+
+
+if __name__ == "__main__":
+    main()
