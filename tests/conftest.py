@@ -1,0 +1,47 @@
+"""Shared fixtures: the real-data root, and running ``qexp`` as a user does (a subprocess)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_DATA = REPO.parent / "shared" / "data"
+
+
+def data_root_path() -> Path:
+    return Path(os.environ.get("QEXP_DATA", DEFAULT_DATA))
+
+
+@pytest.fixture(scope="session")
+def data_root() -> Path:
+    """The real datasets (../shared/data or $QEXP_DATA). Missing data FAILS the test, never skips it."""
+    root = data_root_path()
+    if not (root / "MNIST" / "raw").is_dir():
+        pytest.fail(f"real data not found at {root}: set QEXP_DATA to the folder holding MNIST/raw")
+    return root
+
+
+def run_qexp(args: list[str], cwd: Path | None = None, env: dict[str, str] | None = None,
+             check: bool = True, timeout: float = 600) -> subprocess.CompletedProcess:
+    """Run ``qexp ARGS`` in a subprocess (the console script's module, so the venv's qexp is used)."""
+    full_env = {**os.environ, **(env or {})}
+    proc = subprocess.run([sys.executable, "-m", "qexp.cli", *args], cwd=cwd, env=full_env,
+                          capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"qexp {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def read_metrics(run_dir: Path) -> dict:
+    return json.loads((run_dir / "metrics.json").read_text())
+
+
+def find_runs(root: Path) -> list[Path]:
+    """Every run folder (one holding metrics.json) below ``root``, sorted."""
+    return sorted(p.parent for p in root.rglob("metrics.json"))
