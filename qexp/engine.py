@@ -73,6 +73,7 @@ class Trainer:
         self.ckpt_path, self.writer, self.on_epoch = ckpt_path, writer, on_epoch
         self.should_stop = should_stop
         self.progress_bar = progress_bar
+        method.data = data  # finalize() may need training batches (PTQ calibrates activation ranges)
         self.progress = Progress()
         #: stored alongside the training state (e.g. the config fingerprint a resume must match)
         self.extra_state: dict[str, Any] = {}

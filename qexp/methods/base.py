@@ -45,6 +45,8 @@ class Method:
     default_bits: int = 32
     #: multiplies the configured batch size (Big SR trains with larger batches)
     batch_scale: int = 1
+    #: the run's DataBundle, set by the Trainer (e.g. training batches to calibrate ranges in finalize)
+    data: Any = None
 
     def __init__(self, bits: int | None = None, loss: str = "ce") -> None:
         self.bits = self.default_bits if bits is None else int(bits)
