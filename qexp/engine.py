@@ -224,6 +224,8 @@ class Trainer:
             for k, v in row.items():
                 if k != "epoch":
                     self.writer.add_scalar(_tb_name(k), v, p.epoch)
+            for k, img in self.method.images().items():
+                _tb_image(self.writer, f"method/{k}", img, p.epoch)
             self.writer.flush()
 
 
@@ -232,6 +234,14 @@ def _tb_name(key: str) -> str:
         return key
     split, _, what = key.partition("_")
     return f"{what}/{split}"  # loss/train, error/test, ...: train and test share a chart
+
+
+def _tb_image(writer: Any, tag: str, img: Any, step: int) -> None:
+    """An HWC array (uint8, or float in [0, 1]) or a matplotlib figure."""
+    if hasattr(img, "savefig"):
+        writer.add_figure(tag, img, step)
+    else:
+        writer.add_image(tag, img, step, dataformats="HWC")
 
 
 def _isatty() -> bool:

@@ -129,8 +129,9 @@ def build(cfg: DictConfig, device: torch.device) -> Built:
     model = instantiate(cfg.model, in_channels=c, num_classes=data.num_classes, image_size=h)
     model = method.prepare(model.to(device)).to(device)
     groups = method.param_groups(model)
-    for g in groups:
-        g["lr"] = cfg.lr * g.pop("lr_scale", 1.0)
+    for g in groups:  # a group may also fix its own absolute "lr" (learned precision's logits)
+        scale = g.pop("lr_scale", 1.0)
+        g.setdefault("lr", cfg.lr * scale)
     optim_cfg = OmegaConf.masked_copy(cfg.optim, [k for k in cfg.optim if k != "lr"])
     optimizer = instantiate(optim_cfg, params=groups, lr=cfg.lr)
     scheduler = instantiate(cfg.sched, optimizer=optimizer, epochs=cfg.epochs)

@@ -65,7 +65,8 @@ class Method:
         return model
 
     def param_groups(self, model: nn.Module) -> list[dict[str, Any]]:
-        """Optimizer parameter groups; a group's ``lr_scale`` multiplies the base learning rate."""
+        """Optimizer parameter groups; a group's ``lr_scale`` multiplies the base learning rate (a group
+        that sets ``lr`` itself keeps it)."""
         return [{"params": [p for p in model.parameters() if p.requires_grad]}]
 
     def criterion(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -90,6 +91,10 @@ class Method:
 
     def metrics(self) -> dict[str, float]:
         """Diagnostics for the epoch just finished (TensorBoard + metrics.json history)."""
+        return {}
+
+    def images(self) -> dict[str, Any]:
+        """Pictures for TensorBoard after each epoch: name -> HWC uint8 array or matplotlib figure."""
         return {}
 
     def finalize(self, model: nn.Module, evaluate: Evaluate) -> dict[str, Any]:
