@@ -1,0 +1,131 @@
+"""Activation quantization with straight-through estimators (Yin et al., ICLR 2019): ``method=ste``.
+
+Every ``nn.ReLU`` of the model becomes a b-bit :class:`~qexp.quant.activation.QuantReLU` with its own
+resolution alpha; ``ste`` picks the backward estimator (identity | relu | clipped_relu), the forward is
+the same for all three. Alpha is calibrated on the first training batch (the MSE-optimal value, see
+:func:`~qexp.quant.activation.calibrate_alpha`) and then fixed, or learned with ``learn_alpha``.
+Weights stay float unless ``wbits`` quantizes them BinaryConnect-style.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from qexp.errors import QexpError
+from qexp.methods.base import Method
+from qexp.quant.activation import QuantReLU, check_estimator, levels
+from qexp.quant.inject import replace_modules
+
+
+class STE(Method):
+    name = "ste"
+    bits_range = (1, 8)
+    default_bits = 2
+
+    def __init__(self, bits: int | None = None, loss: str = "ce", ste: str = "clipped_relu",
+                 learn_alpha: bool = False, alpha: float | None = None, alpha_lr_scale: float = 1.0,
+                 wbits: int | None = None, stats_every: int = 10) -> None:
+        super().__init__(bits, loss)
+        self.estimator = check_estimator(ste)
+        if alpha is not None and not alpha > 0:
+            raise QexpError(f"method.alpha must be positive (or null to calibrate), got {alpha}")
+        if stats_every < 1:
+            raise QexpError(f"method.stats_every must be >= 1, got {stats_every}")
+        self.learn_alpha, self.alpha, self.alpha_lr_scale = bool(learn_alpha), alpha, float(alpha_lr_scale)
+        self.stats_every = int(stats_every)
+        self.weights = _weight_quantization(wbits)
+        self.quantizers: list[tuple[str, QuantReLU]] = []
+
+    # ---- set-up --------------------------------------------------------------------------------------
+    def prepare(self, model: nn.Module) -> nn.Module:
+        def make(name: str, module: nn.Module) -> QuantReLU:
+            return QuantReLU(self.bits, self.estimator, self.alpha, self.learn_alpha)
+
+        names = replace_modules(model, lambda n, m: isinstance(m, nn.ReLU), make)
+        if not names:
+            raise QexpError(f"method=ste quantizes nn.ReLU modules, and {type(model).__name__} has none")
+        self.quantizers = [(n, model.get_submodule(n)) for n in names]
+        # Calibration of a module stays open for the whole first forward pass (a reused ReLU sees all of
+        # its call sites) and is closed right after it.
+        model.register_forward_hook(self._close_calibration)
+        if self.weights is not None:
+            self.weights.prepare(model)
+        return model
+
+    def _close_calibration(self, model: nn.Module, args: Any, output: Any) -> None:
+        for _, q in self.quantizers:
+            if not q.is_calibrated:
+                q.finish_calibration()
+
+    def param_groups(self, model: nn.Module) -> list[dict[str, Any]]:
+        alphas = {id(q.alpha) for _, q in self.quantizers if self.learn_alpha}
+        if self.weights is not None:
+            groups = self.weights.param_groups(model, exclude=alphas)
+        else:
+            groups = [{"params": [p for p in model.parameters() if p.requires_grad and id(p) not in alphas]}]
+        if self.learn_alpha:
+            groups.append({"params": [q.alpha for _, q in self.quantizers], "lr_scale": self.alpha_lr_scale,
+                           "weight_decay": 0.0})
+        return groups
+
+    # ---- per step ------------------------------------------------------------------------------------
+    def before_forward(self, model: nn.Module, step: int) -> None:
+        track = step % self.stats_every == 0
+        for _, q in self.quantizers:
+            q.track = track
+        if self.weights is not None:
+            self.weights.before_forward(model, step)
+
+    def after_step(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        if self.learn_alpha:
+            with torch.no_grad():
+                for _, q in self.quantizers:
+                    q.alpha.clamp_(min=1e-6)  # a resolution must stay positive
+        if self.weights is not None:
+            self.weights.after_step(model, optimizer)
+
+    # ---- reporting -----------------------------------------------------------------------------------
+    def metrics(self) -> dict[str, float]:
+        """Per quantized ReLU: alpha, and (on every ``stats_every``-th training batch of the epoch) the
+        fraction of outputs at zero and at the top level ``(2^b - 1) alpha``."""
+        out: dict[str, float] = {}
+        for name, q in self.quantizers:
+            out[f"alpha/{name}"] = float(q.alpha)
+            stats = q.pop_stats()
+            if stats is not None:
+                out[f"zero/{name}"], out[f"top/{name}"] = stats
+        return out
+
+    def manifest(self, model: nn.Module) -> dict[str, Any]:
+        base = super().manifest(model) if self.weights is None else self.weights.manifest(model)
+        acts = [{"name": n, "bits": self.bits, "alpha": float(q.alpha), "levels": levels(self.bits) + 1,
+                 "top": float(q.alpha) * levels(self.bits) if self.bits > 1 else float(q.alpha),
+                 "call_sites": int(q.sites), "shared_alpha": int(q.sites) > 1,
+                 "estimator": self.estimator, "learned_alpha": self.learn_alpha}
+                for n, q in self.quantizers]
+        return {**base, "method": self.name, "bits": self.bits, "activation_bits": self.bits,
+                "weight_bits": self.weights.bits if self.weights is not None else 32,
+                "estimator": self.estimator, "activations": acts}
+
+    def tag(self) -> str:
+        return str(self.bits) if self.weights is None else f"{self.bits}a{self.weights.bits}w"
+
+    # ---- resume --------------------------------------------------------------------------------------
+    # Alpha, the calibration flag and the call-site count are buffers (or parameters) of the quantized
+    # ReLUs, so the model's state_dict carries them; weight quantization keeps its own state.
+    def state_dict(self) -> dict[str, Any]:
+        return {} if self.weights is None else {"weights": self.weights.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if self.weights is not None and "weights" in state:
+            self.weights.load_state_dict(state["weights"])
+
+
+def _weight_quantization(wbits: int | None) -> Any:
+    """BinaryConnect-style weight quantization for ``method.wbits`` (None keeps the weights float)."""
+    if wbits is None:
+        return None
+    raise QexpError("method.wbits is not available yet")

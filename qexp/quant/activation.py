@@ -1,0 +1,204 @@
+"""The b-bit quantized ReLU of Yin et al. (ICLR 2019) and its three straight-through estimators.
+
+Forward (the same for every estimator), with resolution ``alpha`` and ``N = 2^b - 1`` levels above 0:
+``sigma(x) = alpha * clip(round(x / alpha), 0, N)``; for 1 bit ``sigma(x) = alpha * 1{x > 0}``.
+
+Backward replaces ``sigma'(x)`` by the chosen estimator:
+``identity`` -> 1, ``relu`` -> ``1{x > 0}``, ``clipped_relu`` -> ``1{0 < x < N alpha}``.
+An autograd function (not ``x + (q - x).detach()``) keeps it to one saved boolean mask and one multiply
+in the backward, which is what keeps the step time near float's.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from qexp.errors import QexpError
+
+ESTIMATORS = ("identity", "relu", "clipped_relu")
+#: the calibration rule looks at most this many (evenly strided) activations of the first batch
+CALIB_SAMPLES = 1 << 16
+#: candidate clip levels tried by the calibration, as fractions of the batch maximum
+CALIB_GRID = 100
+
+
+def levels(bits: int) -> int:
+    """Number of non-zero levels, ``N = 2^b - 1`` (the top level is ``N * alpha``)."""
+    return (1 << bits) - 1
+
+
+def check_estimator(name: str) -> str:
+    if name not in ESTIMATORS:
+        raise QexpError(f"unknown straight-through estimator {name!r}; choose from {', '.join(ESTIMATORS)}")
+    return name
+
+
+def quantized_relu(x: torch.Tensor, alpha: torch.Tensor | float, bits: int) -> torch.Tensor:
+    """The forward map ``sigma``: values in ``alpha * {0, 1, ..., 2^b - 1}``."""
+    if bits == 1:
+        return (x > 0).to(x.dtype) * alpha
+    return torch.round(x / alpha).clamp_(0, levels(bits)).mul_(alpha)
+
+
+def estimator_mask(x: torch.Tensor, alpha: torch.Tensor | float, bits: int, estimator: str) -> torch.Tensor | None:
+    """Where the estimator passes the gradient (``None``: everywhere, the identity STE)."""
+    if estimator == "identity":
+        return None
+    if estimator == "relu":
+        return x > 0
+    return (x > 0) & (x < alpha * levels(bits))
+
+
+def alpha_grad_factor(x: torch.Tensor, alpha: torch.Tensor, bits: int) -> torch.Tensor:
+    """``d sigma / d alpha`` with round's derivative taken as 1 (LSQ-style), used when alpha is learned.
+
+    0 for x <= 0; ``round(x/alpha) - x/alpha`` inside the range; ``N`` above it (``1`` for 1 bit, x > 0).
+    """
+    if bits == 1:
+        return (x > 0).to(x.dtype)
+    n = levels(bits)
+    v = x / alpha
+    inside = torch.round(v) - v
+    return torch.where(v <= 0, torch.zeros_like(v), torch.where(v >= n, torch.full_like(v, n), inside))
+
+
+class QuantReLUFunction(torch.autograd.Function):
+    """``sigma`` forward; the chosen estimator backward; the LSQ-style alpha gradient when learned."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, alpha: torch.Tensor, bits: int, estimator: str,  # type: ignore[override]
+                learn_alpha: bool) -> torch.Tensor:
+        with torch.no_grad():
+            mask = estimator_mask(x, alpha, bits, estimator)
+            ctx.bits, ctx.learn_alpha, ctx.has_mask = bits, learn_alpha, mask is not None
+            saved = [] if mask is None else [mask]
+            if learn_alpha:
+                saved += [x, alpha]
+            ctx.save_for_backward(*saved)
+            return quantized_relu(x, alpha, bits)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        saved = list(ctx.saved_tensors)
+        mask = saved.pop(0) if ctx.has_mask else None
+        grad_x = grad if mask is None else grad * mask
+        grad_alpha = None
+        if ctx.learn_alpha and ctx.needs_input_grad[1]:
+            x, alpha = saved
+            grad_alpha = (grad * alpha_grad_factor(x, alpha, ctx.bits)).sum().reshape(alpha.shape)
+        return grad_x, grad_alpha, None, None, None
+
+
+def calibrate_alpha(x: torch.Tensor, bits: int) -> float:
+    """Alpha minimising the mean squared error between ``relu(x)`` and ``sigma(x)`` on this batch.
+
+    Looks at up to :data:`CALIB_SAMPLES` evenly strided activations. 1 bit: the mean of the positive
+    inputs (the closed-form minimiser of ``sum_{x>0} (x - alpha)^2``). More bits: the best of
+    :data:`CALIB_GRID` clip levels ``N * alpha`` between 1% and 100% of the batch maximum. A layer with
+    no positive input on that batch keeps ``alpha = 1``.
+    """
+    v = x.detach().flatten().float()
+    if v.numel() > CALIB_SAMPLES:
+        v = v[:: math.ceil(v.numel() / CALIB_SAMPLES)]
+    pos = v[v > 0]
+    if pos.numel() == 0:
+        return 1.0
+    if bits == 1:
+        return float(pos.mean())
+    target = v.clamp(min=0)
+    n = levels(bits)
+    alphas = pos.max() * torch.linspace(0.01, 1.0, CALIB_GRID, device=v.device) / n
+    errs = torch.stack([(quantized_relu(v, a, bits) - target).pow(2).mean() for a in alphas])
+    return float(alphas[int(errs.argmin())])
+
+
+class QuantReLU(nn.Module):
+    """Drop-in for ``nn.ReLU``: a b-bit quantized ReLU with its own resolution ``alpha``.
+
+    ``alpha`` is calibrated by :func:`calibrate_alpha` on the module's first input(s) unless given.
+    Calibration stays open until :meth:`finish_calibration` (the STE method calls it after the first
+    forward pass of the whole model), so a module called at several places in one forward pass
+    (torchvision's ResNet blocks reuse one ReLU twice) gets one shared alpha, the largest of its call
+    sites' calibrated values; ``sites`` records how many call sites it has.
+    """
+
+    def __init__(self, bits: int = 2, estimator: str = "clipped_relu", alpha: float | None = None,
+                 learn_alpha: bool = False) -> None:
+        super().__init__()
+        if not 1 <= bits <= 8:
+            raise QexpError(f"a quantized ReLU takes 1..8 bits, got {bits}")
+        self.bits, self.estimator, self.learn_alpha = bits, check_estimator(estimator), learn_alpha
+        a = torch.tensor(1.0 if alpha is None else float(alpha))
+        if learn_alpha:
+            self.alpha = nn.Parameter(a)
+        else:
+            self.register_buffer("alpha", a)
+        self.register_buffer("calibrated", torch.tensor(alpha is not None))
+        self.register_buffer("sites", torch.tensor(0 if alpha is None else 1))
+        self._calibrated = alpha is not None  # host mirror of the buffer: no device sync per call
+        self._calls = 0
+        #: when true (training mode), forward counts outputs at zero and at the top level
+        self.track = False
+        self._stats: torch.Tensor | None = None  # [at zero, at top, total]
+
+    # ---- calibration ---------------------------------------------------------------------------------
+    @torch.no_grad()
+    def _calibrate(self, x: torch.Tensor) -> None:
+        a = calibrate_alpha(x, self.bits)
+        self.alpha.fill_(a if self._calls == 0 else max(a, float(self.alpha)))
+        self._calls += 1
+
+    @torch.no_grad()
+    def finish_calibration(self) -> None:
+        """Freeze the calibrated alpha (learned alpha keeps training from there)."""
+        if self._calibrated:
+            return
+        self._calibrated = True
+        self.calibrated.fill_(True)
+        self.sites.fill_(max(self._calls, 1))
+
+    @property
+    def is_calibrated(self) -> bool:
+        return self._calibrated
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:  # type: ignore[override]
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._calibrated = bool(self.calibrated)
+
+    # ---- forward -------------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self._calibrated:
+            self._calibrate(x)
+        alpha = self.alpha.to(x.dtype)
+        if torch.is_grad_enabled() and (x.requires_grad or alpha.requires_grad):
+            q = QuantReLUFunction.apply(x, alpha, self.bits, self.estimator, self.learn_alpha)
+        else:  # evaluation: no mask to build or save
+            q = quantized_relu(x, alpha, self.bits)
+        if self.track and self.training:
+            self._count(q.detach(), alpha.detach())
+        return q
+
+    @torch.no_grad()
+    def _count(self, q: torch.Tensor, alpha: torch.Tensor) -> None:
+        half = 0.5 * alpha
+        top = (levels(self.bits) - 0.5) * alpha
+        counts = torch.stack([(q < half).sum(), (q > top).sum()])
+        if self._stats is None:
+            self._stats = torch.zeros(3, dtype=torch.int64, device=q.device)
+        self._stats[:2] += counts
+        self._stats[2] += q.numel()
+
+    def pop_stats(self) -> tuple[float, float] | None:
+        """(fraction at zero, fraction at the top level) since the last call; None if nothing counted."""
+        if self._stats is None or int(self._stats[2]) == 0:
+            return None
+        zero, top, total = (int(v) for v in self._stats.tolist())
+        self._stats = None
+        return zero / total, top / total
+
+    def extra_repr(self) -> str:
+        return (f"bits={self.bits}, estimator={self.estimator}, alpha={float(self.alpha):.4g}, "
+                f"learn_alpha={self.learn_alpha}")
