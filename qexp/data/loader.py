@@ -1,0 +1,133 @@
+"""In-memory batch loader: uint8 tensors on the training device, normalised and augmented per batch.
+
+MNIST and CIFAR fit in memory, so the hot loop has no per-sample Python and no worker processes.
+Shuffling is a pure function of (seed, epoch) so that a run resumed mid-epoch replays exactly the
+same batches; augmentation draws from a generator seeded by (seed, epoch, batch).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+def _seeded(seed: int, *keys: int, device: torch.device | str = "cpu") -> torch.Generator:
+    g = torch.Generator(device=device)
+    h = seed
+    for k in keys:
+        h = (h * 1_000_003 + k + 1) % (2**62)
+    g.manual_seed(h)
+    return g
+
+
+@dataclass
+class Normalize:
+    """Per-channel affine normalisation of uint8 images: (x/255 - mean) / std."""
+
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.float().div_(255.0)
+        c = x.shape[1]
+        mean = torch.tensor(self.mean, device=x.device).view(1, c, 1, 1)
+        std = torch.tensor(self.std, device=x.device).view(1, c, 1, 1)
+        return x.sub_(mean).div_(std)
+
+
+class TensorLoader:
+    """Iterates (images, labels) batches over in-memory uint8 images of shape (N, C, H, W)."""
+
+    def __init__(
+        self,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        batch_size: int,
+        normalize: Normalize,
+        shuffle: bool = False,
+        augment: bool = False,
+        seed: int = 0,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        if images.dtype != torch.uint8 or images.dim() != 4:
+            raise ValueError("images must be a uint8 tensor of shape (N, C, H, W)")
+        self.device = torch.device(device)
+        self.images = images.to(self.device)
+        self.labels = labels.to(self.device, torch.long)
+        self.batch_size = batch_size
+        self.normalize = normalize
+        self.shuffle = shuffle
+        self.augment = augment
+        self.seed = seed
+        self.epoch = 0
+        # data-parallel share (see shard()): this process takes positions rank::world of every batch
+        self.rank, self.world, self.equal = 0, 1, False
+
+    def __len__(self) -> int:
+        n, b = len(self.labels), self.batch_size
+        if self.world > 1 and self.equal:  # a tail too small to give every process a sample is dropped
+            return n // b + int(n % b >= self.world)
+        return (n + b - 1) // b
+
+    def shard(self, rank: int, world: int, equal: bool) -> TensorLoader:
+        """A view yielding only this process's share of each global batch (``batch_size`` stays global).
+
+        The order and augmentation are still drawn for the whole batch, so the union over processes is
+        exactly the single-process batch. ``equal`` (training) trims each batch to a multiple of
+        ``world`` so every process gets the same number of samples (DDP averages per-process means);
+        evaluation keeps every sample.
+        """
+        view = copy.copy(self)
+        view.rank, view.world, view.equal = rank, world, equal
+        return view
+
+    @property
+    def num_samples(self) -> int:
+        return len(self.labels)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        return self.iter_from(0)
+
+    def iter_from(self, start_batch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Yield the epoch's batches from ``start_batch`` on (resume mid-epoch)."""
+        n = len(self.labels)
+        if self.shuffle:
+            order = torch.randperm(n, generator=_seeded(self.seed, self.epoch)).to(self.device)
+        else:
+            order = None
+        for b in range(start_batch, len(self)):
+            lo, hi = b * self.batch_size, min(n, (b + 1) * self.batch_size)
+            idx = order[lo:hi] if order is not None else slice(lo, hi)
+            x, y = self.images[idx], self.labels[idx]
+            if self.augment:
+                x = crop_flip(x, _seeded(self.seed, self.epoch, b))
+            if self.world > 1:
+                keep = len(y) - len(y) % self.world if self.equal else len(y)
+                x, y = x[self.rank : keep : self.world], y[self.rank : keep : self.world]
+                if len(y) == 0:
+                    continue
+            yield self.normalize(x), y
+
+
+def crop_flip(x: torch.Tensor, gen: torch.Generator, pad: int = 4) -> torch.Tensor:
+    """Pad-``pad`` random crop and horizontal flip for a whole uint8 batch at once."""
+    n, _, h, w = x.shape
+    dx = torch.randint(0, 2 * pad + 1, (n,), generator=gen).to(x.device)
+    dy = torch.randint(0, 2 * pad + 1, (n,), generator=gen).to(x.device)
+    flip = (torch.rand(n, generator=gen) < 0.5).to(x.device)
+    padded = F.pad(x, (pad, pad, pad, pad))
+    rows = (dy.view(n, 1) + torch.arange(h, device=x.device).view(1, h)).view(n, 1, h, 1)
+    cols = torch.arange(w, device=x.device).view(1, w)
+    cols = torch.where(flip.view(n, 1), w - 1 - cols, cols) + dx.view(n, 1)
+    cols = cols.view(n, 1, 1, w)
+    c = x.shape[1]
+    bi = torch.arange(n, device=x.device).view(n, 1, 1, 1)
+    ci = torch.arange(c, device=x.device).view(1, c, 1, 1)
+    return padded[bi, ci, rows, cols]
