@@ -9,6 +9,9 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("qexp.train", "train/evaluate/log one config or a --multirun grid (Hydra overrides)"),
     "eval": ("qexp.evaluate", "re-evaluate a run folder (post-hoc analyses: --integer, --ptq-bits)"),
+    "table": ("qexp.table", "paper-style table of the runs below DIR (mean ± std over seeds; md/latex/csv)"),
+    "plot": ("qexp.plot", "PNG plots of the runs below DIR: error curves, bit allocations, PTQ accuracy"),
+    "runs": ("qexp.runs", "one line per run below DIR: status, method, bits, seed, epochs, error, time"),
 }
 
 USAGE = """usage: qexp COMMAND [ARGS]

@@ -1,0 +1,336 @@
+"""Run folders -> records -> cells: what ``qexp table``, ``qexp plot`` and ``qexp runs`` read.
+
+Everything shown is read back from run folders (metrics.json, and .hydra/ for runs that died before
+writing it), so a sweep run on a cluster can be tabulated anywhere. Runs that did not complete are
+kept as records with their status: a table marks them, it never drops them silently.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import statistics
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from qexp import record
+from qexp.errors import QexpError
+from qexp.jsonio import read_json
+
+#: row order of methods in every table; methods not listed follow alphabetically
+METHOD_ORDER = ("float", "bc", "big_sr", "sr", "r", "ste", "wage", "learned", "ptq")
+#: column order of datasets; others follow alphabetically
+DATASET_ORDER = ("mnist", "fashion_mnist", "cifar10", "cifar100", "svhn", "imagenet")
+#: status order in listings and cell notes (finished first, then in progress, then broken)
+STATUS_ORDER = ("completed", "running", "interrupted", "pending", "diverged", "failed")
+#: what identifies a configuration besides the seed: a cell mixing several of these is flagged
+CONFIG_FIELDS = ("name", "dataset", "model", "method", "bits", "bits_tag", "epochs", "overrides", "optim",
+                 "lr", "batch_size")
+#: metrics a table can show, with their unit label; other numeric fields of metrics.json work too
+METRIC_LABELS = {
+    "test_error": "test error (%)",
+    "best_test_error": "best test error (%)",
+    "test_acc": "test accuracy (%)",
+    "train_loss": "final training loss",
+    "images_per_s": "training throughput (images/s)",
+    "wall_s": "wall time (s)",
+}
+HIGHER_IS_BETTER = ("test_acc", "images_per_s")
+#: columns a table always has (filled with None when a run's files lack them)
+BASE_COLUMNS = ("run_dir", "status", *CONFIG_FIELDS, "seed", "epochs_done", "test_error", "test_acc",
+                "best_test_error", "train_loss", "images_per_s", "wall_s", "error", "mtime", "history")
+MISSING = "—"
+
+
+# ---- collecting ---------------------------------------------------------------------------------
+def find_run_dirs(root: Path) -> list[Path]:
+    """Folders below ``root`` (itself included) holding metrics.json or a Hydra job's .hydra/config.yaml."""
+    found = {p.parent for p in root.rglob(record.METRICS)}
+    found |= {p.parent.parent for p in root.rglob(".hydra/config.yaml")}
+    return sorted(found)
+
+
+def _hydra_fields(run_dir: Path) -> dict[str, Any]:
+    """Identifying fields from the composed config, for runs whose metrics.json lacks them."""
+    import yaml
+
+    out: dict[str, Any] = {}
+    try:
+        cfg = yaml.safe_load((run_dir / ".hydra" / "config.yaml").read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        return out
+    for key in ("dataset", "model", "method", "optim"):
+        node = cfg.get(key)
+        if isinstance(node, dict) and isinstance(node.get("name"), str) and "${" not in node["name"]:
+            out[key] = node["name"]
+    for key in ("name", "bits", "seed", "epochs", "batch_size", "lr"):
+        v = cfg.get(key)
+        if v is not None and not (isinstance(v, str) and "${" in v):
+            out[key] = v
+    if "lr" not in out and isinstance(cfg.get("optim"), dict) and "lr" in cfg["optim"]:
+        out["lr"] = cfg["optim"]["lr"]
+    try:
+        hydra = yaml.safe_load((run_dir / ".hydra" / "hydra.yaml").read_text()) or {}
+        out["overrides"] = hydra["hydra"]["job"]["override_dirname"] or ""
+    except (OSError, yaml.YAMLError, KeyError, TypeError):
+        pass
+    return out
+
+
+def read_run(run_dir: Path) -> dict[str, Any]:
+    """One run folder -> one flat record (scalars of metrics.json plus its history and folder)."""
+    path = run_dir / record.METRICS
+    rec: dict[str, Any]
+    if path.exists():
+        try:
+            rec = read_json(path)
+            if not isinstance(rec, dict):
+                raise ValueError("not a JSON object")
+        except (OSError, ValueError) as e:
+            rec = {"status": "failed", "error": f"unreadable {record.METRICS}: {e}"}
+        mtime = path.stat().st_mtime
+    else:  # launched, but died (or is still starting) before the first record
+        rec = {"status": "pending", "error": f"no {record.METRICS} yet"}
+        mtime = (run_dir / ".hydra" / "config.yaml").stat().st_mtime
+    if any(rec.get(k) is None for k in (*CONFIG_FIELDS, "seed") if k != "bits_tag"):
+        for k, v in _hydra_fields(run_dir).items():
+            if rec.get(k) is None:
+                rec[k] = v
+    out = {k: v for k, v in rec.items() if isinstance(v, (str, int, float, bool)) or v is None}
+    if out.get("bits_tag") is None and out.get("bits") is not None:
+        out["bits_tag"] = str(out["bits"])
+    out["history"] = rec.get("history") if isinstance(rec.get("history"), list) else []
+    out["run_dir"] = str(run_dir)
+    out["mtime"] = mtime
+    out.setdefault("status", "failed")
+    out.setdefault("epochs_done", len(out["history"]))
+    return out
+
+
+def collect(dirs: Iterable[str | Path]) -> pd.DataFrame:
+    """Every run below ``dirs`` as one DataFrame row (duplicates from nested DIRs counted once).
+
+    Raises QexpError when a folder does not exist or holds no run at all.
+    """
+    seen: dict[Path, dict[str, Any]] = {}
+    for d in dirs:
+        root = Path(d)
+        if not root.exists():
+            raise QexpError(f"{root} does not exist")
+        runs = find_run_dirs(root)
+        if not runs:
+            raise QexpError(f"no runs found below {root} (a run folder holds metrics.json)")
+        for r in runs:
+            seen.setdefault(r.resolve(), read_run(r))
+    if not seen:
+        raise QexpError("no folders given")
+    df = pd.DataFrame(list(seen.values()))
+    for col in BASE_COLUMNS:
+        if col not in df.columns:
+            df[col] = None
+    return df.astype({"history": object}).reset_index(drop=True)
+
+
+# ---- keys and order -----------------------------------------------------------------------------
+def _natural(s: str) -> tuple:
+    """'lr=0.01,epochs=10' sorts with numbers compared as numbers."""
+    parts = re.split(r"(\d+(?:\.\d+)?(?:e-?\d+)?)", s)
+    return tuple((0, float(p), "") if i % 2 else (1, 0.0, p) for i, p in enumerate(parts) if p)
+
+
+def _leading_number(s: str) -> float:
+    m = re.match(r"\s*(-?\d+(?:\.\d+)?)", s)
+    return float(m.group(1)) if m else math.inf
+
+
+def key_label(key: str, run: dict[str, Any] | pd.Series) -> str:
+    """How a run shows under a grouping key: ``bits`` shows the method's tag (WAGE: 2-8-8-8)."""
+    v = run.get("bits_tag") if key == "bits" else run.get(key)
+    if v is None or v is pd.NA or (isinstance(v, float) and math.isnan(v)):
+        v = run.get("bits") if key == "bits" else None
+    if v is None or (isinstance(v, float) and math.isnan(v)) or v == "":
+        return MISSING
+    if isinstance(v, float) and v.is_integer() and key in ("bits", "seed", "epochs", "batch_size"):
+        v = int(v)
+    return str(v)
+
+
+def sort_key(key: str, label: str) -> tuple:
+    """Stable, meaningful order: paper method order, bits ascending, known datasets first, natural."""
+    if label == MISSING:
+        return (2,)
+    if key == "method":
+        return (0, METHOD_ORDER.index(label), "") if label in METHOD_ORDER else (1, 0, label)
+    if key == "dataset":
+        return (0, DATASET_ORDER.index(label), "") if label in DATASET_ORDER else (1, 0, label)
+    if key == "status":
+        return (0, STATUS_ORDER.index(label), "") if label in STATUS_ORDER else (1, 0, label)
+    if key in ("bits", "seed", "epochs", "lr", "batch_size"):
+        return (0, _leading_number(label), _natural(label))
+    return (0, 0, _natural(label))
+
+
+def ordered(keys: Sequence[str], labels: Iterable[tuple[str, ...]]) -> list[tuple[str, ...]]:
+    return sorted(set(labels), key=lambda t: tuple(sort_key(k, v) for k, v in zip(keys, t)))
+
+
+# ---- cells --------------------------------------------------------------------------------------
+def higher_is_better(metric: str) -> bool:
+    return metric in HIGHER_IS_BETTER or metric.endswith("_acc") or metric.endswith("accuracy")
+
+
+def check_metric(df: pd.DataFrame, metric: str) -> None:
+    numeric = sorted(c for c in df.columns if c not in ("mtime", "seed", "epochs_done", *CONFIG_FIELDS)
+                     and pd.api.types.is_numeric_dtype(df[c]) and df[c].notna().any())
+    if metric not in METRIC_LABELS and metric not in numeric:
+        choices = sorted(set(METRIC_LABELS) | set(numeric))
+        raise QexpError(f"unknown metric {metric!r}; choose from {', '.join(choices)}")
+
+
+def check_keys(df: pd.DataFrame, keys: Sequence[str], what: str) -> None:
+    bad = [k for k in keys if k not in df.columns or k in ("history", "mtime")]
+    if bad:
+        usable = sorted(c for c in df.columns if c not in ("history", "mtime", "run_dir"))
+        raise QexpError(f"unknown {what} key(s) {', '.join(bad)}; the runs have: {', '.join(usable)}")
+
+
+@dataclass
+class Cell:
+    """The runs of one (row, column): completed ones give the numbers, the others a status note."""
+
+    runs: list[dict[str, Any]]
+    metric: str
+    values: list[float] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        for r in self.runs:
+            v = r.get(self.metric)
+            if r.get("status") == "completed" and v is not None and not _isnan(v):
+                self.values.append(float(v))
+
+    @property
+    def n(self) -> int:
+        return len(self.values)
+
+    @property
+    def mean(self) -> float | None:
+        return statistics.fmean(self.values) if self.values else None
+
+    @property
+    def std(self) -> float | None:
+        """Sample standard deviation over seeds (n-1); None for a single run."""
+        return statistics.stdev(self.values) if len(self.values) >= 2 else None
+
+    def status_counts(self) -> dict[str, list[dict[str, Any]]]:
+        """Runs that gave no number, by status (completed runs lacking the metric count as 'no value')."""
+        out: dict[str, list[dict[str, Any]]] = {}
+        for r in self.runs:
+            st = r.get("status") or "failed"
+            if st == "completed":
+                v = r.get(self.metric)
+                if v is not None and not _isnan(v):
+                    continue
+                st = "no value"
+            out.setdefault(st, []).append(r)
+        return dict(sorted(out.items(), key=lambda kv: sort_key("status", kv[0])))
+
+    def number_text(self, digits: int = 2) -> str:
+        if not self.values:
+            return ""
+        if self.std is None:
+            return f"{self.mean:.{digits}f} ({self.n})"
+        return f"{self.mean:.{digits}f} ± {self.std:.{digits}f} ({self.n})"
+
+    def note(self) -> str:
+        """'failed (1)', 'running 3/10 ep', 'diverged (2)', ...; empty when every run completed."""
+        parts = []
+        for st, runs in self.status_counts().items():
+            if st in ("running", "interrupted"):
+                done = sorted(int(r.get("epochs_done") or 0) for r in runs)
+                total = _first(r.get("epochs") for r in runs)
+                span = f"{done[0]}" if done[0] == done[-1] else f"{done[0]}-{done[-1]}"
+                count = f" ({len(runs)})" if len(runs) > 1 else ""
+                parts.append(f"{st} {span}/{total if total is not None else '?'} ep{count}")
+            else:
+                parts.append(f"{st} ({len(runs)})")
+        return "; ".join(parts)
+
+    def text(self, digits: int = 2) -> str:
+        return "; ".join(p for p in (self.number_text(digits), self.note()) if p) or MISSING
+
+    def mixed_configs(self) -> list[str]:
+        """Fields that differ between the cell's runs other than the seed (the cell mixes configs)."""
+        return [k for k in CONFIG_FIELDS if len({key_label(k, r) for r in self.runs}) > 1]
+
+
+def _isnan(v: Any) -> bool:
+    return isinstance(v, float) and math.isnan(v)
+
+
+def _first(values: Iterable[Any]) -> Any:
+    for v in values:
+        if v is not None and not _isnan(v):
+            return int(v) if isinstance(v, float) and v.is_integer() else v
+    return None
+
+
+@dataclass
+class Grid:
+    """A table before rendering: ordered row/column labels and the cell for each pair present."""
+
+    row_keys: list[str]
+    col_keys: list[str]
+    metric: str
+    rows: list[tuple[str, ...]]
+    cols: list[tuple[str, ...]]
+    cells: dict[tuple[tuple[str, ...], tuple[str, ...]], Cell]
+
+    def cell(self, row: tuple[str, ...], col: tuple[str, ...]) -> Cell | None:
+        return self.cells.get((row, col))
+
+    def best(self) -> set[tuple[tuple[str, ...], tuple[str, ...]]]:
+        """The (row, col) pairs holding each column's best mean (ties all marked)."""
+        out = set()
+        sign = -1.0 if higher_is_better(self.metric) else 1.0
+        for col in self.cols:
+            means = {row: c.mean for row in self.rows if (c := self.cell(row, col)) and c.mean is not None}
+            if not means:
+                continue
+            best = min(sign * m for m in means.values())
+            out |= {(row, col) for row, m in means.items() if math.isclose(sign * m, best, abs_tol=1e-12)}
+        return out
+
+    def warnings(self) -> list[str]:
+        notes = []
+        for (row, col), c in self.cells.items():
+            mixed = c.mixed_configs()
+            if mixed:
+                notes.append(f"cell {'/'.join(row)} x {'/'.join(col)} mixes runs that differ in "
+                             f"{', '.join(mixed)}: add them to --rows or --cols to separate them")
+        return notes
+
+
+def aggregate(df: pd.DataFrame, row_keys: Sequence[str], col_keys: Sequence[str], metric: str) -> Grid:
+    """Group runs into cells by (row keys, column keys); seeds (and anything not asked for) pooled."""
+    check_keys(df, list(row_keys) + list(col_keys), "row/column")
+    check_metric(df, metric)
+    groups: dict[tuple[tuple[str, ...], tuple[str, ...]], list[dict[str, Any]]] = {}
+    for run in df.to_dict("records"):
+        row = tuple(key_label(k, run) for k in row_keys)
+        col = tuple(key_label(k, run) for k in col_keys)
+        groups.setdefault((row, col), []).append(run)
+    cells = {k: Cell(v, metric) for k, v in groups.items()}
+    rows = ordered(row_keys, (r for r, _ in groups))
+    cols = ordered(col_keys, (c for _, c in groups))
+    return Grid(list(row_keys), list(col_keys), metric, rows, cols, cells)
+
+
+def parse_keys(text: str) -> list[str]:
+    keys = [k.strip() for k in text.split(",") if k.strip()]
+    if not keys:
+        raise QexpError(f"empty key list {text!r}; give comma-separated keys such as method,bits")
+    return keys

@@ -1,0 +1,105 @@
+"""``qexp runs DIR...``: one line per run below DIR, to see what a sweep is doing.
+
+Columns: status, method, bits, dataset/model, overrides, seed, epochs done/total, final test error,
+wall time, folder. A running run shows how long ago it last wrote metrics.json (a run that stopped
+updating long ago was probably killed: rerunning the same command resumes it). Failed runs show their
+error message. A summary line counts the runs by status.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from qexp import results
+
+COLORS = {"completed": "green", "running": "cyan", "interrupted": "yellow", "pending": "yellow",
+          "diverged": "magenta", "failed": "red"}
+
+
+def fmt_duration(s: float | None) -> str:
+    if s is None or s != s:
+        return results.MISSING
+    s = int(round(s))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{s % 3600 // 60:02d}m"
+
+
+def _rel(path: str, roots: list[Path]) -> str:
+    p = Path(path)
+    for r in roots:
+        try:
+            rel = p.resolve().relative_to(r.resolve())
+            return str(r / rel)
+        except ValueError:
+            continue
+    return path
+
+
+def run_lines(df: Any, roots: list[Path], now: float | None = None) -> tuple[list[str], list[list[str]]]:
+    """Header and one row of strings per run, in table order (method, bits, dataset, ..., seed)."""
+    now = time.time() if now is None else now
+    order = ("method", "bits", "dataset", "model", "overrides", "seed")
+    recs = sorted(df.to_dict("records"),
+                  key=lambda r: tuple(results.sort_key(k, results.key_label(k, r)) for k in order))
+    header = ["status", "method", "bits", "dataset/model", "overrides", "seed", "epochs", "test error",
+              "time", "folder"]
+    rows = []
+    for r in recs:
+        status = r.get("status") or "failed"
+        if status in ("running", "pending"):
+            status += f" (updated {fmt_duration(now - r['mtime'])} ago)"
+        err = r.get("test_error")
+        done = r.get("epochs_done")
+        total = results.key_label("epochs", r)
+        rows.append([
+            status, results.key_label("method", r), results.key_label("bits", r),
+            f"{results.key_label('dataset', r)}/{results.key_label('model', r)}",
+            results.key_label("overrides", r), results.key_label("seed", r),
+            f"{int(done) if done == done and done is not None else 0}/{total}",
+            f"{err:.2f}%" if isinstance(err, (int, float)) and err == err else results.MISSING,
+            fmt_duration(r.get("wall_s")), _rel(r["run_dir"], roots),
+        ])
+        if r.get("error") and isinstance(r["error"], str) and r.get("status") != "completed":
+            rows[-1][-1] += f"  error: {r['error'].splitlines()[0][:200]}"
+    return header, rows
+
+
+def main(argv: list[str]) -> int:
+    ap = argparse.ArgumentParser(prog="qexp runs", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("dirs", nargs="+", type=Path, metavar="DIR", help="folders holding run folders")
+    ap.add_argument("--status", default=None,
+                    help="show only runs with these statuses (comma-separated, e.g. failed,diverged)")
+    args = ap.parse_args(argv)
+    df = results.collect(args.dirs)
+    counts = Counter(df["status"].fillna("failed"))
+    if args.status:
+        keep = set(args.status.split(","))
+        df = df[df["status"].isin(keep)]
+    header, rows = run_lines(df, args.dirs)
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)]
+    color = sys.stdout.isatty()
+    from rich.console import Console
+
+    console = Console(width=10_000, force_terminal=color, color_system="auto" if color else None,
+                      highlight=False, soft_wrap=True)
+
+    def line(cells: list[str], style: str | None = None) -> None:
+        text = "  ".join(c.ljust(w) for c, w in zip(cells[:-1], widths)) + "  " + cells[-1]
+        console.print(text.rstrip(), style=style, markup=False)
+
+    line(header, "bold")
+    for r in rows:
+        line(r, COLORS.get(r[0].split()[0]))
+    summary = ", ".join(f"{n} {st}" for st, n in sorted(counts.items(),
+                                                         key=lambda kv: results.sort_key("status", kv[0])))
+    console.print(f"{sum(counts.values())} runs: {summary}", markup=False)
+    return 0
