@@ -264,7 +264,7 @@ class Cell:
 
     def mixed_configs(self) -> list[str]:
         """Fields that differ between the cell's runs other than the seed (the cell mixes configs)."""
-        return [k for k in CONFIG_FIELDS if len({key_label(k, r) for r in self.runs}) > 1]
+        return [k for k in CONFIG_FIELDS if len({key_label(k, r) for r in self.runs} - {MISSING}) > 1]
 
 
 def _isnan(v: Any) -> bool:

@@ -237,7 +237,7 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--metric", default="test_error",
                     help="test_error (default) | best_test_error | test_acc | train_loss | images_per_s | "
                          "wall_s | any numeric field of metrics.json")
-    ap.add_argument("--format", choices=FORMATS, default=None,
+    ap.add_argument("--format", default=None,
                     help="term (rich, default), md, latex (booktabs) or csv; default from --out's suffix")
     ap.add_argument("--out", type=Path, default=None, help="write to this file instead of stdout")
     ap.add_argument("--ref", default=None,
@@ -249,6 +249,8 @@ def main(argv: list[str]) -> int:
     args = ap.parse_args(argv)
 
     fmt = args.format or (SUFFIX_FORMAT.get(args.out.suffix.lower(), "term") if args.out else "term")
+    if fmt not in FORMATS:
+        raise QexpError(f"unknown format {fmt!r}; choose from {', '.join(FORMATS)}")
     ref = refs.load(args.ref) if args.ref else None
     if ref is not None:
         refs.comparable(ref, args.metric)
