@@ -6,7 +6,7 @@ their ``_target_`` callables type-check their own arguments.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
@@ -17,6 +17,15 @@ class Device(Enum):
     auto = "auto"
     cpu = "cpu"
     cuda = "cuda"
+
+
+@dataclass
+class TrainerConfig:
+    """How a run is executed, not what it computes (so not part of the run folder or resume check)."""
+
+    devices: int = 1  # >1: DistributedDataParallel over this many processes (one per GPU, or CPU/gloo)
+    backend: str = "auto"  # auto: nccl on CUDA, gloo on CPU
+    find_unused_parameters: bool = False  # DDP option for methods with parameters unused by forward
 
 
 @dataclass
@@ -38,10 +47,11 @@ class TrainConfig:
     out_root: str = "outputs"
     resume: bool = True
     progress: Any = None  # null: a progress bar when stderr is a terminal; true/false to force
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
 
 
 #: keys that do not change a run's result, so neither its folder nor its resume check depends on them
-VOLATILE_KEYS = ("resume", "device", "data_root", "out_root", "progress")
+VOLATILE_KEYS = ("resume", "device", "data_root", "out_root", "progress", "trainer")
 
 
 def register() -> None:

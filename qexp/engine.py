@@ -67,8 +67,14 @@ class Trainer:
         on_epoch: Callable[[Progress], None] | None = None,
         should_stop: Callable[[], bool] = lambda: False,
         progress_bar: bool | None = None,
+        forward_model: nn.Module | None = None,
+        reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> None:
         self.model, self.method, self.optimizer, self.scheduler = model, method, optimizer, scheduler
+        # Data-parallel training (qexp.distributed): the training forward goes through the DDP wrapper,
+        # hooks and checkpoints see the plain model, and counts are summed over processes by `reduce`.
+        self.forward_model = model if forward_model is None else forward_model
+        self.reduce = reduce
         self.data, self.device, self.epochs = data, device, epochs
         self.ckpt_path, self.writer, self.on_epoch = ckpt_path, writer, on_epoch
         self.should_stop = should_stop
@@ -123,7 +129,15 @@ class Trainer:
             wrong += (out.argmax(1) != y).sum()
             n += len(y)
         model.train(was_training)
-        return {"loss": loss.item() / n, "error": 100.0 * wrong.item() / n}
+        loss, wrong, n = self._sum(loss, wrong, n)
+        return {"loss": loss / n, "error": 100.0 * wrong / n}
+
+    def _sum(self, *values: torch.Tensor | float) -> list[float]:
+        """Totals over all processes (one collective, in float64); plain values in one process."""
+        if self.reduce is None:
+            return [float(v) for v in values]
+        t = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=self.device) for v in values])
+        return self.reduce(t).tolist()
 
     def _batch_total(self, loss: torch.Tensor, n: int) -> torch.Tensor:
         """Loss summed over the batch (WAGE's SSE is already a sum; the others are means)."""
@@ -154,8 +168,14 @@ class Trainer:
         loader = self.data.train
         loader.set_epoch(p.epoch)
         model.train()
+        # Running sums of the epoch. p.* hold totals over all processes; with several processes each
+        # one sums its own share from zero and `base` (the interrupted epoch's totals) is added once.
+        base: tuple[float, float, int] = (0.0, 0.0, 0)
+        if self.reduce is not None:
+            base, p.loss_sum, p.correct, p.seen = (p.loss_sum, p.correct, p.seen), 0.0, 0.0, 0
         loss_sum = torch.tensor(p.loss_sum, device=self.device)
         correct = torch.tensor(p.correct, device=self.device)
+        seen = p.seen
         show = _isatty() if self.progress_bar is None else self.progress_bar
         bar = tqdm(total=len(loader), initial=p.batch, desc=f"epoch {p.epoch + 1}/{self.epochs}",
                    disable=not show, leave=False, dynamic_ncols=True)
@@ -163,7 +183,7 @@ class Trainer:
         status = "ok"
         for i, (x, y) in enumerate(loader.iter_from(p.batch), start=p.batch):
             method.before_forward(model, p.step)
-            out = model(x)
+            out = self.forward_model(x)
             loss = method.criterion(out, y)
             extra = method.extra_loss(model)
             total = loss if extra is None else loss + extra
@@ -174,12 +194,13 @@ class Trainer:
             method.after_step(model, opt)
             p.step += 1
             p.batch = i + 1
-            p.seen += len(y)
+            seen += len(y)
             loss_sum += self._batch_total(loss.detach(), len(y))
             correct += (out.detach().argmax(1) == y).sum()
             bar.update(1)
             if p.step % SYNC_EVERY == 0 or p.batch == len(loader):
-                running = loss_sum.item() / max(p.seen, 1)
+                total_loss, total_seen = self._sum(loss_sum, seen)
+                running = (base[0] + total_loss) / max(base[2] + total_seen, 1)
                 if not math.isfinite(running):
                     status = "diverged"
                     break
@@ -189,7 +210,9 @@ class Trainer:
                 break
         bar.close()
         p.train_time += time.perf_counter() - t0
-        p.loss_sum, p.correct = loss_sum.item(), correct.item()
+        totals = self._sum(loss_sum, correct, seen)
+        p.loss_sum, p.correct, p.seen = (b + t for b, t in zip(base, totals))
+        p.seen = int(p.seen)
         if status == "ok" and not math.isfinite(p.loss_sum):
             status = "diverged"
         if status == "diverged":

@@ -5,14 +5,12 @@ This is the only module that reads the Hydra config; everything it builds takes 
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
-import signal
+import os
 import sys
-import threading
 import traceback
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,13 +21,14 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from qexp import checkpoint, record
+from qexp import checkpoint, distributed, preempt, record
 from qexp.config import VOLATILE_KEYS, register
 from qexp.data import DataBundle
 from qexp.engine import Progress, Trainer
 from qexp.errors import QexpError
 from qexp.jsonio import write_json
 from qexp.methods.base import Method
+from qexp.preempt import stop_on_signals  # noqa: F401  (re-exported: train.stop_on_signals)
 
 log = logging.getLogger("qexp")
 
@@ -70,30 +69,9 @@ def comparable_config(cfg: DictConfig) -> str:
     return json.dumps(c, sort_keys=True)
 
 
-@contextmanager
-def stop_on_signals() -> Iterator[threading.Event]:
-    """SIGTERM / SIGUSR1 (what SLURM sends before preemption) ask the loop to checkpoint and exit."""
-    stop = threading.Event()
-    if threading.current_thread() is not threading.main_thread():
-        yield stop
-        return
-    signals = [signal.SIGTERM, signal.SIGUSR1]
-    old = {s: signal.getsignal(s) for s in signals}
-
-    def handler(signum: int, frame: Any) -> None:
-        log.warning("received signal %d: checkpointing and stopping", signum)
-        stop.set()
-
-    for s in signals:
-        signal.signal(s, handler)
-    try:
-        yield stop
-    finally:
-        for s, h in old.items():
-            signal.signal(s, h)
-
-
-def run_meta(cfg: DictConfig, method: Method) -> dict[str, Any]:
+def run_meta(cfg: DictConfig, method: Method, overrides: str | None = None) -> dict[str, Any]:
+    if overrides is None:
+        overrides = HydraConfig.get().job.override_dirname if HydraConfig.initialized() else ""
     return {
         "name": cfg.name,
         "dataset": cfg.dataset.name,
@@ -102,8 +80,8 @@ def run_meta(cfg: DictConfig, method: Method) -> dict[str, Any]:
         "bits": method.bits,
         "bits_tag": method.tag(),
         "seed": cfg.seed,
-        "epochs": cfg.epochs,
-        "overrides": HydraConfig.get().job.override_dirname if HydraConfig.initialized() else "",
+        "epochs": cfg.epochs * method.epoch_scale,
+        "overrides": overrides,
         "optim": cfg.optim.name,
         "lr": cfg.lr,
         "batch_size": cfg.batch_size * method.batch_scale,
@@ -134,31 +112,54 @@ def build(cfg: DictConfig, device: torch.device) -> Built:
         g.setdefault("lr", cfg.lr * scale)
     optim_cfg = OmegaConf.masked_copy(cfg.optim, [k for k in cfg.optim if k != "lr"])
     optimizer = instantiate(optim_cfg, params=groups, lr=cfg.lr)
-    scheduler = instantiate(cfg.sched, optimizer=optimizer, epochs=cfg.epochs)
+    scheduler = instantiate(cfg.sched, optimizer=optimizer, epochs=cfg.epochs * method.epoch_scale)
     return Built(method, data, model, optimizer, scheduler)
 
 
-def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
-    """Train (or resume, or skip) the run whose folder is ``run_dir``; return its metrics record."""
+def finished_run(cfg: DictConfig, run_dir: Path, quiet: bool = False) -> dict[str, Any] | None:
+    """The record of a completed or diverged run in ``run_dir`` (not retrained), else None."""
     previous = record.read(run_dir)
     if cfg.resume and previous and previous.get("status") in record.FINISHED:
-        print(f"{run_dir}: already {previous['status']}, not retrained (resume=false retrains).\n"
-              f"  {record.summary_line(previous)}")
+        if not quiet:
+            print(f"{run_dir}: already {previous['status']}, not retrained (resume=false retrains).\n"
+                  f"  {record.summary_line(previous)}")
         return previous
+    return None
+
+
+def train(cfg: DictConfig, run_dir: Path, ctx: distributed.Context = distributed.SINGLE,
+          overrides: str | None = None) -> dict[str, Any] | None:
+    """Train (or resume, or skip) the run whose folder is ``run_dir``; return its metrics record.
+
+    With several processes (``ctx``) each trains on its share of every batch and only the main one
+    writes the run folder. None when a stop signal arrived before this run started (a sweep winding down).
+    """
+    main = ctx.is_main
+    previous = finished_run(cfg, run_dir, quiet=not main)
+    if previous is not None:
+        return previous
+    if preempt.requested():
+        if main:
+            print(f"{run_dir}: not started, this process was asked to stop")
+        return None
 
     torch.manual_seed(cfg.seed)
     device = resolve_device(cfg.device.value if hasattr(cfg.device, "value") else str(cfg.device))
+    device = distributed.rank_device(device, ctx.local_rank) if ctx.enabled else device
     b = build(cfg, device)
-    method, model, data, optimizer, scheduler = b.method, b.model, b.data, b.optimizer, b.scheduler
-    meta = run_meta(cfg, method)
+    method, model, optimizer, scheduler = b.method, b.model, b.optimizer, b.scheduler
+    meta = run_meta(cfg, method, overrides)
 
     from torch.utils.tensorboard import SummaryWriter
 
     ckpt = run_dir / CHECKPOINT
     fingerprint = comparable_config(cfg)
     with stop_on_signals() as stop:
-        trainer = Trainer(model, method, optimizer, scheduler, data, device, cfg.epochs, ckpt_path=ckpt,
-                          should_stop=stop.is_set, progress_bar=cfg.progress)
+        trainer = Trainer(model, method, optimizer, scheduler, b.data, device, cfg.epochs,
+                          ckpt_path=ckpt if main else None, should_stop=stop.is_set,
+                          progress_bar=cfg.progress if main else False)
+        if ctx.enabled:
+            _data_parallel(trainer, cfg, ctx, stop.is_set)
         if cfg.resume and ckpt.exists():
             state = checkpoint.load(ckpt, map_location=device)
             if state.get("config") != fingerprint:
@@ -168,26 +169,47 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
             log.info("resuming %s at epoch %d, batch %d", run_dir, trainer.progress.epoch,
                      trainer.progress.batch)
         trainer.extra_state = {"config": fingerprint}
-        write_json(run_dir / MANIFEST, method.manifest(model))
-        writer = SummaryWriter(str(run_dir), purge_step=trainer.progress.epoch + 1)
-        trainer.writer = writer
+        writer = None
+        if main:
+            write_json(run_dir / MANIFEST, method.manifest(model))
+            writer = SummaryWriter(str(run_dir), purge_step=trainer.progress.epoch + 1)
+            trainer.writer = writer
 
-        def on_epoch(p: Progress) -> None:
-            record.write(run_dir, record.build(meta, "running", p.history, p.wall_s))
+            def on_epoch(p: Progress) -> None:
+                record.write(run_dir, record.build(meta, "running", p.history, p.wall_s))
 
-        trainer.on_epoch = on_epoch
-        record.write(run_dir, record.build(meta, "running", trainer.progress.history, trainer.progress.wall_s))
+            trainer.on_epoch = on_epoch
+            record.write(run_dir, record.build(meta, "running", trainer.progress.history,
+                                               trainer.progress.wall_s))
         outcome = trainer.fit()
         p = outcome.progress
-        rec = record.build(meta, outcome.status, p.history, p.wall_s, extra=outcome.extra,
+        extra = dict(outcome.extra)
+        if ctx.enabled:  # bit-identical weights (as used) and method state on every process?
+            extra.update(world_size=ctx.world, ranks_consistent=distributed.consistent(model, method, ctx))
+        rec = record.build(meta, outcome.status, p.history, p.wall_s, extra=extra,
                            error="loss became NaN or infinite" if outcome.status == "diverged" else None)
-        record.write(run_dir, rec)
-        write_json(run_dir / MANIFEST, method.manifest(model))
-        if outcome.status == "completed":
-            _log_hparams(writer, meta, rec)
-        writer.close()
-    print(f"{run_dir}\n  {record.summary_line(rec)}")
+        if main:
+            record.write(run_dir, rec)
+            write_json(run_dir / MANIFEST, method.manifest(model))
+            if outcome.status == "completed":
+                _log_hparams(writer, meta, rec)
+            writer.close()
+    if main:
+        print(f"{run_dir}\n  {record.summary_line(rec)}")
     return rec
+
+
+def _data_parallel(trainer: Trainer, cfg: DictConfig, ctx: distributed.Context,
+                   local_stop: Any) -> None:
+    """Turn a single-process trainer into one DDP process: sharded batches, DDP forward, sums over
+    processes, an agreed stop. The method keeps the full data (finalize must agree on every process)."""
+    loss_is_sum = trainer.method.loss_name == "sse"
+    trainer.data = distributed.shard_data(trainer.data, ctx)
+    trainer.forward_model = distributed.wrap_model(trainer.model, ctx, trainer.device, loss_is_sum,
+                                                   cfg.trainer.find_unused_parameters)
+    distributed.sync_extra_params(trainer.model, trainer.optimizer, ctx, loss_is_sum)
+    trainer.reduce = distributed.reducer(ctx)
+    trainer.should_stop = distributed.agreed(local_stop, ctx)
 
 
 def _log_hparams(writer: Any, meta: dict[str, Any], rec: dict[str, Any]) -> None:
@@ -207,19 +229,75 @@ def run(cfg: DictConfig) -> dict[str, Any] | None:
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
     sweeping = hc.mode == RunMode.MULTIRUN
+    ranks = distributed.env_ranks()  # launched by torchrun
+    main = ranks is None or ranks[0] == 0
     try:
+        if ranks is not None:
+            return _train_ranked(cfg, run_dir, ranks)
+        if cfg.trainer.devices > 1:
+            return _spawn_ranks(cfg, run_dir)
         return train(cfg, run_dir)
     except QexpError as e:
-        _record_failure(cfg, run_dir, str(e))
+        if main:
+            _record_failure(cfg, run_dir, str(e))
         print(f"error: {e}", file=sys.stderr)
         if not sweeping:
             sys.exit(2)
     except Exception as e:  # a genuine bug: keep the traceback, but never lose the rest of a sweep
-        _record_failure(cfg, run_dir, f"{type(e).__name__}: {e}")
+        if main:
+            _record_failure(cfg, run_dir, f"{type(e).__name__}: {e}")
         if not sweeping:
             raise
         log.error("run failed:\n%s", traceback.format_exc())
     return None
+
+
+def _ddp_backend(cfg: DictConfig) -> tuple[torch.device, str]:
+    device = resolve_device(cfg.device.value if hasattr(cfg.device, "value") else str(cfg.device))
+    return device, distributed.pick_backend(cfg.trainer.backend, device)
+
+
+def _train_ranked(cfg: DictConfig, run_dir: Path, ranks: tuple[int, int, int]) -> dict[str, Any] | None:
+    """One of torchrun's processes: join the group it set up, then train our share."""
+    rank, world, local_rank = ranks
+    if cfg.trainer.devices not in (1, world):
+        log.warning("trainer.devices=%d ignored: torchrun started %d processes", cfg.trainer.devices, world)
+    device, backend = _ddp_backend(cfg)
+    ctx = distributed.init(rank, world, local_rank, backend)
+    return train(cfg, run_dir, ctx)
+
+
+def _spawn_ranks(cfg: DictConfig, run_dir: Path) -> dict[str, Any] | None:
+    """``trainer.devices=N``: start N training processes and wait for them (this one writes nothing)."""
+    world = cfg.trainer.devices
+    if finished_run(cfg, run_dir) is not None:
+        return record.read(run_dir)
+    instantiate(cfg.method)  # an impossible bits value fails here, before any process starts
+    device, backend = _ddp_backend(cfg)
+    if device.type == "cuda" and torch.cuda.device_count() < world:
+        raise QexpError(f"trainer.devices={world} but only {torch.cuda.device_count()} GPUs are visible")
+    overrides = HydraConfig.get().job.override_dirname if HydraConfig.initialized() else ""
+    payload = (OmegaConf.to_container(cfg, resolve=True, enum_to_str=True), str(run_dir), overrides, backend)
+    threads = max(1, torch.get_num_threads() // world) if device.type == "cpu" else None
+    log.info("training on %d processes (%s)", world, backend)
+    worker = importlib.import_module("qexp.train")._ddp_worker  # by module name: picklable under -m too
+    distributed.spawn(world, worker, payload, threads)
+    return record.read(run_dir)
+
+
+def _ddp_worker(rank: int, world: int, init_method: str, payload: tuple, errors: Any) -> None:
+    """Body of one process started by :func:`_spawn_ranks` (a fresh interpreter, no Hydra)."""
+    conf, run_dir, overrides, backend = payload
+    cfg, run_dir = OmegaConf.create(conf), Path(run_dir)
+    distributed.worker_logging(run_dir, rank == 0)
+    try:
+        ctx = distributed.init(rank, world, rank, backend, init_method)
+        train(cfg, run_dir, ctx, overrides)
+    except QexpError as e:
+        errors.put(str(e))
+        raise SystemExit(2) from None
+    finally:
+        distributed.shutdown()
 
 
 def _record_failure(cfg: DictConfig, run_dir: Path, message: str) -> None:
@@ -238,6 +316,9 @@ def _hydra_main(cfg: DictConfig) -> None:
 def main() -> None:
     """Entry for ``qexp train`` and ``python -m qexp.train``: Hydra parses ``sys.argv``."""
     register()
+    if int(os.environ.get("RANK", "0")) > 0:  # torchrun: only rank 0 writes .hydra/ and train.log
+        sys.argv += ["hydra.output_subdir=null", "hydra/job_logging=stdout",
+                     "hydra.job_logging.root.level=WARNING"]
     _hydra_main()
 
 

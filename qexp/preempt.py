@@ -1,0 +1,73 @@
+"""Preemption: turn the signals a scheduler sends into "checkpoint at the next step, then exit".
+
+SLURM sends SIGTERM (or the signal named by ``--signal``, often SIGUSR1) before it kills a job.
+submitit (hydra's SLURM launcher) installs its own SIGUSR2 handler that requeues the job and exits at
+once; we take that signal over only while training, let the loop write its checkpoint first, and then
+call submitit's handler, so the requeued job resumes from this step instead of the last epoch.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+log = logging.getLogger("qexp")
+
+#: always handled while training
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+#: handled only when someone (submitit) already has a Python handler for it, which is then chained
+CHAINED_ONLY = (signal.SIGUSR2,)
+
+# Once a stop was asked for, it stays asked for in this process: a local sequential sweep must not
+# start its next job after SIGTERM.
+_requested = threading.Event()
+
+
+def requested() -> bool:
+    return _requested.is_set()
+
+
+def reset() -> None:
+    """Forget an earlier stop request (tests, or a long-lived process that means to go on)."""
+    _requested.clear()
+
+
+@contextmanager
+def stop_on_signals(forward: Callable[[int], None] | None = None) -> Iterator[threading.Event]:
+    """While inside, the stop signals set the yielded event (and call ``forward``) instead of killing.
+
+    On leaving, handlers that were there before are restored, and the Python ones among them (e.g.
+    submitit's requeue) are called for the signals that arrived, after the checkpoint was written.
+    """
+    stop = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield stop
+        return
+    signals = list(STOP_SIGNALS) + [s for s in CHAINED_ONLY if callable(signal.getsignal(s))]
+    old = {s: signal.getsignal(s) for s in signals}
+    received: list[int] = []
+
+    def handler(signum: int, frame: Any) -> None:
+        log.warning("received signal %d: checkpointing and stopping", signum)
+        received.append(signum)
+        stop.set()
+        _requested.set()
+        if forward is not None:
+            forward(signum)
+
+    if _requested.is_set():
+        stop.set()
+    for s in signals:
+        signal.signal(s, handler)
+    try:
+        yield stop
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+        for s in dict.fromkeys(received):
+            if callable(old[s]):
+                old[s](s, None)
