@@ -1,0 +1,102 @@
+"""Loaders on the real data in ../shared/data, the CIFAR pickle reader, batching and augmentation."""
+
+from __future__ import annotations
+
+import torch
+
+from qexp.data import cifar, imagenet, mnist, synthetic
+from qexp.data.loader import Normalize, TensorLoader, crop_flip
+from tests.test_config import write_cifar
+
+
+def test_mnist_real(data_root):
+    arrays = mnist.load_arrays("mnist", data_root, download=False)
+    xtr, ytr = arrays["train"]
+    xte, yte = arrays["test"]
+    assert xtr.shape == (60000, 1, 28, 28) and xtr.dtype == torch.uint8
+    assert len(xte) == len(yte) == 10000
+    assert ytr[:5].tolist() == [5, 0, 4, 1, 9]
+    assert yte[:3].tolist() == [7, 2, 1]
+    assert sorted(ytr.unique().tolist()) == list(range(10))
+
+
+def test_fashion_mnist_real(data_root):
+    arrays = mnist.load_arrays("fashion_mnist", data_root, download=False)
+    xtr, ytr = arrays["train"]
+    assert xtr.shape == (60000, 1, 28, 28) and len(arrays["test"][1]) == 10000
+    assert ytr[:5].tolist() == [9, 0, 0, 3, 0]  # ankle boot, T-shirt, T-shirt, dress, T-shirt
+
+
+def test_mnist_bundle_subset_and_validation(data_root):
+    b = mnist.build("mnist", str(data_root), batch_size=100, train_subset=1000, val_size=200)
+    assert b.train.num_samples == 800 and b.val.num_samples == 200 and b.test.num_samples == 10000
+    x, y = next(iter(b.train))
+    assert x.shape == (100, 1, 28, 28)
+    assert abs(x.mean().item()) < 0.3  # standardised
+
+
+def test_uncompressed_idx_files_are_read_too(data_root, tmp_path):
+    import gzip
+
+    raw = tmp_path / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    for f in (data_root / "MNIST" / "raw").glob("*.gz"):
+        (raw / f.stem).write_bytes(gzip.decompress(f.read_bytes()))
+    arrays = mnist.load_arrays("mnist", tmp_path, download=False)
+    assert arrays["train"][1][:5].tolist() == [5, 0, 4, 1, 9]
+
+
+def test_cifar_pickle_reader(tmp_path):
+    write_cifar(tmp_path, "cifar10", n=30)
+    write_cifar(tmp_path, "cifar100", n=30)
+    c10 = cifar.load_arrays("cifar10", tmp_path, download=False)
+    assert c10["train"][0].shape == (150, 3, 32, 32) and c10["test"][0].shape == (30, 3, 32, 32)
+    c100 = cifar.build("cifar100", str(tmp_path), batch_size=16, download=False)
+    assert c100.num_classes == 100 and c100.in_shape == (3, 32, 32)
+    # the channel-major layout of the pickles is kept: pixel (c, i, j) = data[c*1024 + i*32 + j]
+    import pickle
+
+    with open(tmp_path / "cifar-10-batches-py" / "data_batch_1", "rb") as f:
+        raw = pickle.load(f, encoding="bytes")[b"data"]
+    assert c10["train"][0][0, 2, 3, 4].item() == raw[0][2 * 1024 + 3 * 32 + 4]
+
+
+def test_imagefolder_on_imagenette(data_root):
+    b = imagenet.build(str(data_root), dirname="imagenette-mini", image_size=64, batch_size=16,
+                       eval_batch_size=50, workers=0)
+    assert b.num_classes == 10 and b.train.num_samples == 400 and b.test.num_samples == 100
+    x, y = next(iter(b.train))
+    assert x.shape == (16, 3, 64, 64) and y.dtype == torch.long
+
+
+def test_shuffle_is_a_function_of_seed_and_epoch_and_resumable():
+    x, y = synthetic.make(100, (1, 8, 8), 10, seed=0)
+    loader = TensorLoader(x, y, 16, Normalize((0.5,), (0.25,)), shuffle=True, seed=3)
+    loader.set_epoch(1)
+    full = [b[1] for b in loader]
+    again = [b[1] for b in loader.iter_from(2)]
+    assert all(torch.equal(a, b) for a, b in zip(full[2:], again))
+    loader.set_epoch(2)
+    assert not torch.equal(torch.cat(full), torch.cat([b[1] for b in loader]))
+    assert sorted(torch.cat(full).tolist()) == sorted(y.tolist())
+
+
+def test_crop_flip_keeps_shape_and_content():
+    x = torch.arange(2 * 3 * 8 * 8, dtype=torch.float32).view(2, 3, 8, 8).to(torch.uint8)
+    out = crop_flip(x, torch.Generator().manual_seed(0))
+    assert out.shape == x.shape and out.dtype == torch.uint8
+    # every output pixel is either padding (0) or a pixel of the same image and channel
+    for i in range(2):
+        for c in range(3):
+            vals = set(out[i, c].flatten().tolist()) - {0}
+            assert vals <= set(x[i, c].flatten().tolist())
+
+
+def test_missing_data_message_names_the_files(tmp_path):
+    import pytest
+
+    from qexp.errors import QexpError
+
+    with pytest.raises(QexpError) as e:
+        mnist.load_arrays("mnist", tmp_path, download=False)
+    assert "train-images-idx3-ubyte.gz" in str(e.value) and str(tmp_path) in str(e.value)

@@ -1,0 +1,146 @@
+"""End to end as a user runs it: ``qexp train`` in a subprocess on real MNIST; resume; bad input."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import find_runs, read_metrics, run_qexp
+
+
+@pytest.mark.slow
+def test_main_job_lenet5_mnist(tmp_path, data_root):
+    """The README's main job: LeNet-5, 1 epoch on all of MNIST (measured: 98.68% test accuracy)."""
+    out = run_qexp(["train", f"out_root={tmp_path}", f"data_root={data_root}"]).stdout
+    (run_dir,) = find_runs(tmp_path)
+    assert run_dir == tmp_path / "runs" / "mnist" / "lenet5" / "float" / "seed0"
+    m = read_metrics(run_dir)
+    assert m["status"] == "completed" and m["epochs_done"] == 1
+    assert m["test_acc"] >= 98.5, m["test_acc"]
+    assert "test error" in out and "accuracy" in out
+    assert (run_dir / "checkpoint.pt").exists() and (run_dir / "quant.json").exists()
+    assert list(run_dir.glob("events.out.tfevents.*")) and (run_dir / "train.log").exists()
+    assert (run_dir / ".hydra" / "config.yaml").exists()
+    # the same command again skips the finished run and prints its stored result
+    again = run_qexp(["train", f"out_root={tmp_path}", f"data_root={data_root}"]).stdout
+    assert "not retrained" in again and f"{m['test_acc']:.2f}%" in again
+
+
+def _history(run_dir: Path) -> list[dict]:
+    return read_metrics(run_dir)["history"]
+
+
+@pytest.mark.slow
+def test_interrupted_run_resumes_exactly(tmp_path, data_root):
+    """Stop a run with SIGTERM during its second epoch, run it again: same metrics as never stopped."""
+    args = ["train", f"data_root={data_root}", "epochs=2", "dataset.train_subset=12000", "seed=3"]
+    run_qexp([*args, f"out_root={tmp_path / 'straight'}"])
+    (straight,) = find_runs(tmp_path / "straight")
+
+    env = {**os.environ}
+    proc = subprocess.Popen([sys.executable, "-m", "qexp.cli", *args, f"out_root={tmp_path / 'stopped'}"],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    metrics = None
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        found = find_runs(tmp_path / "stopped")
+        if found and read_metrics(found[0]).get("epochs_done") == 1:
+            metrics = found[0]
+            break
+        time.sleep(0.05)
+    assert metrics is not None, "the run never finished its first epoch"
+    time.sleep(0.5)  # land inside the second epoch
+    proc.send_signal(signal.SIGTERM)
+    proc.communicate(timeout=120)
+    assert read_metrics(metrics)["status"] == "interrupted", "the signal arrived too late to test resume"
+    state = torch.load(metrics / "checkpoint.pt", weights_only=True)
+    assert state["progress"]["batch"] > 0, "checkpoint should be mid-epoch"
+
+    run_qexp([*args, f"out_root={tmp_path / 'stopped'}"])
+    resumed, reference = _history(metrics), _history(straight)
+    assert read_metrics(metrics)["status"] == "completed"
+    assert len(resumed) == len(reference) == 2
+    for a, b in zip(resumed, reference):
+        assert a["test_error"] == b["test_error"]
+        assert a["test_loss"] == pytest.approx(b["test_loss"], rel=1e-6)
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-6)
+
+
+def _fails(args: list[str], *needles: str) -> str:
+    proc = run_qexp(args, check=False, timeout=120)
+    text = proc.stdout + proc.stderr
+    assert proc.returncode != 0, text
+    assert "Traceback" not in text, text
+    for n in needles:
+        assert n in text, text
+    return text
+
+
+@pytest.mark.parametrize("args,needles", [
+    (["dataset=nope"], ["Could not find 'dataset/nope'", "mnist"]),
+    (["model=nope"], ["Could not find 'model/nope'", "lenet5"]),
+    (["method=nope"], ["Could not find 'method/nope'", "float"]),
+    (["bits=abc"], ["bits=abc", "could not be converted"]),
+    (["bits=0"], ["bits=0", "allowed"]),
+    (["device=tpu"], ["expected one of"]),
+    (["optim.momentum_typo=1"], ["momentum_typo"]),
+])
+def test_bad_input_is_one_clear_message(tmp_path, args, needles):
+    _fails(["train", f"out_root={tmp_path}", *args], *needles)
+
+
+def test_missing_dataset_offline(tmp_path):
+    text = _fails(["train", f"out_root={tmp_path}", f"data_root={tmp_path / 'empty'}",
+                   "dataset.download=false"], "train-images-idx3-ubyte", "QEXP_DATA")
+    assert str(tmp_path / "empty") in text
+
+
+def test_cuda_without_gpu_is_a_user_error(tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present here")
+    _fails(["train", f"out_root={tmp_path}", "device=cuda", "dataset=synthetic"], "no CUDA device")
+
+
+def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
+    args = ["train", f"out_root={tmp_path}", "dataset=synthetic", "epochs=2"]
+    run_qexp(args)
+    (run_dir,) = find_runs(tmp_path)
+    m = read_metrics(run_dir)
+    m["status"] = "running"  # pretend it was killed, then damage the checkpoint
+    (run_dir / "metrics.json").write_text(__import__("json").dumps(m))
+    (run_dir / "checkpoint.pt").write_bytes(b"\x00garbage" * 10)
+    _fails(args, "corrupt", "resume=false")
+    # resume=false starts over and succeeds
+    run_qexp([*args, "resume=false"])
+    assert read_metrics(run_dir)["status"] == "completed"
+
+
+def test_resume_refuses_a_changed_config(tmp_path):
+    """A folder's checkpoint from another config (e.g. an edited YAML default) is never resumed."""
+    args = ["train", f"out_root={tmp_path}", "dataset=synthetic", "epochs=2"]
+    run_qexp(args)
+    (run_dir,) = find_runs(tmp_path)
+    m = read_metrics(run_dir)
+    m["status"] = "running"
+    (run_dir / "metrics.json").write_text(__import__("json").dumps(m))
+    state = torch.load(run_dir / "checkpoint.pt", weights_only=True)
+    state["config"] = state["config"].replace('"epochs": 2', '"epochs": 3')
+    torch.save(state, run_dir / "checkpoint.pt")
+    _fails(args, "different configuration", "resume=false")
+
+
+def test_same_seed_same_result_on_cpu(tmp_path):
+    for out in ("a", "b"):
+        run_qexp(["train", f"out_root={tmp_path / out}", "dataset=synthetic", "epochs=2", "model=mlp",
+                  "model.width=64", "device=cpu"])
+    (a,), (b,) = find_runs(tmp_path / "a"), find_runs(tmp_path / "b")
+    ha, hb = _history(a), _history(b)
+    assert [r["train_loss"] for r in ha] == [r["train_loss"] for r in hb]
+    assert [r["test_error"] for r in ha] == [r["test_error"] for r in hb]
