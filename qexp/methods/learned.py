@@ -1,0 +1,299 @@
+"""Learned layer-wise precision under a fixed bit budget (Lacey, Taylor, Areibi 2018): ``method=learned``.
+
+``bits`` is the average per layer: the budget is ``T = bits * L`` over the ``L`` quantized conv/linear
+layers. Every training step draws an allocation with exactly ``T`` bits from a Gumbel-softmax over
+learned logits (see :mod:`qexp.quant.learned`); each layer trains BinaryConnect-style (float shadow
+weights clipped to ``[-s, s]``, deterministic ``Q_d`` forward, straight-through backward) at its drawn
+bit-width. The temperature anneals from ``tau0`` to ``tau_min`` over the soft phase; after
+``hard_after`` epochs the allocation freezes to the most likely one (total exactly ``T``) and training
+continues. Evaluation during the soft phase uses that most likely allocation too.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from qexp.errors import QexpError
+from qexp.methods.base import Evaluate, Method
+from qexp.quant.activation import QuantReLU
+from qexp.quant.grid import glorot_scale
+from qexp.quant.inject import attach_weight_quantizer, replace_modules, shadow_weight, weight_layers
+from qexp.quant.learned import (
+    BitSource,
+    LearnedBitsQuantizer,
+    allocation_string,
+    check_budget,
+    most_likely_counts,
+    sample_counts,
+)
+
+
+class LearnedPrecision(Method):
+    name = "learned"
+    bits_range = (1, 16)
+    default_bits = 4
+
+    def __init__(self, bits: int | None = None, loss: str = "ce", min_bits: int = 1, max_bits: int = 8,
+                 tau0: float = 1.0, tau_min: float = 0.1, hard_after: int | None = None, epochs: int = 1,
+                 logit_lr: float = 0.01, activations: bool = False, act_bits: int = 8,
+                 skip_first: bool = False, skip_last: bool = False, clip: bool = True, seed: int = 0) -> None:
+        super().__init__(bits, loss)
+        self.min_bits, self.max_bits = int(min_bits), int(max_bits)
+        check_budget(1, self.bits, self.min_bits, self.max_bits)
+        if self.max_bits > self.bits_range[1]:
+            raise QexpError(f"method.max_bits must be at most {self.bits_range[1]}, got {max_bits}")
+        if not 0 < tau_min <= tau0:
+            raise QexpError(f"need 0 < tau_min <= tau0, got tau0={tau0}, tau_min={tau_min}")
+        if hard_after is not None and hard_after < 0:
+            raise QexpError(f"method.hard_after must be >= 0 (or null: half the epochs), got {hard_after}")
+        if not logit_lr >= 0:
+            raise QexpError(f"method.logit_lr must be >= 0, got {logit_lr}")
+        if activations and not 1 <= act_bits <= 8:
+            raise QexpError(f"method.act_bits must be in 1..8, got {act_bits}")
+        self.tau0, self.tau_min = float(tau0), float(tau_min)
+        self.epochs = int(epochs)
+        self.hard_after = math.ceil(self.epochs / 2) if hard_after is None else int(hard_after)
+        self.logit_lr = float(logit_lr)
+        self.activations, self.act_bits = bool(activations), int(act_bits)
+        self.skip_first, self.skip_last, self.clip, self.seed = skip_first, skip_last, bool(clip), int(seed)
+        # filled by prepare()
+        self.layer_names: list[str] = []
+        self.quantizers: list[LearnedBitsQuantizer] = []
+        self.act_quantizers: list[QuantReLU] = []
+        self.logits: nn.Parameter | None = None
+        self.generator: torch.Generator | None = None
+        self.source = BitSource([])
+        # state that the checkpoint carries
+        self.tau = self.tau0
+        self.frozen = False
+        self.frozen_bits: list[int] = []
+        self.history: list[str] = []  # allocation at the end of each epoch
+        self._sum: list[int] = []  # sampled bits summed over this epoch's draws (expected bits)
+        self._draws = 0
+        self._report: dict[str, float] = {}
+
+    # ---- budget ------------------------------------------------------------------------------------
+    @property
+    def num_layers(self) -> int:
+        return len(self.quantizers)
+
+    @property
+    def budget(self) -> int:
+        """``T``: the total number of bits over the quantized layers."""
+        return self.bits * self.num_layers
+
+    @property
+    def free(self) -> int:
+        return self.budget - self.min_bits * self.num_layers
+
+    @property
+    def cap(self) -> int:
+        return self.max_bits - self.min_bits
+
+    def most_likely(self) -> list[int]:
+        """The allocation evaluation uses and the hard assignment freezes to (total exactly ``T``)."""
+        if self.frozen:
+            return list(self.frozen_bits)
+        assert self.logits is not None
+        return [self.min_bits + c for c in most_likely_counts(self.logits, self.free, self.cap)]
+
+    def allocation(self) -> str:
+        return allocation_string(self.most_likely())
+
+    # ---- set-up ------------------------------------------------------------------------------------
+    def prepare(self, model: nn.Module) -> nn.Module:
+        layers = weight_layers(model, self.skip_first, self.skip_last)
+        check_budget(len(layers), self.bits, self.min_bits, self.max_bits)
+        self.source = BitSource([self.bits] * len(layers), mode=self.most_likely)
+        for i, (name, layer) in enumerate(layers):
+            q = LearnedBitsQuantizer(glorot_scale(layer.weight), i, self.source)
+            attach_weight_quantizer(layer, q)
+            self.layer_names.append(name)
+            self.quantizers.append(q)
+        self.logits = nn.Parameter(torch.zeros(len(layers), device=self.device))
+        self.generator = torch.Generator(device=self.device)
+        self.generator.manual_seed(self.seed)
+        self._sum = [0] * len(layers)
+        if self.activations:
+            self._quantize_activations(model)
+        if self.hard_after == 0:
+            self._freeze()
+        self._refresh_eval_bits()
+        return model
+
+    def _quantize_activations(self, model: nn.Module) -> None:
+        """Every ``nn.ReLU`` becomes an ``act_bits`` quantized ReLU (clipped-ReLU STE, calibrated alpha)."""
+        names = replace_modules(model, lambda n, m: isinstance(m, nn.ReLU),
+                                lambda n, m: QuantReLU(self.act_bits, "clipped_relu"))
+        if not names:
+            raise QexpError(f"method.activations=true quantizes nn.ReLU modules, and "
+                            f"{type(model).__name__} has none")
+        self.act_quantizers = [model.get_submodule(n) for n in names]
+        model.register_forward_hook(self._close_calibration)
+
+    def _close_calibration(self, model: nn.Module, args: Any, output: Any) -> None:
+        # calibration stays open for the whole first forward pass, so a reused ReLU sees all its call sites
+        for q in self.act_quantizers:
+            if not q.is_calibrated:
+                q.finish_calibration()
+
+    def param_groups(self, model: nn.Module) -> list[dict[str, Any]]:
+        assert self.logits is not None, "prepare() first"
+        return [{"params": [p for p in model.parameters() if p.requires_grad]},
+                {"params": [self.logits], "lr": self.logit_lr, "weight_decay": 0.0}]
+
+    # ---- per step ----------------------------------------------------------------------------------
+    def before_forward(self, model: nn.Module, step: int) -> None:
+        if self.frozen:
+            self.source.train_bits, self.source.soft = list(self.frozen_bits), None
+            return
+        assert self.logits is not None
+        draw = sample_counts(self.logits, self.free, self.cap, self.tau, self.generator)
+        bits = [self.min_bits + c for c in draw.counts]
+        self.source.train_bits, self.source.soft = bits, draw.soft
+        self._sum = [s + b for s, b in zip(self._sum, bits)]
+        self._draws += 1
+
+    def after_backward(self, model: nn.Module) -> None:
+        self.source.soft = None  # the step's graph is spent; do not keep it alive
+
+    @torch.no_grad()
+    def after_step(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        if self.clip:  # BinaryConnect's clip of the shadows to [-H, H], H = s
+            for q, name in zip(self.quantizers, self.layer_names):
+                shadow_weight(model.get_submodule(name)).clamp_(-q.scale, q.scale)
+        if not self.frozen:
+            self.source.invalidate()  # the logits moved: the most likely allocation is recomputed lazily
+
+    def _refresh_eval_bits(self) -> None:
+        self.source.invalidate()
+
+    # ---- per epoch ---------------------------------------------------------------------------------
+    def on_epoch_end(self, epoch: int) -> None:
+        tau_used = self.tau
+        sampled = [s / self._draws for s in self._sum] if self._draws else None
+        if not self.frozen and epoch + 1 >= self.hard_after:
+            self._freeze()
+        self._refresh_eval_bits()
+        alloc = self.most_likely()
+        self.history.append(allocation_string(alloc))
+        self.tau = self.temperature(epoch + 1)
+        self._sum, self._draws = [0] * self.num_layers, 0
+        assert self.logits is not None
+        probs = torch.softmax(self.logits.detach().double(), 0).tolist()
+        rep: dict[str, float] = {"tau": tau_used, "frozen": float(self.frozen),
+                                 "total_bits": float(sum(alloc))}
+        for i, name in enumerate(self.layer_names):
+            rep[f"bits/{name}"] = float(alloc[i])
+            rep[f"expected_bits/{name}"] = float(alloc[i] if sampled is None else sampled[i])
+            rep[f"prob/{name}"] = probs[i]
+        self._report = rep
+
+    def temperature(self, epoch: int) -> float:
+        """Geometric annealing from ``tau0`` (epoch 0) to ``tau_min`` (the last soft epoch)."""
+        soft_epochs = min(self.hard_after, self.epochs)
+        t = min(epoch / max(soft_epochs - 1, 1), 1.0)
+        return self.tau0 * (self.tau_min / self.tau0) ** t
+
+    def _freeze(self) -> None:
+        """The hard assignment: keep the most likely allocation for the rest of training."""
+        self.frozen_bits = self.most_likely()
+        self.frozen = True
+        self.source.soft = None
+        self.source.train_bits = list(self.frozen_bits)
+
+    # ---- reporting ---------------------------------------------------------------------------------
+    def metrics(self) -> dict[str, float]:
+        """Per layer: the allocation (``bits/``), the mean drawn bits of the epoch (``expected_bits/``),
+        the softmax of the logits (``prob/``); the temperature used, whether frozen, the total."""
+        return dict(self._report)
+
+    def images(self) -> dict[str, Any]:
+        return {"allocation": self._bar_chart()} if self.quantizers and self._report else {}
+
+    def _bar_chart(self) -> np.ndarray:
+        import matplotlib
+
+        matplotlib.use("Agg", force=False)
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+
+        alloc = self.most_likely()
+        expected = [self._report.get(f"expected_bits/{n}", b) for n, b in zip(self.layer_names, alloc)]
+        fig = Figure(figsize=(max(3.0, 0.45 * self.num_layers + 1.5), 2.6), dpi=80)
+        FigureCanvasAgg(fig)
+        ax = fig.add_subplot()
+        x = np.arange(self.num_layers)
+        ax.bar(x, alloc, color="#4c72b0", label="allocation")
+        ax.plot(x, expected, "o", color="#dd8452", label="expected")
+        ax.axhline(self.bits, color="grey", lw=0.8, ls="--")
+        ax.set_ylim(0, self.max_bits + 0.5)
+        ax.set_xticks(x)
+        ax.set_xticklabels([str(i + 1) for i in x])
+        ax.set_xlabel("layer")
+        ax.set_ylabel("bits")
+        ax.set_title(f"{allocation_string(alloc)}  (T={self.budget}{', frozen' if self.frozen else ''})",
+                     fontsize=9)
+        ax.legend(fontsize=7, loc="upper right")
+        fig.tight_layout()
+        fig.canvas.draw()
+        return np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
+
+    def finalize(self, model: nn.Module, evaluate: Evaluate) -> dict[str, Any]:
+        return {"allocation": self.allocation(), "allocation_bits": self.most_likely(),
+                "allocation_history": list(self.history), "budget_bits": self.budget,
+                "quantized_layers": list(self.layer_names), "allocation_frozen": self.frozen}
+
+    def manifest(self, model: nn.Module) -> dict[str, Any]:
+        alloc = self.most_likely() if self.quantizers else []
+        layers, quantized = [], set()
+        weight_bits = 0
+        for name, q, b in zip(self.layer_names, self.quantizers, alloc):
+            w = shadow_weight(model.get_submodule(name))
+            quantized.add(id(w))
+            weight_bits += w.numel() * b
+            layers.append({"name": name, "tensor": "weight", "shape": list(w.shape), "bits": b,
+                           "rounding": "nearest", "scale": q.scale})
+        n = sum(p.numel() for p in model.parameters())
+        rest = sum(p.numel() for p in model.parameters() if id(p) not in quantized)
+        out: dict[str, Any] = {
+            "method": self.name, "bits": self.bits, "allocation": allocation_string(alloc),
+            "budget_bits": self.budget, "min_bits": self.min_bits, "max_bits": self.max_bits,
+            "frozen": self.frozen, "tau": self.tau,
+            "logits": [] if self.logits is None else self.logits.detach().cpu().tolist(),
+            "layers": layers, "weight_bytes": math.ceil(weight_bits / 8) + 4 * rest, "float32_bytes": 4 * n,
+        }
+        if self.act_quantizers:
+            out["activation_bits"] = self.act_bits
+        return out
+
+    # ---- resume ------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        assert self.logits is not None and self.generator is not None
+        return {"logits": self.logits.detach().cpu().clone(), "tau": self.tau, "frozen": self.frozen,
+                "frozen_bits": list(self.frozen_bits), "history": list(self.history),
+                "generator": self.generator.get_state(), "sum": list(self._sum), "draws": self._draws,
+                "report": dict(self._report)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        assert self.logits is not None and self.generator is not None
+        if state["logits"].numel() != self.num_layers:
+            raise QexpError(f"checkpoint has logits for {state['logits'].numel()} layers, "
+                            f"this model quantizes {self.num_layers}")
+        with torch.no_grad():
+            self.logits.copy_(state["logits"].to(self.logits.device))
+        self.tau, self.frozen = float(state["tau"]), bool(state["frozen"])
+        self.frozen_bits = [int(b) for b in state["frozen_bits"]]
+        self.history = list(state["history"])
+        self.generator.set_state(state["generator"].cpu())
+        self._sum, self._draws = [int(s) for s in state["sum"]], int(state["draws"])
+        self._report = dict(state["report"])
+        if self.frozen:
+            self.source.train_bits = list(self.frozen_bits)
+        self.source.soft = None
+        self._refresh_eval_bits()
