@@ -1,0 +1,212 @@
+"""Post-training quantization, ``method=ptq`` ("are eight bits enough?": Warden 2015; Vanhoucke et al. 2011).
+
+Training is plain float training (every hook is the base class's no-op). In :meth:`PTQ.finalize` a
+*copy* of the trained model is quantized and evaluated:
+
+- weights: every conv/linear weight gets its own affine min/max grid (``qexp.quant.affine``), stored as
+  uint8 codes plus float32 ``lo`` and ``scale``; the copy computes with ``lo + q * scale``. Biases and
+  BatchNorm parameters stay float32 (they are a tiny share of the memory; integer kernels keep biases
+  at 32 bits as well).
+- activations (``activations=true``): the *input* of every conv/linear layer (what an integer kernel
+  multiplies by the integer weights; after ReLU/pooling in these models, and the normalised image for
+  the first layer) is rounded onto a per-tensor affine ``act_bits`` grid. The range is the running
+  min/max over the first ``calib_batches`` training batches, observed on the weight-quantized copy in
+  eval mode (so BatchNorm uses its running statistics, as at deployment). Values outside the range
+  are clipped.
+
+The same functions serve ``qexp eval RUN --ptq-bits`` (:mod:`qexp.ptq_curve`) on any finished run.
+There the weights quantized are each layer's *effective* weight (``layer.weight`` in eval mode: the
+output of a training method's weight quantizer when one is attached), so for a binarized run PTQ
+re-encodes the already-quantized values.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from qexp.errors import QexpError
+from qexp.methods.base import Evaluate, Method
+from qexp.quant import affine
+from qexp.quant.inject import weight_layers
+
+SCHEME = "affine-minmax-per-layer"
+
+
+def quantize_weights(model: nn.Module, bits: int) -> tuple[nn.Module, dict[str, affine.AffineCodes]]:
+    """A copy of ``model`` (in eval mode) whose conv/linear weights are their k-bit affine versions.
+
+    Returns the copy and the stored form of each weight (uint8 codes, lo, scale) by layer name; the
+    copy's ``layer.weight`` equals ``codes.dequantize()`` exactly.
+    """
+    was_training = model.training
+    model.eval()
+    try:
+        qmodel = copy.deepcopy(model)
+    finally:
+        model.train(was_training)
+    qmodel.eval()
+    codes: dict[str, affine.AffineCodes] = {}
+    with torch.no_grad():
+        for name, layer in weight_layers(qmodel):
+            w = layer.weight.detach().clone()  # effective weight (a method's quantizer output, if any)
+            if parametrize.is_parametrized(layer, "weight"):
+                parametrize.remove_parametrizations(layer, "weight", leave_parametrized=False)
+            c = affine.quantize(w, bits)
+            codes[name] = c
+            layer.weight = nn.Parameter(c.dequantize(w.dtype), requires_grad=False)
+    return qmodel, codes
+
+
+class ActivationQuantizer:
+    """Forward pre-hook for a conv/linear layer: observes its input (calibration) or quantizes it."""
+
+    def __init__(self, bits: int) -> None:
+        self.bits = bits
+        self.observer = affine.MinMaxObserver()
+        self.range: tuple[float, float] | None = None  # set by freeze(): from then on, quantize
+
+    def freeze(self) -> None:
+        self.range = self.observer.range()
+
+    def __call__(self, module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
+        x = args[0]
+        if self.range is None:
+            self.observer.update(x)
+            return None
+        return (affine.fake_quantize(x, self.bits, *self.range), *args[1:])
+
+
+def calibration_batches(loader: Iterable, n: int) -> Iterable:
+    """The first ``n`` (images, labels) batches of a training loader."""
+    return itertools.islice(iter(loader), n)
+
+
+@torch.no_grad()
+def quantize_activations(model: nn.Module, bits: int, batches: Iterable) -> dict[str, ActivationQuantizer]:
+    """Attach input quantizers to every conv/linear layer of ``model`` (in place), calibrated on ``batches``.
+
+    Ranges are observed in one pass with float activations; then every quantizer is frozen and active.
+    """
+    quantizers = {name: ActivationQuantizer(bits) for name, _ in weight_layers(model)}
+    for name, layer in weight_layers(model):
+        layer.register_forward_pre_hook(quantizers[name])
+    was_training = model.training
+    model.eval()
+    seen = 0
+    for x, _ in batches:
+        model(x)
+        seen += 1
+    model.train(was_training)
+    if seen == 0:
+        raise QexpError("activation calibration got no training batches")
+    for q in quantizers.values():
+        q.freeze()
+    return quantizers
+
+
+def weight_memory(model: nn.Module, bits: int,
+                  codes: dict[str, affine.AffineCodes] | None = None) -> dict[str, int]:
+    """Parameter memory in bytes: conv/linear weights as uint8 codes (+ float32 lo, scale per layer),
+    everything else float32; ``packed_bytes`` if k-bit codes were bit-packed; ``float32_bytes`` for all.
+    """
+    quantized = {id(_weight(m)) for _, m in weight_layers(model)}
+    n_other = sum(p.numel() for p in model.parameters() if id(p) not in quantized)
+    layers = [_weight(m).numel() for _, m in weight_layers(model)]
+    stored = sum(layers) + 8 * len(layers) + 4 * n_other
+    packed = sum((n * bits + 7) // 8 for n in layers) + 8 * len(layers) + 4 * n_other
+    if codes is not None:  # the same numbers, counted from what is actually stored
+        stored = sum(c.nbytes for c in codes.values()) + 4 * n_other
+        packed = sum(c.packed_nbytes for c in codes.values()) + 4 * n_other
+    return {"weight_bytes": stored, "packed_bytes": packed,
+            "float32_bytes": 4 * (sum(layers) + n_other)}
+
+
+def _weight(layer: nn.Module) -> torch.Tensor:
+    """The stored weight tensor (the float shadow when a quantizer is attached)."""
+    if parametrize.is_parametrized(layer, "weight"):
+        return layer.parametrizations.weight.original
+    return layer.weight
+
+
+class PTQ(Method):
+    """Float training, then k-bit affine weights (and optionally activations) after training."""
+
+    name = "ptq"
+    bits_range = (2, 8)
+    default_bits = 8
+
+    def __init__(self, bits: int | None = None, loss: str = "ce", activations: bool = False,
+                 act_bits: int = 8, calib_batches: int = 8) -> None:
+        super().__init__(bits, loss)
+        if not 2 <= int(act_bits) <= 8:
+            raise QexpError(f"method.act_bits={act_bits} is out of range; allowed: 2..8")
+        if int(calib_batches) < 1:
+            raise QexpError(f"method.calib_batches must be at least 1, got {calib_batches}")
+        self.activations = bool(activations)
+        self.act_bits = int(act_bits)
+        self.calib_batches = int(calib_batches)
+        self._codes: dict[str, affine.AffineCodes] = {}
+        self._act_ranges: dict[str, tuple[float, float]] = {}
+
+    def tag(self) -> str:
+        return f"{self.bits}-{self.act_bits}" if self.activations else str(self.bits)
+
+    def quantized_copy(self, model: nn.Module) -> nn.Module:
+        """The deployed network: k-bit weights and, if asked, calibrated ``act_bits`` activations."""
+        qmodel, self._codes = quantize_weights(model, self.bits)
+        self._act_ranges = {}
+        if self.activations:
+            if self.data is None:
+                raise QexpError("method.activations=true needs training batches to calibrate ranges, "
+                                "but the method was given no data")
+            batches = calibration_batches(self.data.train, self.calib_batches)
+            qs = quantize_activations(qmodel, self.act_bits, batches)
+            self._act_ranges = {n: q.range for n, q in qs.items() if q.range is not None}
+        return qmodel
+
+    def finalize(self, model: nn.Module, evaluate: Evaluate) -> dict[str, Any]:
+        float_res = evaluate(model)
+        q_res = evaluate(self.quantized_copy(model))
+        mem = weight_memory(model, self.bits, self._codes)
+        return {
+            # test_error/test_acc describe the deployed (quantized) network; the float one is kept beside
+            "test_error": q_res["error"],
+            "test_acc": 100.0 - q_res["error"],
+            "ptq_test_loss": q_res["loss"],
+            "ptq_bits": self.bits,
+            "ptq_act_bits": self.act_bits if self.activations else None,
+            "float_test_error": float_res["error"],
+            "float_test_loss": float_res["loss"],
+            "ptq_test_error": q_res["error"],
+            "ptq_drop": q_res["error"] - float_res["error"],
+            "ptq_weight_bytes": mem["weight_bytes"],
+            "float32_bytes": mem["float32_bytes"],
+        }
+
+    def manifest(self, model: nn.Module) -> dict[str, Any]:
+        layers = []
+        for name, layer in weight_layers(model):
+            row: dict[str, Any] = {"name": name, "tensor": "weight", "shape": list(_weight(layer).shape),
+                                   "bits": self.bits, "scheme": SCHEME, "storage": "uint8"}
+            if name in self._codes:
+                row.update(lo=self._codes[name].lo, scale=self._codes[name].scale)
+            layers.append(row)
+            if self.activations:
+                act: dict[str, Any] = {"name": name, "tensor": "input", "bits": self.act_bits,
+                                       "scheme": "affine-minmax-per-tensor",
+                                       "calibration": f"min/max over {self.calib_batches} training batches"}
+                if name in self._act_ranges:
+                    act.update(lo=self._act_ranges[name][0], hi=self._act_ranges[name][1])
+                layers.append(act)
+        mem = weight_memory(model, self.bits, self._codes or None)
+        act_bits = self.act_bits if self.activations else None
+        return {"method": self.name, "bits": self.bits, "act_bits": act_bits,
+                "when": "post-training (training is float)", "layers": layers, **mem,
+                "compression": mem["float32_bytes"] / mem["weight_bytes"]}

@@ -1,0 +1,137 @@
+"""``qexp eval RUN_DIR --ptq-bits 8,6,4,3,2``: post-training quantization of a finished run.
+
+For each k, the run's model is copied and quantized as ``method=ptq bits=k`` does (see
+:mod:`qexp.methods.ptq`): once with k-bit weights only, once with k-bit weights and ``act_bits``-bit
+activations calibrated on training batches. The results go to ``RUN_DIR/ptq.json``::
+
+    {"dataset": "mnist", "model": "lenet5", "method": "float", "run_bits": 32,
+     "scheme": "affine-minmax-per-layer", "calib_batches": 8,
+     "float_test_error": 1.23,            # the run's network as trained, evaluated now (percent)
+     "float32_bytes": 1724040,            # its parameters as float32
+     "results": [                          # sorted by bits, high to low; one entry per (bits, act_bits)
+       {"bits": 8, "act_bits": 8,
+        "weights_only_error": 1.24, "with_activations_error": 1.25,   # test error, percent
+        "weights_only_drop": 0.01, "with_activations_drop": 0.02,     # minus float_test_error
+        "bytes": 433194, "packed_bytes": 433194}, ...]}              # parameter memory, quantized
+
+A later call merges its entries into the file (same ``bits`` and ``act_bits``: replaced).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from qexp.errors import QexpError
+from qexp.jsonio import read_json, write_json
+from qexp.methods.base import Evaluate
+from qexp.methods.ptq import (
+    SCHEME,
+    calibration_batches,
+    quantize_activations,
+    quantize_weights,
+    weight_memory,
+)
+
+PTQ_FILE = "ptq.json"
+
+
+def parse_bits(text: str) -> list[int]:
+    """``"8,6,4"`` -> ``[8, 6, 4]``; each value must be in 2..8 (uint8 codes)."""
+    try:
+        bits = [int(b) for b in text.split(",") if b.strip()]
+    except ValueError:
+        raise QexpError(f"--ptq-bits takes comma-separated integers such as 8,6,4,3,2; got {text!r}") \
+            from None
+    bad = [b for b in bits if not 2 <= b <= 8]
+    if not bits or bad:
+        raise QexpError(f"--ptq-bits values must be in 2..8; got {text!r}")
+    return sorted(set(bits), reverse=True)
+
+
+def parse_act_bits(text: str) -> int | None:
+    """An integer in 2..8, or ``same`` (activations at the weights' k): returns None for ``same``."""
+    if text == "same":
+        return None
+    if not text.isdigit() or not 2 <= int(text) <= 8:
+        raise QexpError(f"--ptq-act-bits takes an integer in 2..8 or 'same'; got {text!r}")
+    return int(text)
+
+
+def curve(model: nn.Module, evaluate: Evaluate, train_loader: Any, bits: list[int], act_bits: int | None = 8,
+          calib_batches: int = 8) -> tuple[dict[str, float], list[dict[str, Any]]]:
+    """The float result and one entry per k (see the module docstring); ``act_bits=None`` means k."""
+    base = evaluate(model)
+    rows = []
+    for k in bits:
+        a = k if act_bits is None else act_bits
+        wq, codes = quantize_weights(model, k)
+        w_only = evaluate(wq)["error"]
+        quantize_activations(wq, a, calibration_batches(train_loader, calib_batches))
+        w_act = evaluate(wq)["error"]
+        mem = weight_memory(model, k, codes)
+        rows.append({"bits": k, "act_bits": a,
+                     "weights_only_error": w_only, "with_activations_error": w_act,
+                     "weights_only_drop": w_only - base["error"],
+                     "with_activations_drop": w_act - base["error"],
+                     "bytes": mem["weight_bytes"], "packed_bytes": mem["packed_bytes"]})
+    return base, rows
+
+
+def write(run_dir: Path, header: dict[str, Any], rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Merge ``rows`` into ``run_dir/ptq.json`` (replacing entries with the same bits and act_bits)."""
+    path = Path(run_dir) / PTQ_FILE
+    old: list[dict[str, Any]] = []
+    if path.exists():
+        try:
+            old = list(read_json(path).get("results", []))
+        except (ValueError, AttributeError):
+            old = []
+    keep = {(r["bits"], r["act_bits"]) for r in rows}
+    merged = [r for r in old if (r.get("bits"), r.get("act_bits")) not in keep] + rows
+    merged.sort(key=lambda r: (-r["bits"], -r["act_bits"]))
+    doc = {**header, "results": merged}
+    write_json(path, doc)
+    return doc
+
+
+def read(run_dir: Path) -> dict[str, Any] | None:
+    """``run_dir/ptq.json`` as written by :func:`write`, or None when the run has none."""
+    try:
+        return read_json(Path(run_dir) / PTQ_FILE)
+    except (FileNotFoundError, ValueError):
+        return None
+
+
+def add_arguments(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--ptq-bits", type=parse_bits, default=None, metavar="K,K,...",
+                    help="post-training quantization at these weight bits (2..8); writes RUN_DIR/ptq.json")
+    ap.add_argument("--ptq-act-bits", type=parse_act_bits, default="8", metavar="N|same",
+                    help="activation bits of the with-activations column (default 8; 'same': k)")
+    ap.add_argument("--calib-batches", type=int, default=8,
+                    help="training batches used to calibrate activation ranges (default 8)")
+
+
+def run(loaded: Any, args: argparse.Namespace) -> dict[str, Any] | None:
+    """``qexp eval`` entry: do nothing unless ``--ptq-bits`` was given; else write and print the curve."""
+    if args.ptq_bits is None:
+        return None
+    bits, act_bits = args.ptq_bits, args.ptq_act_bits
+    if args.calib_batches < 1:
+        raise QexpError(f"--calib-batches must be at least 1, got {args.calib_batches}")
+    model, trainer, cfg = loaded.built.model, loaded.trainer, loaded.cfg
+    base, rows = curve(model, trainer.evaluate, loaded.built.data.train, bits, act_bits, args.calib_batches)
+    header = {"dataset": cfg.dataset.name, "model": cfg.model.name, "method": cfg.method.name,
+              "run_bits": loaded.built.method.bits, "scheme": SCHEME, "calib_batches": args.calib_batches,
+              "float_test_error": base["error"], "float32_bytes": weight_memory(model, 8)["float32_bytes"]}
+    doc = write(loaded.run_dir, header, rows)
+    print(f"post-training quantization of {loaded.run_dir} (as trained: test error {base['error']:.2f}%)")
+    print(f"  {'bits':>4}  {'act':>3}  {'weights only':>12}  {'+ activations':>13}  {'bytes':>10}")
+    for r in rows:
+        print(f"  {r['bits']:>4}  {r['act_bits']:>3}  {r['weights_only_error']:>11.2f}%  "
+              f"{r['with_activations_error']:>12.2f}%  {r['bytes']:>10}")
+    print(f"  float32: {header['float32_bytes']} bytes; written to {loaded.run_dir / PTQ_FILE}")
+    return doc
