@@ -171,6 +171,7 @@ def plot_allocation(df: Any, rows: Sequence[str], cols: Sequence[str], out: Path
         return None
     fig, axes = _figure(size or (1300, 420 * len(groups) + 60), dpi, len(groups), 2)
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     cmap = plt.get_cmap("viridis")
     for (ax_t, ax_b), (key, runs) in zip(axes, groups.items()):
@@ -179,13 +180,14 @@ def plot_allocation(df: Any, rows: Sequence[str], cols: Sequence[str], out: Path
         layers = list(per_run[0])
         for p in per_run[1:]:
             layers += [name for name in p if name not in layers]
-        title = " ".join(key)
+        title = "/".join(key[:len(cols)]) + " " + _label(rows, key[len(cols):])
         for i, name in enumerate(layers):
             hists = [[{"epoch": e, "b": b} for e, b in p.get(name, [])] for p in per_run]
             epochs, mean, _, _ = mean_curve(hists, "b")
             ax_t.plot(epochs, mean, marker="o", ms=3, color=cmap(i / max(len(layers) - 1, 1)), label=name)
         ax_t.set_title(f"{title}: bits per layer (mean over {len(per_run)} seed(s))")
         ax_t.set_xlabel("epoch")
+        ax_t.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax_t.set_ylabel("bits")
         ax_t.grid(True, alpha=0.3)
         ax_t.legend(fontsize="x-small", ncol=2)
@@ -256,6 +258,8 @@ def plot_ptq(df: Any, rows: Sequence[str], cols: Sequence[str], out: Path, size:
         return None
     nrows, ncols = _grid_shape(len(points))
     fig, axes = _figure(size or _default_size(nrows, ncols), dpi, nrows, ncols)
+    from matplotlib.ticker import MaxNLocator
+
     for ax, (key, series) in zip(axes.flat, points.items()):
         float_acc = series.pop("float", {}).get(32)
         for name, by_bits in series.items():
@@ -265,8 +269,11 @@ def plot_ptq(df: Any, rows: Sequence[str], cols: Sequence[str], out: Path, size:
             ax.errorbar(bits, mean, yerr=std, marker="o", capsize=3, label=name)
         if float_acc:
             ax.axhline(statistics.fmean(float_acc), color="k", ls="--", lw=1, label="float (before PTQ)")
-        ax.set_title(" ".join(key))
+        source = key[len(cols):]
+        what = source[0] if source == ("method=ptq runs",) else f"PTQ of {_label(rows, source)} runs"
+        ax.set_title(f"{'/'.join(key[:len(cols)])}: {what}")
         ax.set_xlabel("bits")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel("test accuracy (%)")
         ax.invert_xaxis()  # 8 bits on the left: accuracy falls as bits are taken away
         ax.grid(True, alpha=0.3)
