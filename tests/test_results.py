@@ -321,3 +321,23 @@ def test_real_sweep_becomes_a_table(tmp_path: Path, data_root: Path) -> None:
         assert 0 < float(r["mnist/lenet5 mean"]) < 40  # well below chance (90%) after one epoch
     listing = run_qexp(["runs", str(tmp_path)]).stdout.splitlines()
     assert listing[-1] == "4 runs: 4 completed"
+
+
+# ---- paper presets ------------------------------------------------------------------------------
+PRESETS = sorted(p.stem for p in (Path(results.__file__).parent / "configs" / "experiment").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_preset_records_its_grid(preset: str) -> None:
+    """`qexp train +experiment=P --multirun` runs a whole grid into outputs/P: the preset sets `name`
+    and a non-empty `hydra.sweeper.params`, and composes with the shipped config groups."""
+    from hydra import compose, initialize_config_module
+
+    from qexp.config import register
+
+    register()
+    with initialize_config_module("qexp.configs", version_base="1.3"):
+        cfg = compose("train", overrides=[f"+experiment={preset}"], return_hydra_config=True)
+    assert cfg.name == preset
+    params = cfg.hydra.sweeper.params
+    assert params and all(str(v).strip() for v in params.values())
