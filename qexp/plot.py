@@ -26,9 +26,8 @@ from typing import Any
 
 from qexp import results
 from qexp.errors import QexpError
-from qexp.jsonio import read_json
 
-PTQ_FILE = "ptq.json"
+PTQ_FILE = results.PTQ_FILE
 #: per-layer bit widths in a learned-precision run's history (``method/bits/<layer>``)
 LAYER_BITS = re.compile(r"^method/(?:bits|alloc(?:ation)?)/(.+)$")
 
@@ -208,33 +207,24 @@ def plot_allocation(df: Any, rows: Sequence[str], cols: Sequence[str], out: Path
 
 
 # ---- post-training quantization -----------------------------------------------------------------
-def read_ptq(run_dir: str | Path) -> dict[str, Any] | None:
-    """The run's ptq.json, or None when absent or not in the expected shape."""
-    try:
-        doc = read_json(Path(run_dir) / PTQ_FILE)
-    except (OSError, ValueError):
-        return None
-    if not isinstance(doc, dict) or not isinstance(doc.get("results"), list):
-        return None
-    return doc
-
-
 def ptq_points(df: Any, rows: Sequence[str], cols: Sequence[str]) -> dict[tuple[str, ...],
                                                                           dict[str, dict[int, list[float]]]]:
     """(col..., row...) -> series name -> bits -> test accuracies over seeds."""
     out: dict[tuple[str, ...], dict[str, dict[int, list[float]]]] = {}
     for r in df.to_dict("records"):
         key = tuple(results.key_label(k, r) for k in [*cols, *rows])
-        doc = read_ptq(r["run_dir"])
+        doc = results.read_ptq(r["run_dir"])
         if doc:
             series = out.setdefault(key, {})
+            seen = set()  # entries for several act_bits repeat the weights-only number: count it once
             for e in doc["results"]:
                 if not isinstance(e, dict) or not isinstance(e.get("bits"), (int, float)):
                     continue
                 act = e.get("act_bits")
                 for field, name in (("weights_only_error", "weights only"),
                                     ("with_activations_error", f"+ {act or 'k'}-bit activations")):
-                    if isinstance(e.get(field), (int, float)):
+                    if isinstance(e.get(field), (int, float)) and (name, e["bits"]) not in seen:
+                        seen.add((name, e["bits"]))
                         series.setdefault(name, {}).setdefault(int(e["bits"]), []).append(100 - e[field])
             if isinstance(doc.get("float_test_error"), (int, float)):
                 series.setdefault("float", {}).setdefault(32, []).append(100 - doc["float_test_error"])

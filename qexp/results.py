@@ -135,6 +135,56 @@ def collect(dirs: Iterable[str | Path]) -> pd.DataFrame:
     return df.astype({"history": object}).reset_index(drop=True)
 
 
+# ---- post-training quantization curves (ptq.json) -----------------------------------------------
+PTQ_FILE = "ptq.json"
+
+
+def read_ptq(run_dir: str | Path) -> dict[str, Any] | None:
+    """A run's ptq.json (``qexp eval RUN --ptq-bits ...``), or None when absent or malformed."""
+    try:
+        doc = read_json(Path(run_dir) / PTQ_FILE)
+    except (OSError, ValueError):
+        return None
+    if not isinstance(doc, dict) or not isinstance(doc.get("results"), list):
+        return None
+    return doc
+
+
+def ptq_records(run: dict[str, Any]) -> list[dict[str, Any]]:
+    """The PTQ results stored in a run folder as table records: method ``ptq`` (``ptq(<method>)`` when
+    the source run was not float), bits tagged as ``method=ptq`` does (``k``, or ``k-a`` with
+    a-bit activations), the source run's other keys. Weights-only entries are deduplicated by k."""
+    doc = read_ptq(run["run_dir"])
+    if doc is None or run.get("status") != "completed":
+        return []
+    src = run.get("method")
+    method = "ptq" if src in ("float", None) else f"ptq({src})"
+    out, seen = [], set()
+    for e in doc["results"]:
+        if not isinstance(e, dict) or not isinstance(e.get("bits"), int):
+            continue
+        act = e.get("act_bits")
+        for key, tag in (("weights_only_error", f"{e['bits']}"),
+                         ("with_activations_error", f"{e['bits']}-{act}")):
+            err = e.get(key)
+            if not isinstance(err, (int, float)) or tag in seen:
+                continue
+            seen.add(tag)
+            out.append({**run, "method": method, "bits": e["bits"], "bits_tag": tag, "test_error": err,
+                        "test_acc": 100.0 - err, "best_test_error": err, "train_loss": None,
+                        "images_per_s": None, "wall_s": None, "history": [], "ptq_of": src,
+                        "run_dir": f"{run['run_dir']}#{PTQ_FILE}:{tag}"})
+    return out
+
+
+def with_ptq(df: pd.DataFrame) -> pd.DataFrame:
+    """``df`` plus one record per PTQ result found in its completed runs' folders."""
+    extra = [r for run in df.to_dict("records") for r in ptq_records(run)]
+    if not extra:
+        return df
+    return pd.concat([df, pd.DataFrame(extra)], ignore_index=True).astype({"history": object})
+
+
 # ---- keys and order -----------------------------------------------------------------------------
 def _natural(s: str) -> tuple:
     """'lr=0.01,epochs=10' sorts with numbers compared as numbers."""
@@ -164,7 +214,8 @@ def sort_key(key: str, label: str) -> tuple:
     if label == MISSING:
         return (2,)
     if key == "method":
-        return (0, METHOD_ORDER.index(label), "") if label in METHOD_ORDER else (1, 0, label)
+        base = label.split("(")[0]  # ptq(bc): PTQ of bc runs, after ptq
+        return (0, METHOD_ORDER.index(base), label) if base in METHOD_ORDER else (1, 0, label)
     if key == "dataset":
         return (0, DATASET_ORDER.index(label), "") if label in DATASET_ORDER else (1, 0, label)
     if key == "status":

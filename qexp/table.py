@@ -245,6 +245,10 @@ def main(argv: list[str]) -> int:
                          f"({', '.join(refs.available())})")
     ap.add_argument("--where", action="append", default=[], metavar="KEY=V[,V...]",
                     help="keep only runs whose KEY is one of the values (repeatable)")
+    ap.add_argument("--ptq-json", action=argparse.BooleanOptionalAction, default=True,
+                    help="add rows 'ptq' (PTQ of float runs) / 'ptq(<method>)' from the ptq.json files "
+                         "`qexp eval RUN --ptq-bits` writes (bits k: weights only, k-a: with a-bit "
+                         "activations); default on")
     ap.add_argument("--digits", type=int, default=2, help="decimals shown (default 2)")
     args = ap.parse_args(argv)
 
@@ -254,7 +258,10 @@ def main(argv: list[str]) -> int:
     ref = refs.load(args.ref) if args.ref else None
     if ref is not None:
         refs.comparable(ref, args.metric)
-    df = apply_where(results.collect(args.dirs), args.where)
+    df = results.collect(args.dirs)
+    if args.ptq_json:
+        df = results.with_ptq(df)
+    df = apply_where(df, args.where)
     grid = results.aggregate(df, results.parse_keys(args.rows), results.parse_keys(args.cols), args.metric)
     color = fmt == "term" and args.out is None and sys.stdout.isatty()
     text = render(grid, fmt, ref, args.digits, color)

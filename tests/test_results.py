@@ -181,6 +181,25 @@ def test_terminal_table_lists_every_cell(sweep: Path, capsys: pytest.CaptureFixt
     assert out.index("float") < out.index("bc ") < out.index("sr ")
 
 
+def test_ptq_json_results_become_rows(tmp_path: Path) -> None:
+    """`qexp eval RUN --ptq-bits` results tabulate as method ptq (PTQ of float) / ptq(<method>) rows."""
+    for seed in (0, 1):
+        f = make_run(tmp_path, "float", 32, seed, [1.0 + seed])
+        write_json(f / "ptq.json", {"float_test_error": 1.0 + seed, "results": [
+            {"bits": b, "act_bits": a, "weights_only_error": w + seed, "with_activations_error": x + seed}
+            for b, a, w, x in [(8, 8, 1.0, 1.1), (8, 4, 1.0, 3.0), (2, 8, 50.0, 60.0)]]})
+    bc = make_run(tmp_path, "bc", 1, 0, [2.0])
+    write_json(bc / "ptq.json", {"results": [{"bits": 4, "act_bits": 8, "weights_only_error": 2.5}]})
+    make_run(tmp_path, "float", 32, 2, [3.0], status="running", epochs=5)  # no PTQ of unfinished runs
+    rows = list(csv.DictReader(io.StringIO(render(tmp_path, "csv"))))
+    got = [(r["method"], r["bits"], r["mnist/lenet5 mean"], r["mnist/lenet5 n"]) for r in rows]
+    assert got == [("float", "32", "1.5", "2"), ("bc", "1", "2", "1"), ("ptq", "2", "50.5", "2"),
+                   ("ptq", "2-8", "60.5", "2"), ("ptq", "8", "1.5", "2"), ("ptq", "8-4", "3.5", "2"),
+                   ("ptq", "8-8", "1.6", "2"), ("ptq(bc)", "4", "2.5", "1")]
+    rows = list(csv.DictReader(io.StringIO(render(tmp_path, "csv", "--no-ptq-json"))))
+    assert [r["method"] for r in rows] == ["float", "bc"]
+
+
 # ---- published numbers --------------------------------------------------------------------------
 def test_ref_adds_published_columns_and_differences(tmp_path: Path) -> None:
     for s, e in enumerate([6.0, 7.0]):
