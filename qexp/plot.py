@@ -118,7 +118,7 @@ def plot_curves(df: Any, rows: Sequence[str], cols: Sequence[str], metric: str, 
     line_groups = list(_groups(df, rows))  # one color per line group, the same in every panel
     for ax, (col, runs) in zip(axes.flat, panels.items()):
         sub = pd.DataFrame(runs)
-        finite = []
+        finite, seen_epochs = [], set()
         for row, members in _groups(sub, rows).items():
             epochs, mean, std, n = mean_curve([r["history"] for r in members], metric)
             if not epochs:
@@ -131,12 +131,19 @@ def plot_curves(df: Any, rows: Sequence[str], cols: Sequence[str], metric: str, 
                     label=_label(rows, row) + tag)
             lo = [m - s for m, s, k in zip(mean, std, n)]
             hi = [m + s for m, s, k in zip(mean, std, n)]
-            if max(n) > 1:
+            if max(n) > 1 and len(epochs) > 1:
                 ax.fill_between(epochs, lo, hi, color=color, alpha=0.2, lw=0)
+            elif max(n) > 1:  # a single epoch: a band has no width, show the spread as an error bar
+                ax.errorbar(epochs, mean, yerr=std, color=color, capsize=4, lw=1.2)
             finite += [v for v in mean if v > 0]
+            seen_epochs |= set(epochs)
         ax.set_title("/".join(col))
         ax.set_xlabel("epoch")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        if len(seen_epochs) == 1:  # one point per line: keep the axis about it readable
+            e = next(iter(seen_epochs))
+            ax.set_xlim(e - 1, e + 1)
+            ax.set_xticks([e])
         ax.set_ylabel(results.METRIC_LABELS.get(metric, metric))
         use_log = logy if logy is not None else (
             ("error" in metric or "loss" in metric) and finite and max(finite) / min(finite) > 10)
