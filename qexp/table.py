@@ -18,6 +18,7 @@ import argparse
 import csv
 import io
 import sys
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -93,7 +94,11 @@ def build_view(grid: results.Grid, ref: refs.Reference | None = None, digits: in
                 line.append(Shown(f"{mean - value:+.{digits}f}" if mean is not None else results.MISSING))
         body.append(line)
     label = results.METRIC_LABELS.get(grid.metric, grid.metric)
-    title = f"{label}: mean ± std (n) over seeds of completed runs; best per column in bold"
+    counts = Counter(r.get("status") or "failed" for c in grid.cells.values() for r in c.runs)
+    tally = ", ".join(f"{n} {st}" for st, n in sorted(counts.items(),
+                                                      key=lambda kv: results.sort_key("status", kv[0])))
+    title = (f"{label}: mean ± std (n) over seeds of completed runs; best per column in bold "
+             f"[{sum(counts.values())} runs: {tally}]")
     notes = []
     if ref is not None:
         what = results.METRIC_LABELS.get(ref.metric, ref.metric)
@@ -109,23 +114,28 @@ def build_view(grid: results.Grid, ref: refs.Reference | None = None, digits: in
 
 # ---- formats ------------------------------------------------------------------------------------
 def render_term(view: View, color: bool = False) -> str:
-    """Rich's table; never wrapped (a table is read whole), colored only for a terminal."""
+    """Rich's table; never wrapped (a table is read whole). In a terminal the best cells are bold
+    green; in plain text (a file, a pipe) they carry a trailing ``*`` instead."""
     from rich import box
     from rich.console import Console
     from rich.table import Table
+    from rich.text import Text
 
     t = Table(box=box.SIMPLE_HEAVY)
     for i, h in enumerate(view.header):
-        t.add_column(h, justify="left" if i < view.n_keys else "right", no_wrap=True)
+        t.add_column(Text(h), justify="left" if i < view.n_keys else "right", no_wrap=True)
+    pad = "" if color else "  "  # keeps right-aligned numbers aligned beside the " *" marks
     for line in view.body:
-        t.add_row(*[f"[bold green]{c.text}[/]" if c.best else c.text for c in line])
+        t.add_row(*[Text(c.text + ("" if color else " *"), style="bold green") if c.best else
+                    Text(c.text + (pad if i >= view.n_keys else "")) for i, c in enumerate(line)])
     buf = io.StringIO()
     console = Console(file=buf, width=10_000, force_terminal=color, color_system="auto" if color else None,
                       highlight=False)
-    console.print(view.title)
+    title = view.title if color else view.title.replace("in bold", "marked *")
+    console.print(Text(title))
     console.print(t)
     for n in view.notes:
-        console.print(f"note: {n}")
+        console.print(Text(f"note: {n}"))
     return "\n".join(line.rstrip() for line in buf.getvalue().splitlines()) + "\n"
 
 
