@@ -179,7 +179,8 @@ def test_terminal_table_lists_every_cell(sweep: Path, capsys: pytest.CaptureFixt
     for text in ("1.20 ± 0.20 (3)", "2.50 ± 0.71 (2); failed (1)", "running 3/10 ep", "diverged (1)", "—"):
         assert text in out
     assert out.index("float") < out.index("bc ") < out.index("sr ")
-    assert "1.20 ± 0.20 (3) *" in out and out.count(" *\n") == 2  # best per column, plain-text mark
+    assert "1.20 ± 0.20 (3) *" in out and "12.00 (1) *" in out  # best per column, plain-text mark
+    assert out.count(") *") == 2
     assert "[10 runs: 7 completed, 1 running, 1 diverged, 1 failed]" in out
 
 
