@@ -239,6 +239,26 @@ def test_logits_learn_to_give_bits_to_the_layer_that_needs_them():
     assert m.most_likely() == [4, 2]
 
 
+def test_frozen_uniform_allocation_trains_exactly_like_bc():
+    """hard_after=0 freezes the uniform allocation 3333 at once: the run is then method=bc bits=3, step
+    for step (same grid, LR scales, clipping), which is what makes bc the fair uniform baseline."""
+    from qexp.methods.bc import BinaryConnect
+
+    runs = []
+    for method in (LearnedPrecision(bits=3, hard_after=0, epochs=1), BinaryConnect(bits=3)):
+        torch.manual_seed(0)
+        t = _trainer(LeNet5(), method, epochs=1, samples=128)
+        assert t.fit().status == "completed"
+        runs.append(t)
+    assert runs[0].method.allocation() == "3333"
+    for (k, a), b in zip(runs[0].model.state_dict().items(), runs[1].model.state_dict().values()):
+        assert torch.equal(a, b), k
+    bc_rows = runs[1].method.manifest(runs[1].model)["layers"]
+    lp_rows = runs[0].method.manifest(runs[0].model)["layers"]
+    assert [(r["bits"], r["lr_scale"], r["scale"]) for r in lp_rows] == \
+        [(r["bits"], r["lr_scale"], r["scale"]) for r in bc_rows]
+
+
 def test_activations_option_quantizes_relus_and_trains():
     m = LearnedPrecision(bits=3, activations=True, act_bits=4, hard_after=1, epochs=1)
     t = _trainer(LeNet5(), m, epochs=1, samples=128)
@@ -354,7 +374,7 @@ def test_bad_options_are_one_clear_error():
         LearnedPrecision(bits=4, tau0=0.1, tau_min=1.0)
     with pytest.raises(QexpError, match="hard_after"):
         LearnedPrecision(bits=4, hard_after=-1)
-    with pytest.raises(QexpError, match="allowed: 1..16"):
+    with pytest.raises(QexpError, match="allowed: 1..8"):
         LearnedPrecision(bits=0)
 
 

@@ -2,11 +2,13 @@
 
 ``bits`` is the average per layer: the budget is ``T = bits * L`` over the ``L`` quantized conv/linear
 layers. Every training step draws an allocation with exactly ``T`` bits from a Gumbel-softmax over
-learned logits (see :mod:`qexp.quant.learned`); each layer trains BinaryConnect-style (float shadow
-weights clipped to ``[-s, s]``, deterministic ``Q_d`` forward, straight-through backward) at its drawn
-bit-width. The temperature anneals from ``tau0`` to ``tau_min`` over the soft phase; after
-``hard_after`` epochs the allocation freezes to the most likely one (total exactly ``T``) and training
-continues. Evaluation during the soft phase uses that most likely allocation too.
+learned logits (see :mod:`qexp.quant.learned`); each layer trains exactly as ``method=bc`` does at
+``bits >= 2`` (float shadow weights clipped to ``[-s, s]``, deterministic ``Q_d`` forward,
+straight-through backward, the same grid scale and per-layer LR scale) but at its drawn bit-width, so
+``method=bc`` at the same ``bits`` is the uniform-precision baseline. The temperature anneals from
+``tau0`` to ``tau_min`` over the soft phase; after ``hard_after`` epochs the allocation freezes to the
+most likely one (total exactly ``T``) and training continues. Evaluation during the soft phase uses
+that most likely allocation too.
 """
 
 from __future__ import annotations
@@ -21,8 +23,7 @@ from torch import nn
 from qexp.errors import QexpError
 from qexp.methods.base import Evaluate, Method
 from qexp.quant.activation import QuantReLU
-from qexp.quant.grid import glorot_scale
-from qexp.quant.inject import attach_weight_quantizer, replace_modules, shadow_weight, weight_layers
+from qexp.quant.inject import replace_modules
 from qexp.quant.learned import (
     BitSource,
     LearnedBitsQuantizer,
@@ -31,22 +32,28 @@ from qexp.quant.learned import (
     most_likely_counts,
     sample_counts,
 )
+from qexp.quant.weight import QuantLayer, quantize_weights, weight_manifest
+
+LR_SCALES = ("glorot", "none")
 
 
 class LearnedPrecision(Method):
     name = "learned"
-    bits_range = (1, 16)
+    bits_range = (1, 8)
     default_bits = 4
 
     def __init__(self, bits: int | None = None, loss: str = "ce", min_bits: int = 1, max_bits: int = 8,
                  tau0: float = 1.0, tau_min: float = 0.1, hard_after: int | None = None, epochs: int = 1,
                  logit_lr: float = 0.01, activations: bool = False, act_bits: int = 8,
-                 skip_first: bool = False, skip_last: bool = False, clip: bool = True, seed: int = 0) -> None:
+                 scale: str | float = "glorot", lr_scale: str = "glorot", skip_first: bool = False,
+                 skip_last: bool = False, clip: bool = True, seed: int = 0) -> None:
         super().__init__(bits, loss)
         self.min_bits, self.max_bits = int(min_bits), int(max_bits)
         check_budget(1, self.bits, self.min_bits, self.max_bits)
-        if self.max_bits > self.bits_range[1]:
-            raise QexpError(f"method.max_bits must be at most {self.bits_range[1]}, got {max_bits}")
+        if self.max_bits > 16:
+            raise QexpError(f"method.max_bits must be at most 16, got {max_bits}")
+        if lr_scale not in LR_SCALES:
+            raise QexpError(f"method.lr_scale must be one of {LR_SCALES}, got {lr_scale!r}")
         if not 0 < tau_min <= tau0:
             raise QexpError(f"need 0 < tau_min <= tau0, got tau0={tau0}, tau_min={tau_min}")
         if hard_after is not None and hard_after < 0:
@@ -60,8 +67,10 @@ class LearnedPrecision(Method):
         self.hard_after = math.ceil(self.epochs / 2) if hard_after is None else int(hard_after)
         self.logit_lr = float(logit_lr)
         self.activations, self.act_bits = bool(activations), int(act_bits)
+        self.scale, self.lr_scale = scale, lr_scale
         self.skip_first, self.skip_last, self.clip, self.seed = skip_first, skip_last, bool(clip), int(seed)
         # filled by prepare()
+        self.layers: list[QuantLayer] = []
         self.layer_names: list[str] = []
         self.quantizers: list[LearnedBitsQuantizer] = []
         self.act_quantizers: list[QuantReLU] = []
@@ -107,14 +116,22 @@ class LearnedPrecision(Method):
 
     # ---- set-up ------------------------------------------------------------------------------------
     def prepare(self, model: nn.Module) -> nn.Module:
-        layers = weight_layers(model, self.skip_first, self.skip_last)
+        self.source = BitSource([], mode=self.most_likely)
+
+        def make(q: QuantLayer) -> nn.Module:
+            quantizer = LearnedBitsQuantizer(q.scale, len(self.quantizers), self.source)
+            self.quantizers.append(quantizer)
+            return quantizer
+
+        self.layers = quantize_weights(model, self.bits, "nearest", float_copy=True, scale=self.scale,
+                                       skip_first=self.skip_first, skip_last=self.skip_last, make=make)
+        layers = self.layers
         check_budget(len(layers), self.bits, self.min_bits, self.max_bits)
-        self.source = BitSource([self.bits] * len(layers), mode=self.most_likely)
-        for i, (name, layer) in enumerate(layers):
-            q = LearnedBitsQuantizer(glorot_scale(layer.weight), i, self.source)
-            attach_weight_quantizer(layer, q)
-            self.layer_names.append(name)
-            self.quantizers.append(q)
+        self.layer_names = [q.name for q in layers]
+        self.source.train_bits = [self.bits] * len(layers)
+        with torch.no_grad():
+            for q in layers:
+                q.weight.clamp_(-q.scale, q.scale)
         self.logits = nn.Parameter(torch.zeros(len(layers), device=self.device))
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed(self.seed)
@@ -143,9 +160,23 @@ class LearnedPrecision(Method):
                 q.finish_calibration()
 
     def param_groups(self, model: nn.Module) -> list[dict[str, Any]]:
+        """As ``method=bc``: unscaled float parameters, one group per quantized layer with its LR scale;
+        then the logits at their own absolute learning rate."""
         assert self.logits is not None, "prepare() first"
-        return [{"params": [p for p in model.parameters() if p.requires_grad]},
-                {"params": [self.logits], "lr": self.logit_lr, "weight_decay": 0.0}]
+        taken = {id(q.weight) for q in self.layers}
+        rest = [p for p in model.parameters() if p.requires_grad and id(p) not in taken]
+        groups: list[dict[str, Any]] = [{"params": rest, "name": "float"}] if rest else []
+        groups += [{"params": [q.weight], "lr_scale": self.layer_lr_scale(q), "name": q.name}
+                   for q in self.layers]
+        return groups + [{"params": [self.logits], "lr": self.logit_lr, "weight_decay": 0.0,
+                          "name": "logits"}]
+
+    def layer_lr_scale(self, q: QuantLayer) -> float:
+        """BinaryConnect's ``W_LR_scale`` times H (the rule ``qexp.methods.bc`` applies)."""
+        if self.lr_scale == "none":
+            return 1.0
+        fan_in, fan_out = q.fans
+        return q.scale / math.sqrt(1.5 / (fan_in + fan_out))
 
     # ---- per step ----------------------------------------------------------------------------------
     def before_forward(self, model: nn.Module, step: int) -> None:
@@ -165,8 +196,8 @@ class LearnedPrecision(Method):
     @torch.no_grad()
     def after_step(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
         if self.clip:  # BinaryConnect's clip of the shadows to [-H, H], H = s
-            for q, name in zip(self.quantizers, self.layer_names):
-                shadow_weight(model.get_submodule(name)).clamp_(-q.scale, q.scale)
+            for q in self.layers:
+                q.weight.clamp_(-q.scale, q.scale)
         if not self.frozen:
             self.source.invalidate()  # the logits moved: the most likely allocation is recomputed lazily
 
@@ -250,27 +281,22 @@ class LearnedPrecision(Method):
                 "quantized_layers": list(self.layer_names), "allocation_frozen": self.frozen}
 
     def manifest(self, model: nn.Module) -> dict[str, Any]:
-        alloc = self.most_likely() if self.quantizers else []
-        layers, quantized = [], set()
-        weight_bits = 0
-        for name, q, b in zip(self.layer_names, self.quantizers, alloc):
-            w = shadow_weight(model.get_submodule(name))
-            quantized.add(id(w))
-            weight_bits += w.numel() * b
-            layers.append({"name": name, "tensor": "weight", "shape": list(w.shape), "bits": b,
-                           "rounding": "nearest", "scale": q.scale})
-        n = sum(p.numel() for p in model.parameters())
-        rest = sum(p.numel() for p in model.parameters() if id(p) not in quantized)
-        out: dict[str, Any] = {
-            "method": self.name, "bits": self.bits, "allocation": allocation_string(alloc),
-            "budget_bits": self.budget, "min_bits": self.min_bits, "max_bits": self.max_bits,
-            "frozen": self.frozen, "tau": self.tau,
+        """The shared per-layer manifest at the current (final: frozen) allocation, plus the budget."""
+        alloc = self.most_likely() if self.layers else []
+        for q, b in zip(self.layers, alloc):
+            q.bits = b
+        extra: dict[str, Any] = {
+            "allocation": allocation_string(alloc), "budget_bits": self.budget, "min_bits": self.min_bits,
+            "max_bits": self.max_bits, "frozen": self.frozen, "tau": self.tau,
             "logits": [] if self.logits is None else self.logits.detach().cpu().tolist(),
-            "layers": layers, "weight_bytes": math.ceil(weight_bits / 8) + 4 * rest, "float32_bytes": 4 * n,
         }
         if self.act_quantizers:
-            out["activation_bits"] = self.act_bits
-        return out
+            extra["activation_bits"] = self.act_bits
+        m = weight_manifest(model, self.layers, self.name, self.bits, **extra)
+        for row, q in zip(m["layers"], self.layers):
+            row["lr_scale"] = self.layer_lr_scale(q)
+            row["clip"] = q.scale if self.clip else None
+        return m
 
     # ---- resume ------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

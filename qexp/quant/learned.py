@@ -3,9 +3,10 @@
 A budget of ``T`` bits is shared by ``L`` layers; every layer keeps ``min_bits`` and the
 ``F = T - L * min_bits`` free bits are drawn one by one from a Gumbel-softmax over the layers (hard
 one-hot forward, soft gradient backward), a layer that reached ``max_bits`` being masked out, so every
-draw sums to exactly ``T``. A layer quantizes its weights with :func:`qexp.quant.grid.quantize_nearest`
-at its integer bit-width ``b``; the gradient with respect to ``b`` is the forward difference
-``Q(w, b + 1) - Q(w, b)`` (the quantized weight interpolated linearly between integer widths).
+draw sums to exactly ``T``. A layer quantizes its weights with ``Q_d`` on the k-bit grid of
+:mod:`qexp.quant.grid` (the fused :func:`qexp.quant.kernels.nearest`) at its integer bit-width ``b``;
+the gradient with respect to ``b`` is the forward difference ``Q(w, b + 1) - Q(w, b)`` (the quantized
+weight interpolated linearly between integer widths).
 """
 
 from __future__ import annotations
@@ -19,8 +20,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from qexp.errors import QexpError
-from qexp.quant.grid import quantize_nearest
-from qexp.quant.ste import straight_through
+from qexp.quant.kernels import nearest
+from qexp.quant.weight import straight_through_quantize
 
 
 def check_budget(layers: int, bits: int, min_bits: int, max_bits: int) -> None:
@@ -155,11 +156,13 @@ class LearnedBitsQuantizer(nn.Module):
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         k = self.bits()
-        q = quantize_nearest(w.detach(), k, self.scale)
-        out = straight_through(w, q)
+        with torch.no_grad():
+            q = nearest(w, k, self.scale)
+        out = straight_through_quantize(w, q)
         soft = self.source.soft
         if self.training and soft is not None and torch.is_grad_enabled():
-            diff = quantize_nearest(w.detach(), k + 1, self.scale) - q
+            with torch.no_grad():
+                diff = nearest(w, k + 1, self.scale).sub_(q)
             out = out + soft[self.index].to(w.dtype) * diff
         return out
 
