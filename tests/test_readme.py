@@ -42,3 +42,22 @@ def test_help_lists_subcommands_and_groups():
     for group in ("dataset", "model", "optim", "sched"):
         for opt in (REPO / "qexp" / "configs" / group).glob("*.yaml"):
             assert f"`{opt.stem}`" in readme, f"{group}={opt.stem} is not documented in the README"
+
+
+def test_wheel_ships_every_config(tmp_path):
+    """A plain `pip install .` must carry qexp/configs (Hydra reads them from the package)."""
+    import shutil
+    import subprocess
+    import sys
+    import zipfile
+
+    src = tmp_path / "src"  # a copy, so the build leaves nothing behind in the checkout
+    shutil.copytree(REPO / "qexp", src / "qexp", ignore=shutil.ignore_patterns("__pycache__"))
+    for f in ("pyproject.toml", "README.md"):
+        shutil.copy(REPO / f, src / f)
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
+                    "-w", str(tmp_path), str(src)], check=True, capture_output=True, cwd=tmp_path)
+    (wheel,) = tmp_path.glob("qexp-*.whl")
+    shipped = {n for n in zipfile.ZipFile(wheel).namelist() if n.endswith(".yaml")}
+    expected = {str(p.relative_to(REPO)) for p in (REPO / "qexp" / "configs").rglob("*.yaml")}
+    assert expected <= shipped, sorted(expected - shipped)
