@@ -144,3 +144,25 @@ def test_same_seed_same_result_on_cpu(tmp_path):
     ha, hb = _history(a), _history(b)
     assert [r["train_loss"] for r in ha] == [r["train_loss"] for r in hb]
     assert [r["test_error"] for r in ha] == [r["test_error"] for r in hb]
+
+
+def test_user_config_dir_joins_the_search_path(tmp_path):
+    """A researcher's own folder adds options to a group without touching the package."""
+    mine = tmp_path / "myconf" / "model"
+    mine.mkdir(parents=True)
+    (mine / "tiny_mlp.yaml").write_text("_target_: qexp.models.mlp.MLP\nname: tiny_mlp\nwidth: 32\ndepth: 1\n")
+    run_qexp(["train", "--config-dir", str(tmp_path / "myconf"), "model=tiny_mlp", "dataset=synthetic",
+              f"out_root={tmp_path / 'out'}"])
+    (run_dir,) = find_runs(tmp_path / "out")
+    assert run_dir.parts[-3] == "tiny_mlp"
+    assert read_metrics(run_dir)["status"] == "completed"
+
+
+def test_multirun_folders_match_single_runs(tmp_path):
+    """A sweep writes each job where the same single command would, so either resumes the other."""
+    run_qexp(["train", "--multirun", "dataset=synthetic", "seed=0,1", "lr=0.01", f"out_root={tmp_path}"])
+    runs = find_runs(tmp_path)
+    assert [r.relative_to(tmp_path).as_posix() for r in runs] == [
+        "runs/synthetic/lenet5/float/lr=0.01/seed0", "runs/synthetic/lenet5/float/lr=0.01/seed1"]
+    single = run_qexp(["train", "dataset=synthetic", "seed=1", "lr=0.01", f"out_root={tmp_path}"]).stdout
+    assert "not retrained" in single
