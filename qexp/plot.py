@@ -30,6 +30,8 @@ from qexp.errors import QexpError
 PTQ_FILE = results.PTQ_FILE
 #: per-layer bit widths in a learned-precision run's history (``method/bits/<layer>``)
 LAYER_BITS = re.compile(r"^method/(?:bits|alloc(?:ation)?)/(.+)$")
+#: the mean bits a layer drew over an epoch while the allocation was still sampled (soft phase)
+EXPECTED_BITS = re.compile(r"^method/expected_bits/(.+)$")
 
 
 def _figure(size: tuple[int, int], dpi: int, nrows: int, ncols: int):  # type: ignore[no-untyped-def]
@@ -158,12 +160,13 @@ def plot_curves(df: Any, rows: Sequence[str], cols: Sequence[str], metric: str, 
 
 
 # ---- learned precision --------------------------------------------------------------------------
-def layer_bits(hist: list[dict[str, Any]]) -> dict[str, list[tuple[int, float]]]:
+def layer_bits(hist: list[dict[str, Any]], pattern: re.Pattern = LAYER_BITS) -> dict[str, list[tuple[int,
+                                                                                                    float]]]:
     """``{layer: [(epoch, bits), ...]}`` from history keys like ``method/bits/<layer>``."""
     out: dict[str, list[tuple[int, float]]] = {}
     for i, h in enumerate(hist or []):
         for k, v in h.items():
-            m = LAYER_BITS.match(k)
+            m = pattern.match(k)
             if m and isinstance(v, (int, float)):
                 out.setdefault(m.group(1), []).append((int(h.get("epoch", i + 1)), float(v)))
     return out
@@ -187,13 +190,24 @@ def plot_allocation(df: Any, rows: Sequence[str], cols: Sequence[str], out: Path
         for p in per_run[1:]:
             layers += [name for name in p if name not in layers]
         title = "/".join(key[:len(cols)]) + " " + _label(rows, key[len(cols):])
+        expected = [layer_bits(r["history"], EXPECTED_BITS) for r in runs]
+        top = 1.0
         for i, name in enumerate(layers):
-            hists = [[{"epoch": e, "b": b} for e, b in p.get(name, [])] for p in per_run]
-            epochs, mean, _, _ = mean_curve(hists, "b")
-            ax_t.plot(epochs, mean, marker="o", ms=3, color=cmap(i / max(len(layers) - 1, 1)), label=name)
-        ax_t.set_title(f"{title}: bits per layer (mean over {len(per_run)} seed(s))")
+            color = cmap(i / max(len(layers) - 1, 1))
+            for series, style in ((per_run, "-"), (expected, ":")):
+                hists = [[{"epoch": e, "b": b} for e, b in p.get(name, [])] for p in series]
+                epochs, mean, _, _ = mean_curve(hists, "b")
+                if epochs:
+                    ax_t.plot(epochs, mean, style, marker="o" if style == "-" else None, ms=3, color=color,
+                              label=name if style == "-" else None)
+                    top = max(top, *mean)
+        ax_t.set_title(f"{title}: bits per layer (mean over {len(per_run)} seed(s); "
+                       f"dotted: mean bits drawn)" if any(expected) else
+                       f"{title}: bits per layer (mean over {len(per_run)} seed(s))", fontsize="medium")
         ax_t.set_xlabel("epoch")
         ax_t.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax_t.yaxis.set_major_locator(MaxNLocator(integer=True))
+        ax_t.set_ylim(0, top + 1)
         ax_t.set_ylabel("bits")
         ax_t.grid(True, alpha=0.3)
         ax_t.legend(fontsize="x-small", ncol=2)
@@ -206,6 +220,7 @@ def plot_allocation(df: Any, rows: Sequence[str], cols: Sequence[str], out: Path
             ax_b.plot(range(len(layers)), f, "k.", ms=6, alpha=0.6)
         ax_b.set_xticks(range(len(layers)), layers, rotation=30, ha="right", fontsize="small")
         ax_b.set_ylabel("bits")
+        ax_b.yaxis.set_major_locator(MaxNLocator(integer=True))
         allocs = sorted({str(r.get("allocation")) for r in runs if r.get("allocation")})
         ax_b.set_title(f"final allocation {', '.join(allocs)}" if allocs else "final allocation")
         ax_b.grid(True, axis="y", alpha=0.3)
