@@ -37,6 +37,8 @@ def main(argv: list[str] | None = None) -> int:
         print(usage())
         return 0
     cmd, rest = argv[0], argv[1:]
+    if cmd in ("-sc", "--shell-completion") or (cmd == "train" and rest[:1] in (["-sc"], ["--shell-completion"])):
+        return _completion(argv[1:] if cmd == "train" else argv)
     if cmd not in COMMANDS:
         print(f"qexp: unknown command {cmd!r}\n\n{usage()}", file=sys.stderr)
         return 2
@@ -52,6 +54,27 @@ def main(argv: list[str] | None = None) -> int:
     except QexpError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+
+
+def _completion(args: list[str]) -> int:
+    """Hydra's tab completion for ``qexp train``: ``eval "$(qexp -sc install=bash)"``.
+
+    Hydra's script calls ``qexp -sc query=bash`` with the typed line in COMP_LINE; the ``train`` word is
+    removed from it so that Hydra sees only overrides.
+    """
+    import os
+
+    from qexp.train import main as train_main
+
+    line = os.environ.get("COMP_LINE")
+    if line is not None:
+        words = line.split(" ")
+        if len(words) > 1 and words[1] == "train":
+            os.environ["COMP_LINE"] = " ".join(words[:1] + words[2:])
+            os.environ["COMP_POINT"] = str(max(0, int(os.environ.get("COMP_POINT", len(line))) - len(" train")))
+    sys.argv = ["qexp", *args]
+    train_main()
+    return 0
 
 
 if __name__ == "__main__":

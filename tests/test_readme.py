@@ -61,3 +61,8 @@ def test_wheel_ships_every_config(tmp_path):
     shipped = {n for n in zipfile.ZipFile(wheel).namelist() if n.endswith(".yaml")}
     expected = {str(p.relative_to(REPO)) for p in (REPO / "qexp" / "configs").rglob("*.yaml")}
     assert expected <= shipped, sorted(expected - shipped)
+
+
+def test_tab_completion_passes_through_to_hydra():
+    proc = run_qexp(["-sc", "query=bash"], env={"COMP_LINE": "qexp train method=s", "COMP_POINT": "19"})
+    assert "method=sr" in proc.stdout.split()
