@@ -101,5 +101,6 @@ def main(argv: list[str]) -> int:
         line(r, COLORS.get(r[0].split()[0]))
     summary = ", ".join(f"{n} {st}" for st, n in sorted(counts.items(),
                                                          key=lambda kv: results.sort_key("status", kv[0])))
-    console.print(f"{sum(counts.values())} runs: {summary}", markup=False)
+    total = sum(counts.values())
+    console.print(f"{total} run{'s' if total != 1 else ''}: {summary}", markup=False)
     return 0

@@ -98,7 +98,7 @@ def build_view(grid: results.Grid, ref: refs.Reference | None = None, digits: in
     tally = ", ".join(f"{n} {st}" for st, n in sorted(counts.items(),
                                                       key=lambda kv: results.sort_key("status", kv[0])))
     title = (f"{label}: mean ± std (n) over seeds of completed runs; best per column in bold "
-             f"[{sum(counts.values())} runs: {tally}]")
+             f"[{sum(counts.values())} run{'s' if sum(counts.values()) != 1 else ''}: {tally}]")
     notes = []
     if ref is not None:
         what = results.METRIC_LABELS.get(ref.metric, ref.metric)
