@@ -254,8 +254,11 @@ def ptq_points(df: Any, rows: Sequence[str], cols: Sequence[str]) -> dict[tuple[
         if r.get("method") == "ptq" and r.get("status") == "completed" and _number(r.get("test_acc")) \
                 and _number(bits):
             pkey = tuple(results.key_label(k, r) for k in cols) + ("method=ptq runs",)
-            name = "with activations" if _number(r.get("ptq_act_bits")) else "weights only"
+            act = r.get("ptq_act_bits")
+            name = f"+ {int(act)}-bit activations" if _number(act) else "weights only"
             out.setdefault(pkey, {}).setdefault(name, {}).setdefault(int(bits), []).append(r["test_acc"])
+            if _number(r.get("float_test_error")):  # the same network before PTQ: the dashed line
+                out[pkey].setdefault("float", {}).setdefault(32, []).append(100 - r["float_test_error"])
     return out
 
 
