@@ -62,9 +62,13 @@ def parse_act_bits(text: str) -> int | None:
 
 
 def curve(model: nn.Module, evaluate: Evaluate, train_loader: Any, bits: list[int], act_bits: int | None = 8,
-          calib_batches: int = 8) -> tuple[dict[str, float], list[dict[str, Any]]]:
-    """The float result and one entry per k (see the module docstring); ``act_bits=None`` means k."""
-    base = evaluate(model)
+          calib_batches: int = 8, base: dict[str, float] | None = None,
+          ) -> tuple[dict[str, float], list[dict[str, Any]]]:
+    """The float result and one entry per k (see the module docstring); ``act_bits=None`` means k.
+
+    ``base``: the model's float result when the caller has it already (saves one evaluation).
+    """
+    base = evaluate(model) if base is None else base
     rows = []
     for k in bits:
         a = k if act_bits is None else act_bits
@@ -115,15 +119,19 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
                     help="training batches used to calibrate activation ranges (default 8)")
 
 
-def run(loaded: Any, args: argparse.Namespace) -> dict[str, Any] | None:
-    """``qexp eval`` entry: do nothing unless ``--ptq-bits`` was given; else write and print the curve."""
+def run(loaded: Any, args: argparse.Namespace, base: dict[str, float] | None = None) -> dict[str, Any] | None:
+    """``qexp eval`` entry: do nothing unless ``--ptq-bits`` was given; else write and print the curve.
+
+    ``base``: the run's plain evaluation, already computed by ``qexp eval``.
+    """
     if args.ptq_bits is None:
         return None
     bits, act_bits = args.ptq_bits, args.ptq_act_bits
     if args.calib_batches < 1:
         raise QexpError(f"--calib-batches must be at least 1, got {args.calib_batches}")
     model, trainer, cfg = loaded.built.model, loaded.trainer, loaded.cfg
-    base, rows = curve(model, trainer.evaluate, loaded.built.data.train, bits, act_bits, args.calib_batches)
+    base, rows = curve(model, trainer.evaluate, loaded.built.data.train, bits, act_bits, args.calib_batches,
+                       base)
     header = {"dataset": cfg.dataset.name, "model": cfg.model.name, "method": cfg.method.name,
               "run_bits": loaded.built.method.bits, "scheme": SCHEME, "calib_batches": args.calib_batches,
               "float_test_error": base["error"], "float32_bytes": weight_memory(model, 8)["float32_bytes"]}
