@@ -1,0 +1,115 @@
+"""Benchmark: training step time of ``method=learned`` versus float and versus ``method=bc`` at the same
+bits, side by side in one process (interleaved rounds, so every method sees the same machine noise).
+
+A step is the whole hook sequence the engine runs: before_forward (learned: the Gumbel draw of the
+allocation), forward, loss, backward, after_backward, optimizer step, after_step. ``learned`` is timed
+in its soft phase (a fresh allocation every step, the forward-difference bit gradient) and frozen
+(after the hard assignment: plain k-bit BinaryConnect at the frozen widths).
+
+    python scripts/bench_learned.py [--model lenet5] [--bits 4] [--batch-size 64] [--steps 50] [--rounds 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from qexp.methods.base import Method
+from qexp.methods.bc import BinaryConnect
+from qexp.methods.float import Float
+from qexp.methods.learned import LearnedPrecision
+from qexp.models.lenet import LeNet5
+from qexp.models.resnet import CifarResNet
+from qexp.models.vgg import VGG
+
+MODELS: dict[str, tuple[Callable[[], nn.Module], tuple[int, int]]] = {
+    "lenet5": (lambda: LeNet5(1, 10, 28), (1, 28)),
+    "resnet20": (lambda: CifarResNet(20, 3, 10, 32), (3, 32)),
+    "vgg7": (lambda: VGG("vgg7", 3, 10, 32), (3, 32)),
+}
+
+
+class Runner:
+    """One method on its own model copy and optimizer; ``run(n)`` times ``n`` training steps."""
+
+    def __init__(self, label: str, method: Method, model_name: str, batch_size: int, device: torch.device):
+        make, (c, size) = MODELS[model_name]
+        torch.manual_seed(0)
+        method.device = device
+        self.label, self.method, self.device = label, method, device
+        self.model = method.prepare(make().to(device)).to(device)
+        groups = method.param_groups(self.model)
+        for g in groups:
+            g.setdefault("lr", 1e-3 * g.pop("lr_scale", 1.0))
+        self.opt = torch.optim.Adam(groups, lr=1e-3)
+        gen = torch.Generator().manual_seed(1)
+        self.x = torch.randn(batch_size, c, size, size, generator=gen).to(device)
+        self.y = torch.randint(0, 10, (batch_size,), generator=gen).to(device)
+        self.step = 0
+
+    def run(self, n: int) -> float:
+        m, model, opt = self.method, self.model, self.opt
+        model.train()
+        self._sync()
+        t0 = time.perf_counter()
+        for _ in range(n):
+            m.before_forward(model, self.step)
+            loss = m.criterion(model(self.x), self.y)
+            extra = m.extra_loss(model)
+            opt.zero_grad(set_to_none=True)
+            (loss if extra is None else loss + extra).backward()
+            m.after_backward(model)
+            opt.step()
+            m.after_step(model, opt)
+            self.step += 1
+        self._sync()
+        return (time.perf_counter() - t0) / n
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="lenet5", choices=sorted(MODELS))
+    ap.add_argument("--bits", type=int, default=4)
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--steps", type=int, default=50, help="steps per timed round")
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--device", default="auto")
+    args = ap.parse_args()
+    auto = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(auto if args.device == "auto" else args.device)
+    soft = LearnedPrecision(bits=args.bits, hard_after=10**6, epochs=10**6)  # never freezes
+    runners = [
+        Runner("float", Float(), args.model, args.batch_size, dev),
+        Runner(f"bc {args.bits}b", BinaryConnect(bits=args.bits), args.model, args.batch_size, dev),
+        Runner(f"learned {args.bits}b (soft)", soft, args.model, args.batch_size, dev),
+        Runner(f"learned {args.bits}b (frozen)", LearnedPrecision(bits=args.bits, hard_after=0),
+               args.model, args.batch_size, dev),
+    ]
+    for r in runners:  # warm-up (allocator, lazy inits, first-batch calibrations)
+        r.run(3)
+    times: dict[str, list[float]] = {r.label: [] for r in runners}
+    for _ in range(args.rounds):
+        for r in runners:
+            times[r.label].append(r.run(args.steps))
+    med = {k: statistics.median(v) for k, v in times.items()}
+    base, bc = med["float"], med[f"bc {args.bits}b"]
+    layers = runners[2].method.num_layers
+    where = dev.type if dev.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
+    print(f"{args.model}, batch {args.batch_size}, {where}, {layers} quantized layers, "
+          f"median of {args.rounds} interleaved rounds x {args.steps} steps")
+    print(f"{'method':<24}{'ms/step':>10}{'vs float':>10}{'vs bc':>8}")
+    for k, v in med.items():
+        print(f"{k:<24}{1e3 * v:>10.2f}{v / base:>10.2f}{v / bc:>8.2f}")
+
+
+if __name__ == "__main__":
+    main()
