@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from qexp import checkpoint, ptq_curve
+from qexp import checkpoint, integer_eval, ptq_curve
 from qexp.config import register
 from qexp.errors import QexpError
 
@@ -59,10 +59,12 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--device", default="auto", help="auto | cpu | cuda (default auto)")
     ap.add_argument("--data-root", default=None, help="override the data root stored in the run's config")
     ptq_curve.add_arguments(ap)
+    integer_eval.add_arguments(ap)
     args = ap.parse_args(argv)
     run = load_run(args.run_dir, args.device, args.data_root)
     res = run.trainer.evaluate()
     print(f"{run.run_dir}: test error {res['error']:.2f}% (accuracy {100 - res['error']:.2f}%), "
           f"test loss {res['loss']:.4f}")
-    ptq_curve.run(run, args)
+    ptq_curve.run(run, args, res)
+    integer_eval.run(run, args)
     return 0
