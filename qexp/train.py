@@ -155,7 +155,7 @@ def train(cfg: DictConfig, run_dir: Path, ctx: distributed.Context = distributed
     ckpt = run_dir / CHECKPOINT
     fingerprint = comparable_config(cfg)
     with stop_on_signals() as stop:
-        trainer = Trainer(model, method, optimizer, scheduler, b.data, device, cfg.epochs,
+        trainer = Trainer(model, method, optimizer, scheduler, b.data, device, cfg.epochs * method.epoch_scale,
                           ckpt_path=ckpt if main else None, should_stop=stop.is_set,
                           progress_bar=cfg.progress if main else False)
         if ctx.enabled:

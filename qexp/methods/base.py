@@ -45,6 +45,8 @@ class Method:
     default_bits: int = 32
     #: multiplies the configured batch size (Big SR trains with larger batches)
     batch_scale: int = 1
+    #: multiplies the configured epochs (Big SR's equal-updates budget: batch_scale x the epochs)
+    epoch_scale: int = 1
     #: the run's DataBundle, set by the Trainer (e.g. training batches to calibrate ranges in finalize)
     data: Any = None
 

@@ -1,0 +1,56 @@
+"""Per-epoch weight diagnostics shared by the weight-quantization methods (bc, sr, r, big_sr).
+
+``flip_frac``: the fraction of quantized weights whose grid value at the end of an epoch differs from
+the start (Li et al. 2017's "how many weights change": SR stalls when it drops towards zero).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from qexp.quant.grid import step
+
+
+class FlipTracker:
+    """Remembers every layer's grid indices at the start of the epoch (int8: 1 byte per weight)."""
+
+    def __init__(self) -> None:
+        self.snapshot: list[torch.Tensor] = []
+        self.extra: dict[str, float] = {}
+        self.flip_frac: float | None = None
+
+    @staticmethod
+    @torch.no_grad()
+    def index(w: torch.Tensor, bits: int, scale: float) -> torch.Tensor:
+        """Grid index of ``Q_d(w)``: 1 bit ``w >= 0``; otherwise ``clamp(round(w/Δ), -L, L)``."""
+        if bits == 1:
+            return (w >= 0).to(torch.int8)
+        levels = (1 << (bits - 1)) - 1
+        return torch.round(w / step(bits, scale)).clamp_(-levels, levels).to(torch.int8)
+
+    def start(self, levels: list[torch.Tensor]) -> None:
+        self.snapshot = levels
+
+    def end(self, levels: list[torch.Tensor]) -> None:
+        """Fraction changed since :meth:`start`; the end becomes the next epoch's start."""
+        changed = sum(int((a != b).sum()) for a, b in zip(levels, self.snapshot))
+        total = sum(a.numel() for a in levels)
+        self.flip_frac = changed / max(total, 1)
+        self.snapshot = levels
+
+    def metrics(self) -> dict[str, float]:
+        out = dict(self.extra)
+        if self.flip_frac is not None:
+            out["flip_frac"] = self.flip_frac
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"snapshot": list(self.snapshot), "extra": dict(self.extra), "flip_frac": self.flip_frac}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if "snapshot" in state:  # the checkpoint is loaded onto the training device already
+            self.snapshot = list(state["snapshot"])
+        self.extra = dict(state.get("extra", {}))
+        self.flip_frac = state.get("flip_frac")

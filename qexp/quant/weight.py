@@ -1,0 +1,162 @@
+"""k-bit weight quantization of conv/linear layers, and the per-layer manifest (quant.json).
+
+Shared helper: :func:`quantize_weights` attaches a k-bit weight quantizer to every conv/linear layer
+(optionally sparing the first and/or last) and returns :class:`QuantLayer` records that
+:func:`weight_manifest` turns into the manifest. BinaryConnect (``qexp.methods.bc``) and SR/R
+(``qexp.methods.rounding``) use it; learned precision and STE's ``wbits`` should reuse it too rather than
+walking the model themselves. BN parameters and biases are never touched: they stay float.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from qexp.errors import QexpError
+from qexp.quant.grid import glorot_scale, limit, step
+from qexp.quant.inject import attach_weight_quantizer, shadow_weight, weight_layers
+from qexp.quant.kernels import Noise, nearest, stochastic_round
+
+
+@dataclass
+class QuantLayer:
+    """One quantized conv/linear layer: where it is, its grid, and how it is stored."""
+
+    name: str
+    module: nn.Module
+    bits: int
+    scale: float  # s: the grid spans +-s (1 bit: {-s, +s})
+    rounding: str  # nearest | stochastic | ...: how the stored or forward weight reaches the grid
+    float_copy: bool  # a float shadow is kept next to the quantized weight (BC), or not (SR/R)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The stored tensor: the float shadow when a quantizer is attached, else the weight itself."""
+        return shadow_weight(self.module)
+
+    @property
+    def fans(self) -> tuple[int, int]:
+        """(fan_in, fan_out) with the receptive field counted on both sides (Glorot / BinaryConnect)."""
+        w = self.weight
+        receptive = w[0, 0].numel() if w.dim() > 2 else 1
+        return w[0].numel(), w.shape[0] * receptive
+
+
+def check_bits(bits: int, lo: int = 1, hi: int = 8) -> int:
+    if not lo <= int(bits) <= hi:
+        raise QexpError(f"weight bits must be in {lo}..{hi}, got {bits}")
+    return int(bits)
+
+
+def layer_scale(weight: torch.Tensor, scale: str | float) -> float:
+    """The grid scale ``s``: ``"glorot"`` (sqrt(6/(fan_in+fan_out)), the default) or a number."""
+    if isinstance(scale, str):
+        if scale != "glorot":
+            raise QexpError(f"unknown weight scale {scale!r}; use 'glorot' or a positive number")
+        return glorot_scale(weight)
+    if not float(scale) > 0:
+        raise QexpError(f"weight scale must be positive, got {scale}")
+    return float(scale)
+
+
+def quantize_weights(model: nn.Module, bits: int, rounding: str, float_copy: bool,
+                     scale: str | float = "glorot", skip_first: bool = False, skip_last: bool = False,
+                     make: Callable[[QuantLayer], nn.Module] | None = None) -> list[QuantLayer]:
+    """Describe (and, with ``make``, parametrize) every conv/linear layer's weight at ``bits`` bits.
+
+    ``make(layer)`` builds the quantizer module attached as a parametrization: ``layer.weight`` then
+    returns the quantized tensor and the optimizer updates the float shadow (BinaryConnect, learned
+    precision, STE ``wbits``). Without ``make`` nothing is attached: the method keeps the stored weights
+    on the grid itself (SR/R). Raises :class:`QexpError` for bits outside 1..8 or an empty selection.
+    """
+    bits = check_bits(bits)
+    picked = weight_layers(model, skip_first=skip_first, skip_last=skip_last)
+    if not picked:
+        raise QexpError("no conv/linear layer left to quantize (check skip_first/skip_last)")
+    layers = []
+    for name, module in picked:
+        q = QuantLayer(name, module, bits, layer_scale(module.weight, scale), rounding, float_copy)
+        if make is not None:
+            attach_weight_quantizer(module, make(q))
+        layers.append(q)
+    return layers
+
+
+def weight_manifest(model: nn.Module, layers: list[QuantLayer], method: str, bits: int,
+                    **extra: Any) -> dict[str, Any]:
+    """quant.json: per quantized layer its name, shape, params, bits, grid, rounding, float copy; the
+    model's weight memory at its precision (every other parameter counted as float32) vs all-float32.
+    ``train_bytes`` adds the float shadows kept during training."""
+    rows, quantized = [], set()
+    q_bits = train_bytes = 0
+    for q in layers:
+        w = q.weight
+        quantized.add(id(w))
+        n = w.numel()
+        q_bits += n * q.bits
+        train_bytes += 4 * n if q.float_copy else math.ceil(n * q.bits / 8)
+        rows.append({"name": q.name, "type": type(q.module).__name__, "shape": list(w.shape), "params": n,
+                     "bits": q.bits, "scale": q.scale, "step": step(q.bits, q.scale),
+                     "range": limit(q.bits, q.scale), "rounding": q.rounding, "float_copy": q.float_copy,
+                     "bytes": math.ceil(n * q.bits / 8), "float32_bytes": 4 * n})
+    params = list({id(p): p for p in model.parameters()}.values())
+    total = sum(p.numel() for p in params)
+    other = sum(p.numel() for p in params if id(p) not in quantized)
+    weight_bytes = math.ceil(q_bits / 8) + 4 * other
+    return {"method": method, "bits": bits, "layers": rows,
+            "float_params": other, "quantized_params": total - other,
+            "weight_bytes": weight_bytes, "float32_bytes": 4 * total,
+            "compression": 4 * total / max(weight_bytes, 1),
+            "train_bytes": train_bytes + 4 * other, **extra}
+
+
+class _StraightThrough(torch.autograd.Function):
+    """Forward ``q`` (already computed), backward the upstream gradient unchanged: one pass, no
+    ``x + (q - x).detach()`` arithmetic."""
+
+    @staticmethod
+    def forward(ctx: Any, w: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+        return q
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return grad, None
+
+
+def straight_through_quantize(w: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """Value ``q``; gradient w.r.t. ``w`` equal to the upstream gradient (``dq/dw := 1``)."""
+    return _StraightThrough.apply(w, q)
+
+
+class WeightQuantizer(nn.Module):
+    """Parametrization ``shadow -> Q(shadow)`` with a straight-through gradient (BinaryConnect style).
+
+    Training: deterministic ``Q_d`` (1 bit: ``s·sign``), or with ``noise`` stochastic binarization.
+    Evaluation: ``Q_d`` again, except ``eval_float`` returns the real shadow (the BinaryConnect paper's
+    test-time rule for stochastic BC).
+    """
+
+    def __init__(self, bits: int, scale: float, noise: Noise | None = None, eval_float: bool = False) -> None:
+        super().__init__()
+        self.bits, self.scale, self.noise, self.eval_float = bits, scale, noise, eval_float
+
+    def quantize(self, w: torch.Tensor) -> torch.Tensor:
+        """The quantized value (no autograd) the forward pass would use in the current mode."""
+        with torch.no_grad():
+            if self.training and self.noise is not None:
+                return stochastic_round(w, self.bits, self.scale, self.noise)
+            return nearest(w, self.bits, self.scale)
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        if not self.training and self.eval_float:
+            return w
+        return straight_through_quantize(w, self.quantize(w))
+
+    def extra_repr(self) -> str:
+        kind = "stochastic" if self.noise is not None else "nearest"
+        return f"bits={self.bits}, scale={self.scale:.4g}, {kind}"

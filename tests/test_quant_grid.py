@@ -1,0 +1,161 @@
+"""Invariants of the weight grid and its rounding: unbiased SR, values on the grid and in range, two-valued
+binarization, straight-through gradients, seeded reproducibility."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from qexp.quant.grid import limit, on_grid, quantize_nearest, quantize_stochastic, step
+from qexp.quant.kernels import Noise, nearest, nearest_round_, stochastic_round, stochastic_round_
+from qexp.quant.ste import straight_through
+from qexp.quant.weight import WeightQuantizer, straight_through_quantize
+
+BITS = [1, 2, 3, 4, 8]
+SCALE = 0.37
+DRAWS = 100_000
+
+
+def _sr_kernel(x: torch.Tensor, bits: int, seed: int) -> torch.Tensor:
+    return stochastic_round(x, bits, SCALE, Noise(seed))
+
+
+def _sr_grid(x: torch.Tensor, bits: int, seed: int) -> torch.Tensor:
+    return quantize_stochastic(x, bits, SCALE, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("sr", [_sr_kernel, _sr_grid], ids=["kernel", "grid"])
+@pytest.mark.parametrize("bits", BITS)
+def test_stochastic_rounding_is_unbiased(sr, bits):
+    """Mean of 1e5 draws within 5 standard errors (each draw's std <= Δ/2; 1 bit: <= s), plus the
+    kernel's 16-bit threshold resolution (bias < Δ·2^-16)."""
+    m = limit(bits, SCALE)
+    d = step(bits, SCALE)
+    sd = SCALE if bits == 1 else d / 2
+    tol = 5 * sd / DRAWS**0.5 + d * 2**-16
+    for i, v in enumerate([-m, -0.61 * m, -0.013 * m, 0.0, 0.2 * d, 0.5 * m + 0.3 * d, 0.999 * m, m]):
+        x = torch.full((DRAWS,), v)
+        q = sr(x, bits, seed=i)
+        assert abs(q.double().mean().item() - v) < tol, (bits, v)
+
+
+def test_sr_is_unbiased_over_repeated_calls():
+    """Fresh thresholds on every call: one weight rounded 2000 times in a row (the in-place kernel)."""
+    noise = Noise(7)
+    bits, v = 3, 0.123
+    x = torch.full((50,), v)
+    total = torch.zeros(50, dtype=torch.float64)
+    for _ in range(2000):
+        total += stochastic_round_(x.clone(), bits, SCALE, noise)
+    d = step(bits, SCALE)
+    assert abs(total.mean().item() / 2000 - v) < 5 * (d / 2) / (2000 * 50) ** 0.5
+
+
+@pytest.mark.parametrize("bits", BITS)
+def test_values_lie_on_the_grid_inside_the_range(bits):
+    torch.manual_seed(bits)
+    x = torch.randn(10_000) * SCALE * 3  # well outside the range too
+    m = limit(bits, SCALE)
+    outs = {
+        "nearest": nearest(x, bits, SCALE),
+        "grid_nearest": quantize_nearest(x, bits, SCALE),
+        "stochastic": stochastic_round(x, bits, SCALE, Noise(0)),
+        "grid_stochastic": quantize_stochastic(x.clamp(-m, m), bits, SCALE),
+        "nearest_inplace": nearest_round_(x.clone(), bits, SCALE),
+        "stochastic_inplace": stochastic_round_(x.clone(), bits, SCALE, Noise(1)),
+    }
+    for name, q in outs.items():
+        assert on_grid(q, bits, SCALE), name
+        assert q.abs().max().item() <= m * (1 + 1e-6), name
+        assert q.unique().numel() <= 2**bits - 1 or bits == 1, name
+    # the fused kernel is Q_d: it may differ from the reference only within float error of a midpoint
+    differ = outs["nearest"] != outs["grid_nearest"]
+    if bits > 1:
+        frac = (x[differ].clamp(-m, m) / step(bits, SCALE)).frac().abs()
+        assert ((frac - 0.5).abs() < 1e-4).all()
+    else:
+        assert not differ.any()
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_stochastic_rounding_picks_a_neighbour(bits):
+    m, d = limit(bits, SCALE), step(bits, SCALE)
+    x = (torch.rand(10_000) * 2 - 1) * m
+    q = stochastic_round(x, bits, SCALE, Noise(3))
+    lo, hi = torch.floor(x / d) * d, torch.ceil(x / d) * d
+    assert ((q - lo).abs() < 1e-6 * SCALE).logical_or((q - hi).abs() < 1e-6 * SCALE).all()
+
+
+def test_rounding_again_changes_nothing():
+    """Idempotence: stored SR/R weights are exactly grid values (not merely close)."""
+    for bits in BITS:
+        q = stochastic_round(torch.randn(5000) * SCALE, bits, SCALE, Noise(0))
+        assert torch.equal(nearest(q, bits, SCALE), q)
+
+
+def test_binarized_weights_take_exactly_two_values():
+    x = torch.randn(10_000) * SCALE
+    for q in (nearest(x, 1, SCALE), quantize_nearest(x, 1, SCALE), stochastic_round(x, 1, SCALE, Noise(0)),
+              quantize_stochastic(x, 1, SCALE)):
+        assert sorted(q.unique().tolist()) == pytest.approx([-SCALE, SCALE])
+    assert nearest(torch.zeros(3), 1, SCALE).tolist() == pytest.approx([SCALE] * 3)  # sign(0) = +1
+
+
+def test_stochastic_binarization_probability():
+    """P(+s) = (w/s + 1)/2 (BinaryConnect's hard sigmoid)."""
+    for w in (-0.8, -0.1, 0.0, 0.5):
+        q = stochastic_round(torch.full((DRAWS,), w * SCALE), 1, SCALE, Noise(11))
+        p = (q > 0).double().mean().item()
+        assert abs(p - (w + 1) / 2) < 5 * 0.5 / DRAWS**0.5
+
+
+@pytest.mark.parametrize("bits", [1, 4])
+@pytest.mark.parametrize("stochastic", [False, True])
+def test_straight_through_gradient_equals_upstream(bits, stochastic):
+    torch.manual_seed(0)
+    w = (torch.randn(64, 32) * SCALE).requires_grad_()
+    quant = WeightQuantizer(bits, SCALE, Noise(0) if stochastic else None).train()
+    wb = quant(w)
+    assert on_grid(wb.detach(), bits, SCALE)
+    g = torch.randn_like(wb)
+    wb.backward(g)
+    assert torch.equal(w.grad, g)
+    w.grad = None
+    straight_through(w, quantize_nearest(w.detach(), bits, SCALE)).backward(g)
+    assert torch.equal(w.grad, g)
+    w.grad = None
+    straight_through_quantize(w, torch.zeros_like(w)).backward(g)
+    assert torch.equal(w.grad, g)
+
+
+def test_same_seed_same_rounding():
+    x = torch.randn(20_000) * SCALE
+    for bits in (1, 4):
+        a = stochastic_round(x, bits, SCALE, Noise(5))
+        b = stochastic_round(x, bits, SCALE, Noise(5))
+        c = stochastic_round(x, bits, SCALE, Noise(6))
+        assert torch.equal(a, b) and not torch.equal(a, c)
+    g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    assert torch.equal(quantize_stochastic(x, 4, SCALE, g1), quantize_stochastic(x, 4, SCALE, g2))
+
+
+def test_noise_state_round_trip_resumes_the_sequence():
+    n1 = Noise(9)
+    n1.int16(1000)
+    state = n1.state_dict()
+    expected = n1.int16(5000).clone()
+    n2 = Noise(0)
+    n2.load_state_dict(state)
+    assert torch.equal(n2.int16(5000), expected)
+
+
+def test_noise_is_uniform_and_pairwise_independent():
+    """Thresholds: mean 1/2, variance 1/12; neighbours along rows and columns uncorrelated."""
+    u = Noise(2).uniform(4096 * 64).double().view(64, 4096)
+    assert abs(u.mean().item() - 0.5) < 0.002
+    assert abs(u.var().item() - 1 / 12) < 0.001
+    for a, b in ((u[:, 1:], u[:, :-1]), (u[1:], u[:-1])):
+        corr = torch.corrcoef(torch.stack([a.flatten(), b.flatten()]))[0, 1].item()
+        assert abs(corr) < 0.01
+    counts = torch.histc(u.float(), bins=16, min=0, max=1)
+    assert (counts / counts.mean() - 1).abs().max() < 0.03
