@@ -146,7 +146,7 @@ def plot_curves(df: Any, rows: Sequence[str], cols: Sequence[str], metric: str, 
             e = next(iter(seen_epochs))
             ax.set_xlim(e - 1, e + 1)
             ax.set_xticks([e])
-        ax.set_ylabel(results.METRIC_LABELS.get(metric, metric))
+        ax.set_ylabel(results.metric_label(metric))
         use_log = logy if logy is not None else (
             ("error" in metric or "loss" in metric) and finite and max(finite) / min(finite) > 10)
         if use_log:
@@ -155,7 +155,7 @@ def plot_curves(df: Any, rows: Sequence[str], cols: Sequence[str], metric: str, 
         ax.legend(fontsize="small")
     for ax in list(axes.flat)[len(panels):]:
         ax.set_visible(False)
-    fig.suptitle(f"{results.METRIC_LABELS.get(metric, metric)} per epoch: mean ± std over seeds")
+    fig.suptitle(f"{results.metric_label(metric)} per epoch: mean ± std over seeds")
     return _save(fig, out, dpi)
 
 

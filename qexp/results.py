@@ -158,7 +158,8 @@ def ptq_records(run: dict[str, Any]) -> list[dict[str, Any]]:
     if doc is None or run.get("status") != "completed":
         return []
     src = run.get("method")
-    method = "ptq" if src in ("float", None) else f"ptq({src})"
+    # a method=ptq run trains (and checkpoints) a float network: its PTQ curve is PTQ of float
+    method = "ptq" if src in ("float", "ptq", None) else f"ptq({src})"
     out, seen = [], set()
     for e in doc["results"]:
         if not isinstance(e, dict) or not isinstance(e.get("bits"), int):
@@ -230,6 +231,14 @@ def ordered(keys: Sequence[str], labels: Iterable[tuple[str, ...]]) -> list[tupl
 
 
 # ---- cells --------------------------------------------------------------------------------------
+def metric_label(metric: str) -> str:
+    """'test error (%)' for known metrics; others readable, with % where they are errors/accuracies."""
+    if metric in METRIC_LABELS:
+        return METRIC_LABELS[metric]
+    words = metric.replace("/", " ").replace("_", " ")
+    return f"{words} (%)" if re.search(r"(error|acc|drop)$", metric) else words
+
+
 def higher_is_better(metric: str) -> bool:
     return metric in HIGHER_IS_BETTER or metric.endswith("_acc") or metric.endswith("accuracy")
 

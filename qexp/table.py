@@ -93,7 +93,7 @@ def build_view(grid: results.Grid, ref: refs.Reference | None = None, digits: in
                 mean = cell.mean if cell else None
                 line.append(Shown(f"{mean - value:+.{digits}f}" if mean is not None else results.MISSING))
         body.append(line)
-    label = results.METRIC_LABELS.get(grid.metric, grid.metric)
+    label = results.metric_label(grid.metric)
     counts = Counter(r.get("status") or "failed" for c in grid.cells.values() for r in c.runs)
     tally = ", ".join(f"{n} {st}" for st, n in sorted(counts.items(),
                                                       key=lambda kv: results.sort_key("status", kv[0])))
@@ -101,7 +101,7 @@ def build_view(grid: results.Grid, ref: refs.Reference | None = None, digits: in
              f"[{sum(counts.values())} run{'s' if sum(counts.values()) != 1 else ''}: {tally}]")
     notes = []
     if ref is not None:
-        what = results.METRIC_LABELS.get(ref.metric, ref.metric)
+        what = results.metric_label(ref.metric)
         notes.append(f"paper: {ref.title} ({what}" + (", shown as 100 - x" if
                                                         refs._is_acc(ref.metric) != refs._is_acc(grid.metric)
                                                         else "") + "); Δ = ours - paper")
