@@ -336,6 +336,7 @@ def main(argv: list[str]) -> int:
 
     df = apply_where(results.collect(args.dirs), args.where)
     rows, cols = results.parse_keys(args.rows), results.parse_keys(args.cols)
+    df = results.with_keys(df, [*rows, *cols])
     results.check_keys(df, [*rows, *cols], "--rows/--cols")
     safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", args.metric)
     out = args.out or args.dirs[0] / "plots" / f"{safe}.png"

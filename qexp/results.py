@@ -251,11 +251,72 @@ def check_metric(df: pd.DataFrame, metric: str) -> None:
         raise QexpError(f"unknown metric {metric!r}; choose from {', '.join(choices)}")
 
 
+def split_overrides(text: str) -> dict[str, str]:
+    """Hydra's override_dirname (``method.ste=relu,lr=0.01,sched.milestones=[200,250]``) as a dict."""
+    items, depth, cur = [], 0, ""
+    for ch in text or "":
+        if ch in "[{(":
+            depth += 1
+        elif ch in "]})":
+            depth -= 1
+        if ch == "," and depth == 0:
+            items.append(cur)
+            cur = ""
+        else:
+            cur += ch
+    items.append(cur)
+    out: dict[str, str] = {}
+    for item in items:
+        k, sep, v = item.partition("=")
+        if sep:
+            out[k.lstrip("+~")] = v
+        elif out and item:  # a bare comma inside an unbracketed value
+            last = next(reversed(out))
+            out[last] += "," + item
+    return out
+
+
+def config_value(run_dir: str, dotted: str) -> Any:
+    """``dotted`` (``method.ste``) in the run's composed config (.hydra/config.yaml), or None."""
+    import yaml
+
+    try:
+        node: Any = yaml.safe_load((Path(run_dir.split("#")[0]) / ".hydra" / "config.yaml").read_text())
+    except (OSError, yaml.YAMLError):
+        return None
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return None
+        node = node[part]
+    if isinstance(node, str) and "${" in node:
+        return None  # an unresolved interpolation says nothing about the value used
+    return node if isinstance(node, (str, int, float, bool)) else (None if node is None else str(node))
+
+
+def with_keys(df: pd.DataFrame, keys: Sequence[str]) -> pd.DataFrame:
+    """Add the asked-for keys the records lack from each run's overrides, else its composed config, so
+    any config key groups a table (``--rows method.ste,bits``, ``--cols optim.lr``)."""
+    missing = [k for k in dict.fromkeys(keys) if k not in df.columns]
+    if not missing:
+        return df
+    df = df.copy()
+    recs = df.to_dict("records")
+    for k in missing:
+        values = []
+        for r in recs:
+            v = split_overrides(r.get("overrides") or "").get(k) if isinstance(r.get("overrides"), str) else None
+            values.append(v if v is not None else config_value(r["run_dir"], k))
+        if any(v is not None for v in values):
+            df[k] = pd.Series(values, index=df.index, dtype=object)
+    return df
+
+
 def check_keys(df: pd.DataFrame, keys: Sequence[str], what: str) -> None:
     bad = [k for k in keys if k not in df.columns or k in ("history", "mtime")]
     if bad:
         usable = sorted(c for c in df.columns if c not in ("history", "mtime", "run_dir"))
-        raise QexpError(f"unknown {what} key(s) {', '.join(bad)}; the runs have: {', '.join(usable)}")
+        raise QexpError(f"unknown {what} key(s) {', '.join(bad)}; the runs have: {', '.join(usable)}, "
+                        "and any key of their config (e.g. method.ste, optim.lr)")
 
 
 @dataclass
@@ -368,6 +429,12 @@ class Grid:
         notes = []
         for (row, col), c in self.cells.items():
             mixed = c.mixed_configs()
+            if "overrides" in mixed:  # name the overridden keys that differ: those are what to add
+                parsed = [split_overrides(r.get("overrides") or "") for r in c.runs]
+                names = list(dict.fromkeys(k for p in parsed for k in p))
+                differ = [k for k in names if len({p.get(k) for p in parsed}) > 1 and k not in mixed]
+                if differ:
+                    mixed = [k for k in mixed if k != "overrides"] + differ
             if mixed:
                 notes.append(f"cell {'/'.join(row)} x {'/'.join(col)} mixes runs that differ in "
                              f"{', '.join(mixed)}: add them to --rows or --cols to separate them")
@@ -376,6 +443,7 @@ class Grid:
 
 def aggregate(df: pd.DataFrame, row_keys: Sequence[str], col_keys: Sequence[str], metric: str) -> Grid:
     """Group runs into cells by (row keys, column keys); seeds (and anything not asked for) pooled."""
+    df = with_keys(df, [*row_keys, *col_keys])
     check_keys(df, list(row_keys) + list(col_keys), "row/column")
     check_metric(df, metric)
     groups: dict[tuple[tuple[str, ...], tuple[str, ...]], list[dict[str, Any]]] = {}

@@ -227,6 +227,7 @@ def apply_where(df, clauses: list[str]):  # type: ignore[no-untyped-def]
         key, sep, values = clause.partition("=")
         if not sep or not key:
             raise QexpError(f"--where takes KEY=VALUE[,VALUE...], not {clause!r}")
+        df = results.with_keys(df, [key])
         results.check_keys(df, [key], "--where")
         wanted = set(values.split(","))
         df = df[[results.key_label(key, r) in wanted for r in df.to_dict("records")]]

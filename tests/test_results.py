@@ -103,9 +103,30 @@ def test_best_value_per_column_is_marked(sweep: Path) -> None:
 def test_cell_mixing_configurations_is_flagged(tmp_path: Path) -> None:
     make_run(tmp_path, "float", 32, 0, [1.0], overrides="lr=0.1")
     make_run(tmp_path, "float", 32, 0, [2.0], overrides="lr=0.01")
-    assert any("overrides" in w for w in grid_of(tmp_path).warnings())
+    assert any("differ in lr:" in w for w in grid_of(tmp_path).warnings())  # the overridden key named
     g = grid_of(tmp_path, rows="method,overrides")
     assert g.rows == [("float", "lr=0.01"), ("float", "lr=0.1")] and not g.warnings()
+
+
+def test_any_config_key_groups_the_table(tmp_path: Path) -> None:
+    """Keys come from the overrides (a sweep's `method.ste=relu`) or else the composed config (the
+    default estimator of a run that did not override it); the pooled cell's note names the key."""
+    for ste, errs in (("identity", [5.0, 7.0]), ("relu", [3.0, 3.2]), (None, [2.0, 2.2])):
+        for seed, e in enumerate(errs):
+            run = make_run(tmp_path, "ste", 2, seed, [e], overrides=f"method.ste={ste}" if ste else "")
+            (run / ".hydra").mkdir()
+            (run / ".hydra" / "config.yaml").write_text(yaml.safe_dump(
+                {"method": {"name": "ste", "ste": ste or "clipped_relu"}, "lr": "${optim.lr}"}))
+    pooled = grid_of(tmp_path)
+    assert pooled.cell(("ste", "2"), ("mnist", "lenet5")).n == 6
+    assert any("differ in method.ste" in w for w in pooled.warnings())
+    g = grid_of(tmp_path, rows="method.ste,bits")
+    assert g.rows == [("clipped_relu", "2"), ("identity", "2"), ("relu", "2")] and not g.warnings()
+    assert g.cell(("relu", "2"), ("mnist", "lenet5")).mean == pytest.approx(3.1)
+    csv_rows = list(csv.DictReader(io.StringIO(render(tmp_path, "csv", "--rows", "bits", "--cols", "method.ste",
+                                                      "--where", "method.ste=relu,identity"))))
+    assert list(csv_rows[0])[:4] == ["bits", "identity mean", "identity std", "identity n"]
+    assert float(csv_rows[0]["identity mean"]) == pytest.approx(6.0)
 
 
 def test_runs_without_metrics_or_with_partial_records_are_kept(tmp_path: Path) -> None:
