@@ -62,17 +62,18 @@ def parse_act_bits(text: str) -> int | None:
 
 
 def curve(model: nn.Module, evaluate: Evaluate, train_loader: Any, bits: list[int], act_bits: int | None = 8,
-          calib_batches: int = 8, base: dict[str, float] | None = None,
+          calib_batches: int = 8, base: dict[str, float] | None = None, share: tuple[object, ...] = (),
           ) -> tuple[dict[str, float], list[dict[str, Any]]]:
     """The float result and one entry per k (see the module docstring); ``act_bits=None`` means k.
 
-    ``base``: the model's float result when the caller has it already (saves one evaluation).
+    ``base``: the model's float result when the caller has it already (saves one evaluation);
+    ``share``: objects the copies reference instead of copying (the run's method and data).
     """
     base = evaluate(model) if base is None else base
     rows = []
     for k in bits:
         a = k if act_bits is None else act_bits
-        wq, codes = quantize_weights(model, k)
+        wq, codes = quantize_weights(model, k, share)
         w_only = evaluate(wq)["error"]
         quantize_activations(wq, a, calibration_batches(train_loader, calib_batches))
         w_act = evaluate(wq)["error"]
@@ -130,8 +131,9 @@ def run(loaded: Any, args: argparse.Namespace, base: dict[str, float] | None = N
     if args.calib_batches < 1:
         raise QexpError(f"--calib-batches must be at least 1, got {args.calib_batches}")
     model, trainer, cfg = loaded.built.model, loaded.trainer, loaded.cfg
-    base, rows = curve(model, trainer.evaluate, loaded.built.data.train, bits, act_bits, args.calib_batches,
-                       base)
+    data = loaded.built.data
+    base, rows = curve(model, trainer.evaluate, data.train, bits, act_bits, args.calib_batches, base,
+                       share=(loaded.built.method, data))
     header = {"dataset": cfg.dataset.name, "model": cfg.model.name, "method": cfg.method.name,
               "run_bits": loaded.built.method.bits, "scheme": SCHEME, "calib_batches": args.calib_batches,
               "float_test_error": base["error"], "float32_bytes": weight_memory(model, 8)["float32_bytes"]}

@@ -39,16 +39,19 @@ from qexp.quant.inject import weight_layers
 SCHEME = "affine-minmax-per-layer"
 
 
-def quantize_weights(model: nn.Module, bits: int) -> tuple[nn.Module, dict[str, affine.AffineCodes]]:
+def quantize_weights(model: nn.Module, bits: int, share: Iterable[object] = (),
+                     ) -> tuple[nn.Module, dict[str, affine.AffineCodes]]:
     """A copy of ``model`` (in eval mode) whose conv/linear weights are their k-bit affine versions.
 
     Returns the copy and the stored form of each weight (uint8 codes, lo, scale) by layer name; the
-    copy's ``layer.weight`` equals ``codes.dequantize()`` exactly.
+    copy's ``layer.weight`` equals ``codes.dequantize()`` exactly. Objects in ``share`` are referenced,
+    not copied: a training method whose bound methods are hooks on the model (and its data) must not be
+    duplicated along with the layers.
     """
     was_training = model.training
     model.eval()
     try:
-        qmodel = copy.deepcopy(model)
+        qmodel = copy.deepcopy(model, memo={id(o): o for o in share})
     finally:
         model.train(was_training)
     qmodel.eval()
@@ -57,11 +60,24 @@ def quantize_weights(model: nn.Module, bits: int) -> tuple[nn.Module, dict[str, 
         for name, layer in weight_layers(qmodel):
             w = layer.weight.detach().clone()  # effective weight (a method's quantizer output, if any)
             if parametrize.is_parametrized(layer, "weight"):
+                _unshare_class(layer)
                 parametrize.remove_parametrizations(layer, "weight", leave_parametrized=False)
             c = affine.quantize(w, bits)
             codes[name] = c
             layer.weight = nn.Parameter(c.dequantize(w.dtype), requires_grad=False)
     return qmodel, codes
+
+
+def _unshare_class(module: nn.Module) -> None:
+    """Give a copied parametrized module a private clone of its class.
+
+    ``deepcopy`` keeps the ``Parametrized<Layer>`` class that torch injected, shared with the original
+    model, and ``remove_parametrizations`` deletes the ``weight`` property from that class: without this
+    the original layer would lose its ``weight``.
+    """
+    cls = type(module)
+    namespace = {k: v for k, v in cls.__dict__.items() if k not in ("__dict__", "__weakref__")}
+    module.__class__ = type(cls.__name__, cls.__bases__, namespace)
 
 
 class ActivationQuantizer:
@@ -160,7 +176,7 @@ class PTQ(Method):
 
     def quantized_copy(self, model: nn.Module) -> nn.Module:
         """The deployed network: k-bit weights and, if asked, calibrated ``act_bits`` activations."""
-        qmodel, self._codes = quantize_weights(model, self.bits)
+        qmodel, self._codes = quantize_weights(model, self.bits, share=(self, self.data))
         self._act_ranges = {}
         if self.activations:
             if self.data is None:
