@@ -50,12 +50,12 @@ class Reference:
 
     def value_as(self, entry: Entry, metric: str) -> float:
         """The entry in the table's metric: accuracy <-> error convert as 100 - x."""
-        if _is_acc(metric) != _is_acc(self.metric):
+        if is_acc(metric) != is_acc(self.metric):
             return 100.0 - entry.value
         return entry.value
 
 
-def _is_acc(metric: str) -> bool:
+def is_acc(metric: str) -> bool:
     return metric.endswith("acc")
 
 

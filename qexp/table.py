@@ -102,9 +102,8 @@ def build_view(grid: results.Grid, ref: refs.Reference | None = None, digits: in
     notes = []
     if ref is not None:
         what = results.metric_label(ref.metric)
-        notes.append(f"paper: {ref.title} ({what}" + (", shown as 100 - x" if
-                                                        refs._is_acc(ref.metric) != refs._is_acc(grid.metric)
-                                                        else "") + "); Δ = ours - paper")
+        converted = ", shown as 100 - x" if refs.is_acc(ref.metric) != refs.is_acc(grid.metric) else ""
+        notes.append(f"paper: {ref.title}; published as {what}{converted}; Δ = ours - paper")
         if not matched:
             have = sorted({"/".join(e.keys.get(k, "*") for k in grid.col_keys) for e in ref.entries})
             notes.append(f"no published number matches these columns; {ref.name} has {', '.join(have)}")
