@@ -55,8 +55,9 @@ def weight_codes(w: torch.Tensor, max_code: int = 127, name: str = "") -> tuple[
         c = w * 2.0**-e
         if torch.equal(c, c.round()):
             if c.abs().max() > max_code:
-                raise QexpError(f"layer {name!r}: weights need {int(c.abs().max())} levels at scale 2^{e}, "
-                                f"more than int8 holds (+-{max_code})")
+                raise QexpError(f"layer {name!r}: weights are not int8 codes with a power-of-two scale (they "
+                                f"need codes up to {int(c.abs().max())} at scale 2^{e}; int8 holds +-{max_code}); "
+                                "integer inference needs a quantized network (e.g. method=wage)")
             return c.to(torch.int8), e
     raise QexpError(f"layer {name!r}: weights are not fixed-point numbers with a power-of-two scale; "
                     "integer inference needs a quantized network (e.g. method=wage)")

@@ -84,8 +84,8 @@ def clip_grad(g: torch.Tensor, x: torch.Tensor, bits: int) -> torch.Tensor:
     ``tf.clip_by_value`` passes the gradient at the bounds too, so the (fast, vectorised) strict
     ``hardtanh_backward`` gets the bounds moved out by one ulp.
     """
-    m = 1.0 - sigma(bits)
-    hi = math.nextafter(m, math.inf)
+    m = torch.tensor(1.0 - sigma(bits), dtype=x.dtype)
+    hi = torch.nextafter(m, m + 1).item()  # one ulp of x's dtype (a float64 ulp would round back)
     return torch.ops.aten.hardtanh_backward(g, x, -hi, hi)
 
 
