@@ -16,6 +16,7 @@ from torch import nn
 
 from qexp.errors import QexpError
 from qexp.methods.base import Method
+from qexp.methods.bc import BinaryConnect
 from qexp.quant.activation import QuantReLU, check_estimator, levels
 from qexp.quant.inject import replace_modules
 
@@ -36,7 +37,7 @@ class STE(Method):
             raise QexpError(f"method.stats_every must be >= 1, got {stats_every}")
         self.learn_alpha, self.alpha, self.alpha_lr_scale = bool(learn_alpha), alpha, float(alpha_lr_scale)
         self.stats_every = int(stats_every)
-        self.weights = _weight_quantization(wbits)
+        self.weights = _weight_quantization(wbits, loss)
         self.quantizers: list[tuple[str, QuantReLU]] = []
 
     # ---- set-up --------------------------------------------------------------------------------------
@@ -52,6 +53,7 @@ class STE(Method):
         # its call sites) and is closed right after it.
         model.register_forward_hook(self._close_calibration)
         if self.weights is not None:
+            self.weights.device = self.device
             self.weights.prepare(model)
         return model
 
@@ -62,8 +64,10 @@ class STE(Method):
 
     def param_groups(self, model: nn.Module) -> list[dict[str, Any]]:
         alphas = {id(q.alpha) for _, q in self.quantizers if self.learn_alpha}
-        if self.weights is not None:
-            groups = self.weights.param_groups(model, exclude=alphas)
+        if self.weights is not None:  # BinaryConnect's groups (per-layer LR scale), minus the alphas
+            groups = [{**g, "params": [p for p in g["params"] if id(p) not in alphas]}
+                      for g in self.weights.param_groups(model)]
+            groups = [g for g in groups if g["params"]]
         else:
             groups = [{"params": [p for p in model.parameters() if p.requires_grad and id(p) not in alphas]}]
         if self.learn_alpha:
@@ -76,8 +80,6 @@ class STE(Method):
         track = step % self.stats_every == 0
         for _, q in self.quantizers:
             q.track = track
-        if self.weights is not None:
-            self.weights.before_forward(model, step)
 
     def after_step(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
         if self.learn_alpha:
@@ -88,10 +90,17 @@ class STE(Method):
             self.weights.after_step(model, optimizer)
 
     # ---- reporting -----------------------------------------------------------------------------------
+    def on_epoch_end(self, epoch: int) -> None:
+        if self.weights is not None:
+            self.weights.on_epoch_end(epoch)
+
     def metrics(self) -> dict[str, float]:
         """Per quantized ReLU: alpha, and (on every ``stats_every``-th training batch of the epoch) the
-        fraction of outputs at zero and at the top level ``(2^b - 1) alpha``."""
+        fraction of outputs at zero and at the top level ``(2^b - 1) alpha``; with ``wbits``, the
+        BinaryConnect weight diagnostics (``weight/flip_frac``, ``weight/rel_quant_error``)."""
         out: dict[str, float] = {}
+        if self.weights is not None:
+            out.update({f"weight/{k}": v for k, v in self.weights.metrics().items()})
         for name, q in self.quantizers:
             out[f"alpha/{name}"] = float(q.alpha)
             stats = q.pop_stats()
@@ -124,8 +133,12 @@ class STE(Method):
             self.weights.load_state_dict(state["weights"])
 
 
-def _weight_quantization(wbits: int | None) -> Any:
-    """BinaryConnect-style weight quantization for ``method.wbits`` (None keeps the weights float)."""
+def _weight_quantization(wbits: int | None, loss: str) -> BinaryConnect | None:
+    """``method.wbits``: deterministic BinaryConnect on the conv/linear weights (float shadows clipped to
+    the layer's grid scale, ``Q_d`` forward, straight-through backward, BC's per-layer LR scale).
+    None keeps the weights float."""
     if wbits is None:
         return None
-    raise QexpError("method.wbits is not available yet")
+    if not 1 <= int(wbits) <= 8:
+        raise QexpError(f"method.wbits must be in 1..8 (or null for float weights), got {wbits}")
+    return BinaryConnect(bits=int(wbits), loss=loss)

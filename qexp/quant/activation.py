@@ -20,7 +20,7 @@ from qexp.errors import QexpError
 
 ESTIMATORS = ("identity", "relu", "clipped_relu")
 #: the calibration rule looks at most this many (evenly strided) activations of the first batch
-CALIB_SAMPLES = 1 << 16
+CALIB_SAMPLES = 1 << 14
 #: candidate clip levels tried by the calibration, as fractions of the batch maximum
 CALIB_GRID = 100
 
@@ -40,10 +40,11 @@ def quantized_relu(x: torch.Tensor, alpha: torch.Tensor | float, bits: int) -> t
     """The forward map ``sigma``: values in ``alpha * {0, 1, ..., 2^b - 1}``."""
     if bits == 1:
         return (x > 0).to(x.dtype) * alpha
-    return torch.round(x / alpha).clamp_(0, levels(bits)).mul_(alpha)
+    return x.mul(1.0 / alpha).round_().clamp_(0, levels(bits)).mul_(alpha)
 
 
-def estimator_mask(x: torch.Tensor, alpha: torch.Tensor | float, bits: int, estimator: str) -> torch.Tensor | None:
+def estimator_mask(x: torch.Tensor, alpha: torch.Tensor | float, bits: int,
+                   estimator: str) -> torch.Tensor | None:
     """Where the estimator passes the gradient (``None``: everywhere, the identity STE)."""
     if estimator == "identity":
         return None
@@ -65,31 +66,54 @@ def alpha_grad_factor(x: torch.Tensor, alpha: torch.Tensor, bits: int) -> torch.
     return torch.where(v <= 0, torch.zeros_like(v), torch.where(v >= n, torch.full_like(v, n), inside))
 
 
+def estimator_grad(grad: torch.Tensor, x: torch.Tensor, alpha: float, bits: int,
+                   estimator: str) -> torch.Tensor:
+    """The estimator's backward ``grad * sigma'_STE(x)`` in one fused kernel (fixed, host-side alpha):
+    ReLU's own backward for ``relu``, hardtanh's (zero outside the open interval) for ``clipped_relu``."""
+    if estimator == "identity":
+        return grad
+    if estimator == "relu":
+        return torch.ops.aten.threshold_backward(grad, x, 0.0)
+    return torch.ops.aten.hardtanh_backward(grad, x, 0.0, alpha * levels(bits))
+
+
 class QuantReLUFunction(torch.autograd.Function):
-    """``sigma`` forward; the chosen estimator backward; the LSQ-style alpha gradient when learned."""
+    """Fixed alpha (a Python float): ``sigma`` forward, the chosen estimator backward. Saves ``x`` only
+    (nothing for the identity), so the backward is a single pass like ReLU's own."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, alpha: torch.Tensor, bits: int, estimator: str,  # type: ignore[override]
-                learn_alpha: bool) -> torch.Tensor:
-        with torch.no_grad():
-            mask = estimator_mask(x, alpha, bits, estimator)
-            ctx.bits, ctx.learn_alpha, ctx.has_mask = bits, learn_alpha, mask is not None
-            saved = [] if mask is None else [mask]
-            if learn_alpha:
-                saved += [x, alpha]
-            ctx.save_for_backward(*saved)
-            return quantized_relu(x, alpha, bits)
+    def forward(ctx, x: torch.Tensor, alpha: float, bits: int,  # type: ignore[override]
+                estimator: str) -> torch.Tensor:
+        ctx.alpha, ctx.bits, ctx.estimator = alpha, bits, estimator
+        if estimator != "identity":
+            ctx.save_for_backward(x)
+        return quantized_relu(x, alpha, bits)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
-        saved = list(ctx.saved_tensors)
-        mask = saved.pop(0) if ctx.has_mask else None
+        x = ctx.saved_tensors[0] if ctx.estimator != "identity" else grad
+        return estimator_grad(grad, x, ctx.alpha, ctx.bits, ctx.estimator), None, None, None
+
+
+class LearnedQuantReLUFunction(torch.autograd.Function):
+    """Learned alpha (a tensor): as :class:`QuantReLUFunction`, plus the LSQ-style alpha gradient."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, alpha: torch.Tensor, bits: int,  # type: ignore[override]
+                estimator: str) -> torch.Tensor:
+        ctx.bits, ctx.estimator = bits, estimator
+        ctx.save_for_backward(x, alpha)
+        return quantized_relu(x, alpha, bits)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        x, alpha = ctx.saved_tensors
+        mask = estimator_mask(x, alpha, ctx.bits, ctx.estimator)
         grad_x = grad if mask is None else grad * mask
         grad_alpha = None
-        if ctx.learn_alpha and ctx.needs_input_grad[1]:
-            x, alpha = saved
+        if ctx.needs_input_grad[1]:
             grad_alpha = (grad * alpha_grad_factor(x, alpha, ctx.bits)).sum().reshape(alpha.shape)
-        return grad_x, grad_alpha, None, None, None
+        return grad_x, grad_alpha, None, None
 
 
 def calibrate_alpha(x: torch.Tensor, bits: int) -> float:
@@ -111,7 +135,8 @@ def calibrate_alpha(x: torch.Tensor, bits: int) -> float:
     target = v.clamp(min=0)
     n = levels(bits)
     alphas = pos.max() * torch.linspace(0.01, 1.0, CALIB_GRID, device=v.device) / n
-    errs = torch.stack([(quantized_relu(v, a, bits) - target).pow(2).mean() for a in alphas])
+    a = alphas[:, None]  # all candidates at once: [CALIB_GRID, samples]
+    errs = ((v / a).round_().clamp_(0, n).mul_(a) - target).pow_(2).mean(1)
     return float(alphas[int(errs.argmin())])
 
 
@@ -138,7 +163,8 @@ class QuantReLU(nn.Module):
             self.register_buffer("alpha", a)
         self.register_buffer("calibrated", torch.tensor(alpha is not None))
         self.register_buffer("sites", torch.tensor(0 if alpha is None else 1))
-        self._calibrated = alpha is not None  # host mirror of the buffer: no device sync per call
+        self._calibrated = alpha is not None  # host mirrors of the buffers: no device sync per call
+        self._alpha = float(a)  # used by the fixed-alpha forward (a learned alpha lives in the tensor)
         self._calls = 0
         #: when true (training mode), forward counts outputs at zero and at the top level
         self.track = False
@@ -148,8 +174,14 @@ class QuantReLU(nn.Module):
     @torch.no_grad()
     def _calibrate(self, x: torch.Tensor) -> None:
         a = calibrate_alpha(x, self.bits)
-        self.alpha.fill_(a if self._calls == 0 else max(a, float(self.alpha)))
+        self.set_alpha(a if self._calls == 0 else max(a, self._alpha))
         self._calls += 1
+
+    @torch.no_grad()
+    def set_alpha(self, value: float) -> None:
+        """Set alpha (keep the host-side copy the fixed-alpha forward uses in step)."""
+        self.alpha.fill_(value)
+        self._alpha = float(value)
 
     @torch.no_grad()
     def finish_calibration(self) -> None:
@@ -167,22 +199,27 @@ class QuantReLU(nn.Module):
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:  # type: ignore[override]
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         self._calibrated = bool(self.calibrated)
+        self._alpha = float(self.alpha)
 
     # ---- forward -------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self._calibrated:
             self._calibrate(x)
-        alpha = self.alpha.to(x.dtype)
-        if torch.is_grad_enabled() and (x.requires_grad or alpha.requires_grad):
-            q = QuantReLUFunction.apply(x, alpha, self.bits, self.estimator, self.learn_alpha)
-        else:  # evaluation: no mask to build or save
-            q = quantized_relu(x, alpha, self.bits)
+        grad = torch.is_grad_enabled()
+        if self.learn_alpha:
+            alpha: torch.Tensor | float = self.alpha.to(x.dtype)
+            q = (LearnedQuantReLUFunction.apply(x, alpha, self.bits, self.estimator) if grad
+                 else quantized_relu(x, alpha, self.bits))
+        else:
+            alpha = self._alpha
+            q = (QuantReLUFunction.apply(x, alpha, self.bits, self.estimator) if grad and x.requires_grad
+                 else quantized_relu(x, alpha, self.bits))
         if self.track and self.training:
-            self._count(q.detach(), alpha.detach())
+            self._count(q.detach(), alpha.detach() if isinstance(alpha, torch.Tensor) else alpha)
         return q
 
     @torch.no_grad()
-    def _count(self, q: torch.Tensor, alpha: torch.Tensor) -> None:
+    def _count(self, q: torch.Tensor, alpha: torch.Tensor | float) -> None:
         half = 0.5 * alpha
         top = (levels(self.bits) - 0.5) * alpha
         counts = torch.stack([(q < half).sum(), (q > top).sum()])
