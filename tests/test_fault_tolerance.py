@@ -133,7 +133,12 @@ def _train_then_sigterm(out: Path, extra: list[str]) -> subprocess.CompletedProc
 
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    rec = train(compose_train(SLOW_EPOCHS), tmp_path_factory.mktemp("reference"))
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in the subprocesses (module fixtures run before `one_thread`)
+    try:
+        rec = train(compose_train(SLOW_EPOCHS), tmp_path_factory.mktemp("reference"))
+    finally:
+        torch.set_num_threads(before)
     assert rec is not None and rec["status"] == "completed"
     return rec
 
