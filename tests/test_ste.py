@@ -19,6 +19,7 @@ from qexp.quant.activation import (
     QuantReLU,
     alpha_grad_factor,
     calibrate_alpha,
+    estimator_mask,
     levels,
     quantized_relu,
 )
@@ -90,6 +91,21 @@ def test_learned_alpha_gradient_formula():
     assert q.alpha.grad is not None and abs(float(q.alpha.grad) - 3.0) < 1e-5
 
 
+@pytest.mark.parametrize("bits", [1, 2, 4])
+@pytest.mark.parametrize("estimator", ESTIMATORS)
+def test_learned_alpha_backward_matches_the_reference_formula(bits, estimator):
+    """The fused backward (two dot products) equals sum(grad * alpha_grad_factor) on random inputs."""
+    g = torch.Generator().manual_seed(bits)
+    x = torch.randn(4, 8, 5, 5, generator=g) * 2
+    up = torch.randn(x.shape, generator=g)
+    q = QuantReLU(bits, estimator, alpha=0.3, learn_alpha=True)
+    xt = x.clone().requires_grad_()
+    q(xt).backward(up)
+    ref = (up * alpha_grad_factor(x, torch.tensor(0.3), bits)).sum()
+    assert torch.allclose(q.alpha.grad, ref, rtol=1e-4, atol=1e-3)
+    assert torch.equal(xt.grad, up * (estimator_mask(x, 0.3, bits, estimator) if estimator != "identity" else 1))
+
+
 def test_calibration_minimises_the_error_and_then_freezes():
     g = torch.Generator().manual_seed(0)
     x = torch.randn(4096, generator=g) * 2
@@ -135,7 +151,7 @@ def _prepared(family: str, **kw) -> tuple[nn.Module, STE]:
     return model, method
 
 
-def _batch(family: str, n: int = 8, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+def _batch(family: str, n: int = 4, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     c, s = FAMILIES[family][1]
     g = torch.Generator().manual_seed(seed)
     return torch.randn(n, c, s, s, generator=g), torch.randint(0, 10, (n,), generator=g)
@@ -164,7 +180,7 @@ def test_every_model_family_trains_with_each_estimator(family, estimator):
     model, method = _prepared(family, bits=2, ste=estimator)
     first = next(m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear)))
     w0 = first.weight.detach().clone()
-    losses = _train(model, method, family, steps=3)
+    losses = _train(model, method, family, steps=2)
     assert all(torch.isfinite(torch.tensor(losses)))
     assert not torch.equal(first.weight, w0)  # the gradient reached the first layer through every STE
     alphas = [float(q.alpha) for _, q in method.quantizers]
@@ -284,12 +300,12 @@ def test_cli_rejects_bits_out_of_range(tmp_path):
 @pytest.mark.slow
 def test_e2e_lenet5_mnist_2bit_clipped_relu(tmp_path, data_root):
     """`qexp train method=ste bits=2 method.ste=clipped_relu epochs=2` on 20k MNIST training images
-    (measured: 98.3% test accuracy; the full training set gives 98.9%); quant.json and the per-layer
-    diagnostics are written."""
+    (measured: 98.24% test accuracy; on the full training set the same command gives 98.89%);
+    quant.json and the per-layer diagnostics are written."""
     run_qexp(["train", "method=ste", "bits=2", "method.ste=clipped_relu", "epochs=2",
               "dataset.train_subset=20000", f"out_root={tmp_path}", f"data_root={data_root}"])
     (run_dir,) = find_runs(tmp_path)
-    assert run_dir.parts[-4] == "ste-2b"
+    assert run_dir.parts[-3] == "ste-2b"
     m = read_metrics(run_dir)
     assert m["status"] == "completed" and m["test_acc"] >= 97.0, m["test_acc"]
     last = m["history"][-1]

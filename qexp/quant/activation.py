@@ -96,23 +96,39 @@ class QuantReLUFunction(torch.autograd.Function):
 
 
 class LearnedQuantReLUFunction(torch.autograd.Function):
-    """Learned alpha (a tensor): as :class:`QuantReLUFunction`, plus the LSQ-style alpha gradient."""
+    """Learned alpha (a tensor): as :class:`QuantReLUFunction`, plus the alpha gradient
+    ``sum(grad * alpha_grad_factor)`` computed without materialising the factor: with ``q = sigma(x)``
+    and ``inside = 1{0 < x < N alpha}`` it equals ``(<grad, q> - <grad * inside, x>) / alpha``
+    (1 bit: ``<grad, q> / alpha``). Saves ``x`` and the output ``q`` (which the next layer keeps anyway).
+    No host sync: alpha never leaves the device."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, alpha: torch.Tensor, bits: int,  # type: ignore[override]
                 estimator: str) -> torch.Tensor:
         ctx.bits, ctx.estimator = bits, estimator
-        ctx.save_for_backward(x, alpha)
-        return quantized_relu(x, alpha, bits)
+        q = quantized_relu(x, alpha, bits)
+        ctx.save_for_backward(x, alpha, q)
+        return q
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
-        x, alpha = ctx.saved_tensors
-        mask = estimator_mask(x, alpha, ctx.bits, ctx.estimator)
-        grad_x = grad if mask is None else grad * mask
+        x, alpha, q = ctx.saved_tensors
+        bits, estimator = ctx.bits, ctx.estimator
+        g_inside = None
+        if bits > 1 and (ctx.needs_input_grad[1] or estimator == "clipped_relu"):
+            g_inside = grad * ((x > 0) & (x < alpha * levels(bits)))
+        if estimator == "identity":
+            grad_x = grad
+        elif estimator == "relu":
+            grad_x = torch.ops.aten.threshold_backward(grad, x, 0.0)
+        else:
+            grad_x = g_inside if g_inside is not None else grad * ((x > 0) & (x < alpha))
         grad_alpha = None
         if ctx.needs_input_grad[1]:
-            grad_alpha = (grad * alpha_grad_factor(x, alpha, ctx.bits)).sum().reshape(alpha.shape)
+            ga = torch.dot(grad.reshape(-1), q.reshape(-1))
+            if g_inside is not None:
+                ga = ga - torch.dot(g_inside.reshape(-1), x.reshape(-1))
+            grad_alpha = (ga / alpha).reshape(alpha.shape)
         return grad_x, grad_alpha, None, None
 
 
