@@ -1,0 +1,168 @@
+"""Benchmark weight quantization: training-step time of bc / sr / r versus float, and the SR kernel.
+
+    python scripts/bench_weight.py                 # both parts, Markdown tables on stdout
+    python scripts/bench_weight.py --part kernel   # only the 4M-element SR kernel
+
+Step time: LeNet-5 on MNIST-shaped data (batch 64) and ResNet-20 on CIFAR-shaped data (batch 128),
+random tensors, Adam, the method hooks in the engine's order. Methods run side by side: every round
+times a few steps of each in turn, and the median over rounds is reported, so machine load (shared
+CPU) hits all of them alike. Targets: bc <= 1.10x, sr and r <= 1.15x float.
+
+SR kernel: ``qexp.quant.kernels.stochastic_round_`` (in place, 8 bits, Δ = 2^-7) on 4M float32 values
+versus QPyTorch ``fixed_point_quantize(x, wl=8, fl=7, rounding="stochastic")`` (the same grid; CPU;
+``pip install qtorch ninja``, its C++ extension is compiled on first import) and a plain
+``y.copy_(x)``. Targets: >= 10x faster than QPyTorch, <= 4x the copy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from qexp.methods.base import Method
+from qexp.methods.bc import BinaryConnect
+from qexp.methods.float import Float
+from qexp.methods.rounding import Rounding, StochasticRounding
+from qexp.models.lenet import LeNet5
+from qexp.models.resnet import CifarResNet
+from qexp.quant.grid import quantize_stochastic
+from qexp.quant.kernels import Noise, stochastic_round_
+
+METHODS: dict[str, Callable[[], Method]] = {
+    "float": Float,
+    "bc": lambda: BinaryConnect(bits=1),
+    "sr": lambda: StochasticRounding(bits=1),
+    "r": lambda: Rounding(bits=1),
+}
+SETUPS = {
+    "LeNet-5 / MNIST (batch 64)": (lambda: LeNet5(1, 10, 28), (64, 1, 28, 28)),
+    "ResNet-20 / CIFAR-10 (batch 128)": (lambda: CifarResNet(20, 3, 10, 32), (128, 3, 32, 32)),
+}
+
+
+def make_step(method: Method, make_model: Callable[[], torch.nn.Module], shape: tuple[int, ...],
+              device: torch.device) -> Callable[[], None]:
+    torch.manual_seed(0)
+    method.device = device
+    model = method.prepare(make_model().to(device)).to(device).train()
+    groups = method.param_groups(model)
+    for g in groups:
+        g["lr"] = 1e-3 * g.pop("lr_scale", 1.0)
+    opt = torch.optim.Adam(groups, lr=1e-3)
+    x = torch.randn(shape, device=device)
+    y = torch.randint(0, 10, (shape[0],), device=device)
+    state = {"step": 0}
+
+    def step() -> None:
+        method.before_forward(model, state["step"])
+        loss = F.cross_entropy(model(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        method.after_backward(model)
+        opt.step()
+        method.after_step(model, opt)
+        state["step"] += 1
+
+    return step
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def side_by_side(fns: dict[str, Callable[[], None]], device: torch.device, rounds: int, per_round: int,
+                 warmup: int = 3) -> dict[str, float]:
+    """Median seconds per call of each function, measured in interleaved rounds."""
+    for f in fns.values():
+        for _ in range(warmup):
+            f()
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for r in range(rounds):
+        order = list(fns) if r % 2 == 0 else list(reversed(fns))  # no fixed position in the round
+        for k in order:
+            sync(device)
+            t0 = time.perf_counter()
+            for _ in range(per_round):
+                fns[k]()
+            sync(device)
+            times[k].append((time.perf_counter() - t0) / per_round)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def bench_steps(device: torch.device, rounds: int) -> None:
+    print("\n### Training step time (median over interleaved rounds)\n")
+    print("| model / data | " + " | ".join(f"{m} ms" for m in METHODS) + " | "
+          + " | ".join(f"{m}/float" for m in METHODS if m != "float") + " |")
+    print("|---" * (2 * len(METHODS)) + "|")
+    for label, (make_model, shape) in SETUPS.items():
+        fns = {m: make_step(factory(), make_model, shape, device) for m, factory in METHODS.items()}
+        per_round = 10 if "LeNet" in label else 3
+        t = side_by_side(fns, device, rounds, per_round)
+        ms = " | ".join(f"{1e3 * t[m]:.2f}" for m in METHODS)
+        ratios = " | ".join(f"{t[m] / t['float']:.3f}x" for m in METHODS if m != "float")
+        print(f"| {label} | {ms} | {ratios} |", flush=True)
+
+
+def qtorch_sr() -> Callable[[torch.Tensor], torch.Tensor] | str:
+    """QPyTorch's fixed-point SR, or the reason it is unavailable."""
+    try:
+        from qtorch.quant import fixed_point_quantize
+    except Exception as e:  # not installed, or its C++ extension failed to build
+        return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    return lambda x: fixed_point_quantize(x, wl=8, fl=7, clamp=True, rounding="stochastic")
+
+
+def bench_kernel(device: torch.device, rounds: int, n: int = 4 * 1024 * 1024) -> None:
+    print(f"\n### SR kernel on {n / 2**20:.0f}M float32 elements (8 bits, Δ = 2^-7; median over rounds)\n")
+    torch.manual_seed(0)
+    src = (torch.rand(n, device=device) * 2 - 1) * 0.99
+    x, y = src.clone(), torch.empty_like(src)
+    noise = Noise(0, device)
+    gen = torch.Generator(device=device).manual_seed(0)
+    fns: dict[str, Callable[[], object]] = {
+        "copy (y.copy_(x))": lambda: y.copy_(src),
+        "qexp stochastic_round_ (in place)": lambda: stochastic_round_(x, 8, 1.0, noise),
+        "torch.rand reference (grid.quantize_stochastic)": lambda: quantize_stochastic(src, 8, 1.0, gen),
+    }
+    q = qtorch_sr() if device.type == "cpu" else "QPyTorch compared on CPU only"
+    if callable(q):
+        fns["QPyTorch fixed_point_quantize (stochastic)"] = lambda: q(src)
+    t = side_by_side(fns, device, rounds, per_round=5, warmup=2)
+    base = t["copy (y.copy_(x))"]
+    ours = t["qexp stochastic_round_ (in place)"]
+    print("| kernel | ms | x copy | GB/s (4 B read + 4 B written per element) |")
+    print("|---|---|---|---|")
+    for k, v in t.items():
+        print(f"| {k} | {1e3 * v:.2f} | {v / base:.2f} | {8 * n / v / 1e9:.1f} |")
+    if callable(q):
+        print(f"\nqexp SR is {t['QPyTorch fixed_point_quantize (stochastic)'] / ours:.1f}x faster than QPyTorch "
+              f"and takes {ours / base:.2f}x the copy's time.")
+    else:
+        print(f"\nQPyTorch unavailable ({q}); qexp SR takes {ours / base:.2f}x the copy's time.")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--part", choices=["all", "steps", "kernel"], default="all")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--rounds", type=int, default=15)
+    args = ap.parse_args()
+    device = torch.device(args.device)
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    print(f"torch {torch.__version__}, device {device}, {torch.get_num_threads()} threads, "
+          f"{os.cpu_count()} CPUs, load average {load:.1f}")
+    if args.part in ("all", "steps"):
+        bench_steps(device, args.rounds)
+    if args.part in ("all", "kernel"):
+        bench_kernel(device, args.rounds)
+
+
+if __name__ == "__main__":
+    main()
