@@ -271,17 +271,18 @@ def test_integer_forward_equals_fake_quantized_on_real_mnist(data_root) -> None:
 
 @pytest.mark.slow
 def test_e2e_wage_mnist_and_integer_eval(tmp_path, data_root) -> None:
-    """``qexp train method=wage`` LeNet-5 on real MNIST, 2 epochs of 30k images at eta = 8, batch 128:
-    measured 97.9% test accuracy; then ``qexp eval --integer`` gives 0 differing predictions."""
+    """``qexp train method=wage`` LeNet-5 on real MNIST, 2 epochs of 30k images at eta = 8, batch 64
+    (938 steps): measured 97.86% test accuracy (batch 128, 470 steps: 97.37%, as the official log's
+    97.35% after its first 468 steps); then ``qexp eval --integer`` gives 0 differing predictions."""
     env = {"QEXP_DATA": str(data_root)}
     run_qexp(["train", f"out_root={tmp_path}", "method=wage", "model.bias=false", "epochs=2",
-              "batch_size=128", "dataset.train_subset=30000"], env=env, timeout=900)
+              "batch_size=64", "dataset.train_subset=30000"], env=env, timeout=1800)
     (run,) = find_runs(tmp_path)
     rec = read_metrics(run)
     assert rec["status"] == "completed" and rec["bits_tag"] == "2-8-8-8"
     assert rec["test_acc"] >= 97.0, rec["test_acc"]
     assert "method/g_zero" in rec["history"][-1]
-    proc = run_qexp(["eval", str(run), "--integer"], env=env, timeout=900)
+    proc = run_qexp(["eval", str(run), "--integer"], env=env, timeout=1800)
     assert "0 differing predictions" in proc.stdout
     res = __import__("json").loads((run / "integer_eval.json").read_text())
     assert res["differing_predictions"] == 0 and res["images"] == 10000
