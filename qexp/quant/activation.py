@@ -11,8 +11,6 @@ in the backward, which is what keeps the step time near float's.
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 
@@ -135,14 +133,15 @@ class LearnedQuantReLUFunction(torch.autograd.Function):
 def calibrate_alpha(x: torch.Tensor, bits: int) -> float:
     """Alpha minimising the mean squared error between ``relu(x)`` and ``sigma(x)`` on this batch.
 
-    Looks at up to :data:`CALIB_SAMPLES` evenly strided activations. 1 bit: the mean of the positive
-    inputs (the closed-form minimiser of ``sum_{x>0} (x - alpha)^2``). More bits: the best of
-    :data:`CALIB_GRID` clip levels ``N * alpha`` between 1% and 100% of the batch maximum. A layer with
-    no positive input on that batch keeps ``alpha = 1``.
+    Looks at up to :data:`CALIB_SAMPLES` activations (a fixed-seed random subset; the global RNG is
+    untouched). 1 bit: the mean of the positive inputs (the closed-form minimiser of
+    ``sum_{x>0} (x - alpha)^2``). More bits: the best of :data:`CALIB_GRID` clip levels ``N * alpha``
+    between 1% and 100% of the batch maximum. A layer with no positive input keeps ``alpha = 1``.
     """
     v = x.detach().flatten().float()
-    if v.numel() > CALIB_SAMPLES:
-        v = v[:: math.ceil(v.numel() / CALIB_SAMPLES)]
+    if v.numel() > CALIB_SAMPLES:  # a fixed random subset: a stride would alias with the W/HW layout
+        g = torch.Generator(device=v.device).manual_seed(0)
+        v = v[torch.randint(v.numel(), (CALIB_SAMPLES,), generator=g, device=v.device)]
     pos = v[v > 0]
     if pos.numel() == 0:
         return 1.0
