@@ -13,15 +13,16 @@ of any sum of rounding errors to be the independent one). The third vector (peri
 Resolution: the threshold has 16 bits, so ``E[Q_s(x)] = x`` up to a one-sided bias below ``Δ·2^-16``
 (``torch.rand``'s float32 has 24 bits; both are far below float32 weight precision relative to Δ).
 
-The rounding itself is one fused pass (``torch.fake_quantize_per_tensor_affine``: scale, round, clamp,
-rescale) plus one in-place add of the noise and one copy back: about three passes over the weights.
+The rounding is in place: scale, add the noise, round, clamp, rescale: five cheap vectorised passes
+over the weights and no temporary (``torch.fake_quantize_per_tensor_affine`` and ``torch.where`` with
+scalars were measured several times slower on CPU).
 """
 
 from __future__ import annotations
 
 import torch
 
-from qexp.quant.grid import limit, step
+from qexp.quant.grid import step
 
 #: the two periods of the noise (coprime); tensors of up to COLS elements get fully independent noise
 COLS, PERIOD = 4096, 4093
@@ -71,44 +72,45 @@ class Noise:
 
 
 def nearest(x: torch.Tensor, bits: int, scale: float) -> torch.Tensor:
-    """``Q_d(x)`` as a new tensor in one pass (clamped to the grid's range); 1 bit: ``scale·sign(x)``,
-    sign(0) = +1. Same values as :func:`qexp.quant.grid.quantize_nearest`, fused."""
-    if bits == 1:
-        return torch.where(x >= 0, scale, -scale)
-    return _fake_quant(x, bits, scale)
+    """``Q_d(x)`` as a new tensor (clamped to the grid's range); 1 bit: ``scale·sign(x)``, sign(0) = +1.
+    Same values as :func:`qexp.quant.grid.quantize_nearest`, in cheap vectorised passes."""
+    return nearest_round_(x.clone(), bits, scale)
 
 
 def nearest_round_(x: torch.Tensor, bits: int, scale: float) -> torch.Tensor:
     """``x <- Q_d(x)`` in place."""
-    return x.copy_(nearest(x, bits, scale))
+    if bits == 1:
+        return _binary_(x, scale)
+    return _grid_(x.mul_(1.0 / step(bits, scale)), bits, scale)
 
 
 def stochastic_round_(x: torch.Tensor, bits: int, scale: float, noise: Noise) -> torch.Tensor:
     """``x <- Q_s(x)`` in place: ``floor(x/Δ + u)·Δ`` with ``u`` uniform, clamped to the grid's range.
 
     With ``u = (t + 2^15)/2^16``: ``floor(x/Δ + u) = round(x/Δ + t/2^16)`` (ties to even: only on a
-    2^-17 lattice), so the noise is added in place and the fused round/clamp does the rest.
+    2^-17 lattice), so the noise is one in-place add and rounding/clamping/rescaling are cheap passes.
     1 bit: ``+scale`` with probability ``(x/scale + 1)/2`` (BinaryConnect's stochastic binarization):
     ``u < p`` is ``x - scale·t/2^15 > 0``.
     """
-    return x.copy_(stochastic_round(x, bits, scale, noise, inplace=True))
-
-
-def stochastic_round(x: torch.Tensor, bits: int, scale: float, noise: Noise,
-                     inplace: bool = False) -> torch.Tensor:
-    """``Q_s(x)`` as a new tensor (``x`` is used as scratch when ``inplace``)."""
     t = noise.int16(x.numel()).view(x.shape)
     if bits == 1:
-        z = x.add_(t, alpha=-scale / HALF) if inplace else torch.add(x, t, alpha=-scale / HALF)
-        return torch.where(z > 0, scale, -scale)
-    d = step(bits, scale)
-    z = x.add_(t, alpha=d / (2 * HALF)) if inplace else torch.add(x, t, alpha=d / (2 * HALF))
-    return _fake_quant(z, bits, scale)
+        return _binary_(x.add_(t, alpha=-scale / HALF), scale, strict=True)
+    return _grid_(x.mul_(1.0 / step(bits, scale)).add_(t, alpha=1.0 / (2 * HALF)), bits, scale)
 
 
-def _fake_quant(x: torch.Tensor, bits: int, scale: float) -> torch.Tensor:
-    """``clamp(round(x/Δ), -L, L)·Δ`` in one fused pass; ``L = 2^(k-1) - 1`` levels each side."""
+def stochastic_round(x: torch.Tensor, bits: int, scale: float, noise: Noise) -> torch.Tensor:
+    """``Q_s(x)`` as a new tensor."""
+    return stochastic_round_(x.clone(), bits, scale, noise)
+
+
+def _binary_(x: torch.Tensor, scale: float, strict: bool = False) -> torch.Tensor:
+    """``x <- +scale`` where ``x >= 0`` (``x > 0`` when ``strict``), else ``-scale``; in place.
+    (``torch.where`` with scalars is several times slower on CPU.)"""
+    (x.gt_(0) if strict else x.ge_(0)).mul_(2 * scale)
+    return x.sub_(scale)
+
+
+def _grid_(k: torch.Tensor, bits: int, scale: float) -> torch.Tensor:
+    """``k`` holds ``x/Δ`` (plus noise): ``k <- clamp(round(k), -L, L)·Δ`` in place, ``L = 2^(k-1) - 1``."""
     levels = (1 << (bits - 1)) - 1
-    d = step(bits, scale)
-    assert abs(levels * d - limit(bits, scale)) <= 1e-12 * scale
-    return torch.fake_quantize_per_tensor_affine(x, d, 0, -levels, levels)
+    return k.round_().clamp_(-levels, levels).mul_(step(bits, scale))
