@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO.parent / "shared" / "data"
@@ -45,3 +46,25 @@ def read_metrics(run_dir: Path) -> dict:
 def find_runs(root: Path) -> list[Path]:
     """Every run folder (one holding metrics.json) below ``root``, sorted."""
     return sorted(p.parent for p in root.rglob("metrics.json"))
+
+
+def compose_train(overrides: list[str]):
+    """Compose ``train.yaml`` with overrides, as ``qexp train`` would (without running anything)."""
+    from hydra import compose, initialize_config_module
+
+    from qexp.config import register
+
+    register()
+    with initialize_config_module(config_module="qexp.configs", version_base="1.3"):
+        return compose("train", overrides=overrides)
+
+
+@pytest.fixture
+def one_thread(monkeypatch: pytest.MonkeyPatch):
+    """One math thread, here and in `qexp` subprocesses: on a busy 2-core machine oversubscribed OpenMP
+    threads are many times slower, and one thread keeps in-process and subprocess runs bit-equal."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

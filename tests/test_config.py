@@ -8,24 +8,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
 
-from qexp.config import register
 from qexp.errors import QexpError
 from qexp.train import build, instantiate
+from tests.conftest import compose_train
 
 CONFIGS = Path(__file__).resolve().parents[1] / "qexp" / "configs"
 
 
 def options(group: str) -> list[str]:
     return sorted(p.stem for p in (CONFIGS / group).glob("*.yaml"))
-
-
-def compose_train(overrides: list[str]):
-    register()
-    with initialize_config_module(config_module="qexp.configs", version_base="1.3"):
-        return compose("train", overrides=overrides, return_hydra_config=False)
 
 
 def write_cifar(root: Path, variant: str, n: int = 20) -> None:

@@ -10,13 +10,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import find_runs, read_metrics, run_qexp
-from hydra import compose, initialize_config_module
+from conftest import compose_train, find_runs, read_metrics, run_qexp
 from torch import nn
 from torch.nn.utils import parametrize
 
 from qexp import distributed
-from qexp.config import register
 from qexp.data import DataBundle
 from qexp.data.imagenet import FolderLoader
 from qexp.data.loader import Normalize, TensorLoader
@@ -24,22 +22,7 @@ from qexp.errors import QexpError
 from qexp.methods.base import Method
 from qexp.train import train
 
-
-@pytest.fixture(autouse=True)
-def one_thread(monkeypatch: pytest.MonkeyPatch):
-    """One math thread, here and in the `qexp` subprocesses: on a busy 2-core machine oversubscribed
-    OpenMP threads are many times slower, and one thread keeps in-process and subprocess runs bit-equal."""
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def compose_train(overrides: list[str]):
-    register()
-    with initialize_config_module(config_module="qexp.configs", version_base="1.3"):
-        return compose("train", overrides=overrides)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def run_files(run: Path) -> list[str]:

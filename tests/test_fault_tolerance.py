@@ -13,13 +13,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import find_runs, read_metrics, run_qexp
-from hydra import compose, initialize_config_module
+from conftest import compose_train, find_runs, read_metrics, run_qexp
 
 from qexp import checkpoint, preempt
-from qexp.config import register
 from qexp.engine import Trainer
 from qexp.train import build, train
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 #: per-epoch numbers that must not depend on being interrupted (timings may)
 EXACT = ("epoch", "train_loss", "train_error", "test_loss", "test_error", "lr")
@@ -28,23 +28,6 @@ TINY = ["dataset=synthetic", "model=mlp", "model.width=64", "model.depth=2", "mo
         "eval_batch_size=256", "progress=false"]
 #: 128 steps an epoch and 6 epochs: a signal sent when epoch 1's metrics appear lands well before the end
 SLOW_EPOCHS = [*TINY, "dataset.train_samples=2048", "batch_size=16", "epochs=6"]
-
-
-@pytest.fixture(autouse=True)
-def one_thread(monkeypatch: pytest.MonkeyPatch):
-    """One math thread, here and in the `qexp` subprocesses: on a busy 2-core machine oversubscribed
-    OpenMP threads are many times slower, and one thread keeps in-process and subprocess runs bit-equal."""
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def compose_train(overrides: list[str]):
-    register()
-    with initialize_config_module(config_module="qexp.configs", version_base="1.3"):
-        return compose("train", overrides=overrides)
 
 
 def exact(history: list[dict]) -> list[dict]:

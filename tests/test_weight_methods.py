@@ -8,9 +8,7 @@ import math
 
 import pytest
 import torch
-from hydra import compose, initialize_config_module
 
-from qexp.config import register
 from qexp.engine import Trainer
 from qexp.errors import QexpError
 from qexp.methods.bc import BinaryConnect
@@ -19,6 +17,9 @@ from qexp.quant.grid import limit
 from qexp.quant.inject import weight_layers
 from qexp.quant.kernels import nearest
 from qexp.train import build
+from tests.conftest import compose_train
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 METHODS = {
     "bc": ["method=bc"],
@@ -42,21 +43,6 @@ FAMILIES = {
 HEAVY = {"vgg", "resnet18"}
 PAIRS = [(m, f) for f in sorted(FAMILIES) for m in sorted(METHODS) if f not in HEAVY or m in ("bc", "sr")]
 SMALL = ["model=mlp", "model.width=64"]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: one intra-op thread avoids OpenMP spin-waiting on a busy shared machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def compose_train(overrides: list[str]):
-    register()
-    with initialize_config_module(config_module="qexp.configs", version_base="1.3"):
-        return compose("train", overrides=overrides)
 
 
 def make(method: list[str], model: list[str] | None = None, channels: int = 1, size: int = 28,
