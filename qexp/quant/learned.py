@@ -21,7 +21,7 @@ from torch import nn
 
 from qexp.errors import QexpError
 from qexp.quant.kernels import nearest
-from qexp.quant.weight import straight_through_quantize
+from qexp.quant.ste import straight_through
 
 
 def check_budget(layers: int, bits: int, min_bits: int, max_bits: int) -> None:
@@ -158,7 +158,7 @@ class LearnedBitsQuantizer(nn.Module):
         k = self.bits()
         with torch.no_grad():
             q = nearest(w, k, self.scale)
-        out = straight_through_quantize(w, q)
+        out = straight_through(w, q)
         soft = self.source.soft
         if self.training and soft is not None and torch.is_grad_enabled():
             with torch.no_grad():

@@ -1,16 +1,25 @@
-"""Straight-through estimators: forward a quantizer, backward the identity (or a masked identity)."""
+"""Straight-through estimator: forward a quantized value, backward the upstream gradient unchanged."""
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 
 
+class _StraightThrough(torch.autograd.Function):
+    """Forward ``q`` (already computed), backward the upstream gradient unchanged: one pass, no
+    ``x + (q - x).detach()`` arithmetic."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+        return q
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return grad, None
+
+
 def straight_through(x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     """Value ``q``, gradient w.r.t. ``x`` equal to the upstream gradient (``dq/dx := 1``)."""
-    return x + (q - x).detach()
-
-
-def straight_through_masked(x: torch.Tensor, q: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Value ``q``, gradient passed only where ``mask`` is true (e.g. inside a clip range)."""
-    m = mask.to(x.dtype)
-    return x * m - (x * m).detach() + q.detach()
+    return _StraightThrough.apply(x, q)

@@ -21,6 +21,7 @@ from qexp.errors import QexpError
 from qexp.quant.grid import glorot_scale, limit, step
 from qexp.quant.inject import attach_weight_quantizer, shadow_weight, weight_layers
 from qexp.quant.kernels import Noise, nearest, stochastic_round
+from qexp.quant.ste import straight_through
 
 
 @dataclass
@@ -115,24 +116,6 @@ def weight_manifest(model: nn.Module, layers: list[QuantLayer], method: str, bit
             "train_bytes": train_bytes + 4 * other, **extra}
 
 
-class _StraightThrough(torch.autograd.Function):
-    """Forward ``q`` (already computed), backward the upstream gradient unchanged: one pass, no
-    ``x + (q - x).detach()`` arithmetic."""
-
-    @staticmethod
-    def forward(ctx: Any, w: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-        return q
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        return grad, None
-
-
-def straight_through_quantize(w: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-    """Value ``q``; gradient w.r.t. ``w`` equal to the upstream gradient (``dq/dw := 1``)."""
-    return _StraightThrough.apply(w, q)
-
-
 class WeightQuantizer(nn.Module):
     """Parametrization ``shadow -> Q(shadow)`` with a straight-through gradient (BinaryConnect style).
 
@@ -155,7 +138,7 @@ class WeightQuantizer(nn.Module):
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         if not self.training and self.eval_float:
             return w
-        return straight_through_quantize(w, self.quantize(w))
+        return straight_through(w, self.quantize(w))
 
     def extra_repr(self) -> str:
         kind = "stochastic" if self.noise is not None else "nearest"
