@@ -183,7 +183,7 @@ def test_every_model_family_trains_with_each_estimator(family, estimator):
     losses = _train(model, method, family, steps=2)
     assert all(torch.isfinite(torch.tensor(losses)))
     assert not torch.equal(first.weight, w0)  # the gradient reached the first layer through every STE
-    alphas = [float(q.alpha) for _, q in method.quantizers]
+    alphas = [float(q.alpha.detach()) for _, q in method.quantizers]
     assert all(q.is_calibrated and a > 0 for (_, q), a in zip(method.quantizers, alphas))
     m = method.metrics()
     name = method.quantizers[0][0]
@@ -239,9 +239,9 @@ def test_learned_alpha_trains_and_has_its_own_group():
     ids = [id(p) for g in groups for p in g["params"]]
     assert len(ids) == len(set(ids)) == len(list(model.parameters()))  # every parameter exactly once
     model(_batch("lenet5")[0])  # calibrate
-    before = [float(q.alpha) for _, q in method.quantizers]
+    before = [float(q.alpha.detach()) for _, q in method.quantizers]
     _train(model, method, "lenet5", steps=3)
-    assert [float(q.alpha) for _, q in method.quantizers] != before
+    assert [float(q.alpha.detach()) for _, q in method.quantizers] != before
 
 
 def test_weight_bits_quantize_weights_bc_style():
@@ -279,7 +279,7 @@ def test_state_dict_round_trip_restores_alpha(kw):
         assert torch.equal(fresh(x), ref)
         fresh.train()
         fresh(x * 5)  # a restored model never recalibrates
-    assert [float(q.alpha) for _, q in m2.quantizers] == [float(q.alpha) for _, q in method.quantizers]
+    assert [float(q.alpha) for _, q in m2.quantizers] == [float(q.alpha.detach()) for _, q in method.quantizers]
 
 
 @pytest.mark.parametrize("kw,msg", [({"bits": 0}, "allowed: 1..8"), ({"bits": 16}, "allowed: 1..8"),

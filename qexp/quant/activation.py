@@ -114,7 +114,11 @@ class LearnedQuantReLUFunction(torch.autograd.Function):
         bits, estimator = ctx.bits, ctx.estimator
         g_inside = None
         if bits > 1 and (ctx.needs_input_grad[1] or estimator == "clipped_relu"):
-            g_inside = grad * ((x > 0) & (x < alpha * levels(bits)))
+            hi = alpha * levels(bits)
+            if x.device.type == "cpu":  # a host scalar costs nothing here and allows the one-pass kernel
+                g_inside = torch.ops.aten.hardtanh_backward(grad, x, 0.0, float(hi))
+            else:  # on a GPU, keep alpha on the device (no sync): mask and multiply
+                g_inside = grad * ((x > 0) & (x < hi))
         if estimator == "identity":
             grad_x = grad
         elif estimator == "relu":
@@ -214,7 +218,7 @@ class QuantReLU(nn.Module):
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:  # type: ignore[override]
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         self._calibrated = bool(self.calibrated)
-        self._alpha = float(self.alpha)
+        self._alpha = float(self.alpha.detach())
 
     # ---- forward -------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
