@@ -53,7 +53,9 @@ def instantiate(node: DictConfig, **kwargs: Any) -> Any:
         raise QexpError(f"cannot build {conf.get('_target_')}: {e}") from None
 
 
-def resolve_device(name: str) -> torch.device:
+def resolve_device(name: Any) -> torch.device:
+    """``auto`` | ``cpu`` | ``cuda`` (a string or the schema's Device enum) -> a torch device."""
+    name = str(getattr(name, "value", name))
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
@@ -144,7 +146,7 @@ def train(cfg: DictConfig, run_dir: Path, ctx: distributed.Context = distributed
         return None
 
     torch.manual_seed(cfg.seed)
-    device = resolve_device(cfg.device.value if hasattr(cfg.device, "value") else str(cfg.device))
+    device = resolve_device(cfg.device)
     device = distributed.rank_device(device, ctx.local_rank) if ctx.enabled else device
     b = build(cfg, device)
     method, model, optimizer, scheduler = b.method, b.model, b.optimizer, b.scheduler
@@ -253,7 +255,7 @@ def run(cfg: DictConfig) -> dict[str, Any] | None:
 
 
 def _ddp_backend(cfg: DictConfig) -> tuple[torch.device, str]:
-    device = resolve_device(cfg.device.value if hasattr(cfg.device, "value") else str(cfg.device))
+    device = resolve_device(cfg.device)
     return device, distributed.pick_backend(cfg.trainer.backend, device)
 
 
