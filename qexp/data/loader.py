@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -30,13 +30,19 @@ class Normalize:
 
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    # (mean, std) as (1, C, 1, 1) tensors per device, built once instead of on every batch
+    _stats: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = field(
+        default_factory=dict, init=False, repr=False, compare=False)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.float().div_(255.0)
-        c = x.shape[1]
-        mean = torch.tensor(self.mean, device=x.device).view(1, c, 1, 1)
-        std = torch.tensor(self.std, device=x.device).view(1, c, 1, 1)
-        return x.sub_(mean).div_(std)
+        stats = self._stats.get(x.device)
+        if stats is None:
+            c = len(self.mean)
+            stats = (torch.tensor(self.mean, device=x.device).view(1, c, 1, 1),
+                     torch.tensor(self.std, device=x.device).view(1, c, 1, 1))
+            self._stats[x.device] = stats
+        mean, std = stats
+        return x.float().div_(255.0).sub_(mean).div_(std)
 
 
 class TensorLoader:
