@@ -279,7 +279,8 @@ def test_state_dict_round_trip_restores_alpha(kw):
         assert torch.equal(fresh(x), ref)
         fresh.train()
         fresh(x * 5)  # a restored model never recalibrates
-    assert [float(q.alpha.detach()) for _, q in m2.quantizers] == [float(q.alpha.detach()) for _, q in method.quantizers]
+    restored = [float(q.alpha.detach()) for _, q in m2.quantizers]
+    assert restored == [float(q.alpha.detach()) for _, q in method.quantizers]
 
 
 @pytest.mark.parametrize("kw,msg", [({"bits": 0}, "allowed: 1..8"), ({"bits": 16}, "allowed: 1..8"),
