@@ -7,11 +7,11 @@ import sys
 
 # name -> (module with a ``main(argv) -> int``, one-line help). ``train`` is Hydra's and takes overrides.
 COMMANDS: dict[str, tuple[str, str]] = {
-    "train": ("qexp.train", "train/evaluate/log one config or a --multirun grid (Hydra overrides)"),
-    "eval": ("qexp.evaluate", "re-evaluate a run folder (post-hoc analyses: --integer, --ptq-bits)"),
-    "table": ("qexp.table", "paper-style table of the runs below DIR (mean ± std over seeds; md/latex/csv)"),
-    "plot": ("qexp.plot", "PNG plots of the runs below DIR: error curves, bit allocations, PTQ accuracy"),
-    "runs": ("qexp.runs", "one line per run below DIR: status, method, bits, seed, epochs, error, time"),
+    "train": ("qexp.run.train", "train/evaluate/log one config or a --multirun grid (Hydra overrides)"),
+    "eval": ("qexp.run.evaluate", "re-evaluate a run folder (post-hoc analyses: --integer, --ptq-bits)"),
+    "table": ("qexp.report.table", "paper-style table of the runs below DIR (mean ± std over seeds; md/latex/csv)"),
+    "plot": ("qexp.report.plot", "PNG plots of the runs below DIR: error curves, bit allocations, PTQ accuracy"),
+    "runs": ("qexp.report.runs", "one line per run below DIR: status, method, bits, seed, epochs, error, time"),
 }
 
 USAGE = """usage: qexp COMMAND [ARGS]
@@ -64,7 +64,7 @@ def _completion(args: list[str]) -> int:
     """
     import os
 
-    from qexp.train import main as train_main
+    from qexp.run.train import main as train_main
 
     line = os.environ.get("COMP_LINE")
     if line is not None:

@@ -17,10 +17,10 @@ import torch
 import torch.nn.functional as F
 
 from qexp.data.mnist import build as build_mnist
-from qexp.engine import Trainer
 from qexp.methods.float import Float
 from qexp.models.lenet import LeNet5
-from qexp.sched import constant
+from qexp.run.engine import Trainer
+from qexp.run.sched import constant
 
 
 def bare_epoch(model, opt, x_all, y_all, batch_size, mean, std, seed, epoch) -> float:

@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from qexp.methods.ptq import quantize_activations, quantize_weights, weight_memory
+from qexp.methods.ptq.method import quantize_activations, quantize_weights, weight_memory
 from qexp.models.lenet import LeNet5
 from qexp.models.resnet import CifarResNet
 

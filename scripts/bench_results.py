@@ -16,8 +16,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from qexp import record
 from qexp.cli import main as qexp
+from qexp.run import record
 
 METHODS = [("float", 32), ("bc", 1), ("bc", 2), ("sr", 1), ("r", 1), ("big_sr", 1), ("ste", 2), ("wage", 2)]
 COLS = [("mnist", "lenet5"), ("fashion_mnist", "lenet5"), ("cifar10", "vgg9"), ("cifar10", "resnet56")]

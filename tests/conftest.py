@@ -52,7 +52,7 @@ def compose_train(overrides: list[str]):
     """Compose ``train.yaml`` with overrides, as ``qexp train`` would (without running anything)."""
     from hydra import compose, initialize_config_module
 
-    from qexp.config import register
+    from qexp.run.config import register
 
     register()
     with initialize_config_module(config_module="qexp.configs", version_base="1.3"):

@@ -11,10 +11,10 @@ import torch
 from omegaconf import OmegaConf
 
 from qexp.errors import QexpError
-from qexp.train import build, instantiate
+from qexp.run.train import build, instantiate
 from tests.conftest import compose_train
 
-CONFIGS = Path(__file__).resolve().parents[1] / "qexp" / "configs"
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
 def options(group: str) -> list[str]:

@@ -14,13 +14,13 @@ from conftest import compose_train, find_runs, read_metrics, run_qexp
 from torch import nn
 from torch.nn.utils import parametrize
 
-from qexp import distributed
 from qexp.data import DataBundle
 from qexp.data.imagenet import FolderLoader
 from qexp.data.loader import Normalize, TensorLoader
 from qexp.errors import QexpError
 from qexp.methods.base import Method
-from qexp.train import train
+from qexp.run import distributed
+from qexp.run.train import train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -138,9 +138,9 @@ def test_ddp_two_cpu_processes_on_mnist_match_one_process(tmp_path: Path, data_r
 
 @pytest.mark.slow
 def test_torchrun_sr_keeps_quantized_weights_identical(tmp_path: Path) -> None:
-    """`torchrun --nproc_per_node=2 -m qexp.train method=sr`: the stochastic-rounding generators are
+    """`torchrun --nproc_per_node=2 -m qexp.run.train method=sr`: the stochastic-rounding generators are
     seeded from the config, so both processes round identically; rank 0 alone writes the folder."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "-m", "qexp.train",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "-m", "qexp.run.train",
            f"out_root={tmp_path}", "dataset=synthetic", "dataset.train_subset=256", "eval_batch_size=256",
            "method=sr", "bits=4", "epochs=2", "progress=false"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600,

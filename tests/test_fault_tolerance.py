@@ -15,9 +15,9 @@ import pytest
 import torch
 from conftest import compose_train, find_runs, read_metrics, run_qexp
 
-from qexp import checkpoint, preempt
-from qexp.engine import Trainer
-from qexp.train import build, train
+from qexp.run import checkpoint, preempt
+from qexp.run.engine import Trainer
+from qexp.run.train import build, train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

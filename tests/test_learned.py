@@ -13,11 +13,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qexp import checkpoint
 from qexp.data.synthetic import build as synthetic
-from qexp.engine import Trainer
 from qexp.errors import QexpError
 from qexp.methods.learned import LearnedPrecision
+from qexp.methods.learned.precision import (
+    BitSource,
+    LearnedBitsQuantizer,
+    allocation_string,
+    most_likely_counts,
+    sample_counts,
+)
 from qexp.models.lenet import LeNet5
 from qexp.models.mlp import MLP
 from qexp.models.resnet import CifarResNet
@@ -26,14 +31,9 @@ from qexp.models.wrn import WideResNet
 from qexp.quant.activation import QuantReLU
 from qexp.quant.grid import on_grid, quantize_nearest
 from qexp.quant.inject import shadow_weight, weight_quantizer
-from qexp.quant.learned import (
-    BitSource,
-    LearnedBitsQuantizer,
-    allocation_string,
-    most_likely_counts,
-    sample_counts,
-)
-from qexp.sched import constant
+from qexp.run import checkpoint
+from qexp.run.engine import Trainer
+from qexp.run.sched import constant
 from tests.conftest import find_runs, read_metrics, run_qexp
 
 # ---- the allocation sampler ------------------------------------------------------------------------

@@ -13,18 +13,19 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from qexp import cli, ptq_curve
+from qexp import cli
 from qexp.data.synthetic import build as synthetic
-from qexp.engine import Trainer
 from qexp.errors import QexpError
-from qexp.methods.ptq import PTQ, quantize_activations, quantize_weights, weight_memory
+from qexp.methods.ptq import affine
+from qexp.methods.ptq import curve as ptq_curve
+from qexp.methods.ptq.method import PTQ, quantize_activations, quantize_weights, weight_memory
 from qexp.models.lenet import LeNet5
 from qexp.models.mlp import MLP
 from qexp.models.resnet import CifarResNet, resnet18
 from qexp.models.vgg import VGG
 from qexp.models.wrn import WideResNet
-from qexp.quant import affine
 from qexp.quant.inject import attach_weight_quantizer, weight_layers
+from qexp.run.engine import Trainer
 from tests.conftest import find_runs, read_metrics, run_qexp
 
 # ---- the affine math ---------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ import torch
 
 from qexp.quant.grid import limit, on_grid, quantize_nearest, quantize_stochastic, step
 from qexp.quant.kernels import Noise, nearest, nearest_round_, stochastic_round, stochastic_round_
-from qexp.quant.ste import straight_through
+from qexp.quant.straight_through import straight_through
 from qexp.quant.weight import WeightQuantizer
 
 BITS = [1, 2, 3, 4, 8]

@@ -13,9 +13,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from qexp import record, results
 from qexp.cli import main as qexp
 from qexp.jsonio import write_json
+from qexp.report import results
+from qexp.run import record
 from tests.conftest import run_qexp
 
 
@@ -254,7 +255,7 @@ def test_ref_file_by_path_with_std_and_accuracy(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("name", ["li2017", "bc2015", "wage2018"])
 def test_shipped_reference_files_load(name: str) -> None:
-    from qexp import reference
+    from qexp.report import reference
 
     ref = reference.load(name)
     assert ref.entries and all({"method", "bits", "dataset", "model"} <= set(e.keys) for e in ref.entries)
@@ -367,7 +368,7 @@ def test_real_sweep_becomes_a_table(tmp_path: Path, data_root: Path) -> None:
 
 
 # ---- paper presets ------------------------------------------------------------------------------
-PRESETS = sorted(p.stem for p in (Path(results.__file__).parent / "configs" / "experiment").glob("*.yaml"))
+PRESETS = sorted(p.stem for p in (Path(__file__).resolve().parents[1] / "configs" / "experiment").glob("*.yaml"))
 
 
 @pytest.mark.parametrize("preset", PRESETS)
@@ -376,7 +377,7 @@ def test_preset_records_its_grid(preset: str) -> None:
     and a non-empty `hydra.sweeper.params`, and composes with the shipped config groups."""
     from hydra import compose, initialize_config_module
 
-    from qexp.config import register
+    from qexp.run.config import register
 
     register()
     with initialize_config_module("qexp.configs", version_base="1.3"):

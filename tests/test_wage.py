@@ -11,14 +11,14 @@ from torch import nn
 
 from qexp.errors import QexpError
 from qexp.methods.wage import Wage
+from qexp.methods.wage import formats as wage
+from qexp.methods.wage.integer import export, rshift_round, weight_codes
+from qexp.methods.wage.layers import WageActivation
 from qexp.models.lenet import LeNet5
 from qexp.models.mlp import MLP
 from qexp.models.resnet import CifarResNet
 from qexp.models.vgg import VGG
-from qexp.quant import wage
 from qexp.quant.inject import shadow_weight
-from qexp.quant.integer import export, rshift_round, weight_codes
-from qexp.quant.wage_layers import WageActivation
 from tests.conftest import find_runs, read_metrics, run_qexp
 
 
@@ -182,7 +182,7 @@ def test_activation_placement_equals_paper_order() -> None:
     ours = shadow_weight(conv).grad.clone()
     for p in net.parameters():
         p.grad = None
-    from qexp.quant.wage_layers import _ActErrorFn, _ErrorFn
+    from qexp.methods.wage.layers import _ActErrorFn, _ErrorFn
 
     h = F.max_pool2d(F.conv2d(_ActErrorFn.apply(x, 8, None, None), conv.weight), 2).relu()
     h = _ActErrorFn.apply(h, 8, 8, None).flatten(1)
@@ -250,7 +250,7 @@ def _mnist_test(data_root):
 
 def test_integer_forward_equals_fake_quantized_on_real_mnist(data_root) -> None:
     """Fresh and briefly trained WAGE LeNet-5: every logit of 1000 real test images is identical."""
-    from qexp.integer_eval import compare
+    from qexp.methods.wage.integer_eval import compare
 
     data = _mnist_test(data_root)
     torch.manual_seed(0)

@@ -9,14 +9,14 @@ import math
 import pytest
 import torch
 
-from qexp.engine import Trainer
 from qexp.errors import QexpError
 from qexp.methods.bc import BinaryConnect
 from qexp.methods.rounding import BigSR, Rounding, StochasticRounding
 from qexp.quant.grid import limit
 from qexp.quant.inject import weight_layers
 from qexp.quant.kernels import nearest
-from qexp.train import build
+from qexp.run.engine import Trainer
+from qexp.run.train import build
 from tests.conftest import compose_train
 
 pytestmark = pytest.mark.usefixtures("one_thread")

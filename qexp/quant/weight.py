@@ -21,7 +21,7 @@ from qexp.errors import QexpError
 from qexp.quant.grid import glorot_scale, limit, step
 from qexp.quant.inject import attach_weight_quantizer, shadow_weight, weight_layers
 from qexp.quant.kernels import Noise, nearest, stochastic_round
-from qexp.quant.ste import straight_through
+from qexp.quant.straight_through import straight_through
 
 
 @dataclass

@@ -17,9 +17,9 @@ from typing import Any
 
 import pandas as pd
 
-from qexp import record
 from qexp.errors import QexpError
 from qexp.jsonio import read_json
+from qexp.run import record
 
 #: row order of methods in every table; methods not listed follow alphabetically
 METHOD_ORDER = ("float", "bc", "big_sr", "sr", "r", "ste", "wage", "learned", "ptq")

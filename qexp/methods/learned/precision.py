@@ -21,7 +21,7 @@ from torch import nn
 
 from qexp.errors import QexpError
 from qexp.quant.kernels import nearest
-from qexp.quant.ste import straight_through
+from qexp.quant.straight_through import straight_through
 
 
 def check_budget(layers: int, bits: int, min_bits: int, max_bits: int) -> None:

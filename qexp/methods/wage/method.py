@@ -35,9 +35,9 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from qexp.errors import QexpError
 from qexp.methods.base import Method
-from qexp.quant import wage
+from qexp.methods.wage import formats as wage
+from qexp.methods.wage.layers import ShiftStats, WageActivation, WageNetwork, WageWeight
 from qexp.quant.inject import attach_weight_quantizer, shadow_weight, weight_layers, weight_quantizer
-from qexp.quant.wage_layers import ShiftStats, WageActivation, WageNetwork, WageWeight
 
 #: leaf modules a WAGE chain network may contain
 LEAVES = (nn.Conv2d, nn.Linear, nn.ReLU, nn.MaxPool2d, nn.Flatten, nn.Identity, nn.Dropout)

@@ -2,7 +2,7 @@
 
 ``bits`` is the average per layer: the budget is ``T = bits * L`` over the ``L`` quantized conv/linear
 layers. Every training step draws an allocation with exactly ``T`` bits from a Gumbel-softmax over
-learned logits (see :mod:`qexp.quant.learned`); each layer trains exactly as ``method=bc`` does at
+learned logits (see :mod:`qexp.methods.learned.precision`); each layer trains exactly as ``method=bc`` does at
 ``bits >= 2`` (float shadow weights clipped to ``[-s, s]``, deterministic ``Q_d`` forward,
 straight-through backward, the same grid scale and per-layer LR scale) but at its drawn bit-width, so
 ``method=bc`` at the same ``bits`` is the uniform-precision baseline. The temperature anneals from
@@ -22,9 +22,7 @@ from torch import nn
 
 from qexp.errors import QexpError
 from qexp.methods.base import Evaluate, Method
-from qexp.quant.activation import QuantReLU
-from qexp.quant.inject import replace_modules
-from qexp.quant.learned import (
+from qexp.methods.learned.precision import (
     BitSource,
     LearnedBitsQuantizer,
     allocation_string,
@@ -32,6 +30,8 @@ from qexp.quant.learned import (
     most_likely_counts,
     sample_counts,
 )
+from qexp.quant.activation import QuantReLU
+from qexp.quant.inject import replace_modules
 from qexp.quant.weight import QuantLayer, quantize_weights, weight_manifest
 
 LR_SCALES = ("glorot", "none")

@@ -24,8 +24,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from qexp import results
 from qexp.errors import QexpError
+from qexp.report import results
 
 PTQ_FILE = results.PTQ_FILE
 #: per-layer bit widths in a learned-precision run's history (``method/bits/<layer>``)
@@ -332,7 +332,7 @@ def main(argv: list[str]) -> int:
     if args.dpi < 10:
         raise QexpError("--dpi must be at least 10")
 
-    from qexp.table import apply_where
+    from qexp.report.table import apply_where
 
     df = apply_where(results.collect(args.dirs), args.where)
     rows, cols = results.parse_keys(args.rows), results.parse_keys(args.cols)

@@ -1,7 +1,7 @@
 """``qexp eval RUN_DIR --integer``: integer-only inference of a trained run, checked against its
 fake-quantized float evaluation.
 
-Exports the run's network with :mod:`qexp.quant.integer` (int8 weights and activations, power-of-two
+Exports the run's network with :mod:`qexp.methods.wage.integer` (int8 weights and activations, power-of-two
 scales, int32/int64 accumulation, shifts for rescaling), runs the test set through it on the CPU, and
 compares every prediction (and every logit) with the float forward of the same fake-quantized model.
 For WAGE every value is a small integer times a power of two, so the two must agree exactly.
@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from qexp.jsonio import write_json
-from qexp.quant.integer import export
+from qexp.methods.wage.integer import export
 
 RESULT = "integer_eval.json"
 EXPORT = "integer_model.pt"
@@ -66,7 +66,7 @@ def compare(model: torch.nn.Module, loader: Any, limit: int | None = None) -> tu
 
 
 def run(loaded: Any, args: argparse.Namespace) -> dict[str, Any] | None:
-    """The ``--integer`` analysis of a loaded run (``qexp.evaluate.LoadedRun``); None when not asked."""
+    """The ``--integer`` analysis of a loaded run (``qexp.run.evaluate.LoadedRun``); None when not asked."""
     if not getattr(args, "integer", False):
         return None
     res, net = compare(loaded.built.model, loaded.built.data.test)

@@ -15,7 +15,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from qexp import results
+from qexp.report import results
 
 COLORS = {"completed": "green", "running": "cyan", "interrupted": "yellow", "pending": "yellow",
           "diverged": "magenta", "failed": "red"}

@@ -2,7 +2,7 @@
 
 Each is an autograd function rather than ``x + (q - x).detach()`` so that the backward is one saved
 mask and a few fused elementwise ops: this keeps WAGE's step time near float training's.
-The modules also declare their integer semantics (``integer_op``) for :mod:`qexp.quant.integer`.
+The modules also declare their integer semantics (``integer_op``) for :mod:`qexp.methods.wage.integer`.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from qexp.quant import wage
+from qexp.methods.wage import formats as wage
 
 
 class ShiftStats(nn.Module):

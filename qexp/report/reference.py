@@ -1,4 +1,4 @@
-"""Published numbers (``qexp/configs/reference/*.yaml``) matched to table cells by run keys.
+"""Published numbers (``configs/reference/*.yaml``) matched to table cells by run keys.
 
 A reference file mirrors the paper's table: ``columns`` name what each printed column stands for in
 run keys (dataset, model), each of ``rows`` gives its run keys (method, bits, ...) and one value per
@@ -71,7 +71,7 @@ def available() -> list[str]:
 
 
 def resolve(name_or_path: str) -> Path:
-    """A path to a YAML file, or the name of one shipped in qexp/configs/reference/."""
+    """A path to a YAML file, or the name of one shipped in configs/reference/."""
     p = Path(name_or_path)
     if p.is_file():
         return p

@@ -1,6 +1,6 @@
 """Data-parallel training: process groups, DDP wrapping, sharded data, agreement between processes.
 
-Two ways in, one code path: ``torchrun --nproc_per_node=N -m qexp.train ...`` (the environment names
+Two ways in, one code path: ``torchrun --nproc_per_node=N -m qexp.run.train ...`` (the environment names
 the rank) or ``qexp train trainer.devices=N`` (:func:`spawn` starts the N processes itself). Every
 process builds the same model from the same seed and every method draws from generators seeded by the
 config, so the processes stay identical as long as they see identical gradients; DDP averages those.
@@ -240,7 +240,7 @@ def spawn(world: int, worker: Callable[..., None], payload: Any, threads: int | 
     """
     import torch.multiprocessing as mp
 
-    from qexp.preempt import stop_on_signals
+    from qexp.run.preempt import stop_on_signals
 
     store = Path(tempfile.mkdtemp(prefix="qexp-ddp-")) / "store"
     errors = mp.get_context("spawn").SimpleQueue()

@@ -3,7 +3,7 @@
 Training is plain float training (every hook is the base class's no-op). In :meth:`PTQ.finalize` a
 *copy* of the trained model is quantized and evaluated:
 
-- weights: every conv/linear weight gets its own affine min/max grid (``qexp.quant.affine``), stored as
+- weights: every conv/linear weight gets its own affine min/max grid (``qexp.methods.ptq.affine``), stored as
   uint8 codes plus float32 ``lo`` and ``scale``; the copy computes with ``lo + q * scale``. Biases and
   BatchNorm parameters stay float32 (they are a tiny share of the memory; integer kernels keep biases
   at 32 bits as well).
@@ -14,7 +14,7 @@ Training is plain float training (every hook is the base class's no-op). In :met
   eval mode (so BatchNorm uses its running statistics, as at deployment). Values outside the range
   are clipped.
 
-The same functions serve ``qexp eval RUN --ptq-bits`` (:mod:`qexp.ptq_curve`) on any finished run.
+The same functions serve ``qexp eval RUN --ptq-bits`` (:mod:`qexp.methods.ptq.curve`) on any finished run.
 There the weights quantized are each layer's *effective* weight (``layer.weight`` in eval mode: the
 output of a training method's weight quantizer when one is attached), so for a binarized run PTQ
 re-encodes the already-quantized values.
@@ -33,7 +33,7 @@ from torch.nn.utils import parametrize
 
 from qexp.errors import QexpError
 from qexp.methods.base import Evaluate, Method
-from qexp.quant import affine
+from qexp.methods.ptq import affine
 from qexp.quant.inject import weight_layers
 
 SCHEME = "affine-minmax-per-layer"

@@ -21,14 +21,14 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from qexp import checkpoint, distributed, preempt, record
-from qexp.config import VOLATILE_KEYS, register
 from qexp.data import DataBundle
-from qexp.engine import Progress, Trainer
 from qexp.errors import QexpError
 from qexp.jsonio import write_json
 from qexp.methods.base import Method
-from qexp.preempt import stop_on_signals  # noqa: F401  (re-exported: train.stop_on_signals)
+from qexp.run import checkpoint, distributed, preempt, record
+from qexp.run.config import VOLATILE_KEYS, register
+from qexp.run.engine import Progress, Trainer
+from qexp.run.preempt import stop_on_signals  # noqa: F401  (re-exported: train.stop_on_signals)
 
 log = logging.getLogger("qexp")
 
@@ -282,7 +282,7 @@ def _spawn_ranks(cfg: DictConfig, run_dir: Path) -> dict[str, Any] | None:
     payload = (OmegaConf.to_container(cfg, resolve=True, enum_to_str=True), str(run_dir), overrides, backend)
     threads = max(1, torch.get_num_threads() // world) if device.type == "cpu" else None
     log.info("training on %d processes (%s)", world, backend)
-    worker = importlib.import_module("qexp.train")._ddp_worker  # by module name: picklable under -m too
+    worker = importlib.import_module("qexp.run.train")._ddp_worker  # by module name: picklable under -m too
     distributed.spawn(world, worker, payload, threads)
     return record.read(run_dir)
 
@@ -310,13 +310,13 @@ def _record_failure(cfg: DictConfig, run_dir: Path, message: str) -> None:
                                        error=message))
 
 
-@hydra.main(config_path="configs", config_name="train", version_base="1.3")
+@hydra.main(config_path="pkg://qexp.configs", config_name="train", version_base="1.3")
 def _hydra_main(cfg: DictConfig) -> None:
     run(cfg)
 
 
 def main() -> None:
-    """Entry for ``qexp train`` and ``python -m qexp.train``: Hydra parses ``sys.argv``."""
+    """Entry for ``qexp train`` and ``python -m qexp.run.train``: Hydra parses ``sys.argv``."""
     register()
     if int(os.environ.get("RANK", "0")) > 0:  # torchrun: only rank 0 writes .hydra/ and train.log
         sys.argv += ["hydra.output_subdir=null", "hydra/job_logging=stdout",

@@ -13,24 +13,26 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from qexp import checkpoint, integer_eval, ptq_curve
-from qexp.config import register
 from qexp.errors import QexpError
+from qexp.methods.ptq import curve as ptq_curve
+from qexp.methods.wage import integer_eval
+from qexp.run import checkpoint
+from qexp.run.config import register
 
 
 @dataclass
 class LoadedRun:
     run_dir: Path
     cfg: DictConfig
-    built: object  # qexp.train.Built
+    built: object  # qexp.run.train.Built
     device: torch.device
-    trainer: object  # qexp.engine.Trainer, for its evaluate()
+    trainer: object  # qexp.run.engine.Trainer, for its evaluate()
 
 
 def load_run(run_dir: str | Path, device: str = "auto", data_root: str | None = None) -> LoadedRun:
     """Rebuild a run's data, model and method from its folder and load its checkpoint."""
-    from qexp.engine import Trainer
-    from qexp.train import CHECKPOINT, build, resolve_device
+    from qexp.run.engine import Trainer
+    from qexp.run.train import CHECKPOINT, build, resolve_device
 
     run_dir = Path(run_dir)
     cfg_file = run_dir / ".hydra" / "config.yaml"

@@ -28,7 +28,7 @@ from torch import nn
 from qexp.errors import QexpError
 from qexp.jsonio import read_json, write_json
 from qexp.methods.base import Evaluate
-from qexp.methods.ptq import (
+from qexp.methods.ptq.method import (
     SCHEME,
     calibration_batches,
     quantize_activations,

@@ -14,9 +14,9 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from qexp import checkpoint
 from qexp.data import DataBundle
 from qexp.methods.base import Method
+from qexp.run import checkpoint
 
 log = logging.getLogger("qexp")
 
@@ -71,7 +71,7 @@ class Trainer:
         reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> None:
         self.model, self.method, self.optimizer, self.scheduler = model, method, optimizer, scheduler
-        # Data-parallel training (qexp.distributed): the training forward goes through the DDP wrapper,
+        # Data-parallel training (qexp.run.distributed): the training forward goes through the DDP wrapper,
         # hooks and checkpoints see the plain model, and counts are summed over processes by `reduce`.
         self.forward_model = model if forward_model is None else forward_model
         self.reduce = reduce

@@ -4,7 +4,7 @@ One row per method and bits (or any keys in --rows), one column per dataset/mode
 ``mean ± std (n)`` over seeds of the completed runs. Runs that failed, diverged or are still running
 are shown in their cell ("failed (1)", "running 3/10 ep"), never dropped. The best mean of each
 column is marked (bold). --ref puts a paper's published numbers and our difference beside each
-column; reference files live in qexp/configs/reference/ (li2017, bc2015, wage2018) or any path.
+column; reference files live in configs/reference/ (li2017, bc2015, wage2018) or any path.
 
 examples:
   qexp table outputs/li2017_mnist
@@ -22,9 +22,9 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from qexp import reference as refs
-from qexp import results
 from qexp.errors import QexpError
+from qexp.report import reference as refs
+from qexp.report import results
 
 FORMATS = ("term", "md", "latex", "csv")
 SUFFIX_FORMAT = {".md": "md", ".tex": "latex", ".csv": "csv", ".txt": "term"}
