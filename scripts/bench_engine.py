@@ -3,7 +3,7 @@ loop over the same in-memory tensors, model and batch size. Interleaved repetiti
 both sides see the same machine noise (the order alternates, ABBA); the figures are the ratio of the
 medians and the ratio of the fastest epochs, qexp / bare.
 
-    QEXP_DATA=../shared/data python scripts/bench_engine.py [--subset 10000] [--reps 8]
+    QEXP_DATA=/path/to/data python scripts/bench_engine.py [--subset 10000] [--reps 8]
 """
 
 from __future__ import annotations
@@ -59,7 +59,7 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=8)
     ap.add_argument("--batch-size", type=int, default=64)
     args = ap.parse_args()
-    root = os.environ.get("QEXP_DATA", "../shared/data")
+    root = os.environ.get("QEXP_DATA", "./data")
     data = build_mnist("mnist", root, batch_size=args.batch_size, train_subset=args.subset, download=False)
     x_all, y_all = data.train.images, data.train.labels
     mean, std = 0.1307, 0.3081

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-DEFAULT_DATA = REPO.parent / "shared" / "data"
+DEFAULT_DATA = REPO / "data"  # qexp's own default (./data) when QEXP_DATA is unset
 
 
 def data_root_path() -> Path:
@@ -21,7 +21,7 @@ def data_root_path() -> Path:
 
 @pytest.fixture(scope="session")
 def data_root() -> Path:
-    """The real datasets (../shared/data or $QEXP_DATA). Missing data FAILS the test, never skips it."""
+    """The real datasets ($QEXP_DATA, else ./data). Missing data FAILS the test, never skips it."""
     root = data_root_path()
     if not (root / "MNIST" / "raw").is_dir():
         pytest.fail(f"real data not found at {root}: set QEXP_DATA to the folder holding MNIST/raw")

@@ -1,4 +1,4 @@
-"""Loaders on the real data in ../shared/data, the CIFAR pickle reader, batching and augmentation."""
+"""Loaders on the real data in $QEXP_DATA, the CIFAR pickle reader, batching and augmentation."""
 
 from __future__ import annotations
 

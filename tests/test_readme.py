@@ -1,8 +1,12 @@
-"""The README's set-up commands, `.ci/run`, `qexp --help` and the config groups stay in sync."""
+"""The README, docs/, `.ci/run`, `qexp --help` and the config groups stay in sync."""
 
 from __future__ import annotations
 
+import re
+import subprocess
 from pathlib import Path
+
+import yaml
 
 from tests.conftest import run_qexp
 
@@ -29,25 +33,120 @@ def test_ci_runs_the_readme_test_command():
     assert "QEXP_DATA" in ci
 
 
-def test_help_lists_subcommands_and_groups():
+GROUPS = ("dataset", "model", "method", "optim", "sched")
+
+
+def options(group: str) -> set[str]:
+    return {p.stem for p in (REPO / "configs" / group).glob("*.yaml")}
+
+
+def doc_pages() -> list[Path]:
+    return [REPO / "README.md", *sorted((REPO / "docs").rglob("*.md"))]
+
+
+def test_help_lists_subcommands_and_every_group_option():
     top = run_qexp(["--help"]).stdout
-    for cmd in ("train", "eval"):
+    for cmd in ("train", "eval", "table", "plot", "runs"):
         assert cmd in top
     train_help = run_qexp(["train", "--help"]).stdout
-    for group in ("dataset", "model", "method", "optim", "sched"):
-        assert f"{group}:" in train_help or f"{group}/" in train_help or group in train_help
+    listed = dict(line.split(": ", 1) for line in train_help.splitlines()
+                  if ": " in line and line.split(": ", 1)[0] in (*GROUPS, "experiment"))
+    for group in (*GROUPS, "experiment"):
+        assert group in listed, f"`qexp train --help` lists no group {group}"
+        assert set(listed[group].split(", ")) == options(group), group
+
+
+def readme_table_row(readme: str, first_cell: str) -> str:
+    rows = [line for line in readme.splitlines() if line.startswith(f"| {first_cell} |")]
+    assert len(rows) == 1, f"the README has {len(rows)} table rows starting with {first_cell}"
+    return rows[0]
+
+
+def test_readme_group_table_lists_every_option():
     readme = (REPO / "README.md").read_text()
-    for opt in (REPO / "configs" / "method").glob("*.yaml"):
-        assert f"`{opt.stem}`" in readme, f"method {opt.stem} is not documented in the README"
-    for group in ("dataset", "model", "optim", "sched"):
-        for opt in (REPO / "configs" / group).glob("*.yaml"):
-            assert f"`{opt.stem}`" in readme, f"{group}={opt.stem} is not documented in the README"
+    for group in GROUPS:
+        row = readme_table_row(readme, f"`{group}`")
+        for opt in options(group):
+            assert f"`{opt}`" in row, f"{group}={opt} is missing from the README's group table"
+
+
+def test_readme_lists_every_preset():
+    readme = (REPO / "README.md").read_text()
+    for preset in options("experiment"):
+        readme_table_row(readme, f"`{preset}`")
+
+
+def test_every_method_option_is_documented():
+    """Each method has a row in the README's method table, and each of its config keys (``method.KEY``)
+    is explained somewhere in the README or docs/."""
+    readme = (REPO / "README.md").read_text()
+    text = "\n".join(p.read_text() for p in doc_pages())
+    method_rows = [line for line in readme.splitlines() if line.startswith("| `") and "docs/methods/" in line]
+    for f in sorted((REPO / "configs" / "method").glob("*.yaml")):
+        assert any(f"`{f.stem}`" in row for row in method_rows), f"method {f.stem} has no README row"
+        keys = yaml.safe_load(f.read_text())["method"]
+        undocumented = [k for k in keys if k not in ("_target_", "name", "tag", "bits")
+                        and f"method.{k}" not in text]
+        assert not undocumented, f"method={f.stem}: options not documented in docs/: {undocumented}"
+
+
+def test_readme_is_short():
+    assert len((REPO / "README.md").read_bytes()) <= 10_240, "README.md over 10 KB: move detail into docs/"
+
+
+def slug(heading: str) -> str:
+    """GitHub's anchor for a Markdown heading."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def test_relative_links_point_at_existing_files_and_headings():
+    link = re.compile(r"\]\(([^)\s]+)\)")
+    checked = 0
+    for page in doc_pages():
+        text = re.sub(r"```.*?```", "", page.read_text(), flags=re.S)
+        for target in link.findall(text):
+            if re.match(r"[a-z]+:", target):
+                continue
+            path, _, anchor = target.partition("#")
+            dest = (page.parent / path).resolve() if path else page
+            assert dest.exists(), f"{page.relative_to(REPO)} links to missing {target}"
+            assert REPO in dest.parents or dest == REPO, f"{page.relative_to(REPO)} links outside the repo: {target}"
+            if anchor and dest.suffix == ".md":
+                heads = {slug(h) for h in re.findall(r"^#+ (.+)$", dest.read_text(), flags=re.M)}
+                assert anchor in heads, f"{page.relative_to(REPO)}: no heading #{anchor} in {path or page.name}"
+            checked += 1
+    assert checked > 20
+
+
+def repo_text_files() -> list[Path]:
+    out = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=REPO,
+                         capture_output=True, text=True, check=True).stdout.split()
+    return [REPO / f for f in out if (REPO / f).is_file()]
+
+
+def test_nothing_points_at_the_development_folders():
+    """Users have only the repository: no file may send them to ../shared or its design notes (the README's
+    two set-up commands and .ci/run fall back to a data folder beside the checkout: the one exception)."""
+    pattern = re.compile(r"\.\./shared|shared/data|METHODS\.md|DESIGN\.md")
+    allowed = set(setup_commands())
+    hits = []
+    files = repo_text_files()
+    assert REPO / "README.md" in files
+    for f in files:
+        if f == REPO / ".ci" / "run" or f == Path(__file__).resolve():
+            continue
+        try:
+            lines = f.read_text().splitlines()
+        except UnicodeDecodeError:
+            continue
+        hits += [f"{f.relative_to(REPO)}:{i}: {line.strip()}" for i, line in enumerate(lines, 1)
+                 if pattern.search(line) and line not in allowed]
+    assert not hits, "\n".join(hits)
 
 
 def test_wheel_ships_every_config(tmp_path):
     """A plain `pip install .` must carry configs/ as qexp.configs (Hydra reads them from the package)."""
     import shutil
-    import subprocess
     import sys
     import zipfile
 

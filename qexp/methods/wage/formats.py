@@ -9,7 +9,7 @@ Every WAGE tensor lives on a symmetric fixed-point grid in ``[-1, 1]`` with step
 way (this matters for exactness: a 2-bit weight of 0.25 becomes 0, not 0.5).
 
 Deviation kept on purpose: the official ``Q`` returns ``x`` unchanged for ``k > 15``, so its 16-bit
-"randomizer" quantization ``Q(eta x, k_R)`` is a no-op there; METHODS.md (and the paper) apply it, which
+"randomizer" quantization ``Q(eta x, k_R)`` is a no-op there; the paper (and docs/methods/wage.md) apply it, which
 makes the Bernoulli draw of :func:`round_update` a comparison of a 15-bit fraction with a 15-bit random
 integer (the "randomizer"). The difference in the rounding probability is below ``2^-15``.
 """

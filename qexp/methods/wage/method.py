@@ -1,6 +1,6 @@
 """WAGE (Wu, Li, Chen, Shi, ICLR 2018): weights, activations, gradients and errors all on integer grids.
 
-As the official TF code (boluoweifenda/WAGE) does it, see METHODS.md:
+As the official TF code (boluoweifenda/WAGE) does it, see docs/methods/wage.md:
 
 - init ``U(-L, L)``, ``L = max(sqrt(3/n_in), 1.5 sigma(k_W))``, stored on the k_W grid; layer scale
   ``alpha`` (a power of two) divides the forward weight ``Q(C(W, k_W), k_W)``;
