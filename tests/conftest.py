@@ -16,7 +16,9 @@ DEFAULT_DATA = REPO / "data"  # qexp's own default (./data) when QEXP_DATA is un
 
 
 def data_root_path() -> Path:
-    return Path(os.environ.get("QEXP_DATA", DEFAULT_DATA))
+    """Absolute: the README's ``QEXP_DATA=../shared/data`` is relative to where pytest was started, and
+    tests link to it from (or run subprocesses in) other folders."""
+    return Path(os.environ.get("QEXP_DATA", DEFAULT_DATA)).resolve()
 
 
 @pytest.fixture(scope="session")

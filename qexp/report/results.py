@@ -19,14 +19,14 @@ import pandas as pd
 
 from qexp.errors import QexpError
 from qexp.jsonio import read_json
-from qexp.run import record
+from qexp.run import lock, record
 
 #: row order of methods in every table; methods not listed follow alphabetically
 METHOD_ORDER = ("float", "bc", "big_sr", "sr", "r", "ste", "wage", "learned", "ptq")
 #: column order of datasets; others follow alphabetically
 DATASET_ORDER = ("mnist", "fashion_mnist", "cifar10", "cifar100", "svhn", "imagenet")
 #: status order in listings and cell notes (finished first, then in progress, then broken)
-STATUS_ORDER = ("completed", "running", "interrupted", "pending", "diverged", "failed")
+STATUS_ORDER = ("completed", "running", "interrupted", "pending", "dead", "diverged", "failed")
 #: what identifies a configuration besides the seed: a cell mixing several of these is flagged
 CONFIG_FIELDS = ("name", "dataset", "model", "method", "bits", "bits_tag", "epochs", "overrides", "optim",
                  "lr", "batch_size")
@@ -100,6 +100,10 @@ def read_run(run_dir: Path) -> dict[str, Any]:
         for k, v in _hydra_fields(run_dir).items():
             if rec.get(k) is None:
                 rec[k] = v
+    if rec.get("status") in ("running", "pending"):
+        why = dead_reason(run_dir, mtime)
+        if why is not None:
+            rec = {**rec, "status": "dead", "error": why}
     out = {k: v for k, v in rec.items() if isinstance(v, (str, int, float, bool)) or v is None}
     if out.get("bits_tag") is None and out.get("bits") is not None:
         out["bits_tag"] = str(out["bits"])
@@ -109,6 +113,28 @@ def read_run(run_dir: Path) -> dict[str, Any]:
     out.setdefault("status", "failed")
     out.setdefault("epochs_done", len(out["history"]))
     return out
+
+
+def dead_reason(run_dir: Path, mtime: float, now: float | None = None) -> str | None:
+    """Why a run recorded as ``running`` (or ``pending``) no longer runs; None while it may still run.
+
+    Its lock decides (:mod:`qexp.run.lock`): on this host the holder's pid must still exist, from
+    another host its heartbeat must be younger than ``lock.STALE_S``. A folder without a lock file
+    (the run ended without writing its final status, or predates locks) is dead once metrics.json is
+    older than ``lock.STALE_S``.
+    """
+    import time
+
+    now = time.time() if now is None else now
+    holder = lock.read_holder(run_dir / lock.LOCK)
+    if holder is None:
+        if now - mtime > lock.STALE_S:
+            return (f"no process holds this run and it has not written for {now - mtime:.0f} s: rerun the "
+                    "same command to resume it")
+        return None
+    if lock.holder_alive(holder, now):
+        return None
+    return f"its process ({holder.describe(now)}) is gone: rerun the same command to resume it"
 
 
 def collect(dirs: Iterable[str | Path]) -> pd.DataFrame:

@@ -1,9 +1,9 @@
 """``qexp runs DIR...``: one line per run below DIR, to see what a sweep is doing.
 
 Columns: status, method, bits, dataset/model, overrides, seed, epochs done/total, final test error,
-wall time, folder. A running run shows how long ago it last wrote metrics.json (a run that stopped
-updating long ago was probably killed: rerunning the same command resumes it). Failed runs show their
-error message. A summary line counts the runs by status.
+wall time, folder. A running run shows how long ago it last wrote metrics.json; one whose process is
+gone shows as ``dead`` (its lock's holder no longer runs, see qexp.run.lock; rerunning the same command
+resumes it). Failed and dead runs show their error message. A summary line counts the runs by status.
 """
 
 from __future__ import annotations
@@ -15,10 +15,11 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from qexp.errors import QexpError
 from qexp.report import results
 
 COLORS = {"completed": "green", "running": "cyan", "interrupted": "yellow", "pending": "yellow",
-          "diverged": "magenta", "failed": "red"}
+          "dead": "red", "diverged": "magenta", "failed": "red"}
 
 
 def fmt_duration(s: float | None) -> str:
@@ -79,11 +80,14 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--status", default=None,
                     help="show only runs with these statuses (comma-separated, e.g. failed,diverged)")
     args = ap.parse_args(argv)
+    wanted = set(args.status.split(",")) if args.status else set()
+    unknown = sorted(wanted - set(results.STATUS_ORDER))
+    if unknown:
+        raise QexpError(f"--status: unknown status {', '.join(unknown)} (valid: {','.join(results.STATUS_ORDER)})")
     df = results.collect(args.dirs)
     counts = Counter(df["status"].fillna("failed"))
-    if args.status:
-        keep = set(args.status.split(","))
-        df = df[df["status"].isin(keep)]
+    if wanted:
+        df = df[df["status"].isin(wanted)]
     header, rows = run_lines(df, args.dirs)
     widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)]
     color = sys.stdout.isatty()

@@ -2,33 +2,33 @@
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from qexp.errors import QexpError
-from qexp.jsonio import atomic_write_bytes
+from qexp.jsonio import write_torch
 
 
 def save(path: str | Path, state: dict[str, Any]) -> None:
     """Serialise to memory, then write-and-rename: a crash mid-write leaves the old checkpoint intact."""
-    buf = io.BytesIO()
-    torch.save(state, buf)
-    atomic_write_bytes(path, buf.getvalue())
+    write_torch(path, state)
 
 
 def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """The checkpoint's state dict; any unreadable file (empty, truncated, foreign) is one QexpError line."""
+    fix = "delete it to retrain this run from scratch, or run again with resume=false"
     try:
+        if Path(path).stat().st_size == 0:
+            raise QexpError(f"checkpoint {path} is empty (0 bytes): {fix}")
         state = torch.load(path, map_location=map_location, weights_only=True)
-    except FileNotFoundError:
+    except (FileNotFoundError, QexpError):
         raise
     except Exception as e:  # truncated file, wrong format, pickled code: never execute it
-        raise QexpError(
-            f"checkpoint {path} is unreadable or corrupt ({type(e).__name__}: {str(e).splitlines()[0][:200]}).\n"
-            "Delete it to retrain this run from scratch, or run again with resume=false."
-        ) from e
+        lines = str(e).strip().splitlines()
+        why = f"{type(e).__name__}: {lines[0][:200]}" if lines else type(e).__name__
+        raise QexpError(f"checkpoint {path} is unreadable or corrupt ({why}): {fix}") from e
     if not isinstance(state, dict) or "model" not in state:
-        raise QexpError(f"checkpoint {path} is not a qexp checkpoint; delete it or run with resume=false")
+        raise QexpError(f"checkpoint {path} is not a qexp checkpoint: {fix}")
     return state

@@ -54,6 +54,14 @@ def load_run(run_dir: str | Path, device: str = "auto", data_root: str | None = 
     return LoadedRun(run_dir, cfg, built, dev, trainer)
 
 
+def _method_name(run_dir: Path) -> str:
+    """The method a run folder was trained with (read from .hydra/config.yaml without building anything)."""
+    cfg_file = run_dir / ".hydra" / "config.yaml"
+    if not cfg_file.exists():
+        raise QexpError(f"{run_dir} is not a qexp run folder (no .hydra/config.yaml)")
+    return str(OmegaConf.load(cfg_file).method.get("name"))
+
+
 def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(prog="qexp eval", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -63,6 +71,7 @@ def main(argv: list[str]) -> int:
     ptq_curve.add_arguments(ap)
     integer_eval.add_arguments(ap)
     args = ap.parse_args(argv)
+    integer_eval.check(_method_name(args.run_dir), args)
     run = load_run(args.run_dir, args.device, args.data_root)
     res = run.trainer.evaluate()
     print(f"{run.run_dir}: test error {res['error']:.2f}% (accuracy {100 - res['error']:.2f}%), "

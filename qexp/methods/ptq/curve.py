@@ -137,11 +137,16 @@ def run(loaded: Any, args: argparse.Namespace, base: dict[str, float] | None = N
     header = {"dataset": cfg.dataset.name, "model": cfg.model.name, "method": cfg.method.name,
               "run_bits": loaded.built.method.bits, "scheme": SCHEME, "calib_batches": args.calib_batches,
               "float_test_error": base["error"], "float32_bytes": weight_memory(model, 8)["float32_bytes"]}
-    doc = write(loaded.run_dir, header, rows)
+    # print first: minutes of evaluation must not be lost to a read-only run folder
     print(f"post-training quantization of {loaded.run_dir} (as trained: test error {base['error']:.2f}%)")
     print(f"  {'bits':>4}  {'act':>3}  {'weights only':>12}  {'+ activations':>13}  {'bytes':>10}")
     for r in rows:
         print(f"  {r['bits']:>4}  {r['act_bits']:>3}  {r['weights_only_error']:>11.2f}%  "
-              f"{r['with_activations_error']:>12.2f}%  {r['bytes']:>10}")
+              f"{r['with_activations_error']:>12.2f}%  {r['bytes']:>10}", flush=True)
+    try:
+        doc = write(loaded.run_dir, header, rows)
+    except OSError as e:
+        raise QexpError(f"the results above were not saved: cannot write {loaded.run_dir / PTQ_FILE} "
+                        f"({e.strerror or e})") from None
     print(f"  float32: {header['float32_bytes']} bytes; written to {loaded.run_dir / PTQ_FILE}")
     return doc

@@ -15,7 +15,8 @@ from typing import Any
 
 import torch
 
-from qexp.jsonio import write_json
+from qexp.errors import QexpError
+from qexp.jsonio import write_json, write_torch
 from qexp.methods.wage.integer import export
 
 RESULT = "integer_eval.json"
@@ -70,11 +71,23 @@ def run(loaded: Any, args: argparse.Namespace) -> dict[str, Any] | None:
     if not getattr(args, "integer", False):
         return None
     res, net = compare(loaded.built.model, loaded.built.data.test)
-    write_json(loaded.run_dir / RESULT, res)
-    if net is not None:
-        torch.save(net.state_dict(), loaded.run_dir / EXPORT)
     print(f"integer inference: accuracy {res['accuracy']:.2f}% on {res['images']} test images "
           f"(fake-quantized float {res['fake_quant_accuracy']:.2f}%), "
           f"{res['differing_predictions']} differing predictions, "
-          f"{res['differing_logit_rows']} images with any differing logit -> {loaded.run_dir / RESULT}")
+          f"{res['differing_logit_rows']} images with any differing logit", flush=True)
+    try:
+        write_json(loaded.run_dir / RESULT, res)
+        if net is not None:
+            write_torch(loaded.run_dir / EXPORT, net.state_dict())
+    except OSError as e:
+        raise QexpError(f"the results above were not saved: cannot write into {loaded.run_dir} "
+                        f"({e.strerror or e})") from None
+    print(f"  written to {loaded.run_dir / RESULT}")
     return res
+
+
+def check(method_name: str, args: argparse.Namespace) -> None:
+    """Refuse ``--integer`` for a run that is not WAGE before anything is evaluated."""
+    if getattr(args, "integer", False) and method_name != "wage":
+        raise QexpError(f"--integer needs a method=wage run (integer-only inference of WAGE's power-of-two "
+                        f"formats); this run is method={method_name}")

@@ -1,0 +1,172 @@
+"""Trustworthy run folders: file modes follow the umask, one writer per folder (the lock), dead runs are
+shown as dead, unreadable checkpoints and bad report options are one line (exit 2)."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from qexp.cli import main as qexp
+from qexp.errors import QexpError
+from qexp.jsonio import write_json, write_torch
+from qexp.report import results
+from qexp.run import checkpoint, lock
+from tests.test_results import make_run
+
+
+# ---- file modes ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("umask", [0o022, 0o077, 0o002])
+def test_atomic_writes_follow_the_umask(tmp_path: Path, umask: int) -> None:
+    """metrics.json-style JSON and checkpoints get 0666 & ~umask, as a plain open() would give; a
+    rewrite of an existing file too (the temporary file, not the old file, sets the mode)."""
+    old = os.umask(umask)
+    try:
+        write_json(tmp_path / "metrics.json", {"a": 1})
+        write_json(tmp_path / "metrics.json", {"a": 2})
+        checkpoint.save(tmp_path / "checkpoint.pt", {"model": {"w": torch.zeros(2)}})
+        write_torch(tmp_path / "x.pt", {"w": torch.ones(1)})
+        (tmp_path / "plain").write_text("x")
+    finally:
+        os.umask(old)
+    want = 0o666 & ~umask
+    for name in ("metrics.json", "checkpoint.pt", "x.pt", "plain"):
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == want, name
+    assert json.loads((tmp_path / "metrics.json").read_text()) == {"a": 2}
+    assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []
+
+
+# ---- checkpoints ---------------------------------------------------------------------------------
+def test_empty_or_garbage_checkpoint_is_one_line(tmp_path: Path) -> None:
+    for content in (b"", b"\x00garbage", b"PK\x03\x04"):
+        path = tmp_path / "checkpoint.pt"
+        path.write_bytes(content)
+        with pytest.raises(QexpError) as e:
+            checkpoint.load(path)
+        msg = str(e.value)
+        assert "\n" not in msg and str(path) in msg and "resume=false" in msg
+        if not content:
+            assert "empty (0 bytes)" in msg
+
+
+# ---- the lock ------------------------------------------------------------------------------------
+HOLD = ("import sys, time; from qexp.run import lock; l = lock.RunLock(sys.argv[1]); l.acquire(); "
+        "print('held', flush=True); time.sleep(600)")
+
+
+def _holder(run_dir: Path) -> subprocess.Popen:
+    p = subprocess.Popen([sys.executable, "-c", HOLD, str(run_dir)], stdout=subprocess.PIPE, text=True)
+    assert p.stdout.readline().strip() == "held"
+    return p
+
+
+def test_lock_is_exclusive_names_its_holder_and_is_reclaimed_after_kill9(tmp_path: Path) -> None:
+    holder = _holder(tmp_path)
+    try:
+        with pytest.raises(lock.LockBusy) as e:
+            lock.RunLock(tmp_path).acquire()
+        assert f"pid {holder.pid} on {socket.gethostname()}" in str(e.value) and "\n" not in str(e.value)
+        assert lock.run_alive(tmp_path) is True
+    finally:
+        holder.kill()
+        holder.wait()
+    assert lock.run_alive(tmp_path) is False  # same host: the pid is gone
+    mine = lock.RunLock(tmp_path)
+    mine.acquire()  # reclaimed at once, without waiting for the heartbeat to age
+    assert json.loads((tmp_path / lock.LOCK).read_text())["pid"] == os.getpid()
+    mine.release()
+    assert not (tmp_path / lock.LOCK).exists()
+
+
+def test_lock_of_another_host_is_reclaimed_only_when_its_heartbeat_is_stale(tmp_path: Path) -> None:
+    path = tmp_path / lock.LOCK
+    path.write_text(json.dumps({"pid": 1, "host": "node-that-died", "started": time.time(), "token": "t"}))
+    with pytest.raises(lock.LockBusy, match="node-that-died"):
+        lock.RunLock(tmp_path).acquire()
+    old = time.time() - lock.STALE_S - 5
+    os.utime(path, (old, old))
+    assert lock.run_alive(tmp_path) is False
+    mine = lock.RunLock(tmp_path)
+    mine.acquire()
+    mine.release()
+
+
+def test_lock_wait_waits_for_the_holder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(lock, "POLL_S", 0.05)
+    holder = _holder(tmp_path)
+    seen: list[lock.Holder] = []
+    t0 = time.time()
+    try:
+        import threading
+
+        threading.Timer(0.5, holder.kill).start()
+        mine = lock.RunLock(tmp_path)
+        mine.acquire(wait=True, on_wait=seen.append)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert time.time() - t0 >= 0.4 and [h.pid for h in seen] == [holder.pid]
+    mine.release()
+
+
+def test_heartbeat_refreshes_the_lock(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(lock, "HEARTBEAT_S", 0.05)
+    mine = lock.RunLock(tmp_path)
+    mine.acquire()
+    try:
+        old = time.time() - 1000
+        os.utime(tmp_path / lock.LOCK, (old, old))
+        time.sleep(0.3)
+        assert time.time() - (tmp_path / lock.LOCK).stat().st_mtime < 5
+    finally:
+        mine.release()
+
+
+# ---- dead runs in qexp runs / table --------------------------------------------------------------
+def test_running_run_whose_process_died_is_dead(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """A `running` record whose lock holder is gone (kill -9), or whose folder has no lock and has not
+    been written for longer than lock.STALE_S, reads back as `dead`; a live holder keeps `running`."""
+    live = make_run(tmp_path, "float", 32, 0, [5.0], status="running", epochs=3)
+    killed = make_run(tmp_path, "float", 32, 1, [5.0], status="running", epochs=3)
+    orphan = make_run(tmp_path, "float", 32, 2, [5.0], status="running", epochs=3)
+    holders = [_holder(live), _holder(killed)]
+    try:
+        holders[1].kill()
+        holders[1].wait()
+        old = time.time() - lock.STALE_S - 5
+        os.utime(orphan / "metrics.json", (old, old))
+        status = {Path(r["run_dir"]).name: r["status"] for r in results.collect([tmp_path]).to_dict("records")}
+        assert status == {"seed0": "running", "seed1": "dead", "seed2": "dead"}
+        assert qexp(["runs", str(tmp_path), "--status", "dead"]) == 0
+        out = capsys.readouterr().out
+        assert out.count("\ndead ") == 2 and "is gone" in out and "3 runs: 1 running, 2 dead" in out
+        assert qexp(["table", str(tmp_path)]) == 0
+        assert "dead (2)" in capsys.readouterr().out
+    finally:
+        holders[0].kill()
+        holders[0].wait()
+
+
+def test_runs_rejects_an_unknown_status(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    make_run(tmp_path, "float", 32, 0, [5.0])
+    assert qexp(["runs", str(tmp_path), "--status", "bogus,failed"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "bogus" in err and "completed" in err
+
+
+def test_eval_integer_refuses_a_non_wage_run_before_evaluating(tmp_path: Path,
+                                                              capsys: pytest.CaptureFixture) -> None:
+    run = tmp_path / "run"
+    (run / ".hydra").mkdir(parents=True)
+    (run / ".hydra" / "config.yaml").write_text("method:\n  name: float\n")  # no checkpoint: never loaded
+    assert qexp(["eval", str(run), "--integer"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "method=wage" in err and "method=float" in err
