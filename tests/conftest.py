@@ -16,8 +16,8 @@ DEFAULT_DATA = REPO / "data"  # qexp's own default (./data) when QEXP_DATA is un
 
 
 def data_root_path() -> Path:
-    """Absolute: the README's ``QEXP_DATA=../shared/data`` is relative to where pytest was started, and
-    tests link to it from (or run subprocesses in) other folders."""
+    """Absolute: a relative ``QEXP_DATA`` (as the README's test command sets it) is relative to where
+    pytest was started, and tests link to it from (or run subprocesses in) other folders."""
     return Path(os.environ.get("QEXP_DATA", DEFAULT_DATA)).resolve()
 
 
