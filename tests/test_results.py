@@ -95,10 +95,14 @@ def test_order_is_paper_order_then_alphabetical_and_bits_numeric(tmp_path: Path)
 
 
 def test_best_value_per_column_is_marked(sweep: Path) -> None:
-    md = render(sweep, "md")
+    """--alpha 1 marks the best mean unconditionally; the default asks for significance (test_stats.py)."""
+    md = render(sweep, "md", "--alpha", "1")
     assert "**1.20 ± 0.20 (3)**" in md and "**2.50" not in md
-    acc = render(sweep, "md", "--metric", "test_acc")
+    acc = render(sweep, "md", "--metric", "test_acc", "--alpha", "1")
     assert "**98.80 ± 0.20 (3)**" in acc  # higher is better for accuracy
+    md = render(sweep, "md")  # the runner-up (bc 2 bits) has one seed: nothing can be called best
+    assert "**" not in md.split("\n", 1)[1]
+    assert "best mean float/32 not marked, not significantly better than bc/2 (fewer than 2 seeds" in md
 
 
 def test_cell_mixing_configurations_is_flagged(tmp_path: Path) -> None:
@@ -164,7 +168,7 @@ def md_rows(md: str) -> list[list[str]]:
 
 
 def test_csv_parses_back_with_numbers(sweep: Path) -> None:
-    rows = list(csv.DictReader(io.StringIO(render(sweep, "csv"))))
+    rows = list(csv.DictReader(io.StringIO(render(sweep, "csv", "--alpha", "1"))))
     assert [(r["method"], r["bits"]) for r in rows] == [("float", "32"), ("bc", "1"), ("bc", "2"),
                                                          ("sr", "1")]
     f = rows[0]
@@ -184,7 +188,7 @@ def test_markdown_has_equal_column_counts(sweep: Path) -> None:
 
 
 def test_latex_rows_are_balanced(sweep: Path) -> None:
-    tex = render(sweep, "latex", "--ref", "li2017")
+    tex = render(sweep, "latex", "--ref", "li2017", "--alpha", "1")
     lines = tex.splitlines()
     body = lines[lines.index(r"\toprule") + 1:lines.index(r"\bottomrule")]
     body = [b for b in body if b != r"\midrule"]
@@ -196,7 +200,7 @@ def test_latex_rows_are_balanced(sweep: Path) -> None:
 
 
 def test_terminal_table_lists_every_cell(sweep: Path, capsys: pytest.CaptureFixture) -> None:
-    assert qexp(["table", str(sweep)]) == 0
+    assert qexp(["table", str(sweep), "--alpha", "1"]) == 0
     out = capsys.readouterr().out
     for text in ("1.20 ± 0.20 (3)", "2.50 ± 0.71 (2); failed (1)", "running 3/10 ep", "diverged (1)", "—"):
         assert text in out
@@ -249,7 +253,7 @@ def test_ref_file_by_path_with_std_and_accuracy(tmp_path: Path) -> None:
     ref.write_text(yaml.safe_dump({"title": "mine", "metric": "test_acc",
                                    "columns": {"m": {"dataset": "mnist", "model": "mlp"}},
                                    "rows": [{"method": "bc", "bits": 1, "m": {"mean": 98.82, "std": 0.04}}]}))
-    md = md_rows(render(runs, "md", "--ref", str(ref)))
+    md = md_rows(render(runs, "md", "--ref", str(ref), "--alpha", "1"))
     assert md[2] == ["bc", "1", "**1.50 (1)**", "1.18 ± 0.04", "+0.32"]  # accuracy shown as error
 
 

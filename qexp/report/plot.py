@@ -332,9 +332,7 @@ def main(argv: list[str]) -> int:
     if args.dpi < 10:
         raise QexpError("--dpi must be at least 10")
 
-    from qexp.report.table import apply_where
-
-    df = apply_where(results.collect(args.dirs), args.where)
+    df = results.where(results.collect(args.dirs), args.where)
     rows, cols = results.parse_keys(args.rows), results.parse_keys(args.cols)
     df = results.with_keys(df, [*rows, *cols])
     results.check_keys(df, [*rows, *cols], "--rows/--cols")

@@ -19,6 +19,7 @@ import pandas as pd
 
 from qexp.errors import QexpError
 from qexp.jsonio import read_json
+from qexp.report import stats
 from qexp.run import lock, record
 
 #: row order of methods in every table; methods not listed follow alphabetically
@@ -372,6 +373,11 @@ class Cell:
         """Sample standard deviation over seeds (n-1); None for a single run."""
         return statistics.stdev(self.values) if len(self.values) >= 2 else None
 
+    @property
+    def ci(self) -> float | None:
+        """Half-width of the 95% t confidence interval of the mean; None for a single run."""
+        return stats.mean_ci(self.values)
+
     def status_counts(self) -> dict[str, list[dict[str, Any]]]:
         """Runs that gave no number, by status (completed runs lacking the metric count as 'no value')."""
         out: dict[str, list[dict[str, Any]]] = {}
@@ -385,12 +391,14 @@ class Cell:
             out.setdefault(st, []).append(r)
         return dict(sorted(out.items(), key=lambda kv: sort_key("status", kv[0])))
 
-    def number_text(self, digits: int = 2) -> str:
+    def number_text(self, digits: int = 2, spread: str = "std") -> str:
+        """``mean ± std (n)``, or with ``spread="ci"`` ``mean ± half-width of the 95% CI (n)``."""
         if not self.values:
             return ""
-        if self.std is None:
+        half = self.ci if spread == "ci" else self.std
+        if half is None:
             return f"{self.mean:.{digits}f} ({self.n})"
-        return f"{self.mean:.{digits}f} ± {self.std:.{digits}f} ({self.n})"
+        return f"{self.mean:.{digits}f} ± {half:.{digits}f} ({self.n})"
 
     def note(self) -> str:
         """'failed (1)', 'running 3/10 ep', 'diverged (2)', ...; empty when every run completed."""
@@ -406,8 +414,8 @@ class Cell:
                 parts.append(f"{st} ({len(runs)})")
         return "; ".join(parts)
 
-    def text(self, digits: int = 2) -> str:
-        return "; ".join(p for p in (self.number_text(digits), self.note()) if p) or MISSING
+    def text(self, digits: int = 2, spread: str = "std") -> str:
+        return "; ".join(p for p in (self.number_text(digits, spread), self.note()) if p) or MISSING
 
     def mixed_configs(self) -> list[str]:
         """Fields that differ between the cell's runs other than the seed (the cell mixes configs)."""
@@ -425,6 +433,20 @@ def _first(values: Iterable[Any]) -> Any:
     return None
 
 
+#: significance level of the best-mark in tables (Welch's t-test against the runner-up)
+DEFAULT_ALPHA = 0.05
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """A column's best cell(s), its runner-up and the test between them (None when untestable)."""
+
+    rows: list[tuple[str, ...]]
+    runner_up: tuple[str, ...] | None
+    test: stats.Welch | None
+    marked: bool
+
+
 @dataclass
 class Grid:
     """A table before rendering: ordered row/column labels and the cell for each pair present."""
@@ -439,17 +461,36 @@ class Grid:
     def cell(self, row: tuple[str, ...], col: tuple[str, ...]) -> Cell | None:
         return self.cells.get((row, col))
 
-    def best(self) -> set[tuple[tuple[str, ...], tuple[str, ...]]]:
-        """The (row, col) pairs holding each column's best mean (ties all marked)."""
-        out = set()
+    def verdicts(self, alpha: float = DEFAULT_ALPHA) -> dict[tuple[str, ...], Verdict]:
+        """Per column: its best mean, the runner-up and whether the best is marked.
+
+        With ``alpha < 1`` a best cell is marked only when Welch's t-test over seeds finds it different
+        from the runner-up at p < alpha (so never with fewer than two seeds on either side, nor in a
+        column with a single filled cell); ``alpha >= 1`` marks the best mean unconditionally (ties all).
+        """
+        out: dict[tuple[str, ...], Verdict] = {}
         sign = -1.0 if higher_is_better(self.metric) else 1.0
         for col in self.cols:
-            means = {row: c.mean for row in self.rows if (c := self.cell(row, col)) and c.mean is not None}
-            if not means:
+            ranked = sorted(((sign * c.mean, row) for row in self.rows
+                             if (c := self.cell(row, col)) and c.mean is not None), key=lambda t: t[0])
+            if not ranked:
                 continue
-            best = min(sign * m for m in means.values())
-            out |= {(row, col) for row, m in means.items() if math.isclose(sign * m, best, abs_tol=1e-12)}
+            best_row = ranked[0][1]
+            if alpha >= 1.0:
+                tied = [row for m, row in ranked if math.isclose(m, ranked[0][0], abs_tol=1e-12)]
+                out[col] = Verdict(tied, None, None, True)
+                continue
+            if len(ranked) < 2:
+                out[col] = Verdict([best_row], None, None, False)
+                continue
+            runner = ranked[1][1]
+            test = stats.welch(self.cells[(best_row, col)].values, self.cells[(runner, col)].values)
+            out[col] = Verdict([best_row], runner, test, test is not None and test.p < alpha)
         return out
+
+    def best(self, alpha: float = DEFAULT_ALPHA) -> set[tuple[tuple[str, ...], tuple[str, ...]]]:
+        """The marked (row, col) pairs: see :meth:`verdicts`."""
+        return {(row, col) for col, v in self.verdicts(alpha).items() if v.marked for row in v.rows}
 
     def warnings(self) -> list[str]:
         notes = []
@@ -481,6 +522,29 @@ def aggregate(df: pd.DataFrame, row_keys: Sequence[str], col_keys: Sequence[str]
     rows = ordered(row_keys, (r for r, _ in groups))
     cols = ordered(col_keys, (c for _, c in groups))
     return Grid(list(row_keys), list(col_keys), metric, rows, cols, cells)
+
+
+def where(df: pd.DataFrame, clauses: Sequence[str]) -> pd.DataFrame:
+    """Keep runs whose KEY shows one of the comma-separated VALUES (``--where method=float,bc``); the one
+    filter of ``qexp table``, ``qexp plot`` and ``qexp runs``. Any key works: record fields, override keys
+    and config keys (``method.ste``), matched as the tables label them (``bits`` is the method's tag)."""
+    for clause in clauses:
+        key, values = parse_clause(clause, "--where")
+        df = with_keys(df, [key])
+        check_keys(df, [key], "--where")
+        wanted = set(values.split(","))
+        df = df[[key_label(key, r) in wanted for r in df.to_dict("records")]]
+        if df.empty:
+            raise QexpError(f"no runs left after --where {clause}")
+    return df
+
+
+def parse_clause(clause: str, option: str) -> tuple[str, str]:
+    """``KEY=VALUE`` -> (key, value); anything else is a user error naming the option."""
+    key, sep, value = clause.partition("=")
+    if not sep or not key.strip() or not value:
+        raise QexpError(f"{option} takes KEY=VALUE[,VALUE...], not {clause!r}")
+    return key.strip(), value
 
 
 def parse_keys(text: str) -> list[str]:

@@ -1,14 +1,18 @@
 """``qexp table DIR...``: the paper-style comparison table of every run below DIR.
 
 One row per method and bits (or any keys in --rows), one column per dataset/model (--cols), each cell
-``mean ± std (n)`` over seeds of the completed runs. Runs that failed, diverged or are still running
-are shown in their cell ("failed (1)", "running 3/10 ep"), never dropped. The best mean of each
-column is marked (bold). --ref puts a paper's published numbers and our difference beside each
-column; reference files live in configs/reference/ (li2017, bc2015, wage2018) or any path.
+``mean ± std (n)`` over seeds of the completed runs (--ci: ``mean ± 95% CI``). Runs that failed,
+diverged or are still running are shown in their cell ("failed (1)", "running 3/10 ep"), never
+dropped. A column's best cell is marked (bold) only when Welch's t-test over seeds finds it better
+than the runner-up at p < --alpha (0.05); a note says when it is not. --baseline adds to each cell
+its difference to the baseline row's cell in its column: ``Δ +0.31 [-0.12, +0.74] p=0.12`` (95% CI,
+Welch's t-test). --ref puts a paper's published numbers and our difference beside each column;
+reference files live in configs/reference/ (li2017, bc2015, wage2018) or any path.
 
 examples:
   qexp table outputs/li2017_mnist
   qexp table outputs --rows method,bits,overrides --metric best_test_error --format md
+  qexp table outputs/li2017_mnist --baseline method=float --ci
   qexp table outputs/wage_mnist --ref wage2018 --metric best_test_error --format latex --out wage.tex
 """
 
@@ -24,7 +28,7 @@ from pathlib import Path
 
 from qexp.errors import QexpError
 from qexp.report import reference as refs
-from qexp.report import results
+from qexp.report import results, stats
 
 FORMATS = ("term", "md", "latex", "csv")
 SUFFIX_FORMAT = {".md": "md", ".tex": "latex", ".csv": "csv", ".txt": "term"}
@@ -64,11 +68,74 @@ def _ref_rows(grid: results.Grid, ref: refs.Reference) -> list[tuple[str, ...]]:
     return extra
 
 
-def build_view(grid: results.Grid, ref: refs.Reference | None = None, digits: int = 2) -> View:
+@dataclass(frozen=True)
+class Options:
+    """How cells are shown: decimals, the spread after ``±``, the baseline row, the best-mark's level."""
+
+    digits: int = 2
+    spread: str = "std"  # std | ci (half-width of the 95% CI of the mean)
+    baseline: tuple[str, ...] | None = None  # a row of the grid: cells add their difference to it
+    alpha: float = results.DEFAULT_ALPHA
+
+
+def resolve_baseline(grid: results.Grid, clauses: list[str]) -> tuple[str, ...]:
+    """The one table row that ``--baseline KEY=VAL[,KEY=VAL]`` names (keys must be row keys)."""
+    wanted: dict[str, str] = {}
+    for clause in clauses:
+        for part in clause.split(","):
+            key, value = results.parse_clause(part, "--baseline")
+            if key not in grid.row_keys:
+                raise QexpError(f"--baseline key {key!r} is not a row key; the rows are "
+                                f"{','.join(grid.row_keys)} (add it to --rows)")
+            wanted[key] = value
+    index = {k: i for i, k in enumerate(grid.row_keys)}
+    rows = [r for r in grid.rows if all(r[index[k]] == v for k, v in wanted.items())]
+    shown = ", ".join("/".join(r) for r in grid.rows)
+    what = ",".join(f"{k}={v}" for k, v in wanted.items())
+    if not rows:
+        raise QexpError(f"--baseline {what} matches no row; the rows are {shown}")
+    if len(rows) > 1:
+        free = [k for k in grid.row_keys if k not in wanted]
+        raise QexpError(f"--baseline {what} matches {len(rows)} rows ({', '.join('/'.join(r) for r in rows)}); "
+                        f"add {' or '.join(free)}=VALUE to pick one")
+    return rows[0]
+
+
+def fmt_p(p: float) -> str:
+    return "p<0.001" if p < 0.001 else f"p={p:.2g}"
+
+
+def versus(cell: results.Cell | None, base: results.Cell | None, digits: int) -> str:
+    """``Δ +0.31 [-0.12, +0.74] p=0.12``: the cell minus the baseline cell, 95% CI, Welch p (seeds)."""
+    if cell is None or base is None or cell.mean is None or base.mean is None:
+        return ""
+    w = stats.welch(cell.values, base.values)
+    if w is None:
+        return f"Δ {cell.mean - base.mean:+.{digits}f} (untested: n<2)"
+    return f"Δ {w.diff:+.{digits}f} [{w.lo:+.{digits}f}, {w.hi:+.{digits}f}] {fmt_p(w.p)}"
+
+
+def _best_notes(grid: results.Grid, alpha: float) -> list[str]:
+    """Why a column has no mark: its best mean is not significantly better than the runner-up."""
+    notes = []
+    for col, v in grid.verdicts(alpha).items():
+        if v.marked or v.runner_up is None:
+            continue
+        label, best = "/".join(col), "/".join(v.rows[0])
+        why = ("fewer than 2 seeds on one side" if v.test is None
+               else f"{fmt_p(v.test.p)} ≥ {alpha:g}")
+        notes.append(f"{label}: best mean {best} not marked, not significantly better than "
+                     f"{'/'.join(v.runner_up)} ({why})")
+    return notes
+
+
+def build_view(grid: results.Grid, ref: refs.Reference | None = None, opts: Options | None = None) -> View:
+    opts = opts or Options()
+    digits = opts.digits
     rows = grid.rows
     if ref is not None:
         rows = results.ordered(grid.row_keys, [*rows, *_ref_rows(grid, ref)])
-    best = grid.best()
+    best = grid.best(opts.alpha)
     header = list(grid.row_keys)
     for col in grid.cols:
         label = "/".join(col)
@@ -80,7 +147,11 @@ def build_view(grid: results.Grid, ref: refs.Reference | None = None, digits: in
         line = [Shown(v) for v in row]
         for col in grid.cols:
             cell = grid.cell(row, col)
-            line.append(Shown(cell.text(digits) if cell else results.MISSING, (row, col) in best))
+            text = cell.text(digits, opts.spread) if cell else results.MISSING
+            if opts.baseline is not None and cell is not None and cell.mean is not None:
+                vs = "baseline" if row == opts.baseline else versus(cell, grid.cell(opts.baseline, col), digits)
+                text = "; ".join(p for p in (text, vs) if p)
+            line.append(Shown(text, (row, col) in best))
             if ref is not None:
                 entry = ref.lookup({**dict(zip(grid.row_keys, row)), **dict(zip(grid.col_keys, col))})
                 if entry is None:
@@ -97,9 +168,20 @@ def build_view(grid: results.Grid, ref: refs.Reference | None = None, digits: in
     counts = Counter(r.get("status") or "failed" for c in grid.cells.values() for r in c.runs)
     tally = ", ".join(f"{n} {st}" for st, n in sorted(counts.items(),
                                                       key=lambda kv: results.sort_key("status", kv[0])))
-    title = (f"{label}: mean ± std (n) over seeds of completed runs; best per column in bold "
+    spread = "95% CI of the mean" if opts.spread == "ci" else "std"
+    mark = ("best mean per column in bold" if opts.alpha >= 1 else
+            f"best per column in bold only where Welch's t-test over seeds finds it better than the "
+            f"runner-up at p < {opts.alpha:g}")
+    title = (f"{label}: mean ± {spread} (n) over seeds of completed runs; {mark} "
              f"[{sum(counts.values())} run{'s' if sum(counts.values()) != 1 else ''}: {tally}]")
     notes = []
+    if opts.baseline is not None:
+        base = "/".join(f"{k}={v}" for k, v in zip(grid.row_keys, opts.baseline))
+        notes.append(f"Δ = cell - baseline ({base}) of its column, [95% CI] and Welch's t-test p over seeds")
+        notes += [f"{'/'.join(col)}: no baseline cell, no Δ" for col in grid.cols
+                  if not (grid.cell(opts.baseline, col) and grid.cell(opts.baseline, col).mean is not None)]
+    if opts.alpha < 1:
+        notes += _best_notes(grid, opts.alpha)
     if ref is not None:
         what = results.metric_label(ref.metric)
         converted = ", shown as 100 - x" if refs.is_acc(ref.metric) != refs.is_acc(grid.metric) else ""
@@ -177,15 +259,22 @@ def render_latex(view: View) -> str:
     return "\n".join(out) + "\n"
 
 
-def render_csv(grid: results.Grid, ref: refs.Reference | None = None) -> str:
-    """Numbers for spreadsheets: per column its mean, std, n and a note (status, 'best')."""
-    view = build_view(grid, ref)  # for the row set (reference rows included)
+def render_csv(grid: results.Grid, ref: refs.Reference | None = None, opts: Options | None = None) -> str:
+    """Numbers for spreadsheets: per column its mean, std, n and a note (status, 'best'); with --ci the
+    CI half-width, with --baseline the difference to the baseline, its CI and Welch's p."""
+    opts = opts or Options()
+    view = build_view(grid, ref, opts)  # for the row set (reference rows included)
     rows = [tuple(c.text for c in line[:view.n_keys]) for line in view.body]
-    best = grid.best()
+    best = grid.best(opts.alpha)
     header = list(grid.row_keys)
     for col in grid.cols:
         label = "/".join(col)
         header += [f"{label} mean", f"{label} std", f"{label} n", f"{label} note"]
+        if opts.spread == "ci":
+            header.append(f"{label} ci95")
+        if opts.baseline is not None:
+            header += [f"{label} vs baseline", f"{label} vs baseline lo", f"{label} vs baseline hi",
+                       f"{label} vs baseline p"]
         if ref is not None:
             header += [f"{label} paper", f"{label} diff"]
     buf = io.StringIO()
@@ -199,6 +288,13 @@ def render_csv(grid: results.Grid, ref: refs.Reference | None = None) -> str:
             note = "; ".join(p for p in (cell.note() if cell else "missing",
                                          "best" if (row, col) in best else "") if p)
             line += [_num(mean), _num(cell.std if cell else None), cell.n if cell else 0, note]
+            if opts.spread == "ci":
+                line.append(_num(cell.ci if cell else None))
+            if opts.baseline is not None:
+                base = grid.cell(opts.baseline, col)
+                test = stats.welch(cell.values, base.values) if cell and base else None
+                diff = mean - base.mean if mean is not None and base and base.mean is not None else None
+                line += [_num(diff), *(_num(getattr(test, k)) if test else "" for k in ("lo", "hi", "p"))]
             if ref is not None:
                 entry = ref.lookup({**dict(zip(grid.row_keys, row)), **dict(zip(grid.col_keys, col))})
                 value = ref.value_as(entry, grid.metric) if entry else None
@@ -211,28 +307,13 @@ def _num(v: float | None) -> str:
     return "" if v is None else f"{v:.6g}"
 
 
-def render(grid: results.Grid, fmt: str, ref: refs.Reference | None = None, digits: int = 2,
+def render(grid: results.Grid, fmt: str, ref: refs.Reference | None = None, opts: Options | None = None,
            color: bool = False) -> str:
     if fmt == "csv":
-        return render_csv(grid, ref)
-    view = build_view(grid, ref, digits)
+        return render_csv(grid, ref, opts)
+    view = build_view(grid, ref, opts)
     return {"term": lambda: render_term(view, color), "md": lambda: render_md(view),
             "latex": lambda: render_latex(view)}[fmt]()
-
-
-def apply_where(df, clauses: list[str]):  # type: ignore[no-untyped-def]
-    """Keep runs whose KEY shows one of the comma-separated VALUES (``--where method=float,bc``)."""
-    for clause in clauses:
-        key, sep, values = clause.partition("=")
-        if not sep or not key:
-            raise QexpError(f"--where takes KEY=VALUE[,VALUE...], not {clause!r}")
-        df = results.with_keys(df, [key])
-        results.check_keys(df, [key], "--where")
-        wanted = set(values.split(","))
-        df = df[[results.key_label(key, r) in wanted for r in df.to_dict("records")]]
-        if df.empty:
-            raise QexpError(f"no runs left after --where {clause}")
-    return df
 
 
 def main(argv: list[str]) -> int:
@@ -260,7 +341,19 @@ def main(argv: list[str]) -> int:
                          "`qexp eval RUN --ptq-bits` writes (bits k: weights only, k-a: with a-bit "
                          "activations); default on")
     ap.add_argument("--digits", type=int, default=2, help="decimals shown (default 2)")
+    ap.add_argument("--ci", action="store_true",
+                    help="show mean ± half-width of the 95%% confidence interval of the mean (t over seeds) "
+                         "instead of mean ± std")
+    ap.add_argument("--baseline", action="append", default=[], metavar="KEY=VAL[,KEY=VAL]",
+                    help="a row (e.g. method=float, or method=bc,bits=1): every cell adds its difference to "
+                         "its column's baseline cell, with a 95%% CI and Welch's t-test p-value over seeds")
+    ap.add_argument("--alpha", type=float, default=results.DEFAULT_ALPHA,
+                    help="significance level of the best-mark: a column's best cell is marked only when "
+                         "Welch's t-test finds it better than the runner-up at p < ALPHA (default "
+                         f"{results.DEFAULT_ALPHA:g}; 1 marks the best mean unconditionally)")
     args = ap.parse_args(argv)
+    if not 0.0 < args.alpha <= 1.0:
+        raise QexpError(f"--alpha must be in (0, 1], not {args.alpha:g}")
 
     fmt = args.format or (SUFFIX_FORMAT.get(args.out.suffix.lower(), "term") if args.out else "term")
     if fmt not in FORMATS:
@@ -271,10 +364,12 @@ def main(argv: list[str]) -> int:
     df = results.collect(args.dirs)
     if args.ptq_json:
         df = results.with_ptq(df)
-    df = apply_where(df, args.where)
+    df = results.where(df, args.where)
     grid = results.aggregate(df, results.parse_keys(args.rows), results.parse_keys(args.cols), args.metric)
+    opts = Options(args.digits, "ci" if args.ci else "std",
+                   resolve_baseline(grid, args.baseline) if args.baseline else None, args.alpha)
     color = fmt == "term" and args.out is None and sys.stdout.isatty()
-    text = render(grid, fmt, ref, args.digits, color)
+    text = render(grid, fmt, ref, opts, color)
     if args.out is None:
         sys.stdout.write(text)
     else:
