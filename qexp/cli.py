@@ -21,8 +21,22 @@ Quantized-training experiments: compose dataset x model x method x bits, train, 
 commands:
 {commands}
 
-`qexp COMMAND --help` explains each one; `qexp train --help` lists the config groups.
+`qexp COMMAND --help` explains each one; `qexp train --help` lists the config groups;
+`qexp --version` prints the installed version.
 """
+
+
+def version() -> str:
+    """The installed distribution's version (the package's own when run from a plain checkout)."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as dist_version
+
+    try:
+        return dist_version("qexp")
+    except PackageNotFoundError:
+        from qexp import __version__
+
+        return __version__
 
 
 def usage() -> str:
@@ -35,6 +49,9 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(usage())
+        return 0
+    if argv[0] in ("-V", "--version"):
+        print(f"qexp {version()}")
         return 0
     cmd, rest = argv[0], argv[1:]
     if cmd in ("-sc", "--shell-completion") or (cmd == "train" and rest[:1] in (["-sc"], ["--shell-completion"])):

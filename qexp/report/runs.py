@@ -4,6 +4,14 @@ Columns: status, method, bits, dataset/model, overrides, seed, epochs done/total
 wall time, folder. A running run shows how long ago it last wrote metrics.json; one whose process is
 gone shows as ``dead`` (its lock's holder no longer runs, see qexp.run.lock; rerunning the same command
 resumes it). Failed and dead runs show their error message. A summary line counts the runs by status.
+
+--where KEY=V[,V...] keeps runs as `qexp table` and `qexp plot` do (any record, override or config
+key); --sort METRIC lists the best value first (lowest error, highest accuracy; runs without the value
+last) and shows that metric in its own column when it is not the test error.
+
+examples:
+  qexp runs outputs --status failed,diverged
+  qexp runs outputs --where method=bc,sr --sort best_test_error
 """
 
 from __future__ import annotations
@@ -44,14 +52,25 @@ def _rel(path: str, roots: list[Path]) -> str:
     return path
 
 
-def run_lines(df: Any, roots: list[Path], now: float | None = None) -> tuple[list[str], list[list[str]]]:
-    """Header and one row of strings per run, in table order (method, bits, dataset, ..., seed)."""
+def _value(r: dict[str, Any], metric: str) -> float | None:
+    v = r.get(metric)
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and v == v else None
+
+
+def run_lines(df: Any, roots: list[Path], now: float | None = None,
+              sort: str | None = None) -> tuple[list[str], list[list[str]]]:
+    """Header and one row of strings per run, in table order (method, bits, dataset, ..., seed), or best
+    ``sort`` value first (missing values last, in table order)."""
     now = time.time() if now is None else now
     order = ("method", "bits", "dataset", "model", "overrides", "seed")
     recs = sorted(df.to_dict("records"),
                   key=lambda r: tuple(results.sort_key(k, results.key_label(k, r)) for k in order))
+    if sort is not None:
+        sign = -1.0 if results.higher_is_better(sort) else 1.0
+        recs.sort(key=lambda r: (0, sign * v) if (v := _value(r, sort)) is not None else (1, 0.0))
+    shown = sort if sort not in (None, "test_error") else None
     header = ["status", "method", "bits", "dataset/model", "overrides", "seed", "epochs", "test error",
-              "time", "folder"]
+              *([results.metric_label(shown)] if shown else []), "time", "folder"]
     rows = []
     for r in recs:
         status = r.get("status") or "failed"
@@ -66,11 +85,18 @@ def run_lines(df: Any, roots: list[Path], now: float | None = None) -> tuple[lis
             results.key_label("overrides", r), results.key_label("seed", r),
             f"{int(done) if done == done and done is not None else 0}/{total}",
             f"{err:.2f}%" if isinstance(err, (int, float)) and err == err else results.MISSING,
+            *([_fmt_value(_value(r, shown), shown)] if shown else []),
             fmt_duration(r.get("wall_s")), _rel(r["run_dir"], roots),
         ])
         if r.get("error") and isinstance(r["error"], str) and r.get("status") != "completed":
             rows[-1][-1] += f"  error: {r['error'].splitlines()[0][:200]}"
     return header, rows
+
+
+def _fmt_value(v: float | None, metric: str) -> str:
+    if v is None:
+        return results.MISSING
+    return f"{v:.2f}%" if results.metric_label(metric).endswith("(%)") else f"{v:.4g}"
 
 
 def main(argv: list[str]) -> int:
@@ -79,16 +105,23 @@ def main(argv: list[str]) -> int:
     ap.add_argument("dirs", nargs="+", type=Path, metavar="DIR", help="folders holding run folders")
     ap.add_argument("--status", default=None,
                     help="show only runs with these statuses (comma-separated, e.g. failed,diverged)")
+    ap.add_argument("--where", action="append", default=[], metavar="KEY=V[,V...]",
+                    help="keep only runs whose KEY is one of the values (repeatable; as in qexp table/plot)")
+    ap.add_argument("--sort", default=None, metavar="METRIC",
+                    help="best first by METRIC (test_error, best_test_error, val_error, test_acc, wall_s, "
+                         "any numeric field of metrics.json); runs without it last")
     args = ap.parse_args(argv)
     wanted = set(args.status.split(",")) if args.status else set()
     unknown = sorted(wanted - set(results.STATUS_ORDER))
     if unknown:
         raise QexpError(f"--status: unknown status {', '.join(unknown)} (valid: {','.join(results.STATUS_ORDER)})")
-    df = results.collect(args.dirs)
+    df = results.where(results.collect(args.dirs), args.where)
+    if args.sort is not None:
+        results.check_metric(df, args.sort)
     counts = Counter(df["status"].fillna("failed"))
     if wanted:
         df = df[df["status"].isin(wanted)]
-    header, rows = run_lines(df, args.dirs)
+    header, rows = run_lines(df, args.dirs, sort=args.sort)
     widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)]
     color = sys.stdout.isatty()
     from rich.console import Console

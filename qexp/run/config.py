@@ -54,8 +54,40 @@ class TrainConfig:
 VOLATILE_KEYS = ("resume", "device", "data_root", "out_root", "progress", "trainer")
 
 
+#: config folders that are data for other commands, not choices of a run (hidden from ``train --help``)
+INTERNAL_GROUPS = ("reference",)
+
+
+def config_groups() -> str:
+    """``group: option, option`` lines for ``qexp train --help`` (the help template's ``${qexp_groups:}``):
+    Hydra's own listing minus its ``hydra/`` groups and :data:`INTERNAL_GROUPS`."""
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.object_type import ObjectType
+
+    if not GlobalHydra.instance().is_initialized():
+        return ""
+    loader = GlobalHydra.instance().config_loader()
+
+    def walk(parent: str) -> list[str]:
+        out = []
+        for group in loader.list_groups(parent):
+            name = f"{parent}/{group}" if parent else group
+            if name == "hydra" or name in INTERNAL_GROUPS:
+                continue
+            if loader.get_group_options(name, ObjectType.CONFIG):
+                out.append(name)
+            out += walk(name)
+        return out
+
+    return "".join(f"{g}: {', '.join(sorted(loader.get_group_options(g)))}\n" for g in sorted(walk("")))
+
+
 def register() -> None:
-    """Store the schema so ``train.yaml`` can name it in its defaults list (idempotent)."""
+    """Store the schema so ``train.yaml`` can name it in its defaults list, and the help's group-listing
+    resolver (idempotent)."""
     from hydra.core.config_store import ConfigStore
+    from omegaconf import OmegaConf
 
     ConfigStore.instance().store(name="qexp_schema", node=TrainConfig)
+    if not OmegaConf.has_resolver("qexp_groups"):
+        OmegaConf.register_new_resolver("qexp_groups", config_groups, use_cache=False)
