@@ -8,10 +8,11 @@ random tensors, Adam, the method hooks in the engine's order. Methods run side b
 times a few steps of each in turn, and the median over rounds is reported, so machine load (shared
 CPU) hits all of them alike. Targets: bc <= 1.10x, sr and r <= 1.15x float.
 
-SR kernel: ``qexp.quant.kernels.stochastic_round_`` (in place, 8 bits, Δ = 2^-7) on 4M float32 values
+SR kernel: ``qexp.quant.kernels.stochastic_round_`` (in place, 8 bits, Δ = 2^-7) on 4M float32 values,
+eager and fused (``kernels.use_fused()``: one torch.compile'd pass; its compile time is printed apart),
 versus QPyTorch ``fixed_point_quantize(x, wl=8, fl=7, rounding="stochastic")`` (the same grid; CPU;
 ``pip install qtorch ninja``, its C++ extension is compiled on first import) and a plain
-``y.copy_(x)``. Targets: >= 10x faster than QPyTorch, <= 4x the copy.
+``y.copy_(x)``. Targets (issue 15): fused <= 2x the copy and >= 30x faster than QPyTorch.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from qexp.methods.float import Float
 from qexp.methods.rounding import Rounding, StochasticRounding
 from qexp.models.lenet import LeNet5
 from qexp.models.resnet import CifarResNet
+from qexp.quant import kernels
 from qexp.quant.grid import quantize_stochastic
 from qexp.quant.kernels import Noise, stochastic_round_
 
@@ -123,12 +125,25 @@ def bench_kernel(device: torch.device, rounds: int, n: int = 4 * 1024 * 1024) ->
     print(f"\n### SR kernel on {n / 2**20:.0f}M float32 elements (8 bits, Δ = 2^-7; median over rounds)\n")
     torch.manual_seed(0)
     src = (torch.rand(n, device=device) * 2 - 1) * 0.99
-    x, y = src.clone(), torch.empty_like(src)
-    noise = Noise(0, device)
+    x, xf, y = src.clone(), src.clone(), torch.empty_like(src)
+    noise, noise_f = Noise(0, device), Noise(0, device)
     gen = torch.Generator(device=device).manual_seed(0)
+    t0 = time.perf_counter()
+    fused_ok = kernels.use_fused(True, device)
+    stochastic_round_(xf, 8, 1.0, noise_f)  # the 4M shape family
+    sync(device)
+    compile_s = time.perf_counter() - t0
+    kernels.use_fused(False)
+
+    def fused() -> None:
+        kernels._FUSED.on = fused_ok
+        stochastic_round_(xf, 8, 1.0, noise_f)
+        kernels._FUSED.on = False
+
     fns: dict[str, Callable[[], object]] = {
         "copy (y.copy_(x))": lambda: y.copy_(src),
-        "qexp stochastic_round_ (in place)": lambda: stochastic_round_(x, 8, 1.0, noise),
+        "qexp stochastic_round_ eager (in place)": lambda: stochastic_round_(x, 8, 1.0, noise),
+        "qexp stochastic_round_ fused (in place)": fused,
         "torch.rand reference (grid.quantize_stochastic)": lambda: quantize_stochastic(src, 8, 1.0, gen),
     }
     q = qtorch_sr() if device.type == "cpu" else "QPyTorch compared on CPU only"
@@ -136,16 +151,17 @@ def bench_kernel(device: torch.device, rounds: int, n: int = 4 * 1024 * 1024) ->
         fns["QPyTorch fixed_point_quantize (stochastic)"] = lambda: q(src)
     t = side_by_side(fns, device, rounds, per_round=5, warmup=2)
     base = t["copy (y.copy_(x))"]
-    ours = t["qexp stochastic_round_ (in place)"]
     print("| kernel | ms | x copy | GB/s (4 B read + 4 B written per element) |")
     print("|---|---|---|---|")
     for k, v in t.items():
         print(f"| {k} | {1e3 * v:.2f} | {v / base:.2f} | {8 * n / v / 1e9:.1f} |")
-    if callable(q):
-        print(f"\nqexp SR is {t['QPyTorch fixed_point_quantize (stochastic)'] / ours:.1f}x faster than QPyTorch "
-              f"and takes {ours / base:.2f}x the copy's time.")
-    else:
-        print(f"\nQPyTorch unavailable ({q}); qexp SR takes {ours / base:.2f}x the copy's time.")
+    print(f"\nfused kernel {'compiled' if fused_ok else 'UNAVAILABLE (eager timed)'} in {compile_s:.1f} s "
+          "(all shape families, once per process; not in the timings)")
+    for kind in ("eager", "fused"):
+        ours = t[f"qexp stochastic_round_ {kind} (in place)"]
+        vs = (f"{t['QPyTorch fixed_point_quantize (stochastic)'] / ours:.1f}x faster than QPyTorch, "
+              if callable(q) else f"QPyTorch unavailable ({q}), ")
+        print(f"qexp SR {kind}: {vs}{ours / base:.2f}x the copy's time.")
 
 
 def main() -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from qexp.quant import kernels
 from qexp.quant.grid import limit, on_grid, quantize_nearest, quantize_stochastic, step
 from qexp.quant.kernels import Noise, nearest, nearest_round_, stochastic_round, stochastic_round_
 from qexp.quant.straight_through import straight_through
@@ -20,19 +21,40 @@ def _sr_kernel(x: torch.Tensor, bits: int, seed: int) -> torch.Tensor:
     return stochastic_round(x, bits, SCALE, Noise(seed))
 
 
+@pytest.fixture(scope="module")
+def fused():
+    """The fused (torch.compile'd) SR kernel switched on for a test, off afterwards; compiled once."""
+    if not kernels.use_fused(True):
+        pytest.skip("no working compiler for torch.compile here (the eager kernel is used)")
+    kernels.use_fused(False)
+    yield lambda on: setattr(kernels._FUSED, "on", on)
+    kernels.use_fused(False)
+
+
+def _sr_fused(x: torch.Tensor, bits: int, seed: int) -> torch.Tensor:
+    assert x.numel() >= kernels.FUSED_MIN
+    kernels._FUSED.on = True
+    try:
+        return stochastic_round(x, bits, SCALE, Noise(seed))
+    finally:
+        kernels._FUSED.on = False
+
+
 def _sr_grid(x: torch.Tensor, bits: int, seed: int) -> torch.Tensor:
     return quantize_stochastic(x, bits, SCALE, generator=torch.Generator().manual_seed(seed))
 
 
-@pytest.mark.parametrize("sr", [_sr_kernel, _sr_grid], ids=["kernel", "grid"])
+@pytest.mark.parametrize("sr", [_sr_kernel, _sr_fused, _sr_grid], ids=["kernel", "fused", "grid"])
 @pytest.mark.parametrize("bits", BITS)
-def test_stochastic_rounding_is_unbiased(sr, bits):
+def test_stochastic_rounding_is_unbiased(sr, bits, request):
     """Mean of 1e5 draws within 5 standard errors (each draw's std <= Δ/2; 1 bit: <= s), plus the
     kernel's 16-bit threshold resolution (bias < Δ·2^-16)."""
     m = limit(bits, SCALE)
     d = step(bits, SCALE)
     sd = SCALE if bits == 1 else d / 2
     tol = 5 * sd / DRAWS**0.5 + d * 2**-16
+    if sr is _sr_fused:
+        request.getfixturevalue("fused")
     for i, v in enumerate([-m, -0.61 * m, -0.013 * m, 0.0, 0.2 * d, 0.5 * m + 0.3 * d, 0.999 * m, m]):
         x = torch.full((DRAWS,), v)
         q = sr(x, bits, seed=i)
@@ -154,8 +176,44 @@ def test_noise_is_uniform_and_pairwise_independent():
     u = Noise(2).uniform(4096 * 64).double().view(64, 4096)
     assert abs(u.mean().item() - 0.5) < 0.002
     assert abs(u.var().item() - 1 / 12) < 0.001
-    for a, b in ((u[:, 1:], u[:, :-1]), (u[1:], u[:-1])):
+    # along a row, down a column, and along the anti-diagonal (two thresholds sharing the same c)
+    for a, b in ((u[:, 1:], u[:, :-1]), (u[1:], u[:-1]), (u[1:, :-1], u[:-1, 1:])):
         corr = torch.corrcoef(torch.stack([a.flatten(), b.flatten()]))[0, 1].item()
         assert abs(corr) < 0.01
     counts = torch.histc(u.float(), bins=16, min=0, max=1)
     assert (counts / counts.mean() - 1).abs().max() < 0.03
+
+
+@pytest.mark.parametrize("n", [kernels.FUSED_MIN, 4096 * 17 + 1, 300_001])
+@pytest.mark.parametrize("bits", [1, 2, 4, 8])
+def test_fused_kernel_is_bit_identical_to_the_eager_one(fused, n, bits):
+    """Same thresholds, same float operations: the one-pass kernel changes nothing but the speed (so the
+    unbiasedness and independence tests of the eager kernel hold for it too)."""
+    x = torch.randn(n) * SCALE
+    fused(False)
+    eager = stochastic_round_(x.clone(), bits, SCALE, Noise(4))
+    fused(True)
+    one_pass = stochastic_round_(x.clone(), bits, SCALE, Noise(4))
+    fused(False)
+    assert torch.equal(eager, one_pass)
+
+
+def test_fused_kernel_falls_back_to_eager_when_compiling_fails(monkeypatch, caplog):
+    def broken() -> tuple:
+        def fail(*args: object) -> None:
+            raise RuntimeError("InductorError: no C++ compiler\nsecond line")
+        return fail, fail
+
+    monkeypatch.setattr(kernels._FUSED, "compiled", broken)
+    x = torch.randn(kernels.FUSED_MIN + 5) * SCALE
+    expected = stochastic_round_(x.clone(), 4, SCALE, Noise(8))
+    with caplog.at_level("WARNING", logger="qexp"):
+        assert kernels.use_fused(True) is False
+    assert len(caplog.records) == 1 and "\n" not in caplog.records[0].getMessage()
+    assert "eager kernel" in caplog.records[0].getMessage()
+    kernels._FUSED.on = True  # switched on but failing at the first real call: same values, then off
+    try:
+        assert torch.equal(stochastic_round_(x.clone(), 4, SCALE, Noise(8)), expected)
+        assert kernels._FUSED.on is False
+    finally:
+        kernels.use_fused(False)

@@ -3,31 +3,48 @@
 Why not ``torch.rand``: on CPU it draws one Mersenne-Twister number per element, serially, which alone
 costs ~10x a memory copy of the tensor. SR needs a fresh uniform threshold per weight per step, so the
 random source dominates. :class:`Noise` instead draws three short vectors of uniform 16-bit integers
-from a seeded ``torch.Generator`` and forms, for the flat index ``n``,
-``t[n] = a[n // C] XOR b[n % C] XOR c[n % P]`` (``C = 4096``, ``P = 4093`` prime): two broadcast
-passes over an ``int16`` workspace. Every ``t[n]`` is exactly uniform on the 2^16 values and any two
-are independent (pairwise independence: enough for SR to be unbiased per weight and for the variance
-of any sum of rounding errors to be the independent one). The third vector (period ``P``, coprime to
-``C``) keeps two rows of the ``C``-grid from differing by one fixed mask. Fresh vectors every call.
+from a seeded ``torch.Generator`` and forms, for the flat index ``n = r·C + k`` (row ``r``, column
+``k < C = 4096``), ``t[n] = a[r] XOR b[k] XOR c[r + k]``. Every ``t[n]`` is exactly uniform on the 2^16
+values and any two are independent (pairwise independence: enough for SR to be unbiased per weight and
+for the variance of any sum of rounding errors to be the independent one): two thresholds in different
+rows differ by the independent ``a``, two in one row by the independent ``b``. The diagonal vector ``c``
+keeps two rows from differing by one fixed mask (``t[r, ·] XOR t[r', ·]`` varies along the row). Fresh
+vectors every call. (``c[r + k]`` is a strided view, ``c.unfold(0, C, 1)``: an affine index that a
+compiler can vectorise, unlike a modulo.)
 
 Resolution: the threshold has 16 bits, so ``E[Q_s(x)] = x`` up to a one-sided bias below ``Δ·2^-16``
 (``torch.rand``'s float32 has 24 bits; both are far below float32 weight precision relative to Δ).
 
-The rounding is in place: scale, add the noise, round, clamp, rescale: five cheap vectorised passes
-over the weights and no temporary (``torch.fake_quantize_per_tensor_affine`` and ``torch.where`` with
-scalars were measured several times slower on CPU).
+Two implementations, bit-identical (same thresholds, same float operations):
+
+* eager (default, portable, no compiler): the thresholds in an ``int16`` workspace (two broadcast XOR
+  passes), then scale, add, round, clamp, rescale in place: five more cheap passes over the weights
+  (``torch.fake_quantize_per_tensor_affine`` and ``torch.where`` with scalars were measured several times
+  slower on CPU);
+* fused (:func:`use_fused`, switched on by ``compile=true``): one ``torch.compile`` (Inductor) kernel that
+  reads a weight, forms its threshold from the three short vectors, adds, rounds, clamps, rescales and
+  writes it back: one pass over memory, like a copy. Inductor generates C++/OpenMP on CPU (needs a C++
+  compiler at run time, only when switched on) and Triton on CUDA. Compiled once per process and shape
+  family (dynamic shapes); if compiling fails, one warning and the eager kernel.
 """
 
 from __future__ import annotations
+
+import logging
+from collections.abc import Callable
 
 import torch
 
 from qexp.quant.grid import step
 
-#: the two periods of the noise (coprime); tensors of up to COLS elements get fully independent noise
-COLS, PERIOD = 4096, 4093
+log = logging.getLogger("qexp")
+
+#: row length of the noise grid; tensors of up to COLS elements get one independent draw per element
+COLS = 4096
 #: the noise is int16: u = (t + 2^15) / 2^16 with t uniform on [-2^15, 2^15)
 HALF = 1 << 15
+#: the fused kernel pays a compiled-call overhead (guards, launch) that only large tensors repay
+FUSED_MIN = 1 << 16
 
 
 class Noise:
@@ -43,18 +60,22 @@ class Noise:
         self.generator.manual_seed(int(seed))
         self._ws = torch.empty(0, dtype=torch.int16, device=self.device)
 
+    def vectors(self, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Fresh ``a`` (one per row), ``b`` (one per column), ``c`` (one per diagonal) for ``n > COLS``."""
+        rows = -(-n // COLS)
+        return self._draw(rows), self._draw(COLS), self._draw(rows + COLS - 1)
+
     def int16(self, n: int) -> torch.Tensor:
         """A flat view of ``n`` uniform int16 values (valid until the next call)."""
         if n <= COLS:  # one independent draw per element
-            return torch.randint(-HALF, HALF, (n,), dtype=torch.int16, generator=self.generator,
-                                 device=self.device)
-        rows, rows2 = -(-n // COLS), -(-n // PERIOD)
-        size = max(rows * COLS, rows2 * PERIOD)
-        if self._ws.numel() < size:
-            self._ws = torch.empty(size, dtype=torch.int16, device=self.device)
-        a, b, c = (self._draw(k) for k in (rows, COLS, PERIOD))
-        torch.bitwise_xor(a.view(rows, 1), b.view(1, COLS), out=self._ws[: rows * COLS].view(rows, COLS))
-        self._ws[: rows2 * PERIOD].view(rows2, PERIOD).bitwise_xor_(c.view(1, PERIOD))
+            return self._draw(n)
+        a, b, c = self.vectors(n)
+        rows = len(a)
+        if self._ws.numel() < rows * COLS:
+            self._ws = torch.empty(rows * COLS, dtype=torch.int16, device=self.device)
+        ws = self._ws[: rows * COLS].view(rows, COLS)
+        torch.bitwise_xor(a.view(rows, 1), b.view(1, COLS), out=ws)
+        ws.bitwise_xor_(c.unfold(0, COLS, 1))
         return self._ws[:n]
 
     def _draw(self, k: int) -> torch.Tensor:
@@ -92,7 +113,11 @@ def stochastic_round_(x: torch.Tensor, bits: int, scale: float, noise: Noise) ->
     1 bit: ``+scale`` with probability ``(x/scale + 1)/2`` (BinaryConnect's stochastic binarization):
     ``u < p`` is ``x - scale·t/2^15 > 0``.
     """
-    t = noise.int16(x.numel()).view(x.shape)
+    n = x.numel()
+    if _FUSED.on and n >= FUSED_MIN and x.is_contiguous() and x.dtype == torch.float32:
+        _fused_sr_(x, bits, scale, noise)
+        return x
+    t = noise.int16(n).view(x.shape)
     if bits == 1:
         return _binary_(x.add_(t, alpha=-scale / HALF), scale, strict=True)
     return _grid_(x.mul_(1.0 / step(bits, scale)).add_(t, alpha=1.0 / (2 * HALF)), bits, scale)
@@ -114,3 +139,80 @@ def _grid_(k: torch.Tensor, bits: int, scale: float) -> torch.Tensor:
     """``k`` holds ``x/Δ`` (plus noise): ``k <- clamp(round(k), -L, L)·Δ`` in place, ``L = 2^(k-1) - 1``."""
     levels = (1 << (bits - 1)) - 1
     return k.round_().clamp_(-levels, levels).mul_(step(bits, scale))
+
+
+# ---- the fused kernel ----------------------------------------------------------------------------------
+
+def _sr_grid_body(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, p: torch.Tensor) -> None:
+    """One pass over ``x`` (rows x cols): the eager kernel's arithmetic, in the same order.
+    ``p = (1/Δ, L, Δ)`` as a float32 tensor: values, not constants, so one compiled kernel serves every
+    bit-width and scale."""
+    rows, cols = x.shape
+    t = a.view(rows, 1) ^ b.view(1, cols) ^ c.unfold(0, cols, 1)
+    k = x * p[0] + t.float() * (1.0 / (2 * HALF))
+    x.copy_(torch.minimum(torch.maximum(torch.round(k), -p[1]), p[1]) * p[2])
+
+
+def _sr_binary_body(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, p: torch.Tensor) -> None:
+    """1 bit, ``p = (-scale/2^15, 2·scale, scale)``."""
+    rows, cols = x.shape
+    t = a.view(rows, 1) ^ b.view(1, cols) ^ c.unfold(0, cols, 1)
+    k = x + t.float() * p[0]
+    x.copy_((k > 0).float() * p[1] - p[2])
+
+
+class _Fused:
+    """Process-wide switch and the compiled kernels (built on first use)."""
+
+    def __init__(self) -> None:
+        self.on = False
+        self.grid: Callable[..., None] | None = None
+        self.binary: Callable[..., None] | None = None
+
+    def compiled(self) -> tuple[Callable[..., None], Callable[..., None]]:
+        if self.grid is None or self.binary is None:
+            self.grid = torch.compile(_sr_grid_body, dynamic=True, fullgraph=True)
+            self.binary = torch.compile(_sr_binary_body, dynamic=True, fullgraph=True)
+        return self.grid, self.binary
+
+
+_FUSED = _Fused()
+
+
+def _fused_sr_(x: torch.Tensor, bits: int, scale: float, noise: Noise) -> None:
+    """``stochastic_round_`` through the compiled kernel. If compiling fails (no working C++ compiler or
+    Triton), one warning, the kernel is switched off and this call finishes uncompiled (same thresholds)."""
+    n = x.numel()
+    a, b, c = (v.int() for v in noise.vectors(n))  # int32: Inductor vectorises int32 XOR, not int16
+    full, tail = divmod(n, COLS)
+    flat = x.view(-1)
+    parts = [(flat[: full * COLS].view(full, COLS), a[:full], b, c[: full + COLS - 1])] if full else []
+    if tail:
+        parts.append((flat[full * COLS:].view(1, tail), a[full:], b[:tail], c[full: full + tail]))
+    for xs, av, bv, cv in parts:
+        grid, binary = _FUSED.compiled() if _FUSED.on else (_sr_grid_body, _sr_binary_body)
+        d = step(bits, scale)
+        p = [-scale / HALF, 2 * scale, scale] if bits == 1 else [1.0 / d, float((1 << (bits - 1)) - 1), d]
+        args = (torch.tensor(p, dtype=torch.float32, device=x.device),)
+        try:
+            (binary if bits == 1 else grid)(xs, av, bv, cv, *args)
+        except Exception as e:  # compiling failed: nothing of this part was written
+            if not _FUSED.on:
+                raise
+            _FUSED.on = False
+            first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+            log.warning("fused SR kernel unavailable (%s: %s); using the eager kernel", type(e).__name__, first)
+            (_sr_binary_body if bits == 1 else _sr_grid_body)(xs, av, bv, cv, *args)
+
+
+def use_fused(on: bool = True, device: torch.device | str = "cpu") -> bool:
+    """Switch the fused SR kernel on (or off) for this process; returns whether it is on.
+
+    Switching on compiles the kernel's shape families once on a small tensor of ``device`` so that a
+    missing compiler is found here, with one warning, rather than in the middle of training.
+    """
+    _FUSED.on = bool(on)
+    for bits in (4, 1):
+        if _FUSED.on:
+            _fused_sr_(torch.zeros(2 * COLS + 3, device=device), bits, 1.0, Noise(0, device))
+    return _FUSED.on
