@@ -19,13 +19,14 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from qexp.methods.base import Method
+from qexp.methods.base import Method, RunContext, resolve_param_groups
 from qexp.methods.bc import BinaryConnect
 from qexp.methods.float import Float
 from qexp.methods.learned import LearnedPrecision
 from qexp.models.lenet import LeNet5
 from qexp.models.resnet import CifarResNet
 from qexp.models.vgg import VGG
+from qexp.run.engine import train_step
 
 MODELS: dict[str, tuple[Callable[[], nn.Module], tuple[int, int]]] = {
     "lenet5": (lambda: LeNet5(1, 10, 28), (1, 28)),
@@ -40,12 +41,9 @@ class Runner:
     def __init__(self, label: str, method: Method, model_name: str, batch_size: int, device: torch.device):
         make, (c, size) = MODELS[model_name]
         torch.manual_seed(0)
-        method.device = device
         self.label, self.method, self.device = label, method, device
-        self.model = method.prepare(make().to(device)).to(device)
-        groups = method.param_groups(self.model)
-        for g in groups:
-            g.setdefault("lr", 1e-3 * g.pop("lr_scale", 1.0))
+        self.model = method.prepare(make().to(device), RunContext(device)).to(device)
+        groups = resolve_param_groups(method.param_groups(self.model), 1e-3)
         self.opt = torch.optim.Adam(groups, lr=1e-3)
         gen = torch.Generator().manual_seed(1)
         self.x = torch.randn(batch_size, c, size, size, generator=gen).to(device)
@@ -58,14 +56,7 @@ class Runner:
         self._sync()
         t0 = time.perf_counter()
         for _ in range(n):
-            m.before_forward(model, self.step)
-            loss = m.criterion(model(self.x), self.y)
-            extra = m.extra_loss(model)
-            opt.zero_grad(set_to_none=True)
-            (loss if extra is None else loss + extra).backward()
-            m.after_backward(model)
-            opt.step()
-            m.after_step(model, opt)
+            train_step(model, m, opt, self.x, self.y, self.step)
             self.step += 1
         self._sync()
         return (time.perf_counter() - t0) / n

@@ -19,11 +19,12 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from qexp.methods.base import Method
+from qexp.methods.base import Method, RunContext, resolve_param_groups
 from qexp.methods.float import Float
 from qexp.methods.ste import STE
 from qexp.models.lenet import LeNet5
 from qexp.models.resnet import CifarResNet
+from qexp.run.engine import train_step
 
 MODELS: dict[str, tuple[Callable[[], nn.Module], tuple[int, int, int], int]] = {
     "lenet5 (MNIST 1x28x28, batch 64)": (lambda: LeNet5(1, 10, 28), (1, 28, 28), 64),
@@ -48,11 +49,8 @@ class Runner:
                  shape: tuple[int, int, int], batch: int, device: torch.device) -> None:
         torch.manual_seed(0)
         self.method = make_method()
-        self.method.device = device
-        self.model = self.method.prepare(make_model().to(device)).to(device)
-        groups = self.method.param_groups(self.model)
-        for g in groups:
-            g["lr"] = 1e-3 * g.pop("lr_scale", 1.0)
+        self.model = self.method.prepare(make_model().to(device), RunContext(device)).to(device)
+        groups = resolve_param_groups(self.method.param_groups(self.model), 1e-3)
         self.opt = torch.optim.Adam(groups, lr=1e-3)
         self.x = torch.randn(batch, *shape, device=device)
         self.y = torch.randint(0, 10, (batch,), device=device)
@@ -66,13 +64,7 @@ class Runner:
         self._sync()
         t0 = time.perf_counter()
         for _ in range(steps):
-            m.before_forward(model, self.step_no)
-            loss = m.criterion(model(self.x), self.y)
-            self.opt.zero_grad(set_to_none=True)
-            loss.backward()
-            m.after_backward(model)
-            self.opt.step()
-            m.after_step(model, self.opt)
+            train_step(model, m, self.opt, self.x, self.y, self.step_no)
             self.step_no += 1
         self._sync()
         return (time.perf_counter() - t0) / steps

@@ -16,11 +16,12 @@ import time
 
 import torch
 
-from qexp.methods.base import Method
+from qexp.methods.base import Method, RunContext, resolve_param_groups
 from qexp.methods.float import Float
 from qexp.methods.wage import Wage
 from qexp.models.lenet import LeNet5
 from qexp.models.vgg import VGG
+from qexp.run.engine import train_step
 
 SHAPES = {"lenet5": (1, 28), "vgg7": (3, 32)}
 
@@ -36,10 +37,9 @@ class Runner:
     """One model under one method, with a ``step()`` that does what the engine does per batch."""
 
     def __init__(self, method: Method, name: str, batch: int, device: torch.device, lr: float) -> None:
-        method.device = device
         self.method = method
-        self.model = method.prepare(make_model(name).to(device)).to(device)
-        self.opt = torch.optim.SGD(method.param_groups(self.model), lr=lr)
+        self.model = method.prepare(make_model(name).to(device), RunContext(device)).to(device)
+        self.opt = torch.optim.SGD(resolve_param_groups(method.param_groups(self.model), lr), lr=lr)
         c, side = SHAPES[name]
         self.x = torch.rand(batch, c, side, side, device=device) * 2 - 1
         self.y = torch.randint(0, 10, (batch,), device=device)
@@ -48,15 +48,7 @@ class Runner:
     def step(self) -> float:
         sync(self.device)
         t = time.perf_counter()
-        m, model = self.method, self.model
-        m.before_forward(model, 0)
-        out = model(self.x)
-        loss = m.criterion(out, self.y)
-        self.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        m.after_backward(model)
-        self.opt.step()
-        m.after_step(model, self.opt)
+        train_step(self.model, self.method, self.opt, self.x, self.y, 0)
         sync(self.device)
         return time.perf_counter() - t
 

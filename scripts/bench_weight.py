@@ -26,7 +26,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from qexp.methods.base import Method
+from qexp.methods.base import Method, RunContext, resolve_param_groups
 from qexp.methods.bc import BinaryConnect
 from qexp.methods.float import Float
 from qexp.methods.rounding import Rounding, StochasticRounding
@@ -51,11 +51,8 @@ SETUPS = {
 def make_step(method: Method, make_model: Callable[[], torch.nn.Module], shape: tuple[int, ...],
               device: torch.device) -> Callable[[], None]:
     torch.manual_seed(0)
-    method.device = device
-    model = method.prepare(make_model().to(device)).to(device).train()
-    groups = method.param_groups(model)
-    for g in groups:
-        g["lr"] = 1e-3 * g.pop("lr_scale", 1.0)
+    model = method.prepare(make_model().to(device), RunContext(device)).to(device).train()
+    groups = resolve_param_groups(method.param_groups(model), 1e-3)
     opt = torch.optim.Adam(groups, lr=1e-3)
     x = torch.randn(shape, device=device)
     y = torch.randint(0, 10, (shape[0],), device=device)

@@ -15,6 +15,7 @@ from torch import nn
 
 from qexp.data.synthetic import build as synthetic
 from qexp.errors import QexpError
+from qexp.methods.base import RunContext, resolve_param_groups
 from qexp.methods.learned import LearnedPrecision
 from qexp.methods.learned.precision import (
     BitSource,
@@ -147,10 +148,8 @@ def _trainer(model: nn.Module, method: LearnedPrecision, epochs: int, lr: float 
              ckpt: Path | None = None, **kw) -> Trainer:
     torch.manual_seed(0)
     data = synthetic(train_samples=samples, test_samples=64, batch_size=64, eval_batch_size=64, seed=0)
-    model = method.prepare(model)
-    groups = method.param_groups(model)
-    for g in groups:
-        g.setdefault("lr", lr * g.pop("lr_scale", 1.0))
+    model = method.prepare(model, RunContext())
+    groups = resolve_param_groups(method.param_groups(model), lr)
     opt = torch.optim.Adam(groups, lr=lr)
     return Trainer(model, method, opt, constant(opt, epochs), data, torch.device("cpu"), epochs,
                    ckpt_path=ckpt, progress_bar=False, **kw)
@@ -214,7 +213,7 @@ def test_logits_learn_to_give_bits_to_the_layer_that_needs_them():
     torch.manual_seed(0)
     model = _TwoLayers()
     m = LearnedPrecision(bits=3, min_bits=2, max_bits=6, hard_after=100, epochs=100, logit_lr=0.05)
-    model = m.prepare(model)
+    model = m.prepare(model, RunContext())
     s = m.quantizers[0].scale
     target_a = (torch.rand(16, 16) * 2 - 1) * 0.9 * s
     with torch.no_grad():
@@ -284,7 +283,7 @@ def test_state_dict_round_trip_restores_logits_temperature_allocation_and_noise(
     t.epochs = 1
     t.fit()  # one soft epoch: logits moved, temperature annealed
     other = LearnedPrecision(bits=3, max_bits=5, hard_after=2, epochs=4, logit_lr=0.05)
-    other.prepare(LeNet5())
+    other.prepare(LeNet5(), RunContext())
     other.load_state_dict(_weights_only_round_trip(m.state_dict()))
     assert torch.equal(other.logits.detach(), m.logits.detach()) and not torch.equal(m.logits, torch.zeros(4))
     assert other.tau == m.tau < 1.0 and other.history == m.history
@@ -295,7 +294,7 @@ def test_state_dict_round_trip_restores_logits_temperature_allocation_and_noise(
     m.on_epoch_end(1)
     assert m.frozen
     again = LearnedPrecision(bits=3, max_bits=5, hard_after=2, epochs=4)
-    again.prepare(LeNet5())
+    again.prepare(LeNet5(), RunContext())
     again.load_state_dict(_weights_only_round_trip(m.state_dict()))
     assert again.frozen and again.frozen_bits == m.frozen_bits and again.source.eval_bits == m.frozen_bits
     again.before_forward(None, 0)
@@ -348,7 +347,7 @@ def test_every_model_family_trains_a_few_steps(family):
     make, (c, size) = FAMILIES[family]
     torch.manual_seed(0)
     m = LearnedPrecision(bits=3, hard_after=5, epochs=10, logit_lr=0.05)
-    model = m.prepare(make())
+    model = m.prepare(make(), RunContext())
     opt = torch.optim.Adam(m.param_groups(model), lr=1e-3)
     x, y = torch.randn(4, c, size, size), torch.randint(0, 10, (4,))
     for step in range(2):

@@ -16,6 +16,7 @@ from torch.nn.utils import parametrize
 from qexp import cli
 from qexp.data.synthetic import build as synthetic
 from qexp.errors import QexpError
+from qexp.methods.base import RunContext
 from qexp.methods.ptq import affine
 from qexp.methods.ptq import curve as ptq_curve
 from qexp.methods.ptq.method import PTQ, quantize_activations, quantize_weights, weight_memory
@@ -161,7 +162,7 @@ def test_ptq_curve_of_a_run_trained_with_quantized_weights_and_activations() -> 
     torch.manual_seed(0)
     data = synthetic(train_samples=64, test_samples=64, batch_size=16, eval_batch_size=64)
     method = STE(bits=2, wbits=1)
-    model = method.prepare(LeNet5())
+    model = method.prepare(LeNet5(), RunContext())
     opt = torch.optim.Adam(method.param_groups(model), lr=1e-3)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda e: 1.0)
     trainer = Trainer(model, method, opt, sched, data, torch.device("cpu"), epochs=1, progress_bar=False)
@@ -228,7 +229,7 @@ def test_every_model_family_trains_float_then_gets_ptq(family: str) -> None:
     data = synthetic(channels=channels, image_size=size, train_samples=32, test_samples=16, batch_size=16,
                      eval_batch_size=16)
     method = PTQ(bits=4, activations=True, calib_batches=2)
-    model = method.prepare(make())
+    model = method.prepare(make(), RunContext(data=data))
     opt = torch.optim.SGD(method.param_groups(model), lr=0.01)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda e: 1.0)
     out = Trainer(model, method, opt, sched, data, torch.device("cpu"), epochs=1, progress_bar=False).fit()

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from qexp.errors import QexpError
+from qexp.methods.base import RunContext, resolve_param_groups
 from qexp.methods.ste import STE
 from qexp.models.lenet import LeNet5
 from qexp.models.mlp import MLP
@@ -145,7 +146,7 @@ def _prepared(family: str, **kw) -> tuple[nn.Module, STE]:
     model = FAMILIES[family][0]()
     n_relu = sum(isinstance(m, nn.ReLU) for m in model.modules())
     method = STE(**kw)
-    model = method.prepare(model)
+    model = method.prepare(model, RunContext())
     assert len(method.quantizers) == n_relu > 0
     assert not any(isinstance(m, nn.ReLU) for m in model.modules())
     return model, method
@@ -158,7 +159,7 @@ def _batch(family: str, n: int = 4, seed: int = 1) -> tuple[torch.Tensor, torch.
 
 
 def _train(model: nn.Module, method: STE, family: str, steps: int) -> list[float]:
-    opt = torch.optim.Adam([{**g, "lr": 1e-3 * g.pop("lr_scale", 1.0)} for g in method.param_groups(model)])
+    opt = torch.optim.Adam(resolve_param_groups(method.param_groups(model), 1e-3))
     model.train()
     losses = []
     for step in range(steps):

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from qexp.errors import QexpError
+from qexp.methods.base import RunContext
 from qexp.methods.wage import Wage
 from qexp.methods.wage import formats as wage
 from qexp.methods.wage.integer import export, rshift_round, weight_codes
@@ -87,10 +88,10 @@ def test_round_update_is_unbiased() -> None:
 
 def test_layer_scales_vgg7_cifar_and_lenet5_match_official_logs() -> None:
     m = Wage()
-    m.prepare(VGG("vgg7", 3, 10, 32, bn=False, bias=False))
+    m.prepare(VGG("vgg7", 3, 10, 32, bn=False, bias=False), RunContext())
     assert [x["alpha"] for x in m.manifest(None)["layers"]] == [2, 16, 16, 16, 16, 32, 32, 16]
     m = Wage()
-    m.prepare(LeNet5(1, 10, 28, bias=False))
+    m.prepare(LeNet5(1, 10, 28, bias=False), RunContext())
     assert [x["alpha"] for x in m.manifest(None)["layers"]] == [2, 16, 16, 8]
     assert wage.init_limit(25, 2) == 0.75 and wage.init_limit(3, 2) == 1.0
 
@@ -112,7 +113,7 @@ def _setup(make: type | object, shape: tuple[int, ...], seed: int = 0, batch: in
            **kw: object) -> tuple[Wage, nn.Module, torch.optim.Optimizer, torch.Tensor, torch.Tensor]:
     torch.manual_seed(seed)
     m = Wage(**kw)
-    model = m.prepare(make())
+    model = m.prepare(make(), RunContext())
     opt = torch.optim.SGD(m.param_groups(model), lr=lr, momentum=0.9, weight_decay=1e-3)
     x = torch.rand(batch, *shape) * 2 - 1
     y = torch.randint(0, 10, (batch,))
@@ -173,7 +174,7 @@ def test_activation_placement_equals_paper_order() -> None:
     torch.manual_seed(3)
     m = Wage()
     net = m.prepare(nn.Sequential(nn.Conv2d(1, 4, 3, bias=False), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
-                                  nn.Linear(4 * 25, 10, bias=False)))
+                                  nn.Linear(4 * 25, 10, bias=False)), RunContext())
     conv, fc = net.net[0], net.net[4]
     x = torch.rand(6, 1, 12, 12) * 2 - 1
     y = torch.randint(0, 10, (6,))
@@ -194,13 +195,13 @@ def test_activation_placement_equals_paper_order() -> None:
 
 def test_unsupported_models_get_one_clear_error() -> None:
     with pytest.raises(QexpError, match="model.bn=false model.bias=false"):
-        Wage().prepare(VGG("vgg7", bn=True, bias=False))
+        Wage().prepare(VGG("vgg7", bn=True, bias=False), RunContext())
     with pytest.raises(QexpError, match="without biases.*model.bias=false"):
-        Wage().prepare(LeNet5(bias=True))
+        Wage().prepare(LeNet5(bias=True), RunContext())
     with pytest.raises(QexpError, match="chain networks"):
-        Wage().prepare(CifarResNet(20))
+        Wage().prepare(CifarResNet(20), RunContext())
     with pytest.raises(QexpError, match="dropout"):
-        Wage().prepare(MLP(bn=False, bias=False, dropout=0.5))
+        Wage().prepare(MLP(bn=False, bias=False, dropout=0.5), RunContext())
     with pytest.raises(QexpError, match="bits=1"):
         Wage(bits=1)
     with pytest.raises(QexpError, match="bits_g"):
@@ -255,7 +256,7 @@ def test_integer_forward_equals_fake_quantized_on_real_mnist(data_root) -> None:
     data = _mnist_test(data_root)
     torch.manual_seed(0)
     m = Wage()
-    model = m.prepare(LeNet5(bias=False))
+    model = m.prepare(LeNet5(bias=False), RunContext())
     opt = torch.optim.SGD(m.param_groups(model), lr=8)
     res, _ = compare(model, data.test, limit=1000)
     assert res["images"] == 1000 and res["differing_predictions"] == 0 and res["differing_logit_rows"] == 0

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from qexp.errors import QexpError
+
+if TYPE_CHECKING:
+    from qexp.data import DataBundle
 
 Evaluate = Callable[[nn.Module], dict[str, float]]
 
@@ -31,10 +35,58 @@ LOSSES: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
     "sqhinge": squared_hinge,
     "sse": sum_squared_error,
 }
+#: losses that are sums over the batch (the others are batch means): totals and DDP gradients differ
+SUM_LOSSES = frozenset({"sse"})
+
+
+@dataclass(frozen=True)
+class RunContext:
+    """What a method may know about the run it is part of, handed to :meth:`Method.prepare`.
+
+    ``data`` is the run's whole (unsharded) DataBundle, or None where no data exists (a bare model in a
+    test); every data-parallel process gets the same one, so calibration agrees between processes.
+    """
+
+    device: torch.device = torch.device("cpu")
+    data: DataBundle | None = None
+    seed: int = 0
+
+
+def resolve_param_groups(groups: list[dict[str, Any]], lr: float) -> list[dict[str, Any]]:
+    """Optimizer groups with an absolute ``lr``: a group's ``lr_scale`` multiplies the base ``lr``; a group
+    that fixes its own ``lr`` keeps it (learned precision's logits). The input is left unchanged."""
+    out = []
+    for g in groups:
+        g = dict(g)
+        scale = g.pop("lr_scale", 1.0)
+        g.setdefault("lr", lr * scale)
+        out.append(g)
+    return out
 
 
 class Method:
     """Float training; quantization methods override the hooks they need.
+
+    The engine (:mod:`qexp.run.engine`) is the only caller of the hooks, in this order::
+
+        m = Method(bits=..., **options)          # validates options: QexpError before any work
+        model = m.prepare(model, ctx)            # once, model already on ctx.device
+        groups = m.param_groups(model)           # once, then the optimizer is built
+        [m.load_state_dict(state)]               # on resume, after prepare
+        per training step (train_step):
+            m.before_forward(model, step)
+            loss = m.criterion(model(x), y) [+ m.extra_loss(model)]
+            loss.backward(); m.after_backward(model)
+            optimizer.step(); m.after_step(model, optimizer)
+        per epoch: evaluation (model.eval(), m.criterion), then m.on_epoch_end(epoch), m.metrics(),
+                   m.images() (TensorBoard only), m.state_dict() (checkpoint)
+        after the last epoch: m.finalize(model, evaluate)
+        m.manifest(model) at the start and the end (quant.json)
+
+    Hooks must be deterministic given the run's seed and the state they return from :meth:`state_dict`
+    (a resumed run has to repeat an uninterrupted one bit for bit); randomness comes from generators the
+    method owns and checkpoints. With data parallelism every process calls every hook at the same point on
+    the plain (unwrapped) model; the hooks must leave every process in the same state.
 
     Subclasses declare ``bits_range`` (inclusive) and ``default_bits``; an out-of-range ``bits`` is a
     :class:`QexpError` raised before any training.
@@ -47,8 +99,6 @@ class Method:
     batch_scale: int = 1
     #: multiplies the configured epochs (Big SR's equal-updates budget: batch_scale x the epochs)
     epoch_scale: int = 1
-    #: the run's DataBundle, set by the Trainer (e.g. training batches to calibrate ranges in finalize)
-    data: Any = None
 
     def __init__(self, bits: int | None = None, loss: str = "ce") -> None:
         self.bits = self.default_bits if bits is None else int(bits)
@@ -59,52 +109,72 @@ class Method:
         if loss not in LOSSES:
             raise QexpError(f"unknown loss {loss!r}; choose from {sorted(LOSSES)}")
         self.loss_name = loss
-        self.device = torch.device("cpu")
+
+    @property
+    def loss_is_sum(self) -> bool:
+        """True when :meth:`criterion` sums over the batch (WAGE's SSE) instead of averaging: the engine
+        then adds batch losses as they are and data parallelism sums gradients instead of averaging."""
+        return self.loss_name in SUM_LOSSES
 
     # ---- set-up ----------------------------------------------------------------------------------
-    def prepare(self, model: nn.Module) -> nn.Module:
-        """Swap or wrap layers once, before the optimizer is built."""
+    def prepare(self, model: nn.Module, ctx: RunContext) -> nn.Module:
+        """Called once per run, before the optimizer is built and before a checkpoint is loaded, with the
+        float model already on ``ctx.device``. May swap or wrap layers in place, attach parametrizations
+        and hooks, create the method's own tensors and generators on ``ctx.device``, and keep ``ctx`` (or
+        parts of it) for later hooks. Returns the model to train (the same object or a wrapper); the
+        engine moves it to ``ctx.device`` again."""
         return model
 
     def param_groups(self, model: nn.Module) -> list[dict[str, Any]]:
-        """Optimizer parameter groups; a group's ``lr_scale`` multiplies the base learning rate (a group
-        that sets ``lr`` itself keeps it)."""
+        """Optimizer parameter groups, called once after :meth:`prepare`. A group's ``lr_scale``
+        multiplies the base learning rate; a group that sets ``lr`` itself keeps it (see
+        :func:`resolve_param_groups`). Tensors outside the model may be included (they are averaged
+        across data-parallel processes)."""
         return [{"params": [p for p in model.parameters() if p.requires_grad]}]
 
     def criterion(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """The training and evaluation loss: a batch mean, or a batch sum when :attr:`loss_is_sum`."""
         return LOSSES[self.loss_name](logits, target)
 
     # ---- per step --------------------------------------------------------------------------------
     def before_forward(self, model: nn.Module, step: int) -> None:
-        """Called before every training forward pass."""
+        """Called before every training forward pass; ``step`` counts optimizer steps so far (0-based,
+        continued across epochs and resumes). May set per-step state (draw bits, toggle statistics)."""
 
     def extra_loss(self, model: nn.Module) -> torch.Tensor | None:
+        """A term added to the loss before ``backward`` (not to the logged loss); None for none."""
         return None
 
     def after_backward(self, model: nn.Module) -> None:
-        """Called after ``loss.backward()``, before the optimizer step."""
+        """Called after ``loss.backward()``, before the optimizer step. May read or replace gradients
+        (set ``p.grad = None`` to take a parameter away from the optimizer)."""
 
     def after_step(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
-        """Called after every optimizer step."""
+        """Called after every optimizer step. May change weights in place (clip, round, own updates)."""
 
     # ---- per epoch / end -------------------------------------------------------------------------
     def on_epoch_end(self, epoch: int) -> None:
-        """Called after each finished epoch (0-based) and its evaluation."""
+        """Called after each finished epoch (0-based) and its evaluation, before :meth:`metrics`."""
 
     def metrics(self) -> dict[str, float]:
-        """Diagnostics for the epoch just finished (TensorBoard + metrics.json history)."""
+        """Diagnostics for the epoch just finished (TensorBoard + metrics.json history as
+        ``method/<key>``); called once per epoch, may reset per-epoch accumulators."""
         return {}
 
     def images(self) -> dict[str, Any]:
-        """Pictures for TensorBoard after each epoch: name -> HWC uint8 array or matplotlib figure."""
+        """Pictures for TensorBoard after each epoch: name -> HWC uint8 array or matplotlib figure.
+        Called on the main process only, so it must not change state."""
         return {}
 
     def finalize(self, model: nn.Module, evaluate: Evaluate) -> dict[str, Any]:
-        """After training: extra results for metrics.json (e.g. post-training quantization)."""
+        """Called once after the last epoch of a completed run. ``evaluate(m)`` returns the test loss and
+        error of any model ``m`` (e.g. a quantized copy). The returned keys are merged into metrics.json
+        (and override the ones the engine wrote, e.g. PTQ's ``test_error`` of the deployed network)."""
         return {}
 
     def manifest(self, model: nn.Module) -> dict[str, Any]:
-        """Which tensors are quantized, to how many bits, with which rounding (quant.json)."""
+        """Which tensors are quantized, to how many bits, with which rounding (quant.json). Read-only:
+        must not change the model or the method's state."""
         n = sum(p.numel() for p in model.parameters())
         return {"method": self.name, "bits": self.bits, "layers": [],
                 "weight_bytes": 4 * n, "float32_bytes": 4 * n}
@@ -115,7 +185,9 @@ class Method:
 
     # ---- resume ----------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
+        """Everything a resume needs beyond the model's own state_dict (generators, counters, schedules).
+        Called at every checkpoint (end of epoch, interruption)."""
         return {}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        pass
+        """Restores :meth:`state_dict`; called after :meth:`prepare` on resume."""

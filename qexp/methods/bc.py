@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from qexp.errors import QexpError
-from qexp.methods.base import Method
+from qexp.methods.base import Method, RunContext
 from qexp.methods.diagnostics import FlipTracker
 from qexp.quant.kernels import Noise, nearest
 from qexp.quant.weight import QuantLayer, WeightQuantizer, quantize_weights, weight_manifest
@@ -62,8 +62,8 @@ class BinaryConnect(Method):
         self.flips = FlipTracker()
 
     # ---- set-up ----------------------------------------------------------------------------------
-    def prepare(self, model: nn.Module) -> nn.Module:
-        self.noise = Noise(self.seed, self.device) if self.stochastic else None
+    def prepare(self, model: nn.Module, ctx: RunContext) -> nn.Module:
+        self.noise = Noise(self.seed, ctx.device) if self.stochastic else None
         rounding = "stochastic-binary" if self.stochastic else ("sign" if self.bits == 1 else "nearest")
 
         def make(q: QuantLayer) -> nn.Module:

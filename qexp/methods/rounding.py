@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from qexp.errors import QexpError
-from qexp.methods.base import Method
+from qexp.methods.base import Method, RunContext
 from qexp.methods.diagnostics import FlipTracker
 from qexp.quant.kernels import Noise, nearest_round_, stochastic_round_
 from qexp.quant.weight import QuantLayer, quantize_weights, weight_manifest
@@ -52,9 +52,9 @@ class Rounding(Method):
     def rounding(self) -> str:
         return "stochastic" if self.stochastic else "nearest"
 
-    def prepare(self, model: nn.Module) -> nn.Module:
-        self.noise = Noise(self.seed, self.device)
-        self._acc = self._acc.to(self.device)
+    def prepare(self, model: nn.Module, ctx: RunContext) -> nn.Module:
+        self.noise = Noise(self.seed, ctx.device)
+        self._acc = self._acc.to(ctx.device)
         self.layers = quantize_weights(model, self.bits, self.rounding, float_copy=False, scale=self.scale,
                                        skip_first=self.skip_first, skip_last=self.skip_last)
         with torch.no_grad():  # the stored weights live on the grid from the start
@@ -123,7 +123,7 @@ class Rounding(Method):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.flips.load_state_dict(state.get("flips", {}))
         if "acc" in state:
-            self._acc = torch.tensor(state["acc"], dtype=torch.float64, device=self.device)
+            self._acc = torch.tensor(state["acc"], dtype=torch.float64, device=self._acc.device)
         if self.noise is not None and "noise" in state:
             self.noise.load_state_dict(state["noise"])
 

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from qexp.errors import QexpError
-from qexp.methods.base import Method
+from qexp.methods.base import Method, RunContext
 from qexp.methods.bc import BinaryConnect
 from qexp.quant.activation import QuantReLU, check_estimator, levels
 from qexp.quant.inject import replace_modules
@@ -41,7 +41,7 @@ class STE(Method):
         self.quantizers: list[tuple[str, QuantReLU]] = []
 
     # ---- set-up --------------------------------------------------------------------------------------
-    def prepare(self, model: nn.Module) -> nn.Module:
+    def prepare(self, model: nn.Module, ctx: RunContext) -> nn.Module:
         def make(name: str, module: nn.Module) -> QuantReLU:
             return QuantReLU(self.bits, self.estimator, self.alpha, self.learn_alpha)
 
@@ -53,8 +53,7 @@ class STE(Method):
         # its call sites) and is closed right after it.
         model.register_forward_hook(self._close_calibration)
         if self.weights is not None:
-            self.weights.device = self.device
-            self.weights.prepare(model)
+            self.weights.prepare(model, ctx)
         return model
 
     def _close_calibration(self, model: nn.Module, args: Any, output: Any) -> None:

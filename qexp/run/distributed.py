@@ -278,3 +278,35 @@ def worker_logging(run_dir: Path, is_main: bool) -> None:
     for h in handlers:
         h.setFormatter(fmt)
         root.addHandler(h)
+
+
+class DataParallel:
+    """One process of a data-parallel run, as :class:`qexp.run.engine.Trainer` uses it: sharded batches,
+    the DDP-wrapped training forward, sums over processes, an agreed stop, and a final consistency check.
+
+    The method keeps the full data (its finalize must agree on every process); only the trainer's loaders
+    are sharded.
+    """
+
+    def __init__(self, ctx: Context, device: torch.device, find_unused_parameters: bool = False) -> None:
+        self.ctx, self.device, self.find_unused_parameters = ctx, device, find_unused_parameters
+        self._reduce = reducer(ctx)
+
+    def shard(self, data: DataBundle) -> DataBundle:
+        return shard_data(data, self.ctx)
+
+    def wrap(self, model: nn.Module, optimizer: torch.optim.Optimizer, loss_is_sum: bool) -> nn.Module:
+        """The DDP wrapper for the forward, plus gradient averaging of method-owned optimized tensors."""
+        ddp = wrap_model(model, self.ctx, self.device, loss_is_sum, self.find_unused_parameters)
+        sync_extra_params(model, optimizer, self.ctx, loss_is_sum)
+        return ddp
+
+    def reduce(self, t: torch.Tensor) -> torch.Tensor:
+        return self._reduce(t)
+
+    def agree(self, local: Callable[[], bool]) -> Callable[[], bool]:
+        return agreed(local, self.ctx)
+
+    def summary(self, model: nn.Module, method: Any) -> dict[str, Any]:
+        """For metrics.json: the world size and whether every process ended bit-identical."""
+        return {"world_size": self.ctx.world, "ranks_consistent": consistent(model, method, self.ctx)}

@@ -5,10 +5,10 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -52,7 +52,99 @@ class Outcome:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+def train_step(model: nn.Module, method: Method, optimizer: torch.optim.Optimizer, x: torch.Tensor,
+               y: torch.Tensor, step: int, forward_model: nn.Module | None = None,
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimizer step with every per-step hook, in the engine's order; returns the (detached) loss
+    the method's criterion gave and the logits. ``forward_model`` runs the forward (the DDP wrapper);
+    the hooks see ``model``."""
+    method.before_forward(model, step)
+    out = (model if forward_model is None else forward_model)(x)
+    loss = method.criterion(out, y)
+    extra = method.extra_loss(model)
+    total = loss if extra is None else loss + extra
+    optimizer.zero_grad(set_to_none=True)
+    total.backward()
+    method.after_backward(model)
+    optimizer.step()
+    method.after_step(model, optimizer)
+    return loss.detach(), out.detach()
+
+
+def batch_total(method: Method, loss: torch.Tensor, n: int) -> torch.Tensor:
+    """A batch's loss summed over its examples (a sum loss already is one; the others are means)."""
+    return loss if method.loss_is_sum else loss * n
+
+
+Reduce = Callable[[torch.Tensor], torch.Tensor]
+
+
+def totals(values: tuple[torch.Tensor | float, ...], device: torch.device, reduce: Reduce | None = None,
+           ) -> list[float]:
+    """Totals over all processes (one collective, in float64); plain values in one process."""
+    if reduce is None:
+        return [float(v) for v in values]
+    t = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=device) for v in values])
+    return reduce(t).tolist()
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, method: Method, loader: Any, device: torch.device,
+             reduce: Reduce | None = None) -> dict[str, float]:
+    """Mean loss (the method's criterion) and error in percent of ``model`` over ``loader``, in eval mode
+    (the model's mode is restored). ``reduce`` sums over data-parallel processes."""
+    was_training = model.training
+    model.eval()
+    loss = torch.zeros((), device=device)
+    wrong = torch.zeros((), device=device)
+    n = 0
+    for x, y in loader:
+        out = model(x)
+        loss += batch_total(method, method.criterion(out, y), len(y))
+        wrong += (out.argmax(1) != y).sum()
+        n += len(y)
+    model.train(was_training)
+    loss, wrong, n = totals((loss, wrong, n), device, reduce)
+    return {"loss": loss / n, "error": 100.0 * wrong / n}
+
+
+class Callback:
+    """Something that watches a run (writes its files, logs); every hook is optional. Called on the
+    processes that were given it (the main one for files)."""
+
+    def on_start(self, trainer: Trainer) -> None:
+        """Before the first step of :meth:`Trainer.fit` (after a resume's state was loaded)."""
+
+    def on_epoch(self, trainer: Trainer, row: dict[str, float]) -> None:
+        """After an epoch's row was added to the history and the checkpoint was saved."""
+
+    def on_end(self, trainer: Trainer, outcome: Outcome) -> None:
+        """When :meth:`Trainer.fit` returns (completed, diverged or interrupted)."""
+
+
+class Parallel(Protocol):
+    """Data-parallel training as the trainer sees it (:class:`qexp.run.distributed.DataParallel`)."""
+
+    def shard(self, data: DataBundle) -> DataBundle: ...
+
+    def wrap(self, model: nn.Module, optimizer: torch.optim.Optimizer, loss_is_sum: bool) -> nn.Module: ...
+
+    def reduce(self, t: torch.Tensor) -> torch.Tensor: ...
+
+    def agree(self, local: Callable[[], bool]) -> Callable[[], bool]: ...
+
+    def summary(self, model: nn.Module, method: Method) -> dict[str, Any]: ...
+
+
 class Trainer:
+    """Runs epochs of :func:`train_step`, evaluates, checkpoints, and tells its callbacks.
+
+    ``parallel`` makes it one process of several: it trains on its shard of every batch through the
+    wrapped model, sums counts over processes and stops when any process is asked to; the method and
+    hooks see the plain model and the full data. ``extra_state`` is stored in every checkpoint (e.g. the
+    configuration fingerprint a resume must match).
+    """
+
     def __init__(
         self,
         model: nn.Module,
@@ -62,27 +154,29 @@ class Trainer:
         data: DataBundle,
         device: torch.device,
         epochs: int,
+        *,
         ckpt_path: Path | None = None,
-        writer: Any = None,
-        on_epoch: Callable[[Progress], None] | None = None,
         should_stop: Callable[[], bool] = lambda: False,
         progress_bar: bool | None = None,
-        forward_model: nn.Module | None = None,
-        reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        callbacks: Sequence[Callback] = (),
+        parallel: Parallel | None = None,
+        extra_state: dict[str, Any] | None = None,
     ) -> None:
         self.model, self.method, self.optimizer, self.scheduler = model, method, optimizer, scheduler
-        # Data-parallel training (qexp.run.distributed): the training forward goes through the DDP wrapper,
-        # hooks and checkpoints see the plain model, and counts are summed over processes by `reduce`.
-        self.forward_model = model if forward_model is None else forward_model
-        self.reduce = reduce
-        self.data, self.device, self.epochs = data, device, epochs
-        self.ckpt_path, self.writer, self.on_epoch = ckpt_path, writer, on_epoch
-        self.should_stop = should_stop
-        self.progress_bar = progress_bar
-        method.data = data  # finalize() may need training batches (PTQ calibrates activation ranges)
+        self.device, self.epochs = device, epochs
+        self.ckpt_path, self.progress_bar = ckpt_path, progress_bar
+        self.callbacks = tuple(callbacks)
+        self.parallel = parallel
+        self.extra_state = dict(extra_state or {})
+        if parallel is None:
+            self.data, self.forward_model, self.should_stop = data, model, should_stop
+            self._reduce: Reduce | None = None
+        else:
+            self.data = parallel.shard(data)
+            self.forward_model = parallel.wrap(model, optimizer, method.loss_is_sum)
+            self._reduce = parallel.reduce
+            self.should_stop = parallel.agree(should_stop)
         self.progress = Progress()
-        #: stored alongside the training state (e.g. the config fingerprint a resume must match)
-        self.extra_state: dict[str, Any] = {}
 
     # ---- checkpoints -------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -114,37 +208,26 @@ class Trainer:
             checkpoint.save(self.ckpt_path, self.state_dict())
 
     # ---- evaluation --------------------------------------------------------------------------------
-    @torch.no_grad()
     def evaluate(self, model: nn.Module | None = None, loader: Any = None) -> dict[str, float]:
-        model = self.model if model is None else model
-        loader = self.data.test if loader is None else loader
-        was_training = model.training
-        model.eval()
-        loss = torch.zeros((), device=self.device)
-        wrong = torch.zeros((), device=self.device)
-        n = 0
-        for x, y in loader:
-            out = model(x)
-            loss += self._batch_total(self.method.criterion(out, y), len(y))
-            wrong += (out.argmax(1) != y).sum()
-            n += len(y)
-        model.train(was_training)
-        loss, wrong, n = self._sum(loss, wrong, n)
-        return {"loss": loss / n, "error": 100.0 * wrong / n}
+        """:func:`evaluate` of the run's model (or ``model``) on its test loader (or ``loader``)."""
+        return evaluate(self.model if model is None else model, self.method,
+                        self.data.test if loader is None else loader, self.device, self._reduce)
 
     def _sum(self, *values: torch.Tensor | float) -> list[float]:
-        """Totals over all processes (one collective, in float64); plain values in one process."""
-        if self.reduce is None:
-            return [float(v) for v in values]
-        t = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=self.device) for v in values])
-        return self.reduce(t).tolist()
-
-    def _batch_total(self, loss: torch.Tensor, n: int) -> torch.Tensor:
-        """Loss summed over the batch (WAGE's SSE is already a sum; the others are means)."""
-        return loss if self.method.loss_name == "sse" else loss * n
+        return totals(values, self.device, self._reduce)
 
     # ---- training ----------------------------------------------------------------------------------
     def fit(self) -> Outcome:
+        for cb in self.callbacks:
+            cb.on_start(self)
+        outcome = self._fit()
+        if self.parallel is not None:  # bit-identical weights (as used) and method state on every process?
+            outcome.extra.update(self.parallel.summary(self.model, self.method))
+        for cb in self.callbacks:
+            cb.on_end(self, outcome)
+        return outcome
+
+    def _fit(self) -> Outcome:
         p = self.progress
         start = time.perf_counter() - p.wall_s
         while p.epoch < self.epochs:
@@ -153,11 +236,11 @@ class Trainer:
             if status != "ok":
                 self.save()
                 return Outcome(status, p)
-            self._end_epoch()
+            row = self._end_epoch()
             p.wall_s = time.perf_counter() - start
             self.save()
-            if self.on_epoch:
-                self.on_epoch(p)
+            for cb in self.callbacks:
+                cb.on_epoch(self, row)
             if self.should_stop() and p.epoch < self.epochs:
                 return Outcome("interrupted", p)
         extra = self.method.finalize(self.model, lambda m: self.evaluate(m))
@@ -171,7 +254,7 @@ class Trainer:
         # Running sums of the epoch. p.* hold totals over all processes; with several processes each
         # one sums its own share from zero and `base` (the interrupted epoch's totals) is added once.
         base: tuple[float, float, int] = (0.0, 0.0, 0)
-        if self.reduce is not None:
+        if self._reduce is not None:
             base, p.loss_sum, p.correct, p.seen = (p.loss_sum, p.correct, p.seen), 0.0, 0.0, 0
         loss_sum = torch.tensor(p.loss_sum, device=self.device)
         correct = torch.tensor(p.correct, device=self.device)
@@ -182,21 +265,12 @@ class Trainer:
         t0 = time.perf_counter()
         status = "ok"
         for i, (x, y) in enumerate(loader.iter_from(p.batch), start=p.batch):
-            method.before_forward(model, p.step)
-            out = self.forward_model(x)
-            loss = method.criterion(out, y)
-            extra = method.extra_loss(model)
-            total = loss if extra is None else loss + extra
-            opt.zero_grad(set_to_none=True)
-            total.backward()
-            method.after_backward(model)
-            opt.step()
-            method.after_step(model, opt)
+            loss, out = train_step(model, method, opt, x, y, p.step, self.forward_model)
             p.step += 1
             p.batch = i + 1
             seen += len(y)
-            loss_sum += self._batch_total(loss.detach(), len(y))
-            correct += (out.detach().argmax(1) == y).sum()
+            loss_sum += batch_total(method, loss, len(y))
+            correct += (out.argmax(1) == y).sum()
             bar.update(1)
             if p.step % SYNC_EVERY == 0 or p.batch == len(loader):
                 total_loss, total_seen = self._sum(loss_sum, seen)
@@ -210,8 +284,8 @@ class Trainer:
                 break
         bar.close()
         p.train_time += time.perf_counter() - t0
-        totals = self._sum(loss_sum, correct, seen)
-        p.loss_sum, p.correct, p.seen = (b + t for b, t in zip(base, totals))
+        totals_ = self._sum(loss_sum, correct, seen)
+        p.loss_sum, p.correct, p.seen = (b + t for b, t in zip(base, totals_))
         p.seen = int(p.seen)
         if status == "ok" and not math.isfinite(p.loss_sum):
             status = "diverged"
@@ -219,7 +293,7 @@ class Trainer:
             log.error("loss is not finite at step %d: the run diverged", p.step)
         return status
 
-    def _end_epoch(self) -> None:
+    def _end_epoch(self) -> dict[str, float]:
         p = self.progress
         lr = self.optimizer.param_groups[0]["lr"]
         row: dict[str, float] = {
@@ -243,28 +317,7 @@ class Trainer:
         log.info("epoch %d/%d  train_loss %.4f  train_error %.2f%%  test_error %.2f%%  %.0f img/s",
                  p.epoch, self.epochs, row["train_loss"], row["train_error"], row["test_error"],
                  row["images_per_s"])
-        if self.writer is not None:
-            for k, v in row.items():
-                if k != "epoch":
-                    self.writer.add_scalar(_tb_name(k), v, p.epoch)
-            for k, img in self.method.images().items():
-                _tb_image(self.writer, f"method/{k}", img, p.epoch)
-            self.writer.flush()
-
-
-def _tb_name(key: str) -> str:
-    if key.startswith("method/") or key in ("lr", "images_per_s"):
-        return key
-    split, _, what = key.partition("_")
-    return f"{what}/{split}"  # loss/train, error/test, ...: train and test share a chart
-
-
-def _tb_image(writer: Any, tag: str, img: Any, step: int) -> None:
-    """An HWC array (uint8, or float in [0, 1]) or a matplotlib figure."""
-    if hasattr(img, "savefig"):
-        writer.add_figure(tag, img, step)
-    else:
-        writer.add_image(tag, img, step, dataformats="HWC")
+        return row
 
 
 def _isatty() -> bool:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -18,21 +19,30 @@ from qexp.methods.ptq import curve as ptq_curve
 from qexp.methods.wage import integer_eval
 from qexp.run import checkpoint
 from qexp.run.config import register
+from qexp.run.engine import evaluate
+
+if TYPE_CHECKING:
+    from qexp.run.train import Prepared
 
 
 @dataclass
 class LoadedRun:
     run_dir: Path
     cfg: DictConfig
-    built: object  # qexp.run.train.Built
+    built: Prepared  # the run's method, data and model, as trained
     device: torch.device
-    trainer: object  # qexp.run.engine.Trainer, for its evaluate()
+
+    def evaluate(self, model: torch.nn.Module | None = None, loader: Any = None) -> dict[str, float]:
+        """Test loss and error of the run's model (or ``model``) on its test set (or ``loader``)."""
+        b = self.built
+        return evaluate(b.model if model is None else model, b.method,
+                        b.data.test if loader is None else loader, self.device)
 
 
 def load_run(run_dir: str | Path, device: str = "auto", data_root: str | None = None) -> LoadedRun:
-    """Rebuild a run's data, model and method from its folder and load its checkpoint."""
-    from qexp.run.engine import Trainer
-    from qexp.run.train import CHECKPOINT, build, resolve_device
+    """Rebuild a run's data, model and method from its folder and load their state from its checkpoint
+    (no optimizer: evaluating does not need one)."""
+    from qexp.run.train import CHECKPOINT, prepare, resolve_device
 
     run_dir = Path(run_dir)
     cfg_file = run_dir / ".hydra" / "config.yaml"
@@ -46,12 +56,11 @@ def load_run(run_dir: str | Path, device: str = "auto", data_root: str | None = 
         cfg.data_root = data_root
     dev = resolve_device(device)
     torch.manual_seed(int(cfg.seed))
-    built = build(cfg, dev)
+    built = prepare(cfg, dev)
     state = checkpoint.load(run_dir / CHECKPOINT, map_location=dev)
-    trainer = Trainer(built.model, built.method, built.optimizer, built.scheduler, built.data, dev,
-                      int(cfg.epochs))
-    trainer.load_state_dict(state)
-    return LoadedRun(run_dir, cfg, built, dev, trainer)
+    built.model.load_state_dict(state["model"])
+    built.method.load_state_dict(state["method"])
+    return LoadedRun(run_dir, cfg, built, dev)
 
 
 def _method_name(run_dir: Path) -> str:
@@ -73,7 +82,7 @@ def main(argv: list[str]) -> int:
     args = ap.parse_args(argv)
     integer_eval.check(_method_name(args.run_dir), args)
     run = load_run(args.run_dir, args.device, args.data_root)
-    res = run.trainer.evaluate()
+    res = run.evaluate()
     print(f"{run.run_dir}: test error {res['error']:.2f}% (accuracy {100 - res['error']:.2f}%), "
           f"test loss {res['loss']:.4f}")
     ptq_curve.run(run, args, res)

@@ -23,17 +23,16 @@ from omegaconf import DictConfig, OmegaConf
 
 from qexp.data import DataBundle
 from qexp.errors import QexpError
-from qexp.jsonio import write_json
-from qexp.methods.base import Method
+from qexp.methods.base import Method, RunContext, resolve_param_groups
 from qexp.run import checkpoint, distributed, preempt, record
+from qexp.run.callbacks import RunRecord, TensorBoard, final_record
 from qexp.run.config import VOLATILE_KEYS, register
-from qexp.run.engine import Progress, Trainer
+from qexp.run.engine import Trainer
 from qexp.run.preempt import stop_on_signals  # noqa: F401  (re-exported: train.stop_on_signals)
 
 log = logging.getLogger("qexp")
 
 CHECKPOINT = "checkpoint.pt"
-MANIFEST = "quant.json"
 #: config keys that name the component but are not constructor arguments
 META_KEYS = ("name", "tag")
 
@@ -91,31 +90,42 @@ def run_meta(cfg: DictConfig, method: Method, overrides: str | None = None) -> d
 
 
 @dataclass
-class Built:
+class Prepared:
+    """A run's method, data and model (prepared by the method): enough to evaluate."""
+
     method: Method
     data: DataBundle
     model: torch.nn.Module
+
+
+@dataclass
+class Built(Prepared):
+    """:class:`Prepared` plus what training needs: the optimizer and the schedule."""
+
     optimizer: torch.optim.Optimizer
     scheduler: Any
 
 
-def build(cfg: DictConfig, device: torch.device) -> Built:
-    """Method (validates bits first), data, model (prepared by the method), optimizer, schedule."""
+def prepare(cfg: DictConfig, device: torch.device) -> Prepared:
+    """Method (validates bits first), data, model (prepared by the method on ``device``)."""
     method: Method = instantiate(cfg.method)
-    method.device = device
     data = instantiate(cfg.dataset, root=cfg.data_root, batch_size=cfg.batch_size * method.batch_scale,
                        eval_batch_size=cfg.eval_batch_size, seed=cfg.seed, device=str(device))
     c, h, _ = data.in_shape
     model = instantiate(cfg.model, in_channels=c, num_classes=data.num_classes, image_size=h)
-    model = method.prepare(model.to(device)).to(device)
-    groups = method.param_groups(model)
-    for g in groups:  # a group may also fix its own absolute "lr" (learned precision's logits)
-        scale = g.pop("lr_scale", 1.0)
-        g.setdefault("lr", cfg.lr * scale)
+    ctx = RunContext(device=device, data=data, seed=int(cfg.seed))
+    model = method.prepare(model.to(device), ctx).to(device)
+    return Prepared(method, data, model)
+
+
+def build(cfg: DictConfig, device: torch.device) -> Built:
+    """:func:`prepare`, then the optimizer (over the method's parameter groups) and the schedule."""
+    p = prepare(cfg, device)
+    groups = resolve_param_groups(p.method.param_groups(p.model), cfg.lr)
     optim_cfg = OmegaConf.masked_copy(cfg.optim, [k for k in cfg.optim if k != "lr"])
     optimizer = instantiate(optim_cfg, params=groups, lr=cfg.lr)
-    scheduler = instantiate(cfg.sched, optimizer=optimizer, epochs=cfg.epochs * method.epoch_scale)
-    return Built(method, data, model, optimizer, scheduler)
+    scheduler = instantiate(cfg.sched, optimizer=optimizer, epochs=cfg.epochs * p.method.epoch_scale)
+    return Built(p.method, p.data, p.model, optimizer, scheduler)
 
 
 def finished_run(cfg: DictConfig, run_dir: Path, quiet: bool = False) -> dict[str, Any] | None:
@@ -149,19 +159,17 @@ def train(cfg: DictConfig, run_dir: Path, ctx: distributed.Context = distributed
     device = resolve_device(cfg.device)
     device = distributed.rank_device(device, ctx.local_rank) if ctx.enabled else device
     b = build(cfg, device)
-    method, model, optimizer, scheduler = b.method, b.model, b.optimizer, b.scheduler
-    meta = run_meta(cfg, method, overrides)
-
-    from torch.utils.tensorboard import SummaryWriter
-
+    meta = run_meta(cfg, b.method, overrides)
     ckpt = run_dir / CHECKPOINT
     fingerprint = comparable_config(cfg)
+    callbacks = [RunRecord(run_dir, meta), TensorBoard(run_dir, meta)] if main else []
+    parallel = (distributed.DataParallel(ctx, device, cfg.trainer.find_unused_parameters)
+                if ctx.enabled else None)
     with stop_on_signals() as stop:
-        trainer = Trainer(model, method, optimizer, scheduler, b.data, device, cfg.epochs * method.epoch_scale,
-                          ckpt_path=ckpt if main else None, should_stop=stop.is_set,
-                          progress_bar=cfg.progress if main else False)
-        if ctx.enabled:
-            _data_parallel(trainer, cfg, ctx, stop.is_set)
+        trainer = Trainer(b.model, b.method, b.optimizer, b.scheduler, b.data, device,
+                          cfg.epochs * b.method.epoch_scale, ckpt_path=ckpt if main else None,
+                          should_stop=stop.is_set, progress_bar=cfg.progress if main else False,
+                          callbacks=callbacks, parallel=parallel, extra_state={"config": fingerprint})
         if cfg.resume and ckpt.exists():
             state = checkpoint.load(ckpt, map_location=device)
             if state.get("config") != fingerprint:
@@ -170,59 +178,11 @@ def train(cfg: DictConfig, run_dir: Path, ctx: distributed.Context = distributed
             trainer.load_state_dict(state)
             log.info("resuming %s at epoch %d, batch %d", run_dir, trainer.progress.epoch,
                      trainer.progress.batch)
-        trainer.extra_state = {"config": fingerprint}
-        writer = None
-        if main:
-            write_json(run_dir / MANIFEST, method.manifest(model))
-            writer = SummaryWriter(str(run_dir), purge_step=trainer.progress.epoch + 1)
-            trainer.writer = writer
-
-            def on_epoch(p: Progress) -> None:
-                record.write(run_dir, record.build(meta, "running", p.history, p.wall_s))
-
-            trainer.on_epoch = on_epoch
-            record.write(run_dir, record.build(meta, "running", trainer.progress.history,
-                                               trainer.progress.wall_s))
         outcome = trainer.fit()
-        p = outcome.progress
-        extra = dict(outcome.extra)
-        if ctx.enabled:  # bit-identical weights (as used) and method state on every process?
-            extra.update(world_size=ctx.world, ranks_consistent=distributed.consistent(model, method, ctx))
-        rec = record.build(meta, outcome.status, p.history, p.wall_s, extra=extra,
-                           error="loss became NaN or infinite" if outcome.status == "diverged" else None)
-        if main:
-            record.write(run_dir, rec)
-            write_json(run_dir / MANIFEST, method.manifest(model))
-            if outcome.status == "completed":
-                _log_hparams(writer, meta, rec)
-            writer.close()
+    rec = final_record(meta, outcome)
     if main:
         print(f"{run_dir}\n  {record.summary_line(rec)}")
     return rec
-
-
-def _data_parallel(trainer: Trainer, cfg: DictConfig, ctx: distributed.Context,
-                   local_stop: Any) -> None:
-    """Turn a single-process trainer into one DDP process: sharded batches, DDP forward, sums over
-    processes, an agreed stop. The method keeps the full data (finalize must agree on every process)."""
-    loss_is_sum = trainer.method.loss_name == "sse"
-    trainer.data = distributed.shard_data(trainer.data, ctx)
-    trainer.forward_model = distributed.wrap_model(trainer.model, ctx, trainer.device, loss_is_sum,
-                                                   cfg.trainer.find_unused_parameters)
-    distributed.sync_extra_params(trainer.model, trainer.optimizer, ctx, loss_is_sum)
-    trainer.reduce = distributed.reducer(ctx)
-    trainer.should_stop = distributed.agreed(local_stop, ctx)
-
-
-def _log_hparams(writer: Any, meta: dict[str, Any], rec: dict[str, Any]) -> None:
-    from torch.utils.tensorboard.summary import hparams
-
-    hp = {k: v for k, v in meta.items() if isinstance(v, (int, float, str, bool))}
-    metrics = {"hparam/test_error": rec["test_error"], "hparam/best_test_error": rec["best_test_error"]}
-    for summary in hparams(hp, metrics):
-        writer.file_writer.add_summary(summary)
-    for k, v in metrics.items():
-        writer.add_scalar(k, v)
 
 
 def run(cfg: DictConfig) -> dict[str, Any] | None:

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from qexp.errors import QexpError
-from qexp.methods.base import Evaluate, Method
+from qexp.methods.base import Evaluate, Method, RunContext
 from qexp.methods.learned.precision import (
     BitSource,
     LearnedBitsQuantizer,
@@ -115,7 +115,7 @@ class LearnedPrecision(Method):
         return allocation_string(self.most_likely())
 
     # ---- set-up ------------------------------------------------------------------------------------
-    def prepare(self, model: nn.Module) -> nn.Module:
+    def prepare(self, model: nn.Module, ctx: RunContext) -> nn.Module:
         self.source = BitSource([], mode=self.most_likely)
 
         def make(q: QuantLayer) -> nn.Module:
@@ -132,8 +132,8 @@ class LearnedPrecision(Method):
         with torch.no_grad():
             for q in layers:
                 q.weight.clamp_(-q.scale, q.scale)
-        self.logits = nn.Parameter(torch.zeros(len(layers), device=self.device))
-        self.generator = torch.Generator(device=self.device)
+        self.logits = nn.Parameter(torch.zeros(len(layers), device=ctx.device))
+        self.generator = torch.Generator(device=ctx.device)
         self.generator.manual_seed(self.seed)
         self._sum = [0] * len(layers)
         if self.activations:

@@ -130,9 +130,9 @@ def run(loaded: Any, args: argparse.Namespace, base: dict[str, float] | None = N
     bits, act_bits = args.ptq_bits, args.ptq_act_bits
     if args.calib_batches < 1:
         raise QexpError(f"--calib-batches must be at least 1, got {args.calib_batches}")
-    model, trainer, cfg = loaded.built.model, loaded.trainer, loaded.cfg
+    model, cfg = loaded.built.model, loaded.cfg
     data = loaded.built.data
-    base, rows = curve(model, trainer.evaluate, data.train, bits, act_bits, args.calib_batches, base,
+    base, rows = curve(model, loaded.evaluate, data.train, bits, act_bits, args.calib_batches, base,
                        share=(loaded.built.method, data))
     header = {"dataset": cfg.dataset.name, "model": cfg.model.name, "method": cfg.method.name,
               "run_bits": loaded.built.method.bits, "scheme": SCHEME, "calib_batches": args.calib_batches,

@@ -32,7 +32,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from qexp.errors import QexpError
-from qexp.methods.base import Evaluate, Method
+from qexp.methods.base import Evaluate, Method, RunContext
 from qexp.methods.ptq import affine
 from qexp.quant.inject import weight_layers
 
@@ -170,19 +170,24 @@ class PTQ(Method):
         self.calib_batches = int(calib_batches)
         self._codes: dict[str, affine.AffineCodes] = {}
         self._act_ranges: dict[str, tuple[float, float]] = {}
+        self._data: Any = None  # the run's DataBundle (prepare): training batches to calibrate ranges
+
+    def prepare(self, model: nn.Module, ctx: RunContext) -> nn.Module:
+        self._data = ctx.data
+        return model
 
     def tag(self) -> str:
         return f"{self.bits}-{self.act_bits}" if self.activations else str(self.bits)
 
     def quantized_copy(self, model: nn.Module) -> nn.Module:
         """The deployed network: k-bit weights and, if asked, calibrated ``act_bits`` activations."""
-        qmodel, self._codes = quantize_weights(model, self.bits, share=(self, self.data))
+        qmodel, self._codes = quantize_weights(model, self.bits, share=(self, self._data))
         self._act_ranges = {}
         if self.activations:
-            if self.data is None:
+            if self._data is None:
                 raise QexpError("method.activations=true needs training batches to calibrate ranges, "
                                 "but the method was given no data")
-            batches = calibration_batches(self.data.train, self.calib_batches)
+            batches = calibration_batches(self._data.train, self.calib_batches)
             qs = quantize_activations(qmodel, self.act_bits, batches)
             self._act_ranges = {n: q.range for n, q in qs.items() if q.range is not None}
         return qmodel

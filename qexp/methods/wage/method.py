@@ -34,7 +34,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from qexp.errors import QexpError
-from qexp.methods.base import Method
+from qexp.methods.base import Method, RunContext
 from qexp.methods.wage import formats as wage
 from qexp.methods.wage.layers import ShiftStats, WageActivation, WageNetwork, WageWeight
 from qexp.quant.inject import attach_weight_quantizer, shadow_weight, weight_layers, weight_quantizer
@@ -127,7 +127,7 @@ class Wage(Method):
         return f"{self.bits}-{self.bits_a}-{self.bits_g}-{self.bits_e}"
 
     # ---- set-up ----------------------------------------------------------------------------------
-    def prepare(self, model: nn.Module) -> nn.Module:
+    def prepare(self, model: nn.Module, ctx: RunContext) -> nn.Module:
         check_supported(model)
         layers = weight_layers(model)
         if not layers:
@@ -146,7 +146,7 @@ class Wage(Method):
         stats = [a.error_shift for a in acts] + [net.output_error.error_shift]
         names = [n for n, _ in layers] if len(stats) == len(layers) else [f"site{i}" for i in range(len(stats))]
         self.sites = list(zip(names, stats))
-        dev = torch.device(self.device)
+        dev = ctx.device
         self.generator = torch.Generator(device=dev)
         self.generator.manual_seed(int(torch.randint(0, 2**62, (1,)).item()))
         n = len(layers)
