@@ -28,7 +28,7 @@ from pathlib import Path
 
 from qexp.errors import QexpError
 from qexp.report import reference as refs
-from qexp.report import results, stats
+from qexp.report import results, stats, trials
 
 FORMATS = ("term", "md", "latex", "csv")
 SUFFIX_FORMAT = {".md": "md", ".tex": "latex", ".csv": "csv", ".txt": "term"}
@@ -316,11 +316,21 @@ def render(grid: results.Grid, fmt: str, ref: refs.Reference | None = None, opts
             "latex": lambda: render_latex(view)}[fmt]()
 
 
+def trials_view(df, study: trials.Study) -> View:  # type: ignore[no-untyped-def]
+    """The Optuna study's trials (best objective first, the study's best in bold) as a table view."""
+    header, rows, best, objective = trials.trial_rows(df, study)
+    n_keys = len(study.best_params)
+    body = [[Shown(c, b and i == n_keys) for i, c in enumerate(row)] for row, b in zip(rows, best)]
+    title = (f"Optuna search in {study.folder}: {len(rows)} trial run(s) by {objective} (%), the "
+             f"validation error the search minimised; the study's best configuration in bold")
+    return View(header, body, n_keys, title, [trials.describe_best(study, objective)])
+
+
 def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(prog="qexp table", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("dirs", nargs="+", type=Path, metavar="DIR", help="folders holding run folders")
-    ap.add_argument("--rows", default="method,bits",
+    ap.add_argument("--rows", default=None,
                     help="comma-separated run keys, one table row per value (default method,bits); "
                          "e.g. method,bits,overrides or method,optim,lr")
     ap.add_argument("--cols", default="dataset,model",
@@ -341,6 +351,10 @@ def main(argv: list[str]) -> int:
                          "`qexp eval RUN --ptq-bits` writes (bits k: weights only, k-a: with a-bit "
                          "activations); default on")
     ap.add_argument("--digits", type=int, default=2, help="decimals shown (default 2)")
+    ap.add_argument("--trials", action=argparse.BooleanOptionalAction, default=True,
+                    help="for a folder holding an Optuna search (optimization_results.yaml): list its trials "
+                         "by objective and the best configuration instead of the grid (default on; "
+                         "giving --rows also shows the grid)")
     ap.add_argument("--ci", action="store_true",
                     help="show mean ± half-width of the 95%% confidence interval of the mean (t over seeds) "
                          "instead of mean ± std")
@@ -365,16 +379,30 @@ def main(argv: list[str]) -> int:
     if args.ptq_json:
         df = results.with_ptq(df)
     df = results.where(df, args.where)
+    studies = trials.find_studies(args.dirs) if args.trials else []
+    if studies and args.rows is None:  # a search folder: its trials and best configuration
+        if fmt == "csv":
+            raise QexpError("an Optuna search's trials print as term, md or latex; "
+                            "--no-trials tabulates its runs as a grid")
+        views = [trials_view(df, s) for s in studies]
+        color = fmt == "term" and args.out is None and sys.stdout.isatty()
+        render_one = {"term": lambda v: render_term(v, color), "md": render_md, "latex": render_latex}[fmt]
+        return _emit("\n".join(render_one(v) for v in views), args.out, fmt,
+                     f"{sum(len(v.body) for v in views)} trials")
+    args.rows = args.rows or "method,bits"
     grid = results.aggregate(df, results.parse_keys(args.rows), results.parse_keys(args.cols), args.metric)
     opts = Options(args.digits, "ci" if args.ci else "std",
                    resolve_baseline(grid, args.baseline) if args.baseline else None, args.alpha)
     color = fmt == "term" and args.out is None and sys.stdout.isatty()
     text = render(grid, fmt, ref, opts, color)
-    if args.out is None:
+    return _emit(text, args.out, fmt, f"{len(grid.rows)} rows x {len(grid.cols)} columns, {len(df)} runs")
+
+
+def _emit(text: str, out: Path | None, fmt: str, what: str) -> int:
+    if out is None:
         sys.stdout.write(text)
     else:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text)
-        print(f"wrote {args.out} ({fmt}, {len(grid.rows)} rows x {len(grid.cols)} columns, "
-              f"{len(df)} runs)")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text)
+        print(f"wrote {out} ({fmt}, {what})")
     return 0

@@ -47,11 +47,12 @@ class TrainConfig:
     out_root: str = "outputs"
     resume: bool = True
     progress: Any = None  # null: a progress bar when stderr is a terminal; true/false to force
+    objective: str = "best_val_error"  # what an Optuna search minimises (qexp.run.tune): a validation error
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
 
 
 #: keys that do not change a run's result, so neither its folder nor its resume check depends on them
-VOLATILE_KEYS = ("resume", "device", "data_root", "out_root", "progress", "trainer")
+VOLATILE_KEYS = ("resume", "device", "data_root", "out_root", "progress", "trainer", "objective")
 
 
 #: config folders that are data for other commands, not choices of a run (hidden from ``train --help``)

@@ -21,6 +21,17 @@ def read(run_dir: Path) -> dict[str, Any] | None:
         return None
 
 
+def best_epoch(history: list[dict[str, float]]) -> tuple[int, str]:
+    """(1-based epoch, criterion) of the best checkpoint: the lowest validation error (earliest on ties),
+    or the last epoch when the run has no validation split (criterion ``last``: the test set never
+    picks a checkpoint)."""
+    vals = [(h["val_error"], i) for i, h in enumerate(history) if "val_error" in h]
+    if not vals:
+        return int(history[-1].get("epoch", len(history))), "last"
+    _, i = min(vals)
+    return int(history[i].get("epoch", i + 1)), "val_error"
+
+
 def build(meta: dict[str, Any], status: str, history: list[dict[str, float]], wall_s: float,
           extra: dict[str, Any] | None = None, error: str | None = None) -> dict[str, Any]:
     """``meta`` holds the identifying fields (dataset, model, method, bits, seed, ...)."""
@@ -34,6 +45,11 @@ def build(meta: dict[str, Any], status: str, history: list[dict[str, float]], wa
             train_loss=last["train_loss"],
             images_per_s=sum(h["images_per_s"] for h in history) / len(history),
         )
+        epoch, by = best_epoch(history)
+        at_best = next(h for h in history if int(h.get("epoch", 0)) == epoch) if by != "last" else last
+        rec.update(best_epoch=epoch, best_by=by, test_error_at_best=at_best["test_error"])
+        if "val_error" in last:
+            rec.update(val_error=last["val_error"], best_val_error=at_best["val_error"])
     rec["wall_s"] = wall_s
     rec.update(extra or {})
     if error is not None:

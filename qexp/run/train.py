@@ -24,7 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 from qexp.data import DataBundle
 from qexp.errors import QexpError
 from qexp.methods.base import Method, RunContext, resolve_param_groups
-from qexp.run import checkpoint, distributed, preempt, record
+from qexp.run import checkpoint, distributed, preempt, record, tune
 from qexp.run.callbacks import RunRecord, TensorBoard, final_record
 from qexp.run.config import VOLATILE_KEYS, register
 from qexp.run.engine import Trainer
@@ -271,8 +271,12 @@ def _record_failure(cfg: DictConfig, run_dir: Path, message: str) -> None:
 
 
 @hydra.main(config_path="pkg://qexp.configs", config_name="train", version_base="1.3")
-def _hydra_main(cfg: DictConfig) -> None:
-    run(cfg)
+def _hydra_main(cfg: DictConfig) -> float | None:
+    rec = run(cfg)
+    hc = HydraConfig.get()
+    if tune.is_optuna(hc):  # the sweeper minimises what the task returns: a validation error
+        return tune.objective(rec, cfg.objective)
+    return None
 
 
 def main() -> None:

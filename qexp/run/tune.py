@@ -1,0 +1,77 @@
+"""Hyper-parameter search with Hydra's Optuna sweeper, on validation data only.
+
+``hydra/sweeper=optuna`` (the ``hydra-optuna-sweeper`` plugin) asks each job for one number: the task
+returns :func:`objective` of the run's record, the validation error named by ``objective``
+(``best_val_error``: the lowest over epochs, the epoch ``best.pt`` holds; ``val_error``: the last
+epoch). Test metrics are never an objective, and a search without a validation split
+(``dataset.val_size=0``) is refused before any job starts (:class:`SweepCheck`, a Hydra callback run in
+the launching process), with one line and exit status 2.
+
+A rerun of the same command skips the finished trials: the sampler is seeded, so it proposes the same
+configurations, whose run folders are complete and are not retrained (their recorded objective is
+returned again).
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from typing import Any
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig
+
+from qexp.errors import QexpError
+
+#: what an Optuna search may minimise: validation errors, never a test metric
+OBJECTIVES = ("best_val_error", "val_error")
+#: the objective a diverged trial reports: no better than chance, so the sampler moves away from it
+DIVERGED_OBJECTIVE = 100.0
+
+
+def is_optuna(hydra_cfg: Any) -> bool:
+    """Whether the config's sweeper is the Optuna plugin's."""
+    try:
+        target = hydra_cfg.sweeper._target_
+    except Exception:  # noqa: BLE001 (no hydra node: a plain job)
+        return False
+    return isinstance(target, str) and "optuna" in target.lower()
+
+
+def check(cfg: DictConfig) -> None:
+    """A search must minimise a validation error of a run that has a validation split."""
+    name = cfg.get("objective")
+    if name not in OBJECTIVES:
+        what = "a test metric" if isinstance(name, str) and "test" in name else "not a validation error"
+        raise QexpError(f"objective={name} is {what}: hyper-parameters are tuned on validation data, never on "
+                        f"the test set; use objective={' or objective='.join(OBJECTIVES)}")
+    val = cfg.dataset.get("val_size", 0) if cfg.get("dataset") is not None else 0
+    if not val:
+        raise QexpError("an Optuna search needs a validation split: set dataset.val_size=N (training images "
+                        "held out; the test set is never used to choose hyper-parameters)")
+
+
+def objective(rec: dict[str, Any] | None, name: str) -> float | None:
+    """The number handed to the sweeper: the record's validation error; 100 for a diverged run; None (a
+    failed trial, counted by the sweeper's max_failure_rate) when the run gave nothing."""
+    if rec is None:
+        return None
+    if rec.get("status") == "diverged":
+        return DIVERGED_OBJECTIVE
+    v = rec.get(name)
+    if isinstance(v, (int, float)) and math.isfinite(v):
+        return float(v)
+    return None
+
+
+class SweepCheck(Callback):
+    """Refuses a bad search in the launching process, before any job or run folder exists."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        if not is_optuna(config.hydra):
+            return
+        try:
+            check(config)
+        except QexpError as e:
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(2)

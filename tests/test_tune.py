@@ -1,0 +1,66 @@
+"""Hyper-parameter search with the Optuna sweeper: validation objective only, refusals, the parallel
+launcher, reruns that skip finished trials, and the trials table."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from qexp.run import tune
+from tests.conftest import find_runs, read_metrics, run_qexp
+
+# the tune_bc_mnist preset on synthetic data and an MLP: seconds per trial
+SMALL = ["dataset=synthetic", "dataset.val_size=128", "model=mlp", "epochs=1", "progress=false",
+         "hydra.sweeper.n_trials=3"]
+
+
+def search(out: Path, *extra: str, check: bool = True):  # type: ignore[no-untyped-def]
+    return run_qexp(["train", "--multirun", "+experiment=tune_bc_mnist", *SMALL, f"out_root={out}", *extra],
+                    env={"OMP_NUM_THREADS": "1"}, check=check)
+
+
+@pytest.mark.parametrize("override,message", [
+    ("objective=test_error", "objective=test_error is a test metric: hyper-parameters are tuned on validation"),
+    ("objective=best_test_error", "objective=best_test_error is a test metric"),
+    ("dataset.val_size=0", "an Optuna search needs a validation split: set dataset.val_size=N"),
+])
+def test_search_refuses_test_metrics_and_missing_validation(tmp_path: Path, override: str, message: str) -> None:
+    proc = search(tmp_path / "out", override, check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [f"error: {proc.stderr.strip()[7:]}"] and message in proc.stderr
+    assert not (tmp_path / "out").exists()  # refused before any job or run folder
+
+
+def test_objective_is_the_recorded_validation_error() -> None:
+    rec = {"status": "completed", "best_val_error": 1.5, "val_error": 2.0, "test_error": 0.1}
+    assert tune.objective(rec, "best_val_error") == 1.5 and tune.objective(rec, "val_error") == 2.0
+    assert tune.objective({**rec, "status": "diverged"}, "val_error") == tune.DIVERGED_OBJECTIVE
+    assert tune.objective({"status": "failed"}, "val_error") is None and tune.objective(None, "val_error") is None
+
+
+@pytest.mark.slow
+def test_parallel_search_reruns_skip_finished_trials_and_table_shows_them(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    first = search(out, "hydra/launcher=local_parallel", "hydra.launcher.n_jobs=2")
+    study = out / "tune_bc_mnist"
+    runs = find_runs(study)
+    assert len(runs) == 3, first.stdout + first.stderr
+    recs = [read_metrics(r) for r in runs]
+    assert all(r["status"] == "completed" and "best_val_error" in r and r["best_by"] == "val_error" for r in recs)
+    best = yaml.safe_load((study / "optimization_results.yaml").read_text())
+    assert best["best_value"] == min(r["best_val_error"] for r in recs)  # the objective is validation error
+    assert set(best["best_params"]) == {"lr", "method.lr_scale"}
+    stamps = {r: (r / "metrics.json").stat().st_mtime_ns for r in runs}
+
+    again = search(out, "hydra/launcher=local_parallel", "hydra.launcher.n_jobs=2")
+    assert find_runs(study) == runs  # the same proposals ...
+    assert {r: (r / "metrics.json").stat().st_mtime_ns for r in runs} == stamps  # ... none retrained
+    assert again.stdout.count("not retrained") == 3
+
+    table = run_qexp(["table", str(study), "--format", "md"]).stdout
+    lines = [ln for ln in table.splitlines() if ln.startswith("| ")]
+    assert lines[0].startswith("| lr | method.lr_scale | best_val_error |")
+    assert len(lines) == 1 + 3 and "**" in lines[1]  # the best trial first, in bold
+    assert f"best configuration: lr={best['best_params']['lr']}" in table
