@@ -1,16 +1,24 @@
 """What the run writes while it trains, as :class:`qexp.run.engine.Callback` objects given to the Trainer:
-metrics.json and quant.json (:class:`RunRecord`), TensorBoard event files (:class:`TensorBoard`)."""
+metrics.json and quant.json (:class:`RunRecord`), best.pt (:class:`BestCheckpoint`), TensorBoard event
+files (:class:`TensorBoard`)."""
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
-from qexp.jsonio import write_json
-from qexp.run import record
+import torch
+
+from qexp.jsonio import atomic_write_bytes, write_json
+from qexp.quant.inject import weight_layers
+from qexp.run import checkpoint, record
 from qexp.run.engine import Callback, Outcome, Trainer
 
 MANIFEST = "quant.json"
+BEST = "best.pt"
+
+log = logging.getLogger("qexp")
 
 
 def final_record(meta: dict[str, Any], outcome: Outcome) -> dict[str, Any]:
@@ -44,13 +52,61 @@ class RunRecord(Callback):
         self._manifest(trainer)
 
 
+class BestCheckpoint(Callback):
+    """best.pt: the checkpoint of the epoch with the lowest validation error (the earliest on ties), or of
+    the last epoch when the run has no validation split (said once in the log; metrics.json's ``best_by``
+    is then ``last``). The test set never picks it. Same format as checkpoint.pt."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.path = Path(run_dir) / BEST
+
+    def on_start(self, trainer: Trainer) -> None:
+        if trainer.data.val is None:
+            log.info("no validation split (dataset.val_size=0): %s holds the last epoch", BEST)
+
+    def on_epoch(self, trainer: Trainer, row: dict[str, float]) -> None:
+        epoch, _ = record.best_epoch(trainer.progress.history)
+        if epoch != int(row["epoch"]):
+            return
+        ckpt = trainer.ckpt_path
+        if ckpt is not None and Path(ckpt).exists():  # just written for this epoch: the same bytes
+            atomic_write_bytes(self.path, Path(ckpt).read_bytes())
+        else:
+            checkpoint.save(self.path, trainer.state_dict())
+
+
 class TensorBoard(Callback):
     """Every history key as a scalar (train and test share a chart), the method's pictures, and the run's
-    hyper-parameters with its final test error when it completes."""
+    hyper-parameters with its final test error when it completes. ``step_every`` > 0 adds the training
+    loss and learning rate every that many optimizer steps (``loss/train_step``, ``lr_step``);
+    ``histograms`` adds, per epoch, the weight histogram of every conv/linear layer as the forward uses
+    it (``weights/<layer>``: the quantized values) and, where a float copy is kept, of that copy
+    (``shadow/<layer>``)."""
 
-    def __init__(self, run_dir: Path, meta: dict[str, Any]) -> None:
+    def __init__(self, run_dir: Path, meta: dict[str, Any], step_every: int = 0, histograms: bool = False) -> None:
         self.run_dir, self.meta = Path(run_dir), meta
+        self.step_every, self.histograms = int(step_every or 0), bool(histograms)
         self.writer: Any = None
+
+    def on_step(self, trainer: Trainer, loss: torch.Tensor) -> None:
+        step = trainer.progress.step + 1  # this step's number, counted from 1
+        if self.step_every > 0 and step % self.step_every == 0:
+            self.writer.add_scalar("loss/train_step", float(loss), step)
+            self.writer.add_scalar("lr_step", trainer.optimizer.param_groups[0]["lr"], step)
+
+    def _histograms(self, trainer: Trainer, step: int) -> None:
+        from torch.nn.utils import parametrize
+
+        model = trainer.model
+        was_training = model.training
+        model.eval()
+        with torch.no_grad():
+            for name, layer in weight_layers(model):
+                self.writer.add_histogram(f"weights/{name}", layer.weight.detach().float().cpu(), step)
+                if parametrize.is_parametrized(layer, "weight"):
+                    shadow = layer.parametrizations.weight.original
+                    self.writer.add_histogram(f"shadow/{name}", shadow.detach().float().cpu(), step)
+        model.train(was_training)
 
     def on_start(self, trainer: Trainer) -> None:
         from torch.utils.tensorboard import SummaryWriter
@@ -65,6 +121,8 @@ class TensorBoard(Callback):
                 self.writer.add_scalar(_tb_name(k), v, step)
         for k, img in trainer.method.images().items():
             _tb_image(self.writer, f"method/{k}", img, step)
+        if self.histograms:
+            self._histograms(trainer, step)
         self.writer.flush()
 
     def on_end(self, trainer: Trainer, outcome: Outcome) -> None:

@@ -29,6 +29,14 @@ class TrainerConfig:
 
 
 @dataclass
+class TensorBoardConfig:
+    """Optional TensorBoard extras (they do not change the result)."""
+
+    step_every: int = 0  # >0: training loss and lr every that many optimizer steps
+    histograms: bool = False  # per-epoch weight histograms of the conv/linear layers (quantized values)
+
+
+@dataclass
 class TrainConfig:
     dataset: Any = MISSING
     model: Any = MISSING
@@ -47,12 +55,15 @@ class TrainConfig:
     out_root: str = "outputs"
     resume: bool = True
     progress: Any = None  # null: a progress bar when stderr is a terminal; true/false to force
+    patience: int | None = None  # stop once the validation error has not improved for this many epochs
+    tensorboard: TensorBoardConfig = field(default_factory=TensorBoardConfig)
     objective: str = "best_val_error"  # what an Optuna search minimises (qexp.run.tune): a validation error
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
 
 
 #: keys that do not change a run's result, so neither its folder nor its resume check depends on them
-VOLATILE_KEYS = ("resume", "device", "data_root", "out_root", "progress", "trainer", "objective")
+VOLATILE_KEYS = ("resume", "device", "data_root", "out_root", "progress", "trainer", "objective",
+                 "tensorboard")
 
 
 #: config folders that are data for other commands, not choices of a run (hidden from ``train --help``)

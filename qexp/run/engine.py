@@ -115,6 +115,10 @@ class Callback:
     def on_start(self, trainer: Trainer) -> None:
         """Before the first step of :meth:`Trainer.fit` (after a resume's state was loaded)."""
 
+    def on_step(self, trainer: Trainer, loss: torch.Tensor) -> None:
+        """After every optimizer step (``loss``: the step's criterion value, on the device; reading it
+        synchronises, so do it only every so many steps)."""
+
     def on_epoch(self, trainer: Trainer, row: dict[str, float]) -> None:
         """After an epoch's row was added to the history and the checkpoint was saved."""
 
@@ -142,7 +146,9 @@ class Trainer:
     ``parallel`` makes it one process of several: it trains on its shard of every batch through the
     wrapped model, sums counts over processes and stops when any process is asked to; the method and
     hooks see the plain model and the full data. ``extra_state`` is stored in every checkpoint (e.g. the
-    configuration fingerprint a resume must match).
+    configuration fingerprint a resume must match). ``patience`` stops training (status completed) once
+    the validation error has not improved for that many epochs; every process decides alike from the
+    shared history.
     """
 
     def __init__(
@@ -161,6 +167,7 @@ class Trainer:
         callbacks: Sequence[Callback] = (),
         parallel: Parallel | None = None,
         extra_state: dict[str, Any] | None = None,
+        patience: int | None = None,
     ) -> None:
         self.model, self.method, self.optimizer, self.scheduler = model, method, optimizer, scheduler
         self.device, self.epochs = device, epochs
@@ -168,6 +175,8 @@ class Trainer:
         self.callbacks = tuple(callbacks)
         self.parallel = parallel
         self.extra_state = dict(extra_state or {})
+        self.patience = patience
+        self._step_callbacks = [cb for cb in self.callbacks if type(cb).on_step is not Callback.on_step]
         if parallel is None:
             self.data, self.forward_model, self.should_stop = data, model, should_stop
             self._reduce: Reduce | None = None
@@ -230,6 +239,8 @@ class Trainer:
     def _fit(self) -> Outcome:
         p = self.progress
         start = time.perf_counter() - p.wall_s
+        self._session = (time.perf_counter(), p.epoch, p.batch)  # where this process started: the ETA's base
+        early: dict[str, Any] | None = None
         while p.epoch < self.epochs:
             status = self._train_epoch()
             p.wall_s = time.perf_counter() - start
@@ -241,10 +252,29 @@ class Trainer:
             self.save()
             for cb in self.callbacks:
                 cb.on_epoch(self, row)
+            early = self._early_stop()
+            if early is not None:
+                log.info("early stop after epoch %d: validation error not improved for %d epochs (best: epoch %d)",
+                         p.epoch, self.patience, early["best_epoch"])
+                break
             if self.should_stop() and p.epoch < self.epochs:
                 return Outcome("interrupted", p)
         extra = self.method.finalize(self.model, lambda m: self.evaluate(m))
+        if early is not None:
+            extra = {**extra, "early_stop": early}
         return Outcome("completed", p, extra)
+
+    def _early_stop(self) -> dict[str, Any] | None:
+        """``patience`` epochs without a lower validation error than the best one's: where and why to stop."""
+        history = self.progress.history
+        if not self.patience or not history or "val_error" not in history[-1] or self.progress.epoch >= self.epochs:
+            return None
+        best = min(range(len(history)), key=lambda i: (history[i]["val_error"], i))
+        stale = len(history) - 1 - best
+        if stale < self.patience:
+            return None
+        return {"epoch": int(history[-1]["epoch"]), "best_epoch": int(history[best]["epoch"]),
+                "patience": self.patience}
 
     def _train_epoch(self) -> str:
         p, model, method, opt = self.progress, self.model, self.method, self.optimizer
@@ -266,6 +296,8 @@ class Trainer:
         status = "ok"
         for i, (x, y) in enumerate(loader.iter_from(p.batch), start=p.batch):
             loss, out = train_step(model, method, opt, x, y, p.step, self.forward_model)
+            for cb in self._step_callbacks:
+                cb.on_step(self, loss)
             p.step += 1
             p.batch = i + 1
             seen += len(y)
@@ -278,7 +310,7 @@ class Trainer:
                 if not math.isfinite(running):
                     status = "diverged"
                     break
-                bar.set_postfix(loss=f"{running:.4f}")
+                bar.set_postfix(loss=f"{running:.4f}", run_eta=fmt_duration(self.eta()))
             if self.should_stop() and p.batch < len(loader):
                 status = "interrupted"
                 break
@@ -314,10 +346,36 @@ class Trainer:
         self.scheduler.step()
         p.epoch += 1
         p.batch, p.loss_sum, p.correct, p.seen, p.train_time = 0, 0.0, 0.0, 0, 0.0
-        log.info("epoch %d/%d  train_loss %.4f  train_error %.2f%%  test_error %.2f%%  %.0f img/s",
-                 p.epoch, self.epochs, row["train_loss"], row["train_error"], row["test_error"],
-                 row["images_per_s"])
+        val = f"  val_error {row['val_error']:.2f}%" if "val_error" in row else ""
+        log.info("epoch %d/%d  train_loss %.4f  train_error %.2f%%%s  test_error %.2f%%  %.0f img/s  "
+                 "run eta %s", p.epoch, self.epochs, row["train_loss"], row["train_error"], val,
+                 row["test_error"], row["images_per_s"], fmt_duration(self.eta()))
         return row
+
+    def eta(self) -> float | None:
+        """Seconds until the whole run ends, from this process's own pace (batches, evaluations included):
+        the time per batch so far times the batches left in this and the remaining epochs."""
+        if not hasattr(self, "_session"):
+            return None
+        t0, epoch0, batch0 = self._session
+        p, per_epoch = self.progress, max(len(self.data.train), 1)
+        done = (p.epoch - epoch0) * per_epoch + p.batch - batch0
+        if done <= 0:
+            return None
+        left = (self.epochs - p.epoch) * per_epoch - p.batch
+        return (time.perf_counter() - t0) / done * max(left, 0)
+
+
+def fmt_duration(seconds: float | None) -> str:
+    """``42s``, ``3m05s``, ``2h07m``; ``?`` when unknown."""
+    if seconds is None or not math.isfinite(seconds):
+        return "?"
+    s = int(round(seconds))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{s % 3600 // 60:02d}m"
 
 
 def _isatty() -> bool:

@@ -1,4 +1,6 @@
-"""``qexp eval RUN_DIR``: reload a finished (or unfinished) run and evaluate it again.
+"""``qexp eval RUN_DIR [--best]``: reload a finished (or unfinished) run and evaluate it again: its last
+checkpoint (checkpoint.pt), or with ``--best`` best.pt (the epoch with the lowest validation error; the
+last epoch when the run had no validation split).
 
 Options add post-hoc analyses that write their results into the run folder:
 ``--integer`` (WAGE's integer-only inference check) and ``--ptq-bits`` (post-training quantization).
@@ -31,6 +33,25 @@ class LoadedRun:
     cfg: DictConfig
     built: Prepared  # the run's method, data and model, as trained
     device: torch.device
+    which: str = "last"  # last (checkpoint.pt) | best (best.pt)
+    epoch: int = 0  # epochs the loaded checkpoint had finished
+
+    @property
+    def checkpoint_name(self) -> str:
+        from qexp.run.callbacks import BEST
+        from qexp.run.train import CHECKPOINT
+
+        return BEST if self.which == "best" else CHECKPOINT
+
+    def recorded_test_error(self) -> float | None:
+        """The test error metrics.json recorded for the loaded checkpoint (what re-evaluating must give)."""
+        from qexp.run import record
+
+        rec = record.read(self.run_dir) or {}
+        if self.which == "last" and rec.get("status") == "completed" and rec.get("epochs_done") == self.epoch:
+            return rec.get("test_error")
+        rows = [h for h in rec.get("history", []) if int(h.get("epoch", 0)) == self.epoch]
+        return rows[0]["test_error"] if rows else None
 
     def evaluate(self, model: torch.nn.Module | None = None, loader: Any = None) -> dict[str, float]:
         """Test loss and error of the run's model (or ``model``) on its test set (or ``loader``)."""
@@ -39,17 +60,22 @@ class LoadedRun:
                         b.data.test if loader is None else loader, self.device)
 
 
-def load_run(run_dir: str | Path, device: str = "auto", data_root: str | None = None) -> LoadedRun:
+def load_run(run_dir: str | Path, device: str = "auto", data_root: str | None = None,
+             which: str = "last") -> LoadedRun:
     """Rebuild a run's data, model and method from its folder and load their state from its checkpoint
-    (no optimizer: evaluating does not need one)."""
+    (``which``: ``last``, checkpoint.pt, or ``best``, best.pt; no optimizer: evaluating needs none)."""
+    from qexp.run.callbacks import BEST
     from qexp.run.train import CHECKPOINT, prepare, resolve_device
 
     run_dir = Path(run_dir)
     cfg_file = run_dir / ".hydra" / "config.yaml"
     if not cfg_file.exists():
         raise QexpError(f"{run_dir} is not a qexp run folder (no .hydra/config.yaml)")
-    if not (run_dir / CHECKPOINT).exists():
-        raise QexpError(f"{run_dir} has no {CHECKPOINT}: nothing to evaluate")
+    ckpt = run_dir / (BEST if which == "best" else CHECKPOINT)
+    if not ckpt.exists():
+        more = " (it has no finished epoch, or was trained before qexp kept a best checkpoint)" \
+            if which == "best" else ""
+        raise QexpError(f"{run_dir} has no {ckpt.name}{more}: nothing to evaluate")
     register()
     cfg = OmegaConf.load(cfg_file)
     if data_root is not None:
@@ -57,10 +83,10 @@ def load_run(run_dir: str | Path, device: str = "auto", data_root: str | None = 
     dev = resolve_device(device)
     torch.manual_seed(int(cfg.seed))
     built = prepare(cfg, dev)
-    state = checkpoint.load(run_dir / CHECKPOINT, map_location=dev)
+    state = checkpoint.load(ckpt, map_location=dev)
     built.model.load_state_dict(state["model"])
     built.method.load_state_dict(state["method"])
-    return LoadedRun(run_dir, cfg, built, dev)
+    return LoadedRun(run_dir, cfg, built, dev, which, int(state.get("progress", {}).get("epoch", 0)))
 
 
 def _method_name(run_dir: Path) -> str:
@@ -79,11 +105,17 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--data-root", default=None, help="override the data root stored in the run's config")
     ptq_curve.add_arguments(ap)
     integer_eval.add_arguments(ap)
+    ap.add_argument("--best", action="store_true",
+                    help="evaluate best.pt (lowest validation error; the last epoch without a validation "
+                         "split) instead of the last checkpoint")
     args = ap.parse_args(argv)
+    if args.best and (args.ptq_bits or args.integer):
+        raise QexpError("--best evaluates best.pt only; --ptq-bits and --integer analyse the last checkpoint")
     integer_eval.check(_method_name(args.run_dir), args)
-    run = load_run(args.run_dir, args.device, args.data_root)
+    run = load_run(args.run_dir, args.device, args.data_root, "best" if args.best else "last")
     res = run.evaluate()
-    print(f"{run.run_dir}: test error {res['error']:.2f}% (accuracy {100 - res['error']:.2f}%), "
+    what = f" ({run.checkpoint_name}, epoch {run.epoch})" if args.best else ""
+    print(f"{run.run_dir}{what}: test error {res['error']:.2f}% (accuracy {100 - res['error']:.2f}%), "
           f"test loss {res['loss']:.4f}")
     ptq_curve.run(run, args, res)
     integer_eval.run(run, args)

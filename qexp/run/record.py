@@ -65,5 +65,11 @@ def write(run_dir: Path, rec: dict[str, Any]) -> None:
 def summary_line(rec: dict[str, Any]) -> str:
     if "test_error" not in rec:
         return f"status {rec['status']}: {rec.get('error', 'no epoch finished')}"
-    return (f"{rec['status']}: test error {rec['test_error']:.2f}% (accuracy {rec['test_acc']:.2f}%) "
+    line = (f"{rec['status']}: test error {rec['test_error']:.2f}% (accuracy {rec['test_acc']:.2f}%) "
             f"after {rec['epochs_done']} epoch(s), {rec['wall_s']:.0f} s")
+    if isinstance(rec.get("early_stop"), dict):
+        line += f"; stopped early (patience {rec['early_stop'].get('patience')})"
+    if rec.get("best_by") == "val_error" and "best_val_error" in rec:
+        line += (f"; best.pt: epoch {rec['best_epoch']} (val error {rec['best_val_error']:.2f}%, "
+                 f"test error {rec['test_error_at_best']:.2f}%)")
+    return line

@@ -25,7 +25,7 @@ from qexp.data import DataBundle
 from qexp.errors import QexpError
 from qexp.methods.base import Method, RunContext, resolve_param_groups
 from qexp.run import checkpoint, distributed, preempt, record, tune
-from qexp.run.callbacks import RunRecord, TensorBoard, final_record
+from qexp.run.callbacks import BestCheckpoint, RunRecord, TensorBoard, final_record
 from qexp.run.config import VOLATILE_KEYS, register
 from qexp.run.engine import Trainer
 from qexp.run.preempt import stop_on_signals  # noqa: F401  (re-exported: train.stop_on_signals)
@@ -162,14 +162,20 @@ def train(cfg: DictConfig, run_dir: Path, ctx: distributed.Context = distributed
     meta = run_meta(cfg, b.method, overrides)
     ckpt = run_dir / CHECKPOINT
     fingerprint = comparable_config(cfg)
-    callbacks = [RunRecord(run_dir, meta), TensorBoard(run_dir, meta)] if main else []
+    if cfg.patience and b.data.val is None:
+        raise QexpError(f"patience={cfg.patience} stops on the validation error, but the run has no validation "
+                        "split: set dataset.val_size=N (the test set never decides when to stop)")
+    tb = cfg.tensorboard
+    callbacks = [RunRecord(run_dir, meta), BestCheckpoint(run_dir),
+                 TensorBoard(run_dir, meta, tb.step_every, tb.histograms)] if main else []
     parallel = (distributed.DataParallel(ctx, device, cfg.trainer.find_unused_parameters)
                 if ctx.enabled else None)
     with stop_on_signals() as stop:
         trainer = Trainer(b.model, b.method, b.optimizer, b.scheduler, b.data, device,
                           cfg.epochs * b.method.epoch_scale, ckpt_path=ckpt if main else None,
                           should_stop=stop.is_set, progress_bar=cfg.progress if main else False,
-                          callbacks=callbacks, parallel=parallel, extra_state={"config": fingerprint})
+                          callbacks=callbacks, parallel=parallel, extra_state={"config": fingerprint},
+                          patience=cfg.patience)
         if cfg.resume and ckpt.exists():
             state = checkpoint.load(ckpt, map_location=device)
             if state.get("config") != fingerprint:
