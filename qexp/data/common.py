@@ -11,8 +11,10 @@ from qexp.data.loader import Normalize, TensorLoader
 from qexp.data.split import subset_and_split
 from qexp.errors import QexpError
 
-# normalize="signed" maps pixels to [-1, 1] (WAGE's input range); "standard" uses dataset statistics.
+# normalize="signed" maps pixels to [-1, 1] (WAGE's CIFAR input range); "byte256" to X/256 in [0, 1)
+# (WAGE's official MNIST code); "standard" uses dataset statistics.
 SIGNED = "signed"
+BYTE256 = "byte256"
 
 
 def missing_data_error(name: str, folder: Path, files: list[str], hint: str = "") -> QexpError:
@@ -34,7 +36,10 @@ def make_normalize(kind: str, mean: tuple[float, ...], std: tuple[float, ...]) -
     if kind == "none":
         c = len(mean)
         return Normalize((0.0,) * c, (1.0,) * c)
-    raise QexpError(f"dataset.normalize must be one of standard, signed, none; got {kind!r}")
+    if kind == BYTE256:
+        c = len(mean)
+        return Normalize((0.0,) * c, (1.0,) * c, divisor=256.0)
+    raise QexpError(f"dataset.normalize must be one of standard, signed, byte256, none; got {kind!r}")
 
 
 def in_memory_bundle(

@@ -26,10 +26,12 @@ def _seeded(seed: int, *keys: int, device: torch.device | str = "cpu") -> torch.
 
 @dataclass
 class Normalize:
-    """Per-channel affine normalisation of uint8 images: (x/255 - mean) / std."""
+    """Per-channel affine normalisation of uint8 images: (x/divisor - mean) / std (divisor 255, or 256
+    for WAGE's MNIST inputs X/256 in [0, 1), exact in float)."""
 
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    divisor: float = 255.0
     # (mean, std) as (1, C, 1, 1) tensors per device, built once instead of on every batch
     _stats: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = field(
         default_factory=dict, init=False, repr=False, compare=False)
@@ -42,7 +44,7 @@ class Normalize:
                      torch.tensor(self.std, device=x.device).view(1, c, 1, 1))
             self._stats[x.device] = stats
         mean, std = stats
-        return x.float().div_(255.0).sub_(mean).div_(std)
+        return x.float().div_(self.divisor).sub_(mean).div_(std)
 
 
 class TensorLoader:

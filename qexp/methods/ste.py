@@ -2,8 +2,11 @@
 
 Every ``nn.ReLU`` of the model becomes a b-bit :class:`~qexp.quant.activation.QuantReLU` with its own
 resolution alpha; ``ste`` picks the backward estimator (identity | relu | clipped_relu), the forward is
-the same for all three. Alpha is calibrated on the first training batch (the MSE-optimal value, see
-:func:`~qexp.quant.activation.calibrate_alpha`) and then fixed, or learned with ``learn_alpha``.
+the same for all three; ``staircase`` is the paper's ``ceil`` (default) or ``round``. Alpha is the paper's
+fixed Lloyd-Max value for ReLU(N(0, 1)) (``alpha=lloyd_max``, with BN without affine before every
+quantized ReLU: ``model.bn=true model.bn_affine=false``), a number, or (``alpha=null``) calibrated on the
+first training batch (MSE-optimal, see :func:`~qexp.quant.activation.calibrate_alpha`) and then fixed,
+or learned with ``learn_alpha``.
 Weights stay float unless ``wbits`` quantizes them BinaryConnect-style.
 """
 
@@ -17,7 +20,9 @@ from torch import nn
 from qexp.errors import QexpError
 from qexp.methods.base import Method, RunContext
 from qexp.methods.bc import BinaryConnect
-from qexp.quant.activation import QuantReLU, check_estimator, levels
+from qexp.quant.activation import QuantReLU, check_estimator, check_staircase, levels, lloyd_max_alpha
+
+LLOYD_MAX = "lloyd_max"
 from qexp.quant.inject import replace_modules
 
 
@@ -27,12 +32,15 @@ class STE(Method):
     default_bits = 2
 
     def __init__(self, bits: int | None = None, loss: str = "ce", ste: str = "clipped_relu",
-                 learn_alpha: bool = False, alpha: float | None = None, alpha_lr_scale: float = 1.0,
-                 wbits: int | None = None, stats_every: int = 10) -> None:
+                 learn_alpha: bool = False, alpha: float | str | None = None, alpha_lr_scale: float = 1.0,
+                 wbits: int | None = None, stats_every: int = 10, staircase: str = "ceil") -> None:
         super().__init__(bits, loss)
         self.estimator = check_estimator(ste)
-        if alpha is not None and not alpha > 0:
-            raise QexpError(f"method.alpha must be positive (or null to calibrate), got {alpha}")
+        self.staircase = check_staircase(staircase)
+        if alpha == LLOYD_MAX:
+            alpha = lloyd_max_alpha(self.bits, self.staircase)
+        elif isinstance(alpha, str) or (alpha is not None and not alpha > 0):
+            raise QexpError(f"method.alpha must be positive, {LLOYD_MAX}, or null to calibrate; got {alpha}")
         if stats_every < 1:
             raise QexpError(f"method.stats_every must be >= 1, got {stats_every}")
         self.learn_alpha, self.alpha, self.alpha_lr_scale = bool(learn_alpha), alpha, float(alpha_lr_scale)
@@ -43,7 +51,7 @@ class STE(Method):
     # ---- set-up --------------------------------------------------------------------------------------
     def prepare(self, model: nn.Module, ctx: RunContext) -> nn.Module:
         def make(name: str, module: nn.Module) -> QuantReLU:
-            return QuantReLU(self.bits, self.estimator, self.alpha, self.learn_alpha)
+            return QuantReLU(self.bits, self.estimator, self.alpha, self.learn_alpha, self.staircase)
 
         names = replace_modules(model, lambda n, m: isinstance(m, nn.ReLU), make)
         if not names:
@@ -116,7 +124,7 @@ class STE(Method):
                 for n, q in self.quantizers]
         return {**base, "method": self.name, "bits": self.bits, "activation_bits": self.bits,
                 "weight_bits": self.weights.bits if self.weights is not None else 32,
-                "estimator": self.estimator, "activations": acts}
+                "estimator": self.estimator, "staircase": self.staircase, "activations": acts}
 
     def tag(self) -> str:
         return str(self.bits) if self.weights is None else f"{self.bits}a{self.weights.bits}w"

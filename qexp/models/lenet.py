@@ -7,14 +7,21 @@ from torch import nn
 
 
 class LeNet5(nn.Module):
+    """``bn``: BatchNorm after every hidden conv/linear layer; ``bn_out``: also after the output layer
+    (as BinaryConnect's nets): with both, the function does not depend on the scale of any layer's
+    weights, so a weight grid's scale only sets the step-to-grid ratio (Li et al. presets).
+    ``bn_affine=false``: the hidden BatchNorms normalise without scale and shift (Yin et al. 2019's BN
+    before every quantized activation)."""
+
     def __init__(self, in_channels: int = 1, num_classes: int = 10, image_size: int = 28,
-                 bn: bool = False, bias: bool = True) -> None:
+                 bn: bool = False, bias: bool = True, bn_out: bool = False,
+                 bn_affine: bool = True) -> None:
         super().__init__()
 
         def block(cin: int, cout: int) -> list[nn.Module]:
             layers: list[nn.Module] = [nn.Conv2d(cin, cout, 5, bias=bias and not bn)]
             if bn:
-                layers.append(nn.BatchNorm2d(cout))
+                layers.append(nn.BatchNorm2d(cout, affine=bn_affine))
             return layers + [nn.ReLU(), nn.MaxPool2d(2)]
 
         self.features = nn.Sequential(*block(in_channels, 32), *block(32, 64))
@@ -23,8 +30,11 @@ class LeNet5(nn.Module):
             raise ValueError(f"LeNet-5 needs images of at least 16 pixels, got {image_size}")
         hidden: list[nn.Module] = [nn.Linear(64 * side * side, 512, bias=bias and not bn)]
         if bn:
-            hidden.append(nn.BatchNorm1d(512))
-        self.classifier = nn.Sequential(nn.Flatten(), *hidden, nn.ReLU(), nn.Linear(512, num_classes, bias=bias))
+            hidden.append(nn.BatchNorm1d(512, affine=bn_affine))
+        out: list[nn.Module] = [nn.Linear(512, num_classes, bias=bias and not bn_out)]
+        if bn_out:
+            out.append(nn.BatchNorm1d(num_classes))
+        self.classifier = nn.Sequential(nn.Flatten(), *hidden, nn.ReLU(), *out)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.features(x))

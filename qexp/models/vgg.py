@@ -1,6 +1,10 @@
 """VGG-style nets from a layer list: VGG-7 (BinaryConnect/WAGE "VGG-BC"), VGG-9 and VGG-11.
 
 Numbers are 3x3 conv widths, "M" a 2x2 max-pool; ``fc`` the hidden fully-connected widths.
+``order="conv_bn_relu"`` puts the pool after the ReLU (the usual VGG); ``order="conv_pool_bn_relu"`` is
+BinaryConnect's code (conv -> pool -> BN -> ReLU in a block that ends with a pool). ``bn_out`` adds a
+BatchNorm after the output layer (BinaryConnect's code); ``bn_affine=False`` drops the hidden BNs' scale
+and shift (Yin et al. 2019).
 """
 
 from __future__ import annotations
@@ -17,24 +21,33 @@ LAYOUTS: dict[str, tuple[list[int | str], list[int]]] = {
     "vgg11": ([64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"], [512]),
 }
 
+ORDERS = ("conv_bn_relu", "conv_pool_bn_relu")
+
 
 class VGG(nn.Module):
     def __init__(self, layout: str = "vgg7", in_channels: int = 3, num_classes: int = 10,
-                 image_size: int = 32, bn: bool = True, bias: bool = True) -> None:
+                 image_size: int = 32, bn: bool = True, bias: bool = True, order: str = "conv_bn_relu",
+                 bn_out: bool = False, bn_affine: bool = True) -> None:
         super().__init__()
         if layout not in LAYOUTS:
             raise ValueError(f"unknown VGG layout {layout!r}; choose from {sorted(LAYOUTS)}")
+        if order not in ORDERS:
+            raise ValueError(f"unknown VGG block order {order!r}; choose from {ORDERS}")
         convs, fcs = LAYOUTS[layout]
         layers: list[nn.Module] = []
         c, side = in_channels, image_size
-        for v in convs:
+        pool_first = order == "conv_pool_bn_relu"
+        for i, v in enumerate(convs):
             if v == "M":
-                layers.append(nn.MaxPool2d(2))
+                if not pool_first:
+                    layers.append(nn.MaxPool2d(2))
                 side //= 2
                 continue
             layers.append(nn.Conv2d(c, int(v), 3, padding=1, bias=bias and not bn))
+            if pool_first and i + 1 < len(convs) and convs[i + 1] == "M":
+                layers.append(nn.MaxPool2d(2))
             if bn:
-                layers.append(nn.BatchNorm2d(int(v)))
+                layers.append(nn.BatchNorm2d(int(v), affine=bn_affine))
             layers.append(nn.ReLU())
             c = int(v)
         if side < 1:
@@ -45,10 +58,12 @@ class VGG(nn.Module):
         for width in fcs:
             head.append(nn.Linear(fan_in, width, bias=bias and not bn))
             if bn:
-                head.append(nn.BatchNorm1d(width))
+                head.append(nn.BatchNorm1d(width, affine=bn_affine))
             head.append(nn.ReLU())
             fan_in = width
-        head.append(nn.Linear(fan_in, num_classes, bias=bias))
+        head.append(nn.Linear(fan_in, num_classes, bias=bias and not bn_out))
+        if bn_out:
+            head.append(nn.BatchNorm1d(num_classes))
         self.classifier = nn.Sequential(*head)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

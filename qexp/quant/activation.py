@@ -1,7 +1,9 @@
 """The b-bit quantized ReLU of Yin et al. (ICLR 2019) and its three straight-through estimators.
 
 Forward (the same for every estimator), with resolution ``alpha`` and ``N = 2^b - 1`` levels above 0:
-``sigma(x) = alpha * clip(round(x / alpha), 0, N)``; for 1 bit ``sigma(x) = alpha * 1{x > 0}``.
+the paper's staircase steps *up*, ``sigma(x) = k alpha`` for ``(k-1) alpha < x <= k alpha``, i.e.
+``alpha * clip(ceil(x / alpha), 0, N)`` (``staircase="ceil"``, the default); ``staircase="round"`` is
+``alpha * clip(round(x / alpha), 0, N)`` (shifted by alpha/2; an option). 1 bit: ``alpha * 1{x > 0}``.
 
 Backward replaces ``sigma'(x)`` by the chosen estimator:
 ``identity`` -> 1, ``relu`` -> ``1{x > 0}``, ``clipped_relu`` -> ``1{0 < x < N alpha}``.
@@ -17,6 +19,7 @@ from torch import nn
 from qexp.errors import QexpError
 
 ESTIMATORS = ("identity", "relu", "clipped_relu")
+STAIRCASES = ("ceil", "round")
 #: the calibration rule looks at most this many (evenly strided) activations of the first batch
 CALIB_SAMPLES = 1 << 14
 #: candidate clip levels tried by the calibration, as fractions of the batch maximum
@@ -34,11 +37,53 @@ def check_estimator(name: str) -> str:
     return name
 
 
-def quantized_relu(x: torch.Tensor, alpha: torch.Tensor | float, bits: int) -> torch.Tensor:
-    """The forward map ``sigma``: values in ``alpha * {0, 1, ..., 2^b - 1}``."""
+def check_staircase(name: str) -> str:
+    if name not in STAIRCASES:
+        raise QexpError(f"unknown staircase {name!r}; choose from {', '.join(STAIRCASES)}")
+    return name
+
+
+def quantized_relu(x: torch.Tensor, alpha: torch.Tensor | float, bits: int,
+                   staircase: str = "ceil") -> torch.Tensor:
+    """The forward map ``sigma``: values in ``alpha * {0, 1, ..., 2^b - 1}`` (``ceil``: the paper's step up)."""
     if bits == 1:
         return (x > 0).to(x.dtype) * alpha
-    return x.mul(1.0 / alpha).round_().clamp_(0, levels(bits)).mul_(alpha)
+    v = x.div(alpha)  # true division: x = k*alpha lands exactly on k, so ceil keeps the paper's closed interval
+    v = v.ceil_() if staircase == "ceil" else v.round_()
+    return v.clamp_(0, levels(bits)).mul_(alpha)
+
+
+def relu_gaussian_mse(alpha: float, bits: int, staircase: str = "ceil", points: int = 200_001) -> float:
+    """``E[(sigma_alpha(x) - relu(x))^2]`` for ``x ~ N(0, 1)``, by quadrature on [0, 12] (x <= 0 costs 0)."""
+    import math
+
+    x = torch.linspace(0.0, 12.0, points, dtype=torch.float64)
+    pdf = torch.exp(-0.5 * x * x) / math.sqrt(2 * math.pi)
+    q = quantized_relu(x, alpha, bits, staircase)
+    f = (q - x).pow(2) * pdf
+    h = 12.0 / (points - 1)
+    return float(h * (f.sum() - 0.5 * (f[0] + f[-1])))  # trapezoid rule
+
+
+def lloyd_max_alpha(bits: int, staircase: str = "ceil") -> float:
+    """Yin et al.'s fixed resolution: the alpha of the MSE-optimal b-bit quantizer of ReLU(N(0, 1)) with
+    this staircase, found by golden-section search on :func:`relu_gaussian_mse` (computed, no table).
+
+    1 bit: E[x | x > 0] = sqrt(2/pi) (the closed form, pinned by a test)."""
+    lo, hi = 1e-3, 4.0 / max(levels(bits), 1) + 1.0
+    g = (5 ** 0.5 - 1) / 2
+    a, b = hi - g * (hi - lo), lo + g * (hi - lo)
+    fa, fb = relu_gaussian_mse(a, bits, staircase), relu_gaussian_mse(b, bits, staircase)
+    for _ in range(60):
+        if fa < fb:
+            hi, b, fb = b, a, fa
+            a = hi - g * (hi - lo)
+            fa = relu_gaussian_mse(a, bits, staircase)
+        else:
+            lo, a, fa = a, b, fb
+            b = lo + g * (hi - lo)
+            fb = relu_gaussian_mse(b, bits, staircase)
+    return (lo + hi) / 2
 
 
 def estimator_mask(x: torch.Tensor, alpha: torch.Tensor | float, bits: int,
@@ -51,16 +96,16 @@ def estimator_mask(x: torch.Tensor, alpha: torch.Tensor | float, bits: int,
     return (x > 0) & (x < alpha * levels(bits))
 
 
-def alpha_grad_factor(x: torch.Tensor, alpha: torch.Tensor, bits: int) -> torch.Tensor:
-    """``d sigma / d alpha`` with round's derivative taken as 1 (LSQ-style), used when alpha is learned.
+def alpha_grad_factor(x: torch.Tensor, alpha: torch.Tensor, bits: int, staircase: str = "ceil") -> torch.Tensor:
+    """``d sigma / d alpha`` with the step's derivative taken as 1 (LSQ-style), used when alpha is learned.
 
-    0 for x <= 0; ``round(x/alpha) - x/alpha`` inside the range; ``N`` above it (``1`` for 1 bit, x > 0).
+    0 for x <= 0; ``ceil(x/alpha) - x/alpha`` (or round) inside the range; ``N`` above it (``1`` for 1 bit).
     """
     if bits == 1:
         return (x > 0).to(x.dtype)
     n = levels(bits)
     v = x / alpha
-    inside = torch.round(v) - v
+    inside = (torch.ceil(v) if staircase == "ceil" else torch.round(v)) - v
     return torch.where(v <= 0, torch.zeros_like(v), torch.where(v >= n, torch.full_like(v, n), inside))
 
 
@@ -81,16 +126,16 @@ class QuantReLUFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, alpha: float, bits: int,  # type: ignore[override]
-                estimator: str) -> torch.Tensor:
+                estimator: str, staircase: str = "ceil") -> torch.Tensor:
         ctx.alpha, ctx.bits, ctx.estimator = alpha, bits, estimator
         if estimator != "identity":
             ctx.save_for_backward(x)
-        return quantized_relu(x, alpha, bits)
+        return quantized_relu(x, alpha, bits, staircase)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
         x = ctx.saved_tensors[0] if ctx.estimator != "identity" else grad
-        return estimator_grad(grad, x, ctx.alpha, ctx.bits, ctx.estimator), None, None, None
+        return estimator_grad(grad, x, ctx.alpha, ctx.bits, ctx.estimator), None, None, None, None
 
 
 class LearnedQuantReLUFunction(torch.autograd.Function):
@@ -102,9 +147,9 @@ class LearnedQuantReLUFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, alpha: torch.Tensor, bits: int,  # type: ignore[override]
-                estimator: str) -> torch.Tensor:
+                estimator: str, staircase: str = "ceil") -> torch.Tensor:
         ctx.bits, ctx.estimator = bits, estimator
-        q = quantized_relu(x, alpha, bits)
+        q = quantized_relu(x, alpha, bits, staircase)
         ctx.save_for_backward(x, alpha, q)
         return q
 
@@ -131,10 +176,10 @@ class LearnedQuantReLUFunction(torch.autograd.Function):
             if g_inside is not None:
                 ga = ga - torch.dot(g_inside.reshape(-1), x.reshape(-1))
             grad_alpha = (ga / alpha).reshape(alpha.shape)
-        return grad_x, grad_alpha, None, None
+        return grad_x, grad_alpha, None, None, None
 
 
-def calibrate_alpha(x: torch.Tensor, bits: int) -> float:
+def calibrate_alpha(x: torch.Tensor, bits: int, staircase: str = "ceil") -> float:
     """Alpha minimising the mean squared error between ``relu(x)`` and ``sigma(x)`` on this batch.
 
     Looks at up to :data:`CALIB_SAMPLES` activations (a fixed-seed random subset; the global RNG is
@@ -155,7 +200,8 @@ def calibrate_alpha(x: torch.Tensor, bits: int) -> float:
     n = levels(bits)
     alphas = pos.max() * torch.linspace(0.01, 1.0, CALIB_GRID, device=v.device) / n
     a = alphas[:, None]  # all candidates at once: [CALIB_GRID, samples]
-    errs = ((v / a).round_().clamp_(0, n).mul_(a) - target).pow_(2).mean(1)
+    r = (v / a).ceil_() if staircase == "ceil" else (v / a).round_()
+    errs = (r.clamp_(0, n).mul_(a) - target).pow_(2).mean(1)
     return float(alphas[int(errs.argmin())])
 
 
@@ -170,11 +216,12 @@ class QuantReLU(nn.Module):
     """
 
     def __init__(self, bits: int = 2, estimator: str = "clipped_relu", alpha: float | None = None,
-                 learn_alpha: bool = False) -> None:
+                 learn_alpha: bool = False, staircase: str = "ceil") -> None:
         super().__init__()
         if not 1 <= bits <= 8:
             raise QexpError(f"a quantized ReLU takes 1..8 bits, got {bits}")
         self.bits, self.estimator, self.learn_alpha = bits, check_estimator(estimator), learn_alpha
+        self.staircase = check_staircase(staircase)
         a = torch.tensor(1.0 if alpha is None else float(alpha))
         if learn_alpha:
             self.alpha = nn.Parameter(a)
@@ -192,7 +239,7 @@ class QuantReLU(nn.Module):
     # ---- calibration ---------------------------------------------------------------------------------
     @torch.no_grad()
     def _calibrate(self, x: torch.Tensor) -> None:
-        a = calibrate_alpha(x, self.bits)
+        a = calibrate_alpha(x, self.bits, self.staircase)
         self.set_alpha(a if self._calls == 0 else max(a, self._alpha))
         self._calls += 1
 
@@ -227,12 +274,12 @@ class QuantReLU(nn.Module):
         grad = torch.is_grad_enabled()
         if self.learn_alpha:
             alpha: torch.Tensor | float = self.alpha.to(x.dtype)
-            q = (LearnedQuantReLUFunction.apply(x, alpha, self.bits, self.estimator) if grad
-                 else quantized_relu(x, alpha, self.bits))
+            q = (LearnedQuantReLUFunction.apply(x, alpha, self.bits, self.estimator, self.staircase) if grad
+                 else quantized_relu(x, alpha, self.bits, self.staircase))
         else:
             alpha = self._alpha
-            q = (QuantReLUFunction.apply(x, alpha, self.bits, self.estimator) if grad and x.requires_grad
-                 else quantized_relu(x, alpha, self.bits))
+            q = (QuantReLUFunction.apply(x, alpha, self.bits, self.estimator, self.staircase)
+                 if grad and x.requires_grad else quantized_relu(x, alpha, self.bits, self.staircase))
         if self.track and self.training:
             self._count(q.detach(), alpha.detach() if isinstance(alpha, torch.Tensor) else alpha)
         return q
@@ -257,4 +304,4 @@ class QuantReLU(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"bits={self.bits}, estimator={self.estimator}, alpha={float(self.alpha):.4g}, "
-                f"learn_alpha={self.learn_alpha}")
+                f"learn_alpha={self.learn_alpha}, staircase={self.staircase}")

@@ -45,6 +45,9 @@ class TrainConfig:
     sched: Any = MISSING
     name: str = "runs"  # first folder level under out_root: an experiment preset's name, or "runs"
     bits: int = 32  # the bit budget; each method config sets its paper default
+    # weight-grid scale s of the weight-quantizing methods (bc, sr, r, big_sr, learned): "glorot" (per
+    # layer sqrt(6/(fan_in+fan_out))) or a number; top-level so one preset can set it for a method sweep
+    grid_scale: Any = "glorot"
     seed: int = 0
     epochs: int = 1
     batch_size: int = 64

@@ -50,6 +50,9 @@ def build(meta: dict[str, Any], status: str, history: list[dict[str, float]], wa
         rec.update(best_epoch=epoch, best_by=by, test_error_at_best=at_best["test_error"])
         if "val_error" in last:
             rec.update(val_error=last["val_error"], best_val_error=at_best["val_error"])
+        flips = [h["method/flip_frac"] for h in history if "method/flip_frac" in h]
+        if flips:  # weight methods: how much the quantized weights moved (Li et al.'s diagnostic)
+            rec.update(flip_frac=flips[-1], mean_flip_frac=sum(flips) / len(flips))
     rec["wall_s"] = wall_s
     rec.update(extra or {})
     if error is not None:

@@ -148,13 +148,18 @@ class WageError(nn.Module):
 
 
 class WageNetwork(nn.Module):
-    """The float model between the input ``QA`` and the output ``QE`` (which the model itself lacks)."""
+    """The float model between the input ``QA`` and the output ``QE`` (which the model itself lacks).
 
-    def __init__(self, net: nn.Module, bits_a: int, bits_e: int) -> None:
+    ``qa_logits``: the logits pass ``QA`` (clip to ``+-(1 - 2^(1-k_A))``, k_A bits) before ``QE``, as the
+    official MNIST LeNet-5 does (its CIFAR VGG-7 does not).
+    """
+
+    def __init__(self, net: nn.Module, bits_a: int, bits_e: int, qa_logits: bool = False) -> None:
         super().__init__()
         self.input_quant = WageActivation(bits_a, None)
         self.net = net
+        self.output_quant = WageActivation(bits_a, None) if qa_logits else nn.Identity()
         self.output_error = WageError(bits_e)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.output_error(self.net(self.input_quant(x)))
+        return self.output_error(self.output_quant(self.net(self.input_quant(x))))

@@ -41,8 +41,8 @@ from qexp.quant.inject import attach_weight_quantizer, shadow_weight, weight_lay
 
 #: leaf modules a WAGE chain network may contain
 LEAVES = (nn.Conv2d, nn.Linear, nn.ReLU, nn.MaxPool2d, nn.Flatten, nn.Identity, nn.Dropout)
-FIX = ("use model.bn=false model.bias=false (LeNet-5, VGG, MLP), "
-       "or a preset: +experiment=wage_mnist / +experiment=wage_cifar10")
+FIX = ("method=wage sets model.bn=false model.bias=false itself; do not override them (LeNet-5, VGG, MLP), "
+       "or use a preset: +experiment=wage_mnist / +experiment=wage_cifar10")
 
 
 def check_supported(model: nn.Module) -> None:
@@ -107,7 +107,7 @@ class Wage(Method):
     default_bits = 2
 
     def __init__(self, bits: int | None = None, loss: str = "sse", bits_a: int = 8, bits_g: int = 8,
-                 bits_e: int = 8, bits_r: int = 16, beta: float = 1.5) -> None:
+                 bits_e: int = 8, bits_r: int = 16, beta: float = 1.5, qa_logits: bool = False) -> None:
         super().__init__(bits, loss)
         self.bits_a = _check_bits("method.bits_a", bits_a, 2, 8, "activations export to int8")
         self.bits_e = _check_bits("method.bits_e", bits_e, 2, 16, "error bits")
@@ -115,6 +115,7 @@ class Wage(Method):
                                   "stored weights live on the k_G grid, which must contain the k_W grid")
         self.bits_r = _check_bits("method.bits_r", bits_r, 2, 24, "randomizer bits, float32 mantissa")
         self.beta = float(beta)
+        self.qa_logits = bool(qa_logits)
         self.layers: list[tuple[str, nn.Module]] = []
         self.sites: list[tuple[str, ShiftStats]] = []
         self.generator: torch.Generator | None = None
@@ -140,7 +141,7 @@ class Wage(Method):
                 w.copy_(wage.C(wage.Q(w, self.bits), self.bits))  # official: quantize W once at start
                 attach_weight_quantizer(layer, WageWeight(self.bits, wage.layer_scale(fan_in, self.bits, self.beta)))
         acts = insert_activation_quantizers(model, self.bits_a, self.bits_e)
-        net = WageNetwork(model, self.bits_a, self.bits_e)
+        net = WageNetwork(model, self.bits_a, self.bits_e, self.qa_logits)
         self.layers = [(n, m) for n, m in layers]
         # site i quantizes the error at the output of weight layer i (chain networks); else name by index
         stats = [a.error_shift for a in acts] + [net.output_error.error_shift]
@@ -224,7 +225,8 @@ class Wage(Method):
         return {"method": self.name, "bits": self.bits, "tag": self.tag(),
                 "bits_a": self.bits_a, "bits_g": self.bits_g, "bits_e": self.bits_e, "bits_r": self.bits_r,
                 "layers": layers,
-                "activations": {"bits": self.bits_a, "rounding": "nearest", "sites": len(self.sites)},
+                "activations": {"bits": self.bits_a, "rounding": "nearest", "sites": len(self.sites),
+                                "logits": self.qa_logits},
                 "errors": {"bits": self.bits_e, "rounding": "nearest", "scale": "Shift(max|e|) per tensor",
                            "sites": [n for n, _ in self.sites]},
                 "weight_bytes": (n_params * self.bits + 7) // 8, "float32_bytes": 4 * n_params}

@@ -1,0 +1,208 @@
+"""Regenerate one entry of docs/reproductions.md: run its preset at a stated budget, then rewrite its
+table (``qexp table --format md``) and figure (``qexp plot``) under docs/reproductions/.
+
+    python scripts/reproduce.py li2017                  # the small budget (CPU, minutes to an hour)
+    python scripts/reproduce.py li2017 --budget paper   # the paper's budget (hours; GPU for CIFAR)
+    python scripts/reproduce.py --list
+
+Resumable: runs go to ``<out-root>/<budget>/<preset>/...`` through qexp's own resume, so the same
+command again skips finished runs and continues interrupted ones. ``--jobs N`` runs N configurations at
+once (joblib, one process each); ``--report-only`` rewrites the table and figure from the runs on disk.
+Never tunes anything: every setting is the preset's (or the stated small-budget reduction).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+DOCS = ROOT / "docs" / "reproductions"
+
+
+@dataclass
+class Sweep:
+    """One ``qexp train --multirun`` call: overrides per budget (lists are comma-joined sweeps)."""
+
+    args: list[str]
+    small: list[str] = field(default_factory=list)
+    paper: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Entry:
+    paper: str
+    name: str  # the run folder under <out-root>/<budget>/ (the preset's name)
+    sweeps: list[Sweep]
+    tables: list[list[str]]  # extra `qexp table` arguments, one table each
+    plots: list[list[str]]  # extra `qexp plot` arguments; the first gives <paper>-<budget>.png
+    evals: list[str] = field(default_factory=list)  # `qexp eval RUN --...` on every finished run
+    after: list[Sweep] = field(default_factory=list)  # sweeps that start from the first ones' runs
+
+
+SEEDS = "seed=0,1,2"
+SMALL_MNIST = ["dataset.train_subset=10000", "epochs=3"]
+
+ENTRIES: dict[str, Entry] = {
+    "li2017": Entry(
+        "Li et al. 2017: float < BC < Big SR < SR < R at 1 bit (MNIST, Fashion-MNIST)", "li2017_mnist",
+        [Sweep(["+experiment=li2017_mnist", SEEDS, "dataset=mnist,fashion_mnist",
+                "method=float,bc,big_sr,sr,r"], small=SMALL_MNIST)],
+        tables=[["--ref", "li2017"], ["--metric", "mean_flip_frac", "--digits", "4"]],
+        plots=[[], ["--metric", "method/flip_frac"]]),
+    "bc2015": Entry(
+        "Courbariaux et al. 2015: BinaryConnect vs float, MNIST MLP", "bc2015_mnist",
+        [Sweep(["+experiment=bc2015_mnist", SEEDS], small=SMALL_MNIST, paper=[]),
+         Sweep(["name=bc2015_mnist", "dataset=mnist", "model=mlp", "method=float", "method.loss=sqhinge",
+                "optim=adam", "sched=exp", "batch_size=200", "lr=0.003", "epochs=250", SEEDS],
+               small=SMALL_MNIST)],
+        tables=[["--ref", "bc2015"]], plots=[[]]),
+    "wage2018": Entry(
+        "Wu et al. 2018: WAGE 2-8-8-8 LeNet-5 on MNIST, integer-exact inference", "wage_mnist",
+        [Sweep(["+experiment=wage_mnist", SEEDS], small=SMALL_MNIST)],
+        tables=[["--ref", "wage2018", "--metric", "best_test_error"], []], plots=[[]], evals=["--integer"]),
+    "warden2015": Entry(
+        "Warden 2015: post-training quantization from 8 down to 2 bits (LeNet-5, MNIST)", "warden2015_mnist",
+        [Sweep(["name=warden2015_mnist", "dataset=mnist", "model=lenet5", "method=float", "optim=adam",
+                "sched=constant", "epochs=10", SEEDS], small=SMALL_MNIST)],
+        tables=[[]], plots=[[]], evals=["--ptq-bits", "8,6,4,3,2"]),
+    "lacey2018": Entry(
+        "Lacey et al. 2018: learned layer-wise precision vs uniform at equal total bits (MNIST)",
+        "lacey2018_mnist",
+        [Sweep(["+experiment=lacey2018_mnist", SEEDS, "method=learned,bc", "bits=2,4"],
+               small=SMALL_MNIST)],
+        tables=[[]], plots=[[]]),
+    "yin2019": Entry(
+        "Yin et al. 2019: identity / ReLU / clipped-ReLU STEs at 2 and 4 bits (LeNet-5, MNIST)",
+        "yin2019_mnist",
+        [Sweep(["+experiment=yin2019_mnist", SEEDS, "method.ste=identity,relu,clipped_relu", "bits=2,4"],
+               small=SMALL_MNIST)],
+        tables=[["--rows", "method.ste,bits"]], plots=[["--rows", "method.ste,bits"]],
+        after=[Sweep(["+experiment=yin2019_instability", SEEDS], small=["epochs=3"])]),
+}
+
+
+def budget_args(sweep: Sweep, budget: str) -> list[str]:
+    return [*sweep.args, *(sweep.small if budget == "small" else sweep.paper)]
+
+
+def qexp(*args: str, check: bool = True) -> int:
+    cmd = [sys.executable, "-m", "qexp.cli", *args]
+    print("+", " ".join(cmd), flush=True)
+    return subprocess.run(cmd, check=check, cwd=ROOT).returncode
+
+
+def train(args: list[str], out: Path, jobs: int) -> None:
+    launcher = ["hydra/launcher=local_parallel", f"hydra.launcher.n_jobs={jobs}"] if jobs > 1 else []
+    # a failed run is recorded in its folder and shown in the table; the sweep itself goes on
+    qexp("train", "--multirun", *args, f"out_root={out}", *launcher, check=False)
+
+
+def run_dirs(root: Path) -> list[Path]:
+    return sorted(p.parent for p in root.rglob("metrics.json"))
+
+
+def finished(run: Path) -> bool:
+    try:
+        return json.loads((run / "metrics.json").read_text()).get("status") == "completed"
+    except (OSError, ValueError):
+        return False
+
+
+def instability_sources(out: Path, budget: str) -> list[str]:
+    """yin2019_instability starts from the clipped-ReLU runs at 2 bits (one per seed)."""
+    root = out / "yin2019_mnist"
+    found = {}
+    for r in run_dirs(root):
+        rec = json.loads((r / "metrics.json").read_text())
+        if finished(r) and "method.ste=clipped_relu" in r.as_posix() and rec.get("bits") == 2:
+            found[rec["seed"]] = r
+    return [f"init_from={found[s]}" for s in sorted(found)]
+
+
+def report(entry: Entry, key: str, budget: str, out: Path) -> Path:
+    """Rewrite docs/reproductions/<key>-<budget>.md (tables) and .png (figures)."""
+    DOCS.mkdir(parents=True, exist_ok=True)
+    root = out / entry.name
+    md = DOCS / f"{key}-{budget}.md"
+    parts = [f"# {entry.paper}\n", f"Budget: `{budget}`. Regenerate: `python scripts/reproduce.py {key} "
+             f"--budget {budget}`.\n"]
+    for i, extra in enumerate(entry.tables):
+        tmp = DOCS / f".{key}-{budget}-{i}.md"
+        if qexp("table", str(root), "--format", "md", "--out", str(tmp), *extra, check=False) == 0:
+            parts.append(f"`qexp table {' '.join(extra)}`\n\n{tmp.read_text()}")
+            tmp.unlink()
+    for i, extra in enumerate(entry.plots):
+        png = DOCS / (f"{key}-{budget}.png" if i == 0 else f"{key}-{budget}-{i}.png")
+        if qexp("plot", str(root), "--out", str(png), *extra, check=False) == 0:
+            parts.append(f"`qexp plot {' '.join(extra)}`\n\n![{key} {i}]({png.name})\n")
+            for side in ("alloc", "ptq"):
+                if png.with_name(f"{png.stem}_{side}.png").exists():
+                    parts.append(f"![{key} {side}]({png.stem}_{side}.png)\n")
+    for ev in entry.evals:
+        parts.append(eval_summary(root, ev))
+    if key == "yin2019":
+        inst = out / "yin2019_instability"
+        if inst.exists():
+            png = DOCS / f"{key}-{budget}-instability.png"
+            if qexp("plot", str(inst), str(root), "--where", "method.ste=clipped_relu", "--where", "bits=2",
+                    "--rows", "name,method.ste", "--metric", "train_loss", "--out", str(png), check=False) == 0:
+                parts.append(f"Instability experiment (train loss):\n\n![instability]({png.name})\n")
+    md.write_text("\n".join(parts))
+    print(f"wrote {md}")
+    return md
+
+
+def eval_summary(root: Path, ev: str) -> str:
+    """One line per run of the integer check (WAGE) or a pointer to the PTQ rows of the table."""
+    if ev != "--integer":
+        return "PTQ rows come from each run's ptq.json (`qexp eval RUN --ptq-bits 8,6,4,3,2`).\n"
+    lines = ["| run | images | differing predictions | differing logits | test error |", "|---|---|---|---|---|"]
+    for r in run_dirs(root):
+        f = r / "integer_eval.json"
+        if f.exists():
+            d = json.loads(f.read_text())
+            lines.append(f"| {r.relative_to(root)} | {d.get('images')} | {d.get('differing_predictions')} | "
+                         f"{d.get('differing_logits')} | {d.get('integer_test_error')} |")
+    return "Integer-only inference check (`qexp eval RUN --integer`):\n\n" + "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("paper", nargs="?", choices=sorted(ENTRIES))
+    ap.add_argument("--budget", choices=("small", "paper"), default="small")
+    ap.add_argument("--out-root", type=Path, default=ROOT / "outputs" / "reproductions")
+    ap.add_argument("--jobs", type=int, default=max(1, min(2, os.cpu_count() or 1)))
+    ap.add_argument("--report-only", action="store_true", help="only rewrite the table and figure")
+    ap.add_argument("--list", action="store_true")
+    a = ap.parse_args(argv)
+    if a.list or a.paper is None:
+        for k, e in ENTRIES.items():
+            print(f"{k:12s} {e.paper}")
+        return 0
+    entry, out = ENTRIES[a.paper], a.out_root / a.budget
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    if not a.report_only:
+        for sw in entry.sweeps:
+            train(budget_args(sw, a.budget), out, a.jobs)
+        for ev in entry.evals:
+            for r in run_dirs(out / entry.name):
+                done = (r / ("integer_eval.json" if ev == "--integer" else "ptq.json")).exists()
+                if finished(r) and not done:
+                    qexp("eval", str(r), *ev.split(), check=False)
+        for sw in entry.after:
+            sources = instability_sources(out, a.budget)
+            if sources:
+                train([*budget_args(sw, a.budget), "init_from=" + ",".join(s.split("=", 1)[1] for s in sources)],
+                      out, a.jobs)
+    report(entry, a.paper, a.budget, out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
