@@ -58,9 +58,9 @@ ENTRIES: dict[str, Entry] = {
     "bc2015": Entry(
         "Courbariaux et al. 2015: BinaryConnect vs float, MNIST MLP", "bc2015_mnist",
         [Sweep(["+experiment=bc2015_mnist", SEEDS], small=SMALL_MNIST, paper=[]),
-         Sweep(["name=bc2015_mnist", "dataset=mnist", "model=mlp", "method=float", "method.loss=sqhinge",
-                "optim=adam", "sched=exp", "batch_size=200", "lr=0.003", "epochs=250", SEEDS],
-               small=SMALL_MNIST)],
+         Sweep(["name=bc2015_mnist", "dataset=mnist", "model=mlp", "method=float", "method.loss=sqhinge_mean", "model.bn_out=true",
+                "optim=adam", "sched=exp", "batch_size=200", "lr=0.003", SEEDS],
+               small=SMALL_MNIST, paper=["epochs=250"])],
         tables=[["--ref", "bc2015"]], plots=[[]]),
     "wage2018": Entry(
         "Wu et al. 2018: WAGE 2-8-8-8 LeNet-5 on MNIST, integer-exact inference", "wage_mnist",
@@ -69,7 +69,7 @@ ENTRIES: dict[str, Entry] = {
     "warden2015": Entry(
         "Warden 2015: post-training quantization from 8 down to 2 bits (LeNet-5, MNIST)", "warden2015_mnist",
         [Sweep(["name=warden2015_mnist", "dataset=mnist", "model=lenet5", "method=float", "optim=adam",
-                "sched=constant", "epochs=10", SEEDS], small=SMALL_MNIST)],
+                "sched=constant", SEEDS], small=SMALL_MNIST, paper=["epochs=10"])],
         tables=[[]], plots=[[]], evals=["--ptq-bits", "8,6,4,3,2"]),
     "lacey2018": Entry(
         "Lacey et al. 2018: learned layer-wise precision vs uniform at equal total bits (MNIST)",
@@ -83,7 +83,7 @@ ENTRIES: dict[str, Entry] = {
         [Sweep(["+experiment=yin2019_mnist", SEEDS, "method.ste=identity,relu,clipped_relu", "bits=2,4"],
                small=SMALL_MNIST)],
         tables=[["--rows", "method.ste,bits"]], plots=[["--rows", "method.ste,bits"]],
-        after=[Sweep(["+experiment=yin2019_instability", SEEDS], small=["epochs=3"])]),
+        after=[Sweep(["+experiment=yin2019_instability"], small=SMALL_MNIST)]),
 }
 
 
@@ -114,15 +114,14 @@ def finished(run: Path) -> bool:
         return False
 
 
-def instability_sources(out: Path, budget: str) -> list[str]:
-    """yin2019_instability starts from the clipped-ReLU runs at 2 bits (one per seed)."""
-    root = out / "yin2019_mnist"
+def instability_sources(out: Path) -> dict[int, Path]:
+    """yin2019_instability starts from the finished clipped-ReLU runs at 2 bits, seed by seed."""
     found = {}
-    for r in run_dirs(root):
+    for r in run_dirs(out / "yin2019_mnist"):
         rec = json.loads((r / "metrics.json").read_text())
         if finished(r) and "method.ste=clipped_relu" in r.as_posix() and rec.get("bits") == 2:
-            found[rec["seed"]] = r
-    return [f"init_from={found[s]}" for s in sorted(found)]
+            found[int(rec["seed"])] = r
+    return found
 
 
 def report(entry: Entry, key: str, budget: str, out: Path) -> Path:
@@ -150,8 +149,8 @@ def report(entry: Entry, key: str, budget: str, out: Path) -> Path:
         inst = out / "yin2019_instability"
         if inst.exists():
             png = DOCS / f"{key}-{budget}-instability.png"
-            if qexp("plot", str(inst), str(root), "--where", "method.ste=clipped_relu", "--where", "bits=2",
-                    "--rows", "name,method.ste", "--metric", "train_loss", "--out", str(png), check=False) == 0:
+            if qexp("plot", str(inst), "--rows", "method.ste", "--metric", "train_loss", "--out", str(png),
+                    check=False) == 0:
                 parts.append(f"Instability experiment (train loss):\n\n![instability]({png.name})\n")
     md.write_text("\n".join(parts))
     print(f"wrote {md}")
@@ -196,10 +195,8 @@ def main(argv: list[str] | None = None) -> int:
                 if finished(r) and not done:
                     qexp("eval", str(r), *ev.split(), check=False)
         for sw in entry.after:
-            sources = instability_sources(out, a.budget)
-            if sources:
-                train([*budget_args(sw, a.budget), "init_from=" + ",".join(s.split("=", 1)[1] for s in sources)],
-                      out, a.jobs)
+            for seed, src in sorted(instability_sources(out).items()):
+                train([*budget_args(sw, a.budget), f"seed={seed}", f"init_from='{src}'"], out, a.jobs)
     report(entry, a.paper, a.budget, out)
     return 0
 

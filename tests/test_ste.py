@@ -44,19 +44,21 @@ def _grad(module: QuantReLU, x: list[float], upstream: torch.Tensor) -> tuple[to
 
 
 # ---- the quantized ReLU ----------------------------------------------------------------------------
+@pytest.mark.parametrize("staircase", ["ceil", "round"])
 @pytest.mark.parametrize("bits", [1, 2, 4, 8])
-def test_forward_lies_on_the_activation_grid(bits):
+def test_forward_lies_on_the_activation_grid(bits, staircase):
     g = torch.Generator().manual_seed(bits)
     x = torch.randn(10_000, generator=g) * 3
     alpha = 4.0 / levels(bits)  # the top level sits at x = 4: every level is hit on this spread
-    q = quantized_relu(x, alpha, bits)
+    q = quantized_relu(x, alpha, bits, staircase)
     k = q / alpha
     assert torch.allclose(k, k.round(), atol=1e-4)
     assert k.min() >= 0 and k.max() <= levels(bits) + 1e-4
     if bits == 1:  # binary: alpha * 1{x > 0}
         assert torch.equal(q, (x > 0).float() * alpha)
-    else:  # sigma(x) = alpha * clip(round(x / alpha), 0, 2^b - 1); every level is used
-        assert torch.allclose(q, alpha * torch.clamp(torch.round(x / alpha), 0, 2**bits - 1))
+    else:  # sigma(x) = alpha * clip(ceil (the paper's) or round(x / alpha), 0, 2^b - 1); every level used
+        step = torch.ceil if staircase == "ceil" else torch.round
+        assert torch.allclose(q, alpha * torch.clamp(step(x / alpha), 0, 2**bits - 1))
         assert k.round().unique().numel() == 2**bits
 
 
@@ -66,7 +68,7 @@ def test_each_estimator_backward_is_its_formula(estimator, learn):
     """identity passes everything, relu zeroes x <= 0, clipped_relu also zeroes x >= (2^b - 1) alpha;
     the forward is the same for all three (both the fixed-alpha and the learned-alpha code paths)."""
     up = torch.arange(1.0, len(X) + 1)  # distinct upstream values: a mask is visible, not just a sum
-    q = QuantReLU(BITS, estimator, alpha=ALPHA, learn_alpha=learn)
+    q = QuantReLU(BITS, estimator, alpha=ALPHA, learn_alpha=learn, staircase="round")
     y, gx = _grad(q, X, up)
     assert torch.equal(gx, up * torch.tensor(EXPECTED_MASK[estimator], dtype=torch.float32))
     assert torch.allclose(y, torch.tensor([0, 0, 0, 0, 0.5, 1.0, 1.5, 1.5, 1.5, 1.5]))
@@ -83,11 +85,14 @@ def test_binary_relu_forward_and_estimators(estimator, mask):
 
 
 def test_learned_alpha_gradient_formula():
-    """d sigma / d alpha: 0 below 0, round(x/a) - x/a inside, N above (LSQ-style)."""
+    """d sigma / d alpha: 0 below 0, round(x/a) - x/a inside (ceil(x/a) - x/a for the paper's
+    staircase), N above (LSQ-style)."""
     x = torch.tensor([-1.0, 0.3, 0.7, 5.0])
-    f = alpha_grad_factor(x, torch.tensor(0.5), 2)
+    f = alpha_grad_factor(x, torch.tensor(0.5), 2, "round")
     assert torch.allclose(f, torch.tensor([0.0, 0.4, -0.4, 3.0]), atol=1e-6)
-    q = QuantReLU(2, "relu", alpha=0.5, learn_alpha=True)
+    f = alpha_grad_factor(x, torch.tensor(0.5), 2)
+    assert torch.allclose(f, torch.tensor([0.0, 0.4, 0.6, 3.0]), atol=1e-6)
+    q = QuantReLU(2, "relu", alpha=0.5, learn_alpha=True, staircase="round")
     q(x).sum().backward()
     assert q.alpha.grad is not None and abs(float(q.alpha.grad) - 3.0) < 1e-5
 

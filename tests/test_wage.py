@@ -242,20 +242,22 @@ def test_integer_export_refuses_unquantized_and_non_chain_networks() -> None:
         export(CifarResNet(8), torch.zeros(1, 3, 32, 32))
 
 
-def _mnist_test(data_root):
+def _mnist_test(data_root, normalize: str = "signed"):
     from qexp.data.mnist import build
 
     return build(root=str(data_root), batch_size=64, eval_batch_size=500, seed=0, device="cpu",
-                 normalize="signed", train_subset=2048, download=False)
+                 normalize=normalize, train_subset=2048, download=False)
 
 
-def test_integer_forward_equals_fake_quantized_on_real_mnist(data_root) -> None:
-    """Fresh and briefly trained WAGE LeNet-5: every logit of 1000 real test images is identical."""
+@pytest.mark.parametrize("normalize,qa_logits", [("signed", False), ("byte256", True)])
+def test_integer_forward_equals_fake_quantized_on_real_mnist(data_root, normalize, qa_logits) -> None:
+    """Fresh and briefly trained WAGE LeNet-5: every logit of 1000 real test images is identical, with
+    the CIFAR code's inputs and the official MNIST code's (X/256, QA on the logits)."""
     from qexp.methods.wage.integer_eval import compare
 
-    data = _mnist_test(data_root)
+    data = _mnist_test(data_root, normalize)
     torch.manual_seed(0)
-    m = Wage()
+    m = Wage(qa_logits=qa_logits)
     model = m.prepare(LeNet5(bias=False), RunContext())
     opt = torch.optim.SGD(m.param_groups(model), lr=8)
     res, _ = compare(model, data.test, limit=1000)

@@ -127,17 +127,17 @@ def test_sr_and_r_weights_on_grid_after_training(bits):
 
 
 def test_bc_lr_scale_and_unscaled_float_params():
-    b, _ = make(METHODS["bc"])
+    b, _ = make(METHODS["bc"], extra=("method.lr_scale=glorot",))
     groups = b.optimizer.param_groups
     assert groups[0]["name"] == "float" and groups[0]["lr"] == pytest.approx(1e-3)  # biases: unscaled
     for g, q in zip(groups[1:], b.method.layers):
         fan_in, fan_out = q.fans
         assert g["lr"] == pytest.approx(1e-3 * q.scale / math.sqrt(1.5 / (fan_in + fan_out)))
     # scale=1 (the paper's H) gives the paper's W_LR_scale verbatim; conv fans count k^2 on both sides
-    b1, _ = make(METHODS["bc"], extra=("method.scale=1",))
+    b1, _ = make(METHODS["bc"], extra=("method.scale=1", "method.lr_scale=glorot"))
     conv1 = b1.optimizer.param_groups[1]
     assert conv1["lr"] == pytest.approx(1e-3 / math.sqrt(1.5 / (25 * 1 + 25 * 32)))
-    b2, _ = make(METHODS["bc"], extra=("method.lr_scale=none",))
+    b2, _ = make(METHODS["bc"])  # the default: no W_LR_scale (it belongs to the bc2015_* presets)
     assert all(g["lr"] == pytest.approx(1e-3) for g in b2.optimizer.param_groups)
 
 

@@ -24,6 +24,13 @@ def squared_hinge(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return F.relu(1 - t * logits).pow(2).sum(1).mean()
 
 
+def squared_hinge_mean(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """BinaryConnect's code (Lasagne): ``T.mean(T.sqr(T.maximum(0., 1. - target * output)))``, the mean
+    over batch AND outputs, i.e. :func:`squared_hinge` divided by the number of classes."""
+    t = F.one_hot(target, logits.shape[1]).to(logits.dtype) * 2 - 1
+    return F.relu(1 - t * logits).pow(2).mean()
+
+
 def sum_squared_error(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """WAGE's loss: 0.5 * sum (onehot - out)^2, summed over the batch."""
     t = F.one_hot(target, logits.shape[1]).to(logits.dtype)
@@ -33,6 +40,7 @@ def sum_squared_error(logits: torch.Tensor, target: torch.Tensor) -> torch.Tenso
 LOSSES: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
     "ce": F.cross_entropy,
     "sqhinge": squared_hinge,
+    "sqhinge_mean": squared_hinge_mean,
     "sse": sum_squared_error,
 }
 #: losses that are sums over the batch (the others are batch means): totals and DDP gradients differ

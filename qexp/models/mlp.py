@@ -9,7 +9,7 @@ from torch import nn
 class MLP(nn.Module):
     def __init__(self, in_channels: int = 1, num_classes: int = 10, image_size: int = 28,
                  width: int = 1024, depth: int = 3, bn: bool = True, bias: bool = True,
-                 dropout: float = 0.0) -> None:
+                 dropout: float = 0.0, bn_out: bool = False) -> None:
         super().__init__()
         layers: list[nn.Module] = [nn.Flatten()]
         fan_in = in_channels * image_size * image_size
@@ -21,7 +21,9 @@ class MLP(nn.Module):
             if dropout:
                 layers.append(nn.Dropout(dropout))
             fan_in = width
-        layers.append(nn.Linear(fan_in, num_classes, bias=bias))
+        layers.append(nn.Linear(fan_in, num_classes, bias=bias and not bn_out))
+        if bn_out:  # BinaryConnect's code normalises the output layer too
+            layers.append(nn.BatchNorm1d(num_classes))
         self.net = nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,5 @@
-"""VGG-style nets from a layer list: VGG-7 (BinaryConnect/WAGE "VGG-BC"), VGG-9 and VGG-11.
+"""VGG-style nets from a layer list: VGG-7 (BinaryConnect/WAGE "VGG-BC"), VGG-9, VGG-11, and cnn6
+(Lacey et al.'s six-quantized-layer MNIST setting).
 
 Numbers are 3x3 conv widths, "M" a 2x2 max-pool; ``fc`` the hidden fully-connected widths.
 ``order="conv_bn_relu"`` puts the pool after the ReLU (the usual VGG); ``order="conv_pool_bn_relu"`` is
@@ -17,6 +18,9 @@ LAYOUTS: dict[str, tuple[list[int | str], list[int]]] = {
     "vgg7": ([128, 128, "M", 256, 256, "M", 512, 512, "M"], [1024]),
     # BinaryConnect's CIFAR-10 net, (2x1024FC) head: 6 conv + 3 FC = 9 weight layers
     "vgg9": ([128, 128, "M", 256, 256, "M", 512, 512, "M"], [1024, 1024]),
+    # a six-weight-layer MNIST net for Lacey et al. 2018 (their MNIST network has six quantized layers;
+    # the widths are our choice, sized like LeNet-5's cost): 16C3-16C3-MP2-32C3-32C3-MP2-FC256-FC10
+    "cnn6": ([16, 16, "M", 32, 32, "M"], [256]),
     # VGG-11 (configuration A), used by Yin et al. 2019 on CIFAR-10
     "vgg11": ([64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"], [512]),
 }

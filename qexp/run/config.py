@@ -48,6 +48,9 @@ class TrainConfig:
     # weight-grid scale s of the weight-quantizing methods (bc, sr, r, big_sr, learned): "glorot" (per
     # layer sqrt(6/(fan_in+fan_out))) or a number; top-level so one preset can set it for a method sweep
     grid_scale: Any = "glorot"
+    # a run folder whose checkpoint's model weights start this run (fresh optimizer, schedule, epochs);
+    # e.g. Yin et al.'s instability experiment continues a clipped-ReLU run with the identity STE
+    init_from: Any = None
     seed: int = 0
     epochs: int = 1
     batch_size: int = 64

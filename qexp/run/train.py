@@ -121,11 +121,26 @@ def prepare(cfg: DictConfig, device: torch.device) -> Prepared:
 def build(cfg: DictConfig, device: torch.device) -> Built:
     """:func:`prepare`, then the optimizer (over the method's parameter groups) and the schedule."""
     p = prepare(cfg, device)
+    if cfg.get("init_from"):  # a new run that starts from another run's weights (not a resume)
+        init_weights(p.model, Path(str(cfg.init_from)), device)
     groups = resolve_param_groups(p.method.param_groups(p.model), cfg.lr)
     optim_cfg = OmegaConf.masked_copy(cfg.optim, [k for k in cfg.optim if k != "lr"])
     optimizer = instantiate(optim_cfg, params=groups, lr=cfg.lr)
     scheduler = instantiate(cfg.sched, optimizer=optimizer, epochs=cfg.epochs * p.method.epoch_scale)
     return Built(p.method, p.data, p.model, optimizer, scheduler)
+
+
+def init_weights(model: torch.nn.Module, run_dir: Path, device: torch.device) -> None:
+    """``init_from=RUN_DIR``: start from that run's model weights (its checkpoint), nothing else of it."""
+    ckpt = run_dir / CHECKPOINT
+    if not ckpt.is_file():
+        raise QexpError(f"init_from={run_dir}: no {CHECKPOINT} there (a qexp run folder that trained)")
+    state = checkpoint.load(ckpt, map_location=device)
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as e:
+        raise QexpError(f"init_from={run_dir}: its weights do not fit this model/method "
+                        f"({str(e).splitlines()[0][:200]})") from None
 
 
 def finished_run(cfg: DictConfig, run_dir: Path, quiet: bool = False) -> dict[str, Any] | None:
