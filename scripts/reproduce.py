@@ -43,6 +43,17 @@ class Entry:
     plots: list[list[str]]  # extra `qexp plot` arguments; the first gives <paper>-<budget>.png
     evals: list[str] = field(default_factory=list)  # `qexp eval RUN --...` on every finished run
     after: list[Sweep] = field(default_factory=list)  # sweeps that start from the first ones' runs
+    tune: Tune | None = None  # a setting chosen on a validation split before the main sweeps
+
+
+@dataclass
+class Tune:
+    """Pick ``key`` among ``values`` by the last epoch's validation error (held out of the TRAINING set;
+    the test set is never looked at), then pass ``key=best`` to the main sweeps."""
+
+    args: list[str]
+    key: str
+    values: list[str]
 
 
 SEEDS = "seed=0,1,2"
@@ -52,14 +63,14 @@ ENTRIES: dict[str, Entry] = {
     "li2017": Entry(
         "Li et al. 2017: float < BC < Big SR < SR < R at 1 bit (MNIST, Fashion-MNIST)", "li2017_mnist",
         [Sweep(["+experiment=li2017_mnist", SEEDS, "dataset=mnist,fashion_mnist",
-                "method=float,bc,big_sr,sr,r"], small=SMALL_MNIST)],
+                "method=float,bc_li,big_sr,sr,r"], small=SMALL_MNIST)],
         tables=[["--ref", "li2017"], ["--metric", "mean_flip_frac", "--digits", "4"]],
         plots=[[], ["--metric", "method/flip_frac"]]),
     "bc2015": Entry(
         "Courbariaux et al. 2015: BinaryConnect vs float, MNIST MLP", "bc2015_mnist",
         [Sweep(["+experiment=bc2015_mnist", SEEDS], small=SMALL_MNIST, paper=[]),
-         Sweep(["name=bc2015_mnist", "dataset=mnist", "model=mlp", "method=float", "method.loss=sqhinge_mean", "model.bn_out=true",
-                "optim=adam", "sched=exp", "batch_size=200", "lr=0.003", SEEDS],
+         Sweep(["name=bc2015_mnist", "dataset=mnist", "model=mlp", "model.bn_out=true", "method=float",
+                "method.loss=sqhinge_mean", "optim=adam", "sched=exp", "batch_size=200", "lr=0.003", SEEDS],
                small=SMALL_MNIST, paper=["epochs=250"])],
         tables=[["--ref", "bc2015"]], plots=[[]]),
     "wage2018": Entry(
@@ -76,7 +87,10 @@ ENTRIES: dict[str, Entry] = {
         "lacey2018_mnist",
         [Sweep(["+experiment=lacey2018_mnist", SEEDS, "method=learned,bc", "bits=2,4"],
                small=SMALL_MNIST)],
-        tables=[[]], plots=[[]]),
+        tables=[["--rows", "bits", "--cols", "method"]], plots=[[]],
+        tune=Tune(["+experiment=lacey2018_mnist", "method=learned", "bits=2", "seed=0", "name=lacey2018_tune",
+                   "dataset.train_subset=15000", "dataset.val_size=5000", "epochs=3"],
+                  "method.logit_lr", ["0.01", "0.1", "1.0"])),
     "yin2019": Entry(
         "Yin et al. 2019: identity / ReLU / clipped-ReLU STEs at 2 and 4 bits (LeNet-5, MNIST)",
         "yin2019_mnist",
@@ -87,8 +101,33 @@ ENTRIES: dict[str, Entry] = {
 }
 
 
-def budget_args(sweep: Sweep, budget: str) -> list[str]:
-    return [*sweep.args, *(sweep.small if budget == "small" else sweep.paper)]
+def tune(t: Tune, out: Path, jobs: int, run: bool = True) -> tuple[str, str]:
+    """Run the validation sweep; return the chosen value and a Markdown table of what was compared."""
+    if run:
+        train([*t.args, f"{t.key}={','.join(t.values)}"], out, jobs)
+    name = next(a.split("=", 1)[1] for a in t.args if a.startswith("name="))
+    scores = {}
+    for r in run_dirs(out / name):
+        rec = json.loads((r / "metrics.json").read_text())
+        for v in t.values:
+            if f"{t.key}={v}" in r.as_posix() and finished(r) and rec["history"]:
+                scores[v] = rec["history"][-1]["val_error"]
+    if not scores:
+        return "", f"`{t.key}`: tuning on the validation split not finished yet.\n"
+    best = min(scores, key=lambda v: scores[v])
+    rows = "\n".join(f"| {v} | {scores.get(v, 'not finished')} |" for v in t.values)
+    return best, (f"`{t.key}` chosen on a validation split ({' '.join(t.args[1:])}): "
+                  f"**{best}**\n\n| {t.key} | val error (%) |\n|---|---|\n{rows}\n")
+
+
+def merge(args: list[str], sets: list[str]) -> list[str]:
+    """``args`` with each ``KEY=V`` of ``sets`` replacing the same key (or appended)."""
+    keys = {s.split("=", 1)[0] for s in sets}
+    return [a for a in args if a.split("=", 1)[0] not in keys] + list(sets)
+
+
+def budget_args(sweep: Sweep, budget: str, sets: list[str] = ()) -> list[str]:
+    return merge([*sweep.args, *(sweep.small if budget == "small" else sweep.paper)], list(sets))
 
 
 def qexp(*args: str, check: bool = True) -> int:
@@ -124,20 +163,22 @@ def instability_sources(out: Path) -> dict[int, Path]:
     return found
 
 
-def report(entry: Entry, key: str, budget: str, out: Path) -> Path:
+def report(entry: Entry, key: str, budget: str, out: Path, note: str = "", docs: Path = DOCS) -> Path:
     """Rewrite docs/reproductions/<key>-<budget>.md (tables) and .png (figures)."""
-    DOCS.mkdir(parents=True, exist_ok=True)
+    docs.mkdir(parents=True, exist_ok=True)
     root = out / entry.name
-    md = DOCS / f"{key}-{budget}.md"
+    md = docs / f"{key}-{budget}.md"
     parts = [f"# {entry.paper}\n", f"Budget: `{budget}`. Regenerate: `python scripts/reproduce.py {key} "
              f"--budget {budget}`.\n"]
+    if note:
+        parts.append(note)
     for i, extra in enumerate(entry.tables):
-        tmp = DOCS / f".{key}-{budget}-{i}.md"
+        tmp = docs / f".{key}-{budget}-{i}.md"
         if qexp("table", str(root), "--format", "md", "--out", str(tmp), *extra, check=False) == 0:
             parts.append(f"`qexp table {' '.join(extra)}`\n\n{tmp.read_text()}")
             tmp.unlink()
     for i, extra in enumerate(entry.plots):
-        png = DOCS / (f"{key}-{budget}.png" if i == 0 else f"{key}-{budget}-{i}.png")
+        png = docs / (f"{key}-{budget}.png" if i == 0 else f"{key}-{budget}-{i}.png")
         if qexp("plot", str(root), "--out", str(png), *extra, check=False) == 0:
             parts.append(f"`qexp plot {' '.join(extra)}`\n\n![{key} {i}]({png.name})\n")
             for side in ("alloc", "ptq"):
@@ -148,7 +189,7 @@ def report(entry: Entry, key: str, budget: str, out: Path) -> Path:
     if key == "yin2019":
         inst = out / "yin2019_instability"
         if inst.exists():
-            png = DOCS / f"{key}-{budget}-instability.png"
+            png = docs / f"{key}-{budget}-instability.png"
             if qexp("plot", str(inst), "--rows", "method.ste", "--metric", "train_loss", "--out", str(png),
                     check=False) == 0:
                 parts.append(f"Instability experiment (train loss):\n\n![instability]({png.name})\n")
@@ -161,13 +202,14 @@ def eval_summary(root: Path, ev: str) -> str:
     """One line per run of the integer check (WAGE) or a pointer to the PTQ rows of the table."""
     if ev != "--integer":
         return "PTQ rows come from each run's ptq.json (`qexp eval RUN --ptq-bits 8,6,4,3,2`).\n"
-    lines = ["| run | images | differing predictions | differing logits | test error |", "|---|---|---|---|---|"]
+    lines = ["| run | test images | differing predictions | images with a differing logit | integer accuracy (%) |",
+             "|---|---|---|---|---|"]
     for r in run_dirs(root):
         f = r / "integer_eval.json"
         if f.exists():
             d = json.loads(f.read_text())
             lines.append(f"| {r.relative_to(root)} | {d.get('images')} | {d.get('differing_predictions')} | "
-                         f"{d.get('differing_logits')} | {d.get('integer_test_error')} |")
+                         f"{d.get('differing_logit_rows')} | {d.get('accuracy', float('nan')):.2f} |")
     return "Integer-only inference check (`qexp eval RUN --integer`):\n\n" + "\n".join(lines) + "\n"
 
 
@@ -178,6 +220,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out-root", type=Path, default=ROOT / "outputs" / "reproductions")
     ap.add_argument("--jobs", type=int, default=max(1, min(2, os.cpu_count() or 1)))
     ap.add_argument("--report-only", action="store_true", help="only rewrite the table and figure")
+    ap.add_argument("--docs", type=Path, default=DOCS, help="where the table and figure go")
+    ap.add_argument("--set", nargs="*", default=[], metavar="KEY=V",
+                    help="replace these overrides in every sweep (a smaller check: seed=0 epochs=1)")
     ap.add_argument("--list", action="store_true")
     a = ap.parse_args(argv)
     if a.list or a.paper is None:
@@ -186,9 +231,13 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     entry, out = ENTRIES[a.paper], a.out_root / a.budget
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    if not a.report_only:
+    note, extra = "", []
+    if entry.tune is not None:
+        best, note = tune(entry.tune, out, a.jobs, run=not a.report_only)
+        extra = [f"{entry.tune.key}={best}"] if best else []
+    if not a.report_only and not (entry.tune is not None and not extra):
         for sw in entry.sweeps:
-            train(budget_args(sw, a.budget), out, a.jobs)
+            train([*budget_args(sw, a.budget, a.set), *extra], out, a.jobs)
         for ev in entry.evals:
             for r in run_dirs(out / entry.name):
                 done = (r / ("integer_eval.json" if ev == "--integer" else "ptq.json")).exists()
@@ -196,8 +245,8 @@ def main(argv: list[str] | None = None) -> int:
                     qexp("eval", str(r), *ev.split(), check=False)
         for sw in entry.after:
             for seed, src in sorted(instability_sources(out).items()):
-                train([*budget_args(sw, a.budget), f"seed={seed}", f"init_from='{src}'"], out, a.jobs)
-    report(entry, a.paper, a.budget, out)
+                train([*budget_args(sw, a.budget, a.set), f"seed={seed}", f"init_from='{src}'"], out, a.jobs)
+    report(entry, a.paper, a.budget, out, note, a.docs)
     return 0
 
 

@@ -15,7 +15,7 @@ from qexp.run.train import build
 from tests.conftest import REPO, compose_train
 
 TINY_MNIST = ["dataset.train_subset=256", "eval_batch_size=500", "device=cpu"]
-LI_METHODS = ("float", "bc", "big_sr", "sr", "r")
+LI_METHODS = ("float", "bc_li", "big_sr", "sr", "r")
 
 
 def _build(overrides: list[str], data_root):
@@ -36,8 +36,9 @@ def test_li2017_every_method_gets_the_same_lr_and_schedule(preset) -> None:
 
 
 def test_li2017_bc_param_groups_all_at_the_base_lr(data_root) -> None:
-    cfg, b = _build(["+experiment=li2017_mnist", "method=bc", *TINY_MNIST], data_root)
+    cfg, b = _build(["+experiment=li2017_mnist", "method=bc_li", *TINY_MNIST], data_root)
     assert {g["lr"] for g in b.optimizer.param_groups} == {cfg.lr}
+    assert b.method.name == "bc" and b.method.clip is False  # Li et al.'s w_r is not clipped
     # BinaryConnect's own presets keep its per-layer scale (> 1 for every layer)
     cfg2 = compose_train(["+experiment=bc2015_mnist"])
     assert cfg2.method.lr_scale == "glorot"
@@ -63,7 +64,7 @@ def test_li2017_r_weights_move_and_old_behaviour_is_an_option(data_root, one_thr
 
 
 def test_li2017_grid_scale_is_tied_to_lr_in_every_quantized_layer(data_root) -> None:
-    for m in ("bc", "sr", "r", "big_sr"):
+    for m in ("bc_li", "sr", "r", "big_sr"):
         cfg, b = _build(["+experiment=li2017_mnist", f"method={m}", *TINY_MNIST], data_root)
         assert b.method.layers and all(q.scale == cfg.lr for q in b.method.layers)
 

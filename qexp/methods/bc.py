@@ -36,6 +36,8 @@ class BinaryConnect(Method):
       stochastic BC with the real ``W``); ``float`` / ``quantized`` force one.
     - ``init_uniform``: re-initialise shadows uniformly in ``[-H, H]`` as the paper's code does.
     - ``skip_first`` / ``skip_last``: keep the first / last conv-linear layer float.
+    - ``clip``: clip the shadows to ``[-H, H]`` after every step (BinaryConnect); ``false`` is Li et al.
+      2017's BC, ``w_r <- w_r - lr*u`` with no clip (``method=bc_li``).
     """
 
     name = "bc"
@@ -45,7 +47,7 @@ class BinaryConnect(Method):
     def __init__(self, bits: int | None = None, loss: str = "ce", stochastic: bool = False,
                  scale: str | float = "glorot", lr_scale: str = "glorot", eval_weights: str = "auto",
                  init_uniform: bool = False, skip_first: bool = False, skip_last: bool = False,
-                 seed: int = 0) -> None:
+                 seed: int = 0, clip: bool = True) -> None:
         super().__init__(bits, loss)
         if stochastic and self.bits != 1:
             raise QexpError("method.stochastic=true is 1-bit BinaryConnect; with bits>=2 BinaryConnect "
@@ -57,6 +59,7 @@ class BinaryConnect(Method):
         self.stochastic, self.scale, self.lr_scale = bool(stochastic), scale, lr_scale
         self.eval_float = eval_weights == "float" or (eval_weights == "auto" and self.stochastic)
         self.init_uniform, self.skip_first, self.skip_last, self.seed = init_uniform, skip_first, skip_last, seed
+        self.clip = bool(clip)
         self.layers: list[QuantLayer] = []
         self.noise: Noise | None = None
         self.flips = FlipTracker()
@@ -96,6 +99,8 @@ class BinaryConnect(Method):
     # ---- per step --------------------------------------------------------------------------------
     @torch.no_grad()
     def after_step(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        if not self.clip:
+            return
         for q in self.layers:
             q.weight.clamp_(-q.scale, q.scale)
 
@@ -129,7 +134,7 @@ class BinaryConnect(Method):
                             test_weights="float" if self.eval_float else "quantized")
         for row, q in zip(m["layers"], self.layers):
             row["lr_scale"] = self.layer_lr_scale(q)
-            row["clip"] = q.scale
+            row["clip"] = q.scale if self.clip else None
         return m
 
     def tag(self) -> str:

@@ -21,9 +21,9 @@ from qexp.errors import QexpError
 from qexp.methods.base import Method, RunContext
 from qexp.methods.bc import BinaryConnect
 from qexp.quant.activation import QuantReLU, check_estimator, check_staircase, levels, lloyd_max_alpha
+from qexp.quant.inject import replace_modules
 
 LLOYD_MAX = "lloyd_max"
-from qexp.quant.inject import replace_modules
 
 
 class STE(Method):

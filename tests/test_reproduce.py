@@ -1,0 +1,36 @@
+"""scripts/reproduce.py end to end on a reduced budget: the Li et al. entry's verdict keeps its direction."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import REPO, find_runs
+
+
+@pytest.mark.slow
+def test_li2017_entry_end_to_end_keeps_its_direction(tmp_path, data_root, one_thread) -> None:
+    """float, BC and R at 1 bit on 2,000 MNIST images, 1 epoch, seed 0 (about 1 min on one core):
+    R moves (flip fraction > 0, the preset's grid_scale = lr) and ends far behind float and BC, the
+    direction of the docs' verdict; the entry's table, flip table and figure are written."""
+    docs = tmp_path / "docs"
+    cmd = [sys.executable, str(REPO / "scripts" / "reproduce.py"), "li2017", "--out-root", str(tmp_path / "out"),
+           "--docs", str(docs), "--jobs", "1", "--set", "seed=0", "dataset=mnist", "method=float,bc_li,r",
+           "dataset.train_subset=2000", "epochs=1"]
+    subprocess.run(cmd, check=True, env={**__import__("os").environ, "QEXP_DATA": str(data_root)},
+                   capture_output=True, timeout=900)
+    runs = {}
+    for d in find_runs(tmp_path / "out"):
+        rec = json.loads((d / "metrics.json").read_text())
+        assert rec["status"] == "completed"
+        runs[rec["method"]] = rec
+    assert set(runs) == {"float", "bc", "r"}
+    assert runs["r"]["mean_flip_frac"] > 0  # R's weights move
+    assert runs["float"]["test_error"] < runs["r"]["test_error"]
+    assert runs["bc"]["test_error"] < runs["r"]["test_error"]
+    md = (docs / "li2017-small.md").read_text()
+    assert "mean_flip_frac" in md and "| float |" in md.replace("**", "")
+    assert (docs / "li2017-small.png").stat().st_size > 1000
