@@ -51,6 +51,7 @@ class TrainConfig:
     # a run folder whose checkpoint's model weights start this run (fresh optimizer, schedule, epochs);
     # e.g. Yin et al.'s instability experiment continues a clipped-ReLU run with the identity STE
     init_from: Any = None
+    abits: Any = None  # activation bits of methods that quantize weights and activations (lsq, pact, dorefa)
     seed: int = 0
     epochs: int = 1
     batch_size: int = 64

@@ -1,0 +1,245 @@
+"""Learned Step Size Quantization (Esser et al., ICLR 2020): ``method=lsq``.
+
+Every conv/linear layer quantizes its weight and its input with a learned step ``s`` each:
+
+    v_hat = round(clip(v / s, -Q_N, Q_P)) * s
+
+with ``Q_N = 2^(b-1), Q_P = 2^(b-1) - 1`` for signed data (weights; a layer input with negative values,
+e.g. the normalised image) and ``Q_N = 0, Q_P = 2^b - 1`` for unsigned data (inputs after ReLU).
+Backward (the paper's eqs. 3-5): ``d v_hat / d v = 1`` inside the range and 0 outside (straight-through
+on the rounding); ``d v_hat / d s = round(v/s) - v/s`` inside, ``-Q_N`` below, ``Q_P`` above; the step's
+gradient is multiplied by ``g = 1/sqrt(N * Q_P)`` with ``N`` the layer's weight count (weights) or
+its number of input features per example (activations). Steps start at ``2 mean|v| / sqrt(Q_P)``: of
+the initial weights, and of the first training batch's inputs. ``first_last_bits`` (default 8, as the
+paper) sets the first and last layer's weight and input precision; 32 leaves them float.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+from qexp.errors import QexpError
+from qexp.methods.base import Method
+from qexp.quant.inject import attach_weight_quantizer, shadow_weight, weight_quantizer
+from qexp.quant.layers import FLOAT_BITS, LayerPlan, check_bits, plan_layers
+
+#: steps are kept above this after every optimizer step (a step must stay positive)
+MIN_STEP = 1e-8
+
+
+def qrange(bits: int, signed: bool) -> tuple[int, int]:
+    """``(Q_N, Q_P)``: the grid is ``s * {-Q_N, ..., Q_P}``."""
+    if signed:
+        return 1 << (bits - 1), (1 << (bits - 1)) - 1
+    return 0, (1 << bits) - 1
+
+
+def init_step(v: torch.Tensor, q_p: int) -> float:
+    """The paper's initial step ``2 mean|v| / sqrt(Q_P)`` (a tiny positive value for an all-zero v)."""
+    return max(2.0 * float(v.detach().abs().mean()) / math.sqrt(q_p), MIN_STEP)
+
+
+class LSQFunction(torch.autograd.Function):
+    """``v_hat`` forward; straight-through ``dv`` and the scaled step gradient in one backward.
+
+    The step gradient ``g * sum(grad * (q - (v/s) 1{inside}))`` with ``q = v_hat / s`` is computed as
+    ``g * (<grad, v_hat> - <grad_v, v>) / s``: two dot products, no per-element factor tensor.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, v: torch.Tensor, s: torch.Tensor, q_n: int, q_p: int,  # type: ignore[override]
+                g: float) -> torch.Tensor:
+        out = (v / s).round_().clamp_(-q_n, q_p).mul_(s)
+        ctx.q_n, ctx.q_p, ctx.g = q_n, q_p, g
+        ctx.save_for_backward(v, s, out)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor):  # type: ignore[override]
+        v, s, out = ctx.saved_tensors
+        if v.device.type == "cpu":  # host scalars are free on CPU and allow the one-pass kernel
+            sf = float(s)
+            grad_v = torch.ops.aten.hardtanh_backward(grad, v, -ctx.q_n * sf, ctx.q_p * sf)
+        else:  # keep s on the device (no sync)
+            grad_v = grad * ((v > -ctx.q_n * s) & (v < ctx.q_p * s))
+        grad_s = None
+        if ctx.needs_input_grad[1]:
+            gs = torch.dot(grad.reshape(-1), out.reshape(-1)) - torch.dot(grad_v.reshape(-1), v.reshape(-1))
+            grad_s = (gs * (ctx.g / s)).reshape(s.shape)
+        return grad_v, grad_s, None, None, None
+
+
+def lsq_quantize(v: torch.Tensor, s: torch.Tensor, q_n: int, q_p: int, g: float = 1.0) -> torch.Tensor:
+    """Fake-quantize ``v`` with step ``s`` on ``s * {-Q_N..Q_P}`` (LSQ's gradients; see the module doc)."""
+    return LSQFunction.apply(v, s, q_n, q_p, g)
+
+
+class LSQWeight(nn.Module):
+    """Parametrization ``w -> w_hat`` of a conv/linear weight with its own learned step."""
+
+    def __init__(self, weight: torch.Tensor, bits: int, grad_scale: bool = True) -> None:
+        super().__init__()
+        self.bits = bits
+        self.q_n, self.q_p = qrange(bits, signed=True)
+        self.g = 1.0 / math.sqrt(weight.numel() * self.q_p) if grad_scale else 1.0
+        self.step = nn.Parameter(torch.tensor(init_step(weight, self.q_p), device=weight.device))
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        return lsq_quantize(w, self.step.to(w.dtype), self.q_n, self.q_p, self.g)
+
+    def extra_repr(self) -> str:
+        return f"bits={self.bits}, step={float(self.step.detach()):.4g}"
+
+
+class LSQInput(nn.Module):
+    """The learned-step quantizer of a layer's input. Signedness and the initial step come from the
+    first batch it sees (signed when that batch has negative values); both are buffers, so a resumed
+    run keeps them."""
+
+    def __init__(self, bits: int, grad_scale: bool = True) -> None:
+        super().__init__()
+        self.bits, self.grad_scale = bits, grad_scale
+        self.step = nn.Parameter(torch.tensor(1.0))
+        self.register_buffer("initialized", torch.tensor(False))
+        self.register_buffer("signed", torch.tensor(False))
+        self._init, self._signed = False, False  # host mirrors: no device sync per call
+
+    @torch.no_grad()
+    def _initialize(self, x: torch.Tensor) -> None:
+        self._signed = bool(x.min() < 0)
+        _, q_p = qrange(self.bits, self._signed)
+        self.step.fill_(init_step(x, q_p))
+        self.signed.fill_(self._signed)
+        self.initialized.fill_(True)
+        self._init = True
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:  # type: ignore[override]
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._init, self._signed = bool(self.initialized), bool(self.signed)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self._init:
+            self._initialize(x)
+        q_n, q_p = qrange(self.bits, self._signed)
+        g = 1.0 / math.sqrt(x[0].numel() * q_p) if self.grad_scale else 1.0
+        return lsq_quantize(x, self.step.to(x.dtype), q_n, q_p, g)
+
+    def extra_repr(self) -> str:
+        return f"bits={self.bits}, signed={self._signed}, step={float(self.step.detach()):.4g}"
+
+
+def _quantize_input(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
+    """Forward pre-hook of a conv/linear layer: its input goes through ``module.input_quantizer``."""
+    return (module.input_quantizer(args[0]), *args[1:])
+
+
+class LSQ(Method):
+    """``method=lsq``: learned-step weights (``bits``) and layer inputs (``abits``). Options:
+
+    - ``abits``: input bits (2..8, or 32 to keep activations float); null: same as ``bits``.
+    - ``first_last_bits``: weight and input bits of the first and last layer (the paper: 8); null: no
+      exception; 32: float.
+    - ``grad_scale``: the paper's step-gradient scale ``g`` (false: g = 1, for ablations).
+    - ``step_lr_scale``: learning-rate multiplier of the steps (their group has no weight decay).
+    """
+
+    name = "lsq"
+    bits_range = (2, 8)
+    default_bits = 2
+
+    def __init__(self, bits: int | None = None, loss: str = "ce", abits: int | None = None,
+                 first_last_bits: int | None = 8, grad_scale: bool = True, step_lr_scale: float = 1.0) -> None:
+        super().__init__(bits, loss)
+        self.abits = check_bits("abits", self.bits if abits is None else abits, 2, 8, allow_float=True)
+        self.first_last_bits = check_bits("method.first_last_bits", first_last_bits, 2, 8, allow_float=True)
+        if not float(step_lr_scale) > 0:
+            raise QexpError(f"method.step_lr_scale must be positive, got {step_lr_scale}")
+        self.grad_scale, self.step_lr_scale = bool(grad_scale), float(step_lr_scale)
+        self.plan: list[LayerPlan] = []
+
+    # ---- set-up --------------------------------------------------------------------------------------
+    def prepare(self, model: nn.Module) -> nn.Module:
+        self.plan = plan_layers(model, self.bits, self.abits, self.first_last_bits)  # type: ignore[arg-type]
+        for p in self.plan:
+            if p.wbits != FLOAT_BITS:
+                attach_weight_quantizer(p.module, LSQWeight(shadow_weight(p.module), p.wbits, self.grad_scale))
+            if p.abits != FLOAT_BITS:
+                p.module.add_module("input_quantizer", LSQInput(p.abits, self.grad_scale).to(self.device))
+                p.module.register_forward_pre_hook(_quantize_input)
+        return model
+
+    def steps(self) -> list[nn.Parameter]:
+        return [q.step for q in self._quantizers()]
+
+    def _quantizers(self) -> list[nn.Module]:
+        out: list[nn.Module] = []
+        for p in self.plan:
+            w = weight_quantizer(p.module)
+            if w is not None:
+                out.append(w)
+            if hasattr(p.module, "input_quantizer"):
+                out.append(p.module.input_quantizer)
+        return out
+
+    def param_groups(self, model: nn.Module) -> list[dict[str, Any]]:
+        steps = self.steps()
+        ids = {id(s) for s in steps}
+        rest = [p for p in model.parameters() if p.requires_grad and id(p) not in ids]
+        return [{"params": rest, "name": "float"},
+                {"params": steps, "lr_scale": self.step_lr_scale, "weight_decay": 0.0, "name": "steps"}]
+
+    # ---- per step ------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def after_step(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        for s in self.steps():
+            s.clamp_(min=MIN_STEP)
+
+    # ---- reporting -----------------------------------------------------------------------------------
+    def metrics(self) -> dict[str, float]:
+        """Each layer's learned weight step (``wstep/<layer>``) and input step (``astep/<layer>``)."""
+        out: dict[str, float] = {}
+        for p in self.plan:
+            w = weight_quantizer(p.module)
+            if w is not None:
+                out[f"wstep/{p.name}"] = float(w.step.detach())
+            if hasattr(p.module, "input_quantizer"):
+                out[f"astep/{p.name}"] = float(p.module.input_quantizer.step.detach())
+        return out
+
+    def manifest(self, model: nn.Module) -> dict[str, Any]:
+        rows, q_bits, quantized = [], 0, set()
+        for p in self.plan:
+            w = shadow_weight(p.module)
+            row: dict[str, Any] = {"name": p.name, "type": type(p.module).__name__, "shape": list(w.shape),
+                                   "params": w.numel(), "bits": p.wbits, "input_bits": p.abits,
+                                   "rounding": "nearest, learned step (LSQ)"}
+            wq = weight_quantizer(p.module)
+            if wq is not None:
+                quantized.add(id(w))
+                q_bits += w.numel() * p.wbits + 32  # codes + the step
+                row.update(step=float(wq.step.detach()), q_n=wq.q_n, q_p=wq.q_p)
+            if hasattr(p.module, "input_quantizer"):
+                iq = p.module.input_quantizer
+                q_n, q_p = qrange(p.abits, bool(iq.signed))
+                row.update(input_step=float(iq.step.detach()), input_signed=bool(iq.signed),
+                           input_q_n=q_n, input_q_p=q_p)
+            rows.append(row)
+        params = [p for p in model.parameters() if not _is_step(p, self)]
+        other = sum(p.numel() for p in params if id(p) not in quantized)
+        total = sum(p.numel() for p in params)
+        weight_bytes = math.ceil(q_bits / 8) + 4 * other
+        return {"method": self.name, "bits": self.bits, "activation_bits": self.abits,
+                "first_last_bits": self.first_last_bits, "grad_scale": self.grad_scale, "layers": rows,
+                "quantized_params": total - other, "float_params": other, "weight_bytes": weight_bytes,
+                "float32_bytes": 4 * total, "compression": 4 * total / max(weight_bytes, 1)}
+
+    def tag(self) -> str:
+        return f"w{self.bits}a{self.abits}"
+
+
+def _is_step(p: torch.Tensor, method: LSQ) -> bool:
+    return any(p is s for s in method.steps())

@@ -1,0 +1,137 @@
+"""PACT (Choi et al. 2018): ``method=pact``, a learned clipping level per activation layer.
+
+Every ``nn.ReLU`` becomes ``y = clip(x, 0, alpha)`` quantized to ``abits`` bits on ``[0, alpha]``:
+``y_q = round(y (2^k - 1) / alpha) alpha / (2^k - 1)``. Backward (the paper's eq. 3, straight-through
+on the rounding): ``dy_q/dx = 1`` on ``[0, alpha)`` and 0 elsewhere; ``dy_q/dalpha = 1{x >= alpha}``,
+so alpha's gradient is the upstream gradient summed over the clipped entries. ``alpha_l2`` adds
+``lambda * sum alpha^2`` to the loss (the paper's L2 regularisation of alpha); the alphas get no
+weight decay besides. Weights are DoReFa's (:mod:`qexp.methods.dorefa`, tanh-normalised, ``bits``);
+the first and last layer keep float weights by default, as in the paper.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from qexp.errors import QexpError
+from qexp.methods.dorefa import DoReFa, levels
+from qexp.quant.layers import FLOAT_BITS
+
+
+class PACTFunction(torch.autograd.Function):
+    """Clip to ``[0, alpha]`` and quantize; backward as in the module docstring."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, alpha: torch.Tensor, bits: int) -> torch.Tensor:  # type: ignore[override]
+        ctx.save_for_backward(x, alpha)
+        return pact_quantize(x, alpha, bits)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor):  # type: ignore[override]
+        x, alpha = ctx.saved_tensors
+        if x.device.type == "cpu":  # host scalar: the one-pass kernel (open interval: x = 0 has measure 0)
+            a = float(alpha)
+            grad_x = torch.ops.aten.hardtanh_backward(grad, x, 0.0, a)
+            clipped = x >= a
+        else:
+            clipped = x >= alpha
+            grad_x = grad * ((x >= 0) & ~clipped)
+        grad_alpha = None
+        if ctx.needs_input_grad[1]:
+            grad_alpha = torch.where(clipped, grad, 0).sum().reshape(alpha.shape)
+        return grad_x, grad_alpha, None
+
+
+def pact_quantize(x: torch.Tensor, alpha: torch.Tensor, bits: int) -> torch.Tensor:
+    """``round(clip(x, 0, alpha) n / alpha) alpha / n`` with ``n = 2^k - 1`` (no gradient bookkeeping)."""
+    n = levels(bits)
+    if x.device.type == "cpu":
+        a = float(alpha)
+        return x.clamp(0.0, a).mul_(n / a).round_().mul_(a / n)
+    return torch.minimum(x.clamp(min=0), alpha).mul_(n / alpha).round_().mul_(alpha / n)
+
+
+class PACTReLU(nn.Module):
+    """Drop-in for ``nn.ReLU`` with a learned clipping level ``alpha`` (an ``nn.Parameter``)."""
+
+    def __init__(self, bits: int, alpha: float = 10.0) -> None:
+        super().__init__()
+        self.bits = bits
+        self.alpha = nn.Parameter(torch.tensor(float(alpha)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        alpha = self.alpha.to(x.dtype)
+        if torch.is_grad_enabled():
+            return PACTFunction.apply(x, alpha, self.bits)
+        return pact_quantize(x, alpha, self.bits)
+
+    def extra_repr(self) -> str:
+        return f"bits={self.bits}, alpha={float(self.alpha.detach()):.4g}"
+
+
+class PACT(DoReFa):
+    """``method=pact``. Options: ``abits`` (1..8, 32 = float ReLUs; null: same as ``bits``),
+    ``alpha_init`` (the paper: 10), ``alpha_l2`` (lambda of the L2 term on alpha), ``alpha_lr_scale``
+    (learning-rate multiplier of the alphas), ``first_last_bits`` (32 = float weights, the paper)."""
+
+    name = "pact"
+    bits_range = (1, 8)
+    default_bits = 2
+    abits_range = (1, 8)
+
+    def __init__(self, bits: int | None = None, loss: str = "ce", abits: int | None = None,
+                 first_last_bits: int | None = FLOAT_BITS, alpha_init: float = 10.0, alpha_l2: float = 2e-4,
+                 alpha_lr_scale: float = 1.0) -> None:
+        super().__init__(bits, loss, abits=abits, gbits=None, first_last_bits=first_last_bits)
+        if not float(alpha_init) > 0:
+            raise QexpError(f"method.alpha_init must be positive, got {alpha_init}")
+        if not float(alpha_l2) >= 0:
+            raise QexpError(f"method.alpha_l2 must be >= 0, got {alpha_l2}")
+        if not float(alpha_lr_scale) > 0:
+            raise QexpError(f"method.alpha_lr_scale must be positive, got {alpha_lr_scale}")
+        self.alpha_init, self.alpha_l2 = float(alpha_init), float(alpha_l2)
+        self.alpha_lr_scale = float(alpha_lr_scale)
+
+    def activation(self, name: str) -> nn.Module:
+        return PACTReLU(self.abits, self.alpha_init)  # type: ignore[arg-type]
+
+    def alphas(self) -> list[nn.Parameter]:
+        return [m.alpha for _, m in self.activations]
+
+    def param_groups(self, model: nn.Module) -> list[dict[str, Any]]:
+        alphas = self.alphas()
+        ids = {id(a) for a in alphas}
+        rest = [p for p in model.parameters() if p.requires_grad and id(p) not in ids]
+        groups: list[dict[str, Any]] = [{"params": rest, "name": "float"}]
+        if alphas:
+            groups.append({"params": alphas, "lr_scale": self.alpha_lr_scale, "weight_decay": 0.0,
+                           "name": "alpha"})
+        return groups
+
+    def extra_loss(self, model: nn.Module) -> torch.Tensor | None:
+        alphas = self.alphas()
+        if not alphas or self.alpha_l2 == 0:
+            return None
+        return self.alpha_l2 * torch.stack([a.pow(2) for a in alphas]).sum()
+
+    @torch.no_grad()
+    def after_step(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        for a in self.alphas():
+            a.clamp_(min=1e-3)  # a clipping level must stay positive
+
+    def metrics(self) -> dict[str, float]:
+        """Each activation layer's clipping level ``alpha/<name>``."""
+        return {f"alpha/{n}": float(m.alpha.detach()) for n, m in self.activations}
+
+    def _activation_row(self, module: nn.Module) -> dict[str, Any]:
+        a = float(module.alpha.detach())
+        return {"range": [0.0, a], "alpha": a, "levels": levels(self.abits) + 1}  # type: ignore[arg-type]
+
+    def manifest(self, model: nn.Module) -> dict[str, Any]:
+        return {**super().manifest(model), "alpha_l2": self.alpha_l2}
+
+    def tag(self) -> str:
+        return f"w{self.bits}a{self.abits}"
