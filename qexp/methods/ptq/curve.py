@@ -5,16 +5,21 @@ For each k, the run's model is copied and quantized as ``method=ptq bits=k`` doe
 activations calibrated on training batches. The results go to ``RUN_DIR/ptq.json``::
 
     {"dataset": "mnist", "model": "lenet5", "method": "float", "run_bits": 32,
-     "scheme": "affine-minmax-per-layer", "calib_batches": 8,
+     "scheme": "affine-minmax-per-layer",               # weights: --ptq-per-channel, --ptq-grid
+     "act_scheme": "affine-minmax-per-tensor",          # activations: --ptq-grid, --ptq-calib
+     "calib_batches": 8,
      "float_test_error": 1.23,            # the run's network as trained, evaluated now (percent)
      "float32_bytes": 1724040,            # its parameters as float32
      "results": [                          # sorted by bits, high to low; one entry per (bits, act_bits)
        {"bits": 8, "act_bits": 8,
         "weights_only_error": 1.24, "with_activations_error": 1.25,   # test error, percent
         "weights_only_drop": 0.01, "with_activations_drop": 0.02,     # minus float_test_error
-        "bytes": 433194, "packed_bytes": 433194}, ...]}              # parameter memory, quantized
+        "bytes": 433194, "packed_bytes": 433194,                      # parameter memory, quantized
+        "layers": [{"name": "features.0", "weight_sqnr_db": 48.1,     # per layer: SQNR (dB) of the
+                    "input_sqnr_db": 41.7}, ...]}, ...]}              #  weight and of its input
 
-A later call merges its entries into the file (same ``bits`` and ``act_bits``: replaced).
+A later call with the same scheme merges its entries into the file (same ``bits`` and ``act_bits``:
+replaced); a call with other scheme options starts the file afresh.
 """
 
 from __future__ import annotations
@@ -28,15 +33,21 @@ from torch import nn
 from qexp.errors import QexpError
 from qexp.jsonio import read_json, write_json
 from qexp.methods.base import Evaluate
+from qexp.methods.ptq import affine
 from qexp.methods.ptq.method import (
-    SCHEME,
+    DEFAULT_SCHEME,
+    Scheme,
     calibration_batches,
     quantize_activations,
     quantize_weights,
     weight_memory,
+    weight_sqnr,
 )
 
 PTQ_FILE = "ptq.json"
+#: header keys that describe how the entries were made: entries made otherwise are not merged with them
+SCHEME_KEYS = ("scheme", "act_scheme")
+DEFAULT_SCHEME_HEADER = {"scheme": DEFAULT_SCHEME.name, "act_scheme": DEFAULT_SCHEME.act_name}
 
 
 def parse_bits(text: str) -> list[int]:
@@ -63,26 +74,30 @@ def parse_act_bits(text: str) -> int | None:
 
 def curve(model: nn.Module, evaluate: Evaluate, train_loader: Any, bits: list[int], act_bits: int | None = 8,
           calib_batches: int = 8, base: dict[str, float] | None = None, share: tuple[object, ...] = (),
-          ) -> tuple[dict[str, float], list[dict[str, Any]]]:
+          scheme: Scheme = DEFAULT_SCHEME) -> tuple[dict[str, float], list[dict[str, Any]]]:
     """The float result and one entry per k (see the module docstring); ``act_bits=None`` means k.
 
     ``base``: the model's float result when the caller has it already (saves one evaluation);
-    ``share``: objects the copies reference instead of copying (the run's method and data).
+    ``share``: objects the copies reference instead of copying (the run's method and data);
+    ``scheme``: per-layer or per-channel weights, grid, activation calibration.
     """
     base = evaluate(model) if base is None else base
     rows = []
     for k in bits:
         a = k if act_bits is None else act_bits
-        wq, codes = quantize_weights(model, k, share)
+        wq, codes = quantize_weights(model, k, share, scheme)
         w_only = evaluate(wq)["error"]
-        quantize_activations(wq, a, calibration_batches(train_loader, calib_batches))
+        sqnr = weight_sqnr(model, codes)
+        acts = quantize_activations(wq, a, calibration_batches(train_loader, calib_batches), scheme)
         w_act = evaluate(wq)["error"]
         mem = weight_memory(model, k, codes)
+        layers = [{"name": n, "weight_sqnr_db": sqnr.get(n), "input_sqnr_db": acts[n].sqnr_db if n in acts else None}
+                  for n in codes]
         rows.append({"bits": k, "act_bits": a,
                      "weights_only_error": w_only, "with_activations_error": w_act,
                      "weights_only_drop": w_only - base["error"],
                      "with_activations_drop": w_act - base["error"],
-                     "bytes": mem["weight_bytes"], "packed_bytes": mem["packed_bytes"]})
+                     "bytes": mem["weight_bytes"], "packed_bytes": mem["packed_bytes"], "layers": layers})
     return base, rows
 
 
@@ -92,7 +107,10 @@ def write(run_dir: Path, header: dict[str, Any], rows: list[dict[str, Any]]) -> 
     old: list[dict[str, Any]] = []
     if path.exists():
         try:
-            old = list(read_json(path).get("results", []))
+            prev = read_json(path)
+            same = all(prev.get(k, DEFAULT_SCHEME_HEADER.get(k)) == header.get(k, DEFAULT_SCHEME_HEADER.get(k))
+                       for k in SCHEME_KEYS)
+            old = list(prev.get("results", [])) if same else []  # other options: the file starts afresh
         except (ValueError, AttributeError):
             old = []
     keep = {(r["bits"], r["act_bits"]) for r in rows}
@@ -118,6 +136,14 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
                     help="activation bits of the with-activations column (default 8; 'same': k)")
     ap.add_argument("--calib-batches", type=int, default=8,
                     help="training batches used to calibrate activation ranges (default 8)")
+    ap.add_argument("--ptq-per-channel", action="store_true",
+                    help="one weight range per output channel instead of per layer")
+    ap.add_argument("--ptq-grid", choices=affine.GRIDS, default="asymmetric",
+                    help="asymmetric (min/max, 2^k levels; default) or symmetric (+-max|x|, 2^k-1 levels)")
+    ap.add_argument("--ptq-calib", choices=affine.CALIBRATIONS, default="minmax",
+                    help="activation range: running min/max (default), a percentile, or the MSE-optimal clip")
+    ap.add_argument("--ptq-percentile", type=float, default=99.99,
+                    help="percentile of --ptq-calib percentile (default 99.99)")
 
 
 def run(loaded: Any, args: argparse.Namespace, base: dict[str, float] | None = None) -> dict[str, Any] | None:
@@ -130,12 +156,14 @@ def run(loaded: Any, args: argparse.Namespace, base: dict[str, float] | None = N
     bits, act_bits = args.ptq_bits, args.ptq_act_bits
     if args.calib_batches < 1:
         raise QexpError(f"--calib-batches must be at least 1, got {args.calib_batches}")
+    scheme = Scheme(args.ptq_per_channel, args.ptq_grid, args.ptq_calib, args.ptq_percentile)
     model, cfg = loaded.built.model, loaded.cfg
     data = loaded.built.data
     base, rows = curve(model, loaded.evaluate, data.train, bits, act_bits, args.calib_batches, base,
-                       share=(loaded.built.method, data))
+                       share=(loaded.built.method, data), scheme=scheme)
     header = {"dataset": cfg.dataset.name, "model": cfg.model.name, "method": cfg.method.name,
-              "run_bits": loaded.built.method.bits, "scheme": SCHEME, "calib_batches": args.calib_batches,
+              "run_bits": loaded.built.method.bits, "scheme": scheme.name, "act_scheme": scheme.act_name,
+              "calib_batches": args.calib_batches,
               "float_test_error": base["error"], "float32_bytes": weight_memory(model, 8)["float32_bytes"]}
     # print first: minutes of evaluation must not be lost to a read-only run folder
     print(f"post-training quantization of {loaded.run_dir} (as trained: test error {base['error']:.2f}%)")

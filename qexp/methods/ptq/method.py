@@ -25,6 +25,7 @@ from __future__ import annotations
 import copy
 import itertools
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -36,10 +37,50 @@ from qexp.methods.base import Evaluate, Method, RunContext
 from qexp.methods.ptq import affine
 from qexp.quant.inject import weight_layers
 
-SCHEME = "affine-minmax-per-layer"
+
+@dataclass(frozen=True)
+class Scheme:
+    """How PTQ quantizes: weights per layer or per output channel, on an asymmetric (min/max) or
+    symmetric (``+-max|w|``) grid; activation ranges from min/max, a percentile or the MSE-optimal clip,
+    on the same kind of grid."""
+
+    per_channel: bool = False
+    grid: str = "asymmetric"
+    calibration: str = "minmax"
+    percentile: float = 99.99
+
+    def __post_init__(self) -> None:
+        if self.grid not in affine.GRIDS:
+            raise QexpError(f"PTQ grid must be one of {', '.join(affine.GRIDS)}, got {self.grid!r}")
+        if self.calibration not in affine.CALIBRATIONS:
+            raise QexpError(f"PTQ calibration must be one of {', '.join(affine.CALIBRATIONS)}, "
+                            f"got {self.calibration!r}")
+        if not 50 < float(self.percentile) <= 100:
+            raise QexpError(f"PTQ percentile must be in (50, 100], got {self.percentile}")
+
+    @property
+    def symmetric(self) -> bool:
+        return self.grid == "symmetric"
+
+    @property
+    def name(self) -> str:
+        """The weights' scheme, e.g. ``affine-minmax-per-layer`` (the default), ``symmetric-minmax-per-channel``."""
+        kind = "symmetric" if self.symmetric else "affine"
+        return f"{kind}-minmax-{'per-channel' if self.per_channel else 'per-layer'}"
+
+    @property
+    def act_name(self) -> str:
+        """The activations' scheme, e.g. ``affine-minmax-per-tensor``, ``symmetric-percentile99.99-per-tensor``."""
+        kind = "symmetric" if self.symmetric else "affine"
+        cal = f"percentile{self.percentile:g}" if self.calibration == "percentile" else self.calibration
+        return f"{kind}-{cal}-per-tensor"
 
 
-def quantize_weights(model: nn.Module, bits: int, share: Iterable[object] = (),
+DEFAULT_SCHEME = Scheme()
+SCHEME = DEFAULT_SCHEME.name
+
+
+def quantize_weights(model: nn.Module, bits: int, share: Iterable[object] = (), scheme: Scheme = DEFAULT_SCHEME,
                      ) -> tuple[nn.Module, dict[str, affine.AffineCodes]]:
     """A copy of ``model`` (in eval mode) whose conv/linear weights are their k-bit affine versions.
 
@@ -62,10 +103,22 @@ def quantize_weights(model: nn.Module, bits: int, share: Iterable[object] = (),
             if parametrize.is_parametrized(layer, "weight"):
                 _unshare_class(layer)
                 parametrize.remove_parametrizations(layer, "weight", leave_parametrized=False)
-            c = affine.quantize(w, bits)
+            c = affine.quantize(w, bits, scheme.per_channel, scheme.symmetric)
             codes[name] = c
             layer.weight = nn.Parameter(c.dequantize(w.dtype), requires_grad=False)
     return qmodel, codes
+
+
+@torch.no_grad()
+def weight_sqnr(model: nn.Module, codes: dict[str, affine.AffineCodes]) -> dict[str, float | None]:
+    """Per layer, the SQNR (dB) of the quantized weight against the model's effective weight."""
+    was_training = model.training
+    model.eval()
+    try:
+        return {name: affine.sqnr_db(layer.weight, codes[name].dequantize(layer.weight.dtype))
+                for name, layer in weight_layers(model) if name in codes}
+    finally:
+        model.train(was_training)
 
 
 def _unshare_class(module: nn.Module) -> None:
@@ -83,20 +136,27 @@ def _unshare_class(module: nn.Module) -> None:
 class ActivationQuantizer:
     """Forward pre-hook for a conv/linear layer: observes its input (calibration) or quantizes it."""
 
-    def __init__(self, bits: int) -> None:
-        self.bits = bits
-        self.observer = affine.MinMaxObserver()
+    def __init__(self, bits: int, scheme: Scheme = DEFAULT_SCHEME) -> None:
+        self.bits, self.scheme = bits, scheme
+        self.observer = affine.RangeObserver()
         self.range: tuple[float, float] | None = None  # set by freeze(): from then on, quantize
+        self.sqnr_db: float | None = None  # of the calibration sample, once frozen
 
     def freeze(self) -> None:
-        self.range = self.observer.range()
+        s = self.scheme
+        lo, hi = affine.calibrate(self.observer, self.bits, s.calibration, s.symmetric, s.percentile)
+        lo_t, scale_t = affine.grid(torch.tensor(lo), torch.tensor(hi), self.bits, s.symmetric)
+        self._grid = (float(lo_t), float(scale_t), affine.max_code(self.bits, s.symmetric))
+        self.range = (float(lo_t), float(lo_t) + float(scale_t) * self._grid[2])
+        v = self.observer.sample()
+        self.sqnr_db = affine.sqnr_db(v, affine.fake_quantize_grid(v, *self._grid))
 
     def __call__(self, module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
         x = args[0]
         if self.range is None:
             self.observer.update(x)
             return None
-        return (affine.fake_quantize(x, self.bits, *self.range), *args[1:])
+        return (affine.fake_quantize_grid(x, *self._grid), *args[1:])
 
 
 def calibration_batches(loader: Iterable, n: int) -> Iterable:
@@ -105,12 +165,13 @@ def calibration_batches(loader: Iterable, n: int) -> Iterable:
 
 
 @torch.no_grad()
-def quantize_activations(model: nn.Module, bits: int, batches: Iterable) -> dict[str, ActivationQuantizer]:
+def quantize_activations(model: nn.Module, bits: int, batches: Iterable, scheme: Scheme = DEFAULT_SCHEME,
+                         ) -> dict[str, ActivationQuantizer]:
     """Attach input quantizers to every conv/linear layer of ``model`` (in place), calibrated on ``batches``.
 
     Ranges are observed in one pass with float activations; then every quantizer is frozen and active.
     """
-    quantizers = {name: ActivationQuantizer(bits) for name, _ in weight_layers(model)}
+    quantizers = {name: ActivationQuantizer(bits, scheme) for name, _ in weight_layers(model)}
     for name, layer in weight_layers(model):
         layer.register_forward_pre_hook(quantizers[name])
     was_training = model.training
@@ -159,7 +220,8 @@ class PTQ(Method):
     default_bits = 8
 
     def __init__(self, bits: int | None = None, loss: str = "ce", activations: bool = False,
-                 act_bits: int = 8, calib_batches: int = 8) -> None:
+                 act_bits: int = 8, calib_batches: int = 8, per_channel: bool = False, grid: str = "asymmetric",
+                 calibration: str = "minmax", percentile: float = 99.99) -> None:
         super().__init__(bits, loss)
         if not 2 <= int(act_bits) <= 8:
             raise QexpError(f"method.act_bits={act_bits} is out of range; allowed: 2..8")
@@ -168,8 +230,10 @@ class PTQ(Method):
         self.activations = bool(activations)
         self.act_bits = int(act_bits)
         self.calib_batches = int(calib_batches)
+        self.scheme = Scheme(bool(per_channel), str(grid), str(calibration), float(percentile))
         self._codes: dict[str, affine.AffineCodes] = {}
-        self._act_ranges: dict[str, tuple[float, float]] = {}
+        self._acts: dict[str, ActivationQuantizer] = {}
+        self._sqnr: dict[str, float | None] = {}
         self._data: Any = None  # the run's DataBundle (prepare): training batches to calibrate ranges
 
     def prepare(self, model: nn.Module, ctx: RunContext) -> nn.Module:
@@ -181,15 +245,15 @@ class PTQ(Method):
 
     def quantized_copy(self, model: nn.Module) -> nn.Module:
         """The deployed network: k-bit weights and, if asked, calibrated ``act_bits`` activations."""
-        qmodel, self._codes = quantize_weights(model, self.bits, share=(self, self._data))
-        self._act_ranges = {}
+        qmodel, self._codes = quantize_weights(model, self.bits, share=(self, self._data), scheme=self.scheme)
+        self._sqnr = weight_sqnr(model, self._codes)
+        self._acts = {}
         if self.activations:
             if self._data is None:
                 raise QexpError("method.activations=true needs training batches to calibrate ranges, "
                                 "but the method was given no data")
             batches = calibration_batches(self._data.train, self.calib_batches)
-            qs = quantize_activations(qmodel, self.act_bits, batches)
-            self._act_ranges = {n: q.range for n, q in qs.items() if q.range is not None}
+            self._acts = quantize_activations(qmodel, self.act_bits, batches, self.scheme)
         return qmodel
 
     def finalize(self, model: nn.Module, evaluate: Evaluate) -> dict[str, Any]:
@@ -203,6 +267,7 @@ class PTQ(Method):
             "ptq_test_loss": q_res["loss"],
             "ptq_bits": self.bits,
             "ptq_act_bits": self.act_bits if self.activations else None,
+            "ptq_scheme": self.scheme.name,
             "float_test_error": float_res["error"],
             "float_test_loss": float_res["loss"],
             "ptq_test_error": q_res["error"],
@@ -215,16 +280,23 @@ class PTQ(Method):
         layers = []
         for name, layer in weight_layers(model):
             row: dict[str, Any] = {"name": name, "tensor": "weight", "shape": list(_weight(layer).shape),
-                                   "bits": self.bits, "scheme": SCHEME, "storage": "uint8"}
+                                   "bits": self.bits, "scheme": self.scheme.name, "storage": "uint8"}
             if name in self._codes:
-                row.update(lo=self._codes[name].lo, scale=self._codes[name].scale)
+                c = self._codes[name]
+                if isinstance(c.scale, torch.Tensor):
+                    row.update(lo=c.lo.tolist(), scale=c.scale.tolist())  # type: ignore[union-attr]
+                else:
+                    row.update(lo=c.lo, scale=c.scale)
+                row["sqnr_db"] = self._sqnr.get(name)
             layers.append(row)
             if self.activations:
                 act: dict[str, Any] = {"name": name, "tensor": "input", "bits": self.act_bits,
-                                       "scheme": "affine-minmax-per-tensor",
-                                       "calibration": f"min/max over {self.calib_batches} training batches"}
-                if name in self._act_ranges:
-                    act.update(lo=self._act_ranges[name][0], hi=self._act_ranges[name][1])
+                                       "scheme": self.scheme.act_name,
+                                       "calibration": f"{self.scheme.calibration} over {self.calib_batches} "
+                                                      "training batches"}
+                q = self._acts.get(name)
+                if q is not None and q.range is not None:
+                    act.update(lo=q.range[0], hi=q.range[1], sqnr_db=q.sqnr_db)
                 layers.append(act)
         mem = weight_memory(model, self.bits, self._codes or None)
         act_bits = self.act_bits if self.activations else None
