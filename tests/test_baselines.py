@@ -249,7 +249,7 @@ def test_trains_and_resumes_exactly(method, family):
 
 
 # ---- end to end on MNIST -------------------------------------------------------------------------------
-# The measured preset (+experiment=baselines_mnist: LeNet-5 with BN, 8000 training images, 2 epochs,
+# The measured preset (+experiment=baselines_mnist: LeNet-5 with BN, 4000 training images, 2 epochs,
 # Adam 1e-3 cosine) at W/A 2/2; thresholds: the lowest of 3 seeds minus a margin (docs/reproductions.md).
 E2E = {"lsq": 0.0, "pact": 0.0, "dorefa": 0.0}
 
