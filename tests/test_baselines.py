@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from qexp.errors import QexpError
+from qexp.methods.base import RunContext
 from qexp.methods.dorefa import DoReFa, dorefa_weight, quantize_gradient
 from qexp.methods.lsq import LSQ, lsq_quantize, qrange
 from qexp.methods.pact import PACT, PACTReLU
@@ -23,7 +24,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def lenet(method, seed: int = 0):
     torch.manual_seed(seed)
-    return method.prepare(LeNet5(in_channels=1, num_classes=10, image_size=28, bn=True))
+    return method.prepare(LeNet5(in_channels=1, num_classes=10, image_size=28, bn=True), RunContext(seed=seed))
 
 
 # ---- LSQ ---------------------------------------------------------------------------------------------
@@ -204,8 +205,8 @@ def test_dorefa_gradient_quantization():
     assert torch.allclose(mean / dr.abs().amax(1, keepdim=True), dr / dr.abs().amax(1, keepdim=True), atol=0.02)
     assert torch.equal(quantize_gradient(dr, 4, Noise(7)), q)
     # wired into a model: the gradient reaching a quantized layer's output is quantized
-    method = DoReFa(bits=2, gbits=2, seed=3)
-    model = lenet(method)
+    method = DoReFa(bits=2, gbits=2)
+    model = lenet(method, seed=3)
     layer = weight_layers(model)[1][1]
     out = {}
 

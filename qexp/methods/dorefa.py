@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from qexp.errors import QexpError
-from qexp.methods.base import Method
+from qexp.methods.base import Method, RunContext
 from qexp.quant.activation import QuantReLU
 from qexp.quant.inject import attach_weight_quantizer, replace_modules, shadow_weight, weight_quantizer
 from qexp.quant.kernels import HALF, Noise
@@ -97,8 +97,8 @@ class _GradientQuantizer(torch.autograd.Function):
 
 class DoReFa(Method):
     """``method=dorefa``. Options: ``abits`` (2..8, 32 = float ReLUs; null: same as ``bits``),
-    ``gbits`` (2..8 or null = float gradients), ``first_last_bits`` (32 = float, the paper), ``seed``
-    (of the gradient noise)."""
+    ``gbits`` (2..8 or null = float gradients; the noise is seeded by the run's seed), ``first_last_bits``
+    (32 = float, the paper)."""
 
     name = "dorefa"
     bits_range = (1, 8)
@@ -107,13 +107,12 @@ class DoReFa(Method):
     abits_range = (2, 8)
 
     def __init__(self, bits: int | None = None, loss: str = "ce", abits: int | None = None,
-                 gbits: int | None = None, first_last_bits: int | None = FLOAT_BITS, seed: int = 0) -> None:
+                 gbits: int | None = None, first_last_bits: int | None = FLOAT_BITS) -> None:
         super().__init__(bits, loss)
         lo, hi = self.abits_range
         self.abits = check_bits("abits", self.bits if abits is None else abits, lo, hi, allow_float=True)
         self.gbits = check_bits("method.gbits", gbits, 2, 8)
         self.first_last_bits = check_bits("method.first_last_bits", first_last_bits, 1, 8, allow_float=True)
-        self.seed = int(seed)
         self.plan: list[LayerPlan] = []
         self.activations: list[tuple[str, nn.Module]] = []
         self.noise: Noise | None = None
@@ -124,10 +123,10 @@ class DoReFa(Method):
         ReLU with resolution ``1/(2^k - 1)`` and the clipped-ReLU straight-through estimator)."""
         return QuantReLU(self.abits, "clipped_relu", alpha=1.0 / levels(self.abits))  # type: ignore[arg-type]
 
-    def prepare(self, model: nn.Module) -> nn.Module:
+    def prepare(self, model: nn.Module, ctx: RunContext) -> nn.Module:
         self.plan = plan_layers(model, self.bits, FLOAT_BITS, self.first_last_bits)
         if self.gbits is not None:
-            self.noise = Noise(self.seed, self.device)
+            self.noise = Noise(ctx.seed, ctx.device)
         for p in self.plan:
             if p.wbits != FLOAT_BITS:
                 attach_weight_quantizer(p.module, DoReFaWeight(p.wbits))
@@ -135,7 +134,7 @@ class DoReFa(Method):
                     p.module.register_forward_hook(self._quantize_gradient)
         if self.abits != FLOAT_BITS:
             names = replace_modules(model, lambda n, m: isinstance(m, nn.ReLU),
-                                    lambda n, m: self.activation(n).to(self.device))
+                                    lambda n, m: self.activation(n).to(ctx.device))
             if not names:
                 raise QexpError(f"method={self.name} quantizes activations at nn.ReLU modules, and "
                                 f"{type(model).__name__} has none (abits=32 keeps activations float)")

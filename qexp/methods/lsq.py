@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from qexp.errors import QexpError
-from qexp.methods.base import Method
+from qexp.methods.base import Method, RunContext
 from qexp.quant.inject import attach_weight_quantizer, shadow_weight, weight_quantizer
 from qexp.quant.layers import FLOAT_BITS, LayerPlan, check_bits, plan_layers
 
@@ -162,13 +162,13 @@ class LSQ(Method):
         self.plan: list[LayerPlan] = []
 
     # ---- set-up --------------------------------------------------------------------------------------
-    def prepare(self, model: nn.Module) -> nn.Module:
+    def prepare(self, model: nn.Module, ctx: RunContext) -> nn.Module:
         self.plan = plan_layers(model, self.bits, self.abits, self.first_last_bits)  # type: ignore[arg-type]
         for p in self.plan:
             if p.wbits != FLOAT_BITS:
                 attach_weight_quantizer(p.module, LSQWeight(shadow_weight(p.module), p.wbits, self.grad_scale))
             if p.abits != FLOAT_BITS:
-                p.module.add_module("input_quantizer", LSQInput(p.abits, self.grad_scale).to(self.device))
+                p.module.add_module("input_quantizer", LSQInput(p.abits, self.grad_scale).to(ctx.device))
                 p.module.register_forward_pre_hook(_quantize_input)
         return model
 
