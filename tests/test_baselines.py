@@ -109,6 +109,34 @@ def test_lsq_options_and_label():
             LSQ(**{"bits": 2, **bad})
 
 
+@pytest.mark.parametrize("module", ["lsq", "pact"])
+def test_device_code_path_matches_the_cpu_one(module, monkeypatch):
+    """On a GPU the step / alpha stays on the device (no host sync): that branch, run here on CPU,
+    gives the same values and gradients as the one-pass CPU kernels."""
+    import qexp.methods.lsq as lsq_mod
+    import qexp.methods.pact as pact_mod
+
+    mod = lsq_mod if module == "lsq" else pact_mod
+    torch.manual_seed(5)
+    x0 = torch.randn(3000) * 3
+    results = []
+    for host in (True, False):
+        monkeypatch.setattr(mod, "host_scalars", lambda t, host=host: host)
+        x = x0.clone().requires_grad_()
+        if module == "lsq":
+            s = torch.tensor(0.4, requires_grad=True)
+            y = lsq_quantize(x, s, 2, 1, 0.1)
+            a = s
+        else:
+            act = PACTReLU(bits=3, alpha=2.0)
+            y = act(x)
+            a = act.alpha
+        (y * torch.linspace(-1, 1, 3000)).sum().backward()
+        results.append((y.detach(), x.grad, a.grad))
+    for cpu, dev in zip(*results):
+        assert torch.allclose(cpu, dev, atol=1e-5), module
+
+
 # ---- PACT --------------------------------------------------------------------------------------------
 def test_pact_alpha_gradient_is_the_clipped_fraction_plus_l2():
     """d/dalpha of mean(y_q) + lambda alpha^2 = (fraction of inputs >= alpha) + 2 lambda alpha; dx is the

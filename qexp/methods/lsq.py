@@ -43,6 +43,11 @@ def init_step(v: torch.Tensor, q_p: int) -> float:
     return max(2.0 * float(v.detach().abs().mean()) / math.sqrt(q_p), MIN_STEP)
 
 
+def host_scalars(t: torch.Tensor) -> bool:
+    """Whether the backward may read the step as a host number (free on CPU, a device sync elsewhere)."""
+    return t.device.type == "cpu"
+
+
 class LSQFunction(torch.autograd.Function):
     """``v_hat`` forward; straight-through ``dv`` and the scaled step gradient in one backward.
 
@@ -61,7 +66,7 @@ class LSQFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor):  # type: ignore[override]
         v, s, out = ctx.saved_tensors
-        if v.device.type == "cpu":  # host scalars are free on CPU and allow the one-pass kernel
+        if host_scalars(v):  # one-pass kernel with host bounds
             sf = float(s)
             grad_v = torch.ops.aten.hardtanh_backward(grad, v, -ctx.q_n * sf, ctx.q_p * sf)
         else:  # keep s on the device (no sync)

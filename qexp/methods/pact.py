@@ -21,6 +21,11 @@ from qexp.methods.dorefa import DoReFa, levels
 from qexp.quant.layers import FLOAT_BITS
 
 
+def host_scalars(t: torch.Tensor) -> bool:
+    """Whether alpha may be read as a host number (free on CPU, a device sync elsewhere)."""
+    return t.device.type == "cpu"
+
+
 class PACTFunction(torch.autograd.Function):
     """Clip to ``[0, alpha]`` and quantize; backward as in the module docstring."""
 
@@ -32,7 +37,7 @@ class PACTFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor):  # type: ignore[override]
         x, alpha = ctx.saved_tensors
-        if x.device.type == "cpu":  # host scalar: the one-pass kernel (open interval: x = 0 has measure 0)
+        if host_scalars(x):  # host scalar: the one-pass kernel (open interval: x = 0 has measure 0)
             a = float(alpha)
             grad_x = torch.ops.aten.hardtanh_backward(grad, x, 0.0, a)
             clipped = x >= a
@@ -48,7 +53,7 @@ class PACTFunction(torch.autograd.Function):
 def pact_quantize(x: torch.Tensor, alpha: torch.Tensor, bits: int) -> torch.Tensor:
     """``round(clip(x, 0, alpha) n / alpha) alpha / n`` with ``n = 2^k - 1`` (no gradient bookkeeping)."""
     n = levels(bits)
-    if x.device.type == "cpu":
+    if host_scalars(x):
         a = float(alpha)
         return x.clamp(0.0, a).mul_(n / a).round_().mul_(a / n)
     return torch.minimum(x.clamp(min=0), alpha).mul_(n / alpha).round_().mul_(alpha / n)
