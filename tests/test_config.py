@@ -127,7 +127,7 @@ def test_schema_rejects_bad_types():
     from hydra.errors import ConfigCompositionException
     from omegaconf.errors import ValidationError
 
-    for bad in ("bits=abc", "epochs=1.5", "device=gpu", "resume=maybe"):
+    for bad in ("bits=abc", "epochs=1.5", "threads=abc", "resume=maybe"):
         with pytest.raises(ConfigCompositionException) as e:
             compose_train([bad])
         assert isinstance(e.value.__cause__, ValidationError), bad

@@ -89,7 +89,7 @@ def _fails(args: list[str], *needles: str) -> str:
     (["method=nope"], ["Could not find 'method/nope'", "float"]),
     (["bits=abc"], ["bits=abc", "could not be converted"]),
     (["bits=0"], ["bits=0", "allowed"]),
-    (["device=tpu"], ["expected one of"]),
+    (["device=tpu"], ["device must be auto, cpu, cuda or cuda:N, got 'tpu'"]),
     (["optim.momentum_typo=1"], ["momentum_typo"]),
 ])
 def test_bad_input_is_one_clear_message(tmp_path, args, needles):

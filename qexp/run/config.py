@@ -7,16 +7,9 @@ their ``_target_`` callables type-check their own arguments.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from enum import Enum
 from typing import Any
 
 from omegaconf import MISSING
-
-
-class Device(Enum):
-    auto = "auto"
-    cpu = "cpu"
-    cuda = "cuda"
 
 
 @dataclass
@@ -57,7 +50,7 @@ class TrainConfig:
     batch_size: int = 64
     eval_batch_size: int = 1000
     lr: float = MISSING  # defaults to ${optim.lr}
-    device: Device = Device.auto
+    device: str = "auto"  # auto | cpu | cuda | cuda:N (checked when the run starts)
     data_root: str = "./data"
     out_root: str = "outputs"
     resume: bool = True
@@ -65,11 +58,12 @@ class TrainConfig:
     patience: int | None = None  # stop once the validation error has not improved for this many epochs
     tensorboard: TensorBoardConfig = field(default_factory=TensorBoardConfig)
     objective: str = "best_val_error"  # what an Optuna search minimises (qexp.run.tune): a validation error
+    threads: int | None = None  # torch math threads; null: all cores, or cores // n_jobs in a local parallel sweep
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
 
 
 #: keys that do not change a run's result, so neither its folder nor its resume check depends on them
-VOLATILE_KEYS = ("resume", "device", "data_root", "out_root", "progress", "trainer", "objective",
+VOLATILE_KEYS = ("resume", "device", "data_root", "out_root", "progress", "threads", "trainer", "objective",
                  "tensorboard")
 
 

@@ -9,6 +9,7 @@ import importlib
 import json
 import logging
 import os
+import re
 import sys
 import traceback
 from dataclasses import dataclass
@@ -24,7 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 from qexp.data import DataBundle
 from qexp.errors import QexpError
 from qexp.methods.base import Method, RunContext, resolve_param_groups
-from qexp.run import checkpoint, distributed, preempt, record, tune
+from qexp.run import checkpoint, distributed, preempt, record, resources, tune
 from qexp.run.callbacks import BestCheckpoint, RunRecord, TensorBoard, final_record
 from qexp.run.config import VOLATILE_KEYS, register
 from qexp.run.engine import Trainer
@@ -53,13 +54,28 @@ def instantiate(node: DictConfig, **kwargs: Any) -> Any:
 
 
 def resolve_device(name: Any) -> torch.device:
-    """``auto`` | ``cpu`` | ``cuda`` (a string or the schema's Device enum) -> a torch device."""
-    name = str(getattr(name, "value", name))
+    """``auto`` | ``cpu`` | ``cuda`` | ``cuda:N`` -> a torch device; a GPU that is not there is a user error.
+
+    ``cuda:N`` also becomes the current CUDA device, so that kernels, generators and compiled code that
+    use "the" GPU (``device="cuda"``) land on the same one.
+    """
+    name = str(getattr(name, "value", name)).strip()
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise QexpError("device=cuda was asked for but no CUDA device is available; use device=auto or cpu")
-    return torch.device(name)
+    m = re.fullmatch(r"(cpu|cuda)(?::(\d+))?", name)
+    if m is None or (m[1] == "cpu" and m[2] is not None):
+        raise QexpError(f"device must be auto, cpu, cuda or cuda:N, got {name!r}")
+    if m[1] == "cpu":
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise QexpError(f"device={name} was asked for but no CUDA device is available; use device=auto or cpu")
+    count = torch.cuda.device_count()
+    if m[2] is not None and int(m[2]) >= count:
+        raise QexpError(f"device={name}: there is no GPU {m[2]}; {count} visible (cuda:0..cuda:{count - 1})")
+    device = torch.device(name)
+    if device.index is not None:
+        torch.cuda.set_device(device)
+    return device
 
 
 def comparable_config(cfg: DictConfig) -> str:
@@ -215,6 +231,7 @@ def run(cfg: DictConfig) -> dict[str, Any] | None:
     ranks = distributed.env_ranks()  # launched by torchrun
     main = ranks is None or ranks[0] == 0
     try:
+        resources.apply_threads(cfg.threads, hc.launcher if sweeping else None)
         if ranks is not None:
             return _train_ranked(cfg, run_dir, ranks)
         if cfg.trainer.devices > 1:

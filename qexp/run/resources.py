@@ -1,0 +1,65 @@
+"""How many math threads a run's process uses, so that a local sweep fills the cores without
+oversubscribing them: jobs x threads = cores.
+
+Why explicit: torch takes every core by default. Run one after another that is right; in a local
+parallel sweep (Hydra's joblib launcher, one process per job) n jobs x all cores each would make every
+job fight for the caches and the scheduler. joblib's loky workers happen to export ``OMP_NUM_THREADS =
+cores // n_jobs``; qexp does not rely on that, sets torch's thread count itself, and lets ``threads=N``
+choose it.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+
+from qexp.errors import QexpError
+
+log = logging.getLogger("qexp")
+
+
+def cores() -> int:
+    """Usable cores: the CPU affinity mask and cgroup quota as joblib reads them (its ``n_jobs=-1``)."""
+    try:
+        from joblib import cpu_count
+
+        return max(1, int(cpu_count()))
+    except Exception:  # joblib missing or unable to read the quota
+        import os
+
+        return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+
+
+def parallel_jobs(launcher: Any, n_cores: int) -> int | None:
+    """Jobs running at once under a local parallel (joblib) launcher config, else None.
+    ``n_jobs`` follows joblib: -1 is every core, -2 all but one, ..."""
+    if launcher is None or "joblib" not in str(launcher.get("_target_", "")).lower():
+        return None
+    n = int(launcher.get("n_jobs", -1) or -1)
+    return max(1, n if n > 0 else n_cores + 1 + n)
+
+
+def job_threads(requested: int | None, jobs: int | None, n_cores: int) -> int | None:
+    """Threads for this process: ``threads=N`` if given, ``cores // jobs`` inside a local parallel sweep,
+    else None (torch's default, every core)."""
+    if requested is not None:
+        if int(requested) < 1:
+            raise QexpError(f"threads must be >= 1 (or null for automatic), got {requested}")
+        return int(requested)
+    if jobs is None:
+        return None
+    if jobs > n_cores:
+        log.warning("hydra.launcher.n_jobs=%d is more than the %d cores: jobs will share cores", jobs, n_cores)
+    return max(1, n_cores // jobs)
+
+
+def apply_threads(requested: int | None, launcher: Any = None) -> int:
+    """Set torch's thread count for this run's process; returns the count in use."""
+    n_cores = cores()
+    threads = job_threads(requested, parallel_jobs(launcher, n_cores), n_cores)
+    if threads is not None and threads != torch.get_num_threads():
+        torch.set_num_threads(threads)
+    log.info("torch threads: %d (%d cores)", torch.get_num_threads(), n_cores)
+    return torch.get_num_threads()
