@@ -120,8 +120,10 @@ class DoReFa(Method):
     # ---- set-up --------------------------------------------------------------------------------------
     def activation(self, name: str) -> nn.Module:
         """The module that replaces a ReLU: ``quantize_k(clip(x, 0, 1))`` (a fixed-resolution quantized
-        ReLU with resolution ``1/(2^k - 1)`` and the clipped-ReLU straight-through estimator)."""
-        return QuantReLU(self.abits, "clipped_relu", alpha=1.0 / levels(self.abits))  # type: ignore[arg-type]
+        ReLU with resolution ``1/(2^k - 1)``, nearest rounding and the clipped-ReLU straight-through
+        estimator)."""
+        return QuantReLU(self.abits, "clipped_relu", alpha=1.0 / levels(self.abits),  # type: ignore[arg-type]
+                         staircase="round")
 
     def prepare(self, model: nn.Module, ctx: RunContext) -> nn.Module:
         self.plan = plan_layers(model, self.bits, FLOAT_BITS, self.first_last_bits)
