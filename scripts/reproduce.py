@@ -186,6 +186,8 @@ def report(entry: Entry, key: str, budget: str, out: Path, note: str = "", docs:
                     parts.append(f"![{key} {side}]({png.stem}_{side}.png)\n")
     for ev in entry.evals:
         parts.append(eval_summary(root, ev))
+    if key == "lacey2018":
+        parts.append(allocation_summary(root))
     if key == "yin2019":
         inst = out / "yin2019_instability"
         if inst.exists():
@@ -193,9 +195,42 @@ def report(entry: Entry, key: str, budget: str, out: Path, note: str = "", docs:
             if qexp("plot", str(inst), "--rows", "method.ste", "--metric", "train_loss", "--out", str(png),
                     check=False) == 0:
                 parts.append(f"Instability experiment (train loss):\n\n![instability]({png.name})\n")
+            parts.append(loss_summary(inst))
     md.write_text("\n".join(parts))
     print(f"wrote {md}")
     return md
+
+
+def _finished_records(root: Path) -> list[tuple[Path, dict]]:
+    out = []
+    for r in run_dirs(root) if root.exists() else []:
+        if finished(r):
+            out.append((r, json.loads((r / "metrics.json").read_text())))
+    return out
+
+
+def allocation_summary(root: Path) -> str:
+    """The learned allocation each learned-precision run ended with, first layer to last."""
+    lines = ["| bits | seed | allocation (first -> last layer) | uniform |", "|---|---|---|---|"]
+    for _, rec in _finished_records(root):
+        last = rec["history"][-1]
+        layers = [v for k, v in last.items() if k.startswith("method/bits/")]
+        if rec.get("method") == "learned" and layers:
+            alloc = "".join(str(int(v)) for v in layers)
+            lines.append(f"| {rec['bits']} | {rec['seed']} | {alloc} | {str(rec['bits']) * len(layers)} |")
+    return "Learned allocations (most likely, at the end of training):\n\n" + "\n".join(lines) + "\n"
+
+
+def loss_summary(root: Path) -> str:
+    """Train loss at the start and the end of each continuation run (the instability experiment)."""
+    lines = ["| STE | seed | train loss, first epoch | train loss, last epoch | test error (%) |",
+             "|---|---|---|---|---|"]
+    for r, rec in _finished_records(root):
+        ste = "identity" if "method.ste=identity" in r.as_posix() else "clipped_relu"
+        h = rec["history"]
+        lines.append(f"| {ste} | {rec['seed']} | {h[0]['train_loss']:.4f} | {h[-1]['train_loss']:.4f} | "
+                     f"{rec['test_error']:.2f} |")
+    return "\n".join(lines) + "\n"
 
 
 def eval_summary(root: Path, ev: str) -> str:

@@ -63,6 +63,26 @@ def test_li2017_r_weights_move_and_old_behaviour_is_an_option(data_root, one_thr
     assert _r_flips(["grid_scale=glorot", "model.bn=false", "model.bn_out=false"], data_root) == 0.0
 
 
+def test_bn_warm_start_takes_the_first_batch_statistics() -> None:
+    from qexp.models.lenet import LeNet5
+
+    torch.manual_seed(0)
+    m = LeNet5(bn=True, bn_out=True, bn_warm_start=True)
+    with torch.no_grad():
+        for p in m.parameters():
+            if p.dim() > 1:
+                p.mul_(1e-3)  # weights at the li2017 grid scale
+    x = torch.randn(64, 1, 28, 28)
+    m.train()
+    m(x)
+    bn = m.features[1]
+    assert bn.momentum == 0.1 and bn.running_var.max() < 1e-3  # the batch's variance, not 0.9 * 1 + ...
+    var = bn.running_var.clone()
+    m(x * 2)
+    assert torch.allclose(bn.running_var, 0.9 * var + 0.1 * 4 * var * 64 / 63 * 63 / 64, rtol=0.05)
+    assert compose_train(["+experiment=li2017_mnist"]).model.bn_warm_start is True
+
+
 def test_li2017_grid_scale_is_tied_to_lr_in_every_quantized_layer(data_root) -> None:
     for m in ("bc_li", "sr", "r", "big_sr"):
         cfg, b = _build(["+experiment=li2017_mnist", f"method={m}", *TINY_MNIST], data_root)
