@@ -11,6 +11,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("qexp.run.evaluate", "re-evaluate a run folder (post-hoc analyses: --integer, --ptq-bits)"),
     "table": ("qexp.report.table", "paper-style table of the runs below DIR (mean ± std over seeds; md/latex/csv)"),
     "plot": ("qexp.report.plot", "PNG plots of the runs below DIR: error curves, bit allocations, PTQ accuracy"),
+    "export": ("qexp.run.export", "the quantized model as integer codes + per-layer scales, loadable without qexp"),
     "runs": ("qexp.report.runs", "one line per run below DIR: status, method, bits, seed, epochs, error, time"),
 }
 

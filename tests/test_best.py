@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from qexp.cli import main as qexp
 from qexp.run import record
 from qexp.run.engine import Trainer
 from tests.conftest import find_runs, read_metrics, run_qexp
@@ -44,7 +45,7 @@ def test_patience_counts_epochs_without_improvement(patience: int, stop: dict | 
     assert first == stop
 
 
-def test_early_stopping_best_checkpoint_and_eval_best(tmp_path: Path) -> None:
+def test_early_stopping_best_checkpoint_and_eval_best(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     proc = train(tmp_path, "dataset.val_size=128", "epochs=6", "patience=1", "lr=0.05")
     (run,) = find_runs(tmp_path)
     rec = read_metrics(run)
@@ -58,34 +59,36 @@ def test_early_stopping_best_checkpoint_and_eval_best(tmp_path: Path) -> None:
     assert rec["epochs_done"] == best + 2 < 6
     assert "stopped early (patience 1)" in proc.stdout
     assert torch.load(run / "best.pt", weights_only=True)["progress"]["epoch"] == best + 1
-    got = run_qexp(["eval", str(run), "--best", "--device", "cpu"], env=ENV).stdout
+    assert qexp(["eval", str(run), "--best", "--device", "cpu"]) == 0
+    got = capsys.readouterr().out
     assert f"(best.pt, epoch {best + 1}): test error {hist[best]['test_error']:.2f}%" in got
-    last = run_qexp(["eval", str(run), "--device", "cpu"], env=ENV).stdout
-    assert f"test error {rec['test_error']:.2f}%" in last
+    assert qexp(["eval", str(run), "--device", "cpu"]) == 0
+    assert f"test error {rec['test_error']:.2f}%" in capsys.readouterr().out
     # the per-epoch log line (stderr is not a terminal here) carries the validation error and the run's ETA
     lines = [ln for ln in (run / "train.log").read_text().splitlines() if " - epoch " in ln]
     assert len(lines) == rec["epochs_done"] and all("val_error" in ln and "run eta" in ln for ln in lines)
 
 
-def test_without_validation_best_is_the_last_epoch_and_patience_is_refused(tmp_path: Path) -> None:
-    train(tmp_path / "a", "epochs=2")
-    (run,) = find_runs(tmp_path / "a")
-    rec = read_metrics(run)
-    assert (rec["best_by"], rec["best_epoch"], rec["test_error_at_best"]) == ("last", 2, rec["test_error"])
-    assert "val_error" not in rec and "best_val_error" not in rec
-    assert "no validation split (dataset.val_size=0): best.pt holds the last epoch" in (run / "train.log").read_text()
-    assert torch.load(run / "best.pt", weights_only=True)["progress"]["epoch"] == 2
-    bad = train(tmp_path / "b", "epochs=2", "patience=2", check=False)
+def test_patience_without_validation_is_refused(tmp_path: Path) -> None:
+    bad = train(tmp_path, "epochs=2", "patience=2", check=False)
     assert bad.returncode == 2
     assert "patience=2 stops on the validation error, but the run has no validation split" in bad.stderr
     assert "Traceback" not in bad.stderr
 
 
-def test_tensorboard_step_scalars_and_weight_histograms(tmp_path: Path) -> None:
+def test_no_validation_best_is_last_and_tensorboard_extras(tmp_path: Path) -> None:
+    """Without a validation split best.pt is the last epoch (and the log says so); TensorBoard gets the
+    per-step scalars and the per-epoch histograms of the quantized (and shadow) weights."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     train(tmp_path, "method=bc", "epochs=1", "tensorboard.step_every=3", "tensorboard.histograms=true")
     (run,) = find_runs(tmp_path)
+    rec = read_metrics(run)
+    assert (rec["best_by"], rec["best_epoch"], rec["test_error_at_best"]) == ("last", 1, rec["test_error"])
+    assert "val_error" not in rec and "best_val_error" not in rec
+    assert "no validation split (dataset.val_size=0): best.pt holds the last epoch" in (run / "train.log").read_text()
+    assert torch.load(run / "best.pt", weights_only=True)["progress"]["epoch"] == 1
+
     acc = EventAccumulator(str(run), size_guidance={"scalars": 0, "histograms": 0})
     acc.Reload()
     steps = [e.step for e in acc.Scalars("loss/train_step")]

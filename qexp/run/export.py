@@ -1,0 +1,230 @@
+"""``qexp export RUN_DIR [--best]``: the run's quantized network as integer codes + per-layer scales.
+
+Writes a folder (default RUN_DIR/export, or export-best) loadable with plain PyTorch, no qexp:
+
+- ``model.safetensors`` (when the safetensors package is installed) or ``model.pt`` (a plain dict of
+  tensors): per quantized layer ``<layer>.weight.codes`` (int8, or uint8 for affine grids), every other
+  tensor (biases, BatchNorm, float layers) as float;
+- ``quant.json``: per quantized layer its tensor name, bits, ``scale`` and ``offset`` (weight = codes *
+  scale + offset, float32), the float architecture (``model``: its class and arguments), the run's
+  identity and the test error this export reproduces;
+- ``load_export.py``: the standalone loader (qexp/run/export_loader.py).
+
+Scope: methods whose evaluated network is the float architecture with quantized weights (float, bc, sr,
+r, big_sr, learned without activation bits, ptq without activations: PTQ exports its deployed k-bit
+copy). Methods that quantize activations (ste, wage, learned with activation bits, ptq with
+activations) are refused with one line: their forward needs qexp's activation quantizers.
+Before anything is written the export is loaded back through the standalone loader into a fresh float
+model and evaluated on the test set; it must give the run's checkpointed test error exactly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import OmegaConf
+from torch import nn
+from torch.nn.utils import parametrize
+
+from qexp.errors import QexpError
+from qexp.jsonio import write_json
+from qexp.run import export_loader
+
+#: manifest keys that mean the method quantizes activations (ste, wage, learned, ptq)
+ACTIVATION_KEYS = ("activation_bits", "act_bits", "bits_a", "activations")
+
+
+def plain_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's tensors as a plain float model names them: a parametrized weight becomes the value
+    it evaluates to (the quantized weight, in the current mode), without the ``parametrizations.`` keys."""
+    out: dict[str, torch.Tensor] = {}
+    for key, value in model.state_dict().items():
+        if ".parametrizations." not in f".{key}":
+            out[key] = value.detach().clone()
+    for prefix, module in model.named_modules():
+        if parametrize.is_parametrized(module):
+            for tensor_name in module.parametrizations:
+                key = f"{prefix}.{tensor_name}" if prefix else tensor_name
+                with torch.no_grad():
+                    out[key] = getattr(module, tensor_name).detach().clone()
+    return out
+
+
+def refuse_activation_quantization(method_name: str, manifest: dict[str, Any]) -> None:
+    acts = [k for k in ACTIVATION_KEYS if manifest.get(k) not in (None, False, [], 32)]
+    acts += ["input quantizers"] if any(r.get("tensor") == "input" for r in manifest.get("layers", [])) else []
+    if acts:
+        raise QexpError(f"method={method_name} quantizes activations ({', '.join(acts)}): qexp export writes "
+                        "float networks with quantized weights only (float, bc, sr, r, big_sr, learned and ptq "
+                        "without activation bits)")
+
+
+def grid_of(row: dict[str, Any]) -> tuple[float, float] | None:
+    """(scale, offset) of a quant.json layer row: the symmetric grid's step, or an affine grid's scale/lo."""
+    if row.get("tensor", "weight") != "weight" or int(row.get("bits", 32)) >= 32:
+        return None
+    if "step" in row:
+        return float(row["step"]), 0.0
+    if "scale" in row and "lo" in row:
+        return float(row["scale"]), float(row["lo"])
+    return None
+
+
+def to_codes(w: torch.Tensor, scale: float, offset: float) -> torch.Tensor | None:
+    """Integer codes reproducing ``w`` exactly through :func:`export_loader.dequantize`, or None."""
+    if scale <= 0:
+        return None
+    k = torch.round((w.float() - offset) / scale)
+    lo, hi = int(k.min()), int(k.max())
+    for dtype in (torch.uint8, torch.int8, torch.int16, torch.int32):
+        info = torch.iinfo(dtype)
+        if info.min <= lo and hi <= info.max:
+            codes = k.to(dtype)
+            break
+    if not torch.equal(export_loader.dequantize(codes, scale, offset), w.float()):
+        return None
+    return codes
+
+
+Exported = tuple[dict[str, torch.Tensor], list[dict[str, Any]], list[str], list[str]]
+
+
+def build_export(model: nn.Module, manifest: dict[str, Any], float_keys: set[str],
+                 eval_float_weights: bool) -> Exported:
+    """Tensors to store, quantized-layer rows, float tensor names and notes."""
+    state = plain_state_dict(model)
+    if set(state) != float_keys:
+        extra = sorted(set(state) - float_keys)[:3]
+        raise QexpError(f"method={manifest.get('method')} changes the network's modules ({', '.join(extra)} ...): "
+                        "qexp export writes float networks with quantized weights only")
+    rows = {r["name"]: r for r in manifest.get("layers", []) if r.get("tensor", "weight") == "weight"}
+    tensors: dict[str, torch.Tensor] = {}
+    layers, notes = [], []
+    for name, row in rows.items():
+        key = f"{name}.weight"
+        grid = grid_of(row)
+        if grid is None or key not in state:
+            continue
+        if eval_float_weights:
+            notes.append(f"{name}: the run evaluates with its float weights (stochastic BC's test rule), "
+                         "stored as float32")
+            continue
+        codes = to_codes(state[key], *grid)
+        if codes is None:
+            raise QexpError(f"layer {name}'s evaluated weights are not on the grid quant.json gives it "
+                            f"(scale {grid[0]:g}, offset {grid[1]:g}): cannot export it as integer codes")
+        tensors[f"{key}.codes"] = codes.contiguous()
+        layers.append({"name": name, "tensor": key, "codes": f"{key}.codes", "dtype": str(codes.dtype)[6:],
+                       "bits": int(row["bits"]), "scale": grid[0], "offset": grid[1],
+                       "shape": list(codes.shape)})
+    quantized = {r["tensor"] for r in layers}
+    floats = [k for k in state if k not in quantized]
+    tensors.update({k: state[k].contiguous() for k in floats})
+    return tensors, layers, floats, notes
+
+
+def save_tensors(folder: Path, tensors: dict[str, torch.Tensor]) -> str:
+    try:
+        from safetensors.torch import save_file
+    except ImportError:
+        torch.save(tensors, folder / export_loader.TORCH_FILE)
+        return export_loader.TORCH_FILE
+    save_file(tensors, str(folder / export_loader.SAFETENSORS))
+    return export_loader.SAFETENSORS
+
+
+def export_run(run_dir: Path, out: Path | None = None, best: bool = False, device: str = "cpu",
+               data_root: str | None = None) -> dict[str, Any]:
+    """Write the export folder of ``run_dir`` (atomically: built beside it, then renamed) and return its
+    quant.json. Raises QexpError for methods out of scope and when the export would not reproduce."""
+    from qexp.run.evaluate import load_run
+    from qexp.run.train import instantiate
+
+    run = load_run(run_dir, device, data_root, which="best" if best else "last")
+    model, method = run.built.model, run.built.method
+    model.eval()
+    manifest = method.manifest(model)
+    refuse_activation_quantization(method.name, manifest)
+    if hasattr(method, "quantized_copy"):  # PTQ: the deployed network is a k-bit copy of the float one
+        if best:
+            raise QexpError("method=ptq records the test error of its final quantized copy only; "
+                            "export the last checkpoint (without --best)")
+        deployed = method.quantized_copy(model)
+        manifest = method.manifest(model)  # now with each layer's lo/scale
+    else:
+        deployed = model
+    c, h, _ = run.built.data.in_shape
+    arch = {"in_channels": c, "num_classes": run.built.data.num_classes, "image_size": h}
+    conf = {**{k: v for k, v in OmegaConf.to_container(run.cfg.model, resolve=True).items()
+               if k not in ("name", "tag")}, **arch}
+    fresh = instantiate(OmegaConf.create(conf))
+    eval_float = manifest.get("test_weights") == "float"
+    tensors, layers, floats, notes = build_export(deployed, manifest, set(fresh.state_dict()), eval_float)
+    expected = run.recorded_test_error()
+
+    out = Path(out) if out is not None else run_dir / ("export-best" if best else "export")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        stored = save_tensors(tmp, tensors)
+        doc: dict[str, Any] = {
+            "format": export_loader.FORMAT, "tensors": stored, "method": method.name, "bits": method.bits,
+            "checkpoint": run.checkpoint_name, "epoch": run.epoch,
+            "model": {"name": run.cfg.model.get("name"), "target": conf["_target_"],
+                      "kwargs": {k: v for k, v in conf.items() if k != "_target_"}},
+            "input": {"shape": list(run.built.data.in_shape), "normalize": _normalization(run),
+                      "dataset": run.cfg.dataset.get("name")},
+            "dequantize": "weight = codes * scale + offset (float32)",
+            "layers": layers, "float_tensors": floats, "notes": notes,
+            "test_error": expected, "run": str(run_dir),
+        }
+        write_json(tmp / export_loader.MANIFEST, doc)
+        shutil.copyfile(export_loader.__file__, tmp / "load_export.py")
+        # the proof: the standalone loader into a fresh float model gives the run's test error
+        fresh.load_state_dict(export_loader.load_state_dict(str(tmp)))
+        got = run.evaluate(fresh.to(run.device))["error"]
+        if expected is not None and got != expected:
+            raise QexpError(f"the exported model gives test error {got}% but the run recorded {expected}%; "
+                            "nothing written")
+        doc["export_test_error"] = got
+        write_json(tmp / export_loader.MANIFEST, doc)
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return doc
+
+
+def _normalization(run: Any) -> Any:
+    """How inputs were normalised (uint8 images: (x/255 - mean) / std per channel), when known."""
+    norm = getattr(run.built.data.test, "normalize", None)
+    if norm is None or not hasattr(norm, "mean"):
+        return None
+    return {"mean": list(norm.mean), "std": list(norm.std)}
+
+
+def main(argv: list[str]) -> int:
+    ap = argparse.ArgumentParser(prog="qexp export", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("run_dir", type=Path, help="a finished run folder (holds .hydra/ and its checkpoints)")
+    ap.add_argument("--best", action="store_true",
+                    help="export best.pt (the epoch with the lowest validation error) instead of the last epoch")
+    ap.add_argument("--out", type=Path, default=None, help="export folder (default RUN_DIR/export[-best])")
+    ap.add_argument("--device", default="cpu", help="device of the check evaluation (default cpu)")
+    ap.add_argument("--data-root", default=None, help="override the data root stored in the run's config")
+    args = ap.parse_args(argv)
+    doc = export_run(args.run_dir, args.out, args.best, args.device, args.data_root)
+    out = args.out or args.run_dir / ("export-best" if args.best else "export")
+    print(f"wrote {out} ({doc['tensors']}, {len(doc['layers'])} quantized layer(s), {doc['checkpoint']} of "
+          f"epoch {doc['epoch']}); loaded back with the standalone load_export.py into a plain "
+          f"{doc['model']['target'].rsplit('.', 1)[-1]} it gives test error {doc['export_test_error']:.2f}%")
+    for n in doc["notes"]:
+        print(f"note: {n}")
+    return 0
