@@ -35,7 +35,8 @@ from qexp.errors import QexpError
 from qexp.jsonio import write_json
 from qexp.run import export_loader
 
-#: manifest keys that mean the method quantizes activations (ste, wage, learned, ptq)
+#: manifest keys that mean the method quantizes activations (ste, wage, learned, ptq, pact, dorefa; lsq's
+#: per-layer ``input_bits``); anything else that changes the modules is caught by the state_dict check
 ACTIVATION_KEYS = ("activation_bits", "act_bits", "bits_a", "activations")
 
 
@@ -57,7 +58,9 @@ def plain_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def refuse_activation_quantization(method_name: str, manifest: dict[str, Any]) -> None:
     acts = [k for k in ACTIVATION_KEYS if manifest.get(k) not in (None, False, [], 32)]
-    acts += ["input quantizers"] if any(r.get("tensor") == "input" for r in manifest.get("layers", [])) else []
+    rows = manifest.get("layers", [])
+    if any(r.get("tensor") == "input" or r.get("input_bits") not in (None, 32) for r in rows):
+        acts.append("input quantizers")
     if acts:
         raise QexpError(f"method={method_name} quantizes activations ({', '.join(acts)}): qexp export writes "
                         "float networks with quantized weights only (float, bc, sr, r, big_sr, learned and ptq "
