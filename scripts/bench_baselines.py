@@ -40,6 +40,7 @@ def variants(bits: int) -> dict[str, Callable[[], Method]]:
     return {
         "float": lambda: Float(),
         f"lsq w{bits}a{bits}": lambda: LSQ(bits=bits),
+        f"lsq w{bits}a{bits}, first/last float": lambda: LSQ(bits=bits, first_last_bits=32),
         f"pact w{bits}a{bits}": lambda: PACT(bits=bits),
         f"dorefa w{bits}a{bits}": lambda: DoReFa(bits=bits),
         f"dorefa w{bits}a{bits}g8": lambda: DoReFa(bits=bits, gbits=8),

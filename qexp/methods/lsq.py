@@ -58,7 +58,11 @@ class LSQFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, v: torch.Tensor, s: torch.Tensor, q_n: int, q_p: int,  # type: ignore[override]
                 g: float) -> torch.Tensor:
-        out = (v / s).round_().clamp_(-q_n, q_p).mul_(s)
+        if host_scalars(v):  # scalar arithmetic: several times faster than 0-dim tensor broadcasts on CPU
+            sf = float(s)
+            out = v.mul(1.0 / sf).round_().clamp_(-q_n, q_p).mul_(sf)
+        else:
+            out = (v / s).round_().clamp_(-q_n, q_p).mul_(s)
         ctx.q_n, ctx.q_p, ctx.g = q_n, q_p, g
         ctx.save_for_backward(v, s, out)
         return out
