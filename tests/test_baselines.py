@@ -93,6 +93,21 @@ def test_lsq_step_init_and_gradient_scale():
     assert torch.allclose(g, iq.step.grad / math.sqrt(32 * 12 * 12 * 7))
 
 
+def test_lsq_input_steps_start_in_prepare_from_the_first_training_batch():
+    """With the run's data, prepare initialises every input step from the first training batch (so
+    data-parallel processes agree) and leaves BatchNorm's running statistics as they were."""
+    b, _ = make(["method=lsq"], ["model=lenet5", "model.bn=true"], bits=2, samples=16)
+    quantizers = [m for m in b.model.modules() if type(m).__name__ == "LSQInput"]
+    assert len(quantizers) == 4 and all(bool(q.initialized) and q._init for q in quantizers)
+    x, _ = next(iter(b.data.train))
+    first = quantizers[0]
+    assert bool(first.signed) and math.isclose(float(first.step.detach()),
+                                               2 * float(x.abs().mean()) / math.sqrt(127), rel_tol=1e-5)
+    for m in b.model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d | torch.nn.BatchNorm1d):
+            assert int(m.num_batches_tracked) == 0 and torch.equal(m.running_mean, torch.zeros_like(m.running_mean))
+
+
 def test_lsq_options_and_label():
     cfg = compose_train(["method=lsq", "bits=4"])
     assert cfg.method.tag == "lsq-w4a4" and cfg.abits == 4

@@ -10,8 +10,10 @@ Backward (the paper's eqs. 3-5): ``d v_hat / d v = 1`` inside the range and 0 ou
 on the rounding); ``d v_hat / d s = round(v/s) - v/s`` inside, ``-Q_N`` below, ``Q_P`` above; the step's
 gradient is multiplied by ``g = 1/sqrt(N * Q_P)`` with ``N`` the layer's weight count (weights) or
 its number of input features per example (activations). Steps start at ``2 mean|v| / sqrt(Q_P)``: of
-the initial weights, and of the first training batch's inputs. ``first_last_bits`` (default 8, as the
-paper) sets the first and last layer's weight and input precision; 32 leaves them float.
+the initial weights, and of the first training batch's inputs (taken in ``prepare`` from the run's data,
+so every data-parallel process starts alike; lazily on the first forward pass when there is no data).
+``first_last_bits`` (default 8, as the paper) sets the first and last layer's weight and input
+precision; 32 leaves them float.
 """
 
 from __future__ import annotations
@@ -141,6 +143,24 @@ class LSQInput(nn.Module):
         return f"bits={self.bits}, signed={self._signed}, step={float(self.step.detach()):.4g}"
 
 
+@torch.no_grad()
+def _initialize_inputs(model: nn.Module, train: Any) -> None:
+    """Initialise every input step from the first training batch now, in prepare (the batch the first
+    training step would see, in training mode), so that every data-parallel process starts from the same
+    steps. The buffers this forward pass touches (BatchNorm's running statistics) are put back."""
+    batch = next(iter(train), None)
+    if batch is None:
+        return
+    keep = {n: b.clone() for n, b in model.named_buffers() if ".input_quantizer." not in f".{n}"}
+    was_training = model.training
+    model.train()
+    model(batch[0])
+    model.train(was_training)
+    for n, b in model.named_buffers():
+        if n in keep:
+            b.copy_(keep[n])
+
+
 def _quantize_input(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
     """Forward pre-hook of a conv/linear layer: its input goes through ``module.input_quantizer``."""
     return (module.input_quantizer(args[0]), *args[1:])
@@ -179,6 +199,8 @@ class LSQ(Method):
             if p.abits != FLOAT_BITS:
                 p.module.add_module("input_quantizer", LSQInput(p.abits, self.grad_scale).to(ctx.device))
                 p.module.register_forward_pre_hook(_quantize_input)
+        if ctx.data is not None and any(hasattr(p.module, "input_quantizer") for p in self.plan):
+            _initialize_inputs(model, ctx.data.train)
         return model
 
     def steps(self) -> list[nn.Parameter]:
