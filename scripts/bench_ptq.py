@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from qexp.methods.ptq.method import quantize_activations, quantize_weights, weight_memory
+from qexp.methods.ptq.method import affine_weight_copy, quantize_activations, weight_memory
 from qexp.models.lenet import LeNet5
 from qexp.models.resnet import CifarResNet
 
@@ -36,9 +36,9 @@ def main() -> None:
     calib = [(torch.randn(64, *shape), None) for _ in range(8)]
 
     t0 = time.perf_counter()
-    wq, codes = quantize_weights(model, 8)
+    wq, codes = affine_weight_copy(model, 8)
     t_copy = time.perf_counter() - t0
-    aq, _ = quantize_weights(model, 8)
+    aq, _ = affine_weight_copy(model, 8)
     t0 = time.perf_counter()
     quantize_activations(aq, 8, calib)
     t_calib = time.perf_counter() - t0

@@ -19,13 +19,14 @@ from qexp.errors import QexpError
 from qexp.methods.base import RunContext
 from qexp.methods.ptq import affine
 from qexp.methods.ptq import curve as ptq_curve
-from qexp.methods.ptq.method import PTQ, quantize_activations, quantize_weights, weight_memory
+from qexp.methods.ptq.method import PTQ, affine_weight_copy, quantize_activations, weight_memory
 from qexp.models.lenet import LeNet5
 from qexp.models.mlp import MLP
 from qexp.models.resnet import CifarResNet, resnet18
 from qexp.models.vgg import VGG
 from qexp.models.wrn import WideResNet
 from qexp.quant.inject import attach_weight_quantizer, weight_layers
+from qexp.run import record
 from qexp.run.engine import Trainer
 from tests.conftest import find_runs, read_metrics, run_qexp
 
@@ -93,7 +94,7 @@ def test_quantized_copy_computes_with_exactly_the_stored_uint8_codes() -> None:
     torch.manual_seed(0)
     model = LeNet5()
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    qmodel, codes = quantize_weights(model, 4)
+    qmodel, codes = affine_weight_copy(model, 4)
     assert set(codes) == {n for n, _ in weight_layers(model)}
     for name, layer in weight_layers(qmodel):
         c = codes[name]
@@ -123,8 +124,8 @@ def test_a_parametrized_run_has_its_effective_weights_quantized() -> None:
         attach_weight_quantizer(layer, _Sign())
     x = torch.randn(2, 1, 28, 28)
     before = model(x)
-    quantize_weights(model, 4)  # a second copy: the original must survive repeated PTQ (eval --ptq-bits)
-    qmodel, codes = quantize_weights(model, 8)
+    affine_weight_copy(model, 4)  # a second copy: the original must survive repeated PTQ (eval --ptq-bits)
+    qmodel, codes = affine_weight_copy(model, 8)
     assert torch.equal(model(x), before)
     for name, layer in weight_layers(qmodel):
         assert not parametrize.is_parametrized(layer, "weight")
@@ -148,7 +149,7 @@ def test_objects_in_share_are_referenced_not_copied() -> None:
     holder = Holder()
     model = LeNet5()
     model.register_forward_hook(holder.hook)
-    qmodel, _ = quantize_weights(model, 8, share=(holder,))
+    qmodel, _ = affine_weight_copy(model, 8, share=(holder,))
     qmodel(torch.randn(2, 1, 28, 28))
     assert holder.calls == 1
 
@@ -173,7 +174,7 @@ def test_ptq_curve_of_a_run_trained_with_quantized_weights_and_activations() -> 
     for r in rows:
         assert r["weights_only_error"] == pytest.approx(base["error"])
         assert 0 <= r["with_activations_error"] <= 100
-    qmodel, codes = quantize_weights(model, 8, share=(method, data))
+    qmodel, codes = affine_weight_copy(model, 8, share=(method, data))
     assert all(set(c.q.unique().tolist()) == {0, 255} for c in codes.values())
     # the training method's activation quantizers are part of the copy: its ReLUs stay 2-bit
     assert {type(m).__name__ for m in qmodel.modules()} >= {"QuantReLU"}
@@ -181,7 +182,7 @@ def test_ptq_curve_of_a_run_trained_with_quantized_weights_and_activations() -> 
 
 def test_activation_quantizers_calibrate_then_round_inputs_onto_their_grid() -> None:
     torch.manual_seed(0)
-    model, _ = quantize_weights(LeNet5(), 8)
+    model, _ = affine_weight_copy(LeNet5(), 8)
     batches = [(torch.randn(16, 1, 28, 28), None) for _ in range(3)]
     seen: dict[str, torch.Tensor] = {}
     qs = quantize_activations(model, 3, batches)
@@ -204,7 +205,7 @@ def test_weight_memory_counts_uint8_codes_against_float32() -> None:
     assert mem["weight_bytes"] == n_w + 8 * 4 + 4 * n_b
     assert 3.9 < mem["float32_bytes"] / mem["weight_bytes"] < 4.0
     assert weight_memory(model, 4)["packed_bytes"] == n_w // 2 + 8 * 4 + 4 * n_b
-    _, codes = quantize_weights(model, 8)
+    _, codes = affine_weight_copy(model, 8)
     assert weight_memory(model, 8, codes) == mem
 
 
@@ -275,9 +276,9 @@ def test_ptq_json_merges_new_entries(tmp_path: Path) -> None:
     ptq_curve.write(tmp_path, {"float_test_error": 1.0}, [row])
     ptq_curve.write(tmp_path, {"float_test_error": 1.0}, [{**row, "bits": 2, "weights_only_error": 9.0},
                                                          {**row, "weights_only_error": 1.2}])
-    doc = ptq_curve.read(tmp_path)
+    doc = record.read_ptq(tmp_path)
     assert [(r["bits"], r["weights_only_error"]) for r in doc["results"]] == [(8, 1.2), (2, 9.0)]
-    assert ptq_curve.read(tmp_path / "nowhere") is None
+    assert record.read_ptq(tmp_path / "nowhere") is None
 
 
 # ---- real MNIST --------------------------------------------------------------------------------------
@@ -321,7 +322,7 @@ def test_accuracy_vs_bits_curve_is_monotone_and_two_bits_is_clearly_worse(mnist_
     4b 7.22%, 3b 7.57%, 2b 10.24%; with activations 7.24%, 7.32%, 7.66%, 11.07%. Monotone within noise:
     fewer bits never help by more than 0.3 points; 2 bits lose at least 1.5 points against 8 bits in
     both columns."""
-    doc = ptq_curve.read(mnist_ptq_run)
+    doc = record.read_ptq(mnist_ptq_run)
     m = read_metrics(mnist_ptq_run)
     rows = doc["results"]
     assert [r["bits"] for r in rows] == [8, 4, 3, 2] and all(r["act_bits"] == r["bits"] for r in rows)

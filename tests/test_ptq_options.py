@@ -12,7 +12,7 @@ from torch import nn
 
 from qexp.errors import QexpError
 from qexp.methods.ptq import affine
-from qexp.methods.ptq.method import PTQ, Scheme, quantize_activations, quantize_weights, weight_sqnr
+from qexp.methods.ptq.method import PTQ, Scheme, affine_weight_copy, quantize_activations, weight_sqnr
 from qexp.models.lenet import LeNet5
 from tests.conftest import find_runs, run_qexp
 
@@ -103,19 +103,19 @@ def test_quantized_copy_per_channel_and_sqnr_per_layer():
     batches = [(torch.randn(16, 1, 28, 28), None) for _ in range(2)]
     sq = {}
     for pc in (False, True):
-        qm, codes = quantize_weights(model, 4, scheme=Scheme(per_channel=pc))
+        qm, codes = affine_weight_copy(model, 4, scheme=Scheme(per_channel=pc))
         for name, layer in qm.named_modules():
             if name in codes:
                 assert torch.equal(layer.weight, codes[name].dequantize())
         sq[pc] = weight_sqnr(model, codes)
         assert set(sq[pc]) == {"features.0", "features.3", "classifier.1", "classifier.3"} or len(sq[pc]) == 4
     assert all(sq[True][n] >= sq[False][n] - 1e-6 for n in sq[True])  # per channel is never worse
-    qm, _ = quantize_weights(model, 4)
+    qm, _ = affine_weight_copy(model, 4)
     acts = quantize_activations(qm, 4, batches, Scheme(calibration="mse"))
     assert all(isinstance(q.sqnr_db, float) and q.sqnr_db > 0 for q in acts.values())
     # about 6 dB per bit
-    s8 = weight_sqnr(model, quantize_weights(model, 8)[1])
-    s4 = weight_sqnr(model, quantize_weights(model, 4)[1])
+    s8 = weight_sqnr(model, affine_weight_copy(model, 8)[1])
+    s4 = weight_sqnr(model, affine_weight_copy(model, 4)[1])
     assert all(18 < s8[n] - s4[n] < 30 for n in s8)
 
 

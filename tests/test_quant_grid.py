@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from qexp.quant import kernels
-from qexp.quant.grid import limit, on_grid, quantize_nearest, quantize_stochastic, step
+from qexp.quant.grid import SymmetricGrid, on_grid, quantize_nearest, quantize_stochastic
 from qexp.quant.kernels import Noise, nearest, nearest_round_, stochastic_round, stochastic_round_
 from qexp.quant.straight_through import straight_through
 from qexp.quant.weight import WeightQuantizer
@@ -49,8 +49,8 @@ def _sr_grid(x: torch.Tensor, bits: int, seed: int) -> torch.Tensor:
 def test_stochastic_rounding_is_unbiased(sr, bits, request):
     """Mean of 1e5 draws within 5 standard errors (each draw's std <= Δ/2; 1 bit: <= s), plus the
     kernel's 16-bit threshold resolution (bias < Δ·2^-16)."""
-    m = limit(bits, SCALE)
-    d = step(bits, SCALE)
+    m = SymmetricGrid(bits, SCALE).limit
+    d = SymmetricGrid(bits, SCALE).step
     sd = SCALE if bits == 1 else d / 2
     tol = 5 * sd / DRAWS**0.5 + d * 2**-16
     if sr is _sr_fused:
@@ -69,7 +69,7 @@ def test_sr_is_unbiased_over_repeated_calls():
     total = torch.zeros(50, dtype=torch.float64)
     for _ in range(2000):
         total += stochastic_round_(x.clone(), bits, SCALE, noise)
-    d = step(bits, SCALE)
+    d = SymmetricGrid(bits, SCALE).step
     assert abs(total.mean().item() / 2000 - v) < 5 * (d / 2) / (2000 * 50) ** 0.5
 
 
@@ -77,7 +77,7 @@ def test_sr_is_unbiased_over_repeated_calls():
 def test_values_lie_on_the_grid_inside_the_range(bits):
     torch.manual_seed(bits)
     x = torch.randn(10_000) * SCALE * 3  # well outside the range too
-    m = limit(bits, SCALE)
+    m = SymmetricGrid(bits, SCALE).limit
     outs = {
         "nearest": nearest(x, bits, SCALE),
         "grid_nearest": quantize_nearest(x, bits, SCALE),
@@ -93,7 +93,7 @@ def test_values_lie_on_the_grid_inside_the_range(bits):
     # the fused kernel is Q_d: it may differ from the reference only within float error of a midpoint
     differ = outs["nearest"] != outs["grid_nearest"]
     if bits > 1:
-        frac = (x[differ].clamp(-m, m) / step(bits, SCALE)).frac().abs()
+        frac = (x[differ].clamp(-m, m) / SymmetricGrid(bits, SCALE).step).frac().abs()
         assert ((frac - 0.5).abs() < 1e-4).all()
     else:
         assert not differ.any()
@@ -101,7 +101,7 @@ def test_values_lie_on_the_grid_inside_the_range(bits):
 
 @pytest.mark.parametrize("bits", [2, 4, 8])
 def test_stochastic_rounding_picks_a_neighbour(bits):
-    m, d = limit(bits, SCALE), step(bits, SCALE)
+    m, d = SymmetricGrid(bits, SCALE).limit, SymmetricGrid(bits, SCALE).step
     x = (torch.rand(10_000) * 2 - 1) * m
     q = stochastic_round(x, bits, SCALE, Noise(3))
     lo, hi = torch.floor(x / d) * d, torch.ceil(x / d) * d

@@ -21,7 +21,7 @@ from qexp.quant.activation import (
     alpha_grad_factor,
     calibrate_alpha,
     estimator_mask,
-    levels,
+    max_index,
     quantized_relu,
 )
 from tests.conftest import find_runs, read_metrics, run_qexp
@@ -49,11 +49,11 @@ def _grad(module: QuantReLU, x: list[float], upstream: torch.Tensor) -> tuple[to
 def test_forward_lies_on_the_activation_grid(bits, staircase):
     g = torch.Generator().manual_seed(bits)
     x = torch.randn(10_000, generator=g) * 3
-    alpha = 4.0 / levels(bits)  # the top level sits at x = 4: every level is hit on this spread
+    alpha = 4.0 / max_index(bits)  # the top level sits at x = 4: every level is hit on this spread
     q = quantized_relu(x, alpha, bits, staircase)
     k = q / alpha
     assert torch.allclose(k, k.round(), atol=1e-4)
-    assert k.min() >= 0 and k.max() <= levels(bits) + 1e-4
+    assert k.min() >= 0 and k.max() <= max_index(bits) + 1e-4
     if bits == 1:  # binary: alpha * 1{x > 0}
         assert torch.equal(q, (x > 0).float() * alpha)
     else:  # sigma(x) = alpha * clip(ceil (the paper's) or round(x / alpha), 0, 2^b - 1); every level used
@@ -204,7 +204,7 @@ def test_every_model_family_trains_with_each_estimator(family, estimator):
             h.remove()
     for out, a in seen:
         k = out / a
-        assert torch.allclose(k, k.round(), atol=1e-3) and k.max() <= levels(2) + 1e-3
+        assert torch.allclose(k, k.round(), atol=1e-3) and k.max() <= max_index(2) + 1e-3
 
 
 @pytest.mark.parametrize("estimator", ESTIMATORS)

@@ -12,7 +12,7 @@ import torch
 from qexp.errors import QexpError
 from qexp.methods.bc import BinaryConnect
 from qexp.methods.rounding import BigSR, Rounding, StochasticRounding
-from qexp.quant.grid import limit
+from qexp.quant.grid import SymmetricGrid
 from qexp.quant.inject import weight_layers
 from qexp.quant.kernels import nearest
 from qexp.run.engine import Trainer
@@ -74,7 +74,7 @@ def check_invariants(method) -> None:
             assert w.abs().max().item() <= q.scale * (1 + 1e-6), q.name
         else:  # SR / R: stored weights exactly on the grid
             assert torch.equal(nearest(w, q.bits, q.scale), w), q.name
-            assert w.abs().max().item() <= limit(q.bits, q.scale) * (1 + 1e-6)
+            assert w.abs().max().item() <= SymmetricGrid(q.bits, q.scale).limit * (1 + 1e-6)
 
 
 @pytest.mark.parametrize(("method", "family"), PAIRS)

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qexp.errors import QexpError
+from qexp.errors import check_choice, check_range
 
 if TYPE_CHECKING:
     from qexp.data import DataBundle
@@ -109,14 +109,9 @@ class Method:
     epoch_scale: int = 1
 
     def __init__(self, bits: int | None = None, loss: str = "ce") -> None:
-        self.bits = self.default_bits if bits is None else int(bits)
-        lo, hi = self.bits_range
-        if not lo <= self.bits <= hi:
-            allowed = f"{lo}" if lo == hi else f"{lo}..{hi}"
-            raise QexpError(f"method={self.name} cannot use bits={self.bits}; allowed: {allowed}")
-        if loss not in LOSSES:
-            raise QexpError(f"unknown loss {loss!r}; choose from {sorted(LOSSES)}")
-        self.loss_name = loss
+        self.bits = check_range("bits", self.default_bits if bits is None else int(bits), *self.bits_range,
+                                why=f"method={self.name}")
+        self.loss_name = check_choice("method.loss", loss, sorted(LOSSES))
 
     @property
     def loss_is_sum(self) -> bool:

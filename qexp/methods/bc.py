@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from qexp.errors import QexpError
+from qexp.errors import QexpError, check_choice
 from qexp.methods.base import Method, RunContext
 from qexp.methods.diagnostics import FlipTracker
 from qexp.quant.kernels import Noise, nearest
@@ -22,6 +22,25 @@ from qexp.quant.weight import QuantLayer, WeightQuantizer, quantize_weights, wei
 
 LR_SCALES = ("glorot", "none")
 EVAL_WEIGHTS = ("auto", "float", "quantized")
+
+
+def layer_lr_scale(q: QuantLayer, rule: str) -> float:
+    """The LR multiplier of a quantized layer's shadow weights: ``glorot`` is BinaryConnect's
+    ``W_LR_scale = 1 / sqrt(1.5/(fan_in+fan_out))`` times H (the layer's grid scale), ``none`` is 1."""
+    if rule == "none":
+        return 1.0
+    fan_in, fan_out = q.fans
+    return q.scale / math.sqrt(1.5 / (fan_in + fan_out))
+
+
+def shadow_param_groups(model: nn.Module, layers: list[QuantLayer], rule: str) -> list[dict[str, Any]]:
+    """BinaryConnect's optimizer groups: the unscaled float parameters first (BN, biases; the logged lr is
+    the base lr), then one group per quantized layer with its :func:`layer_lr_scale`."""
+    taken = {id(q.weight) for q in layers}
+    rest = [p for p in model.parameters() if p.requires_grad and id(p) not in taken]
+    groups = [{"params": rest, "name": "float"}] if rest else []
+    return groups + [{"params": [q.weight], "lr_scale": layer_lr_scale(q, rule), "name": q.name}
+                     for q in layers]
 
 
 class BinaryConnect(Method):
@@ -52,10 +71,8 @@ class BinaryConnect(Method):
         if stochastic and self.bits != 1:
             raise QexpError("method.stochastic=true is 1-bit BinaryConnect; with bits>=2 BinaryConnect "
                             "uses the deterministic grid Q_d (set method.stochastic=false)")
-        if lr_scale not in LR_SCALES:
-            raise QexpError(f"method.lr_scale must be one of {LR_SCALES}, got {lr_scale!r}")
-        if eval_weights not in EVAL_WEIGHTS:
-            raise QexpError(f"method.eval_weights must be one of {EVAL_WEIGHTS}, got {eval_weights!r}")
+        check_choice("method.lr_scale", lr_scale, LR_SCALES)
+        check_choice("method.eval_weights", eval_weights, EVAL_WEIGHTS)
         self.stochastic, self.scale, self.lr_scale = bool(stochastic), scale, lr_scale
         self.eval_float = eval_weights == "float" or (eval_weights == "auto" and self.stochastic)
         self.init_uniform, self.skip_first, self.skip_last, self.seed = init_uniform, skip_first, skip_last, seed
@@ -79,22 +96,12 @@ class BinaryConnect(Method):
                 if self.init_uniform:
                     q.weight.uniform_(-q.scale, q.scale)
                 q.weight.clamp_(-q.scale, q.scale)
-        self.flips.start(self._levels())
+        self.flips.start(self._indices())
         return model
 
     def param_groups(self, model: nn.Module) -> list[dict[str, Any]]:
         """One group per quantized layer (its LR scale); everything else (BN, biases) unscaled."""
-        taken = {id(q.weight) for q in self.layers}
-        rest = [p for p in model.parameters() if p.requires_grad and id(p) not in taken]
-        groups = [{"params": rest, "name": "float"}] if rest else []  # first: the logged lr is the base lr
-        return groups + [{"params": [q.weight], "lr_scale": self.layer_lr_scale(q), "name": q.name}
-                         for q in self.layers]
-
-    def layer_lr_scale(self, q: QuantLayer) -> float:
-        if self.lr_scale == "none":
-            return 1.0
-        fan_in, fan_out = q.fans
-        return q.scale / math.sqrt(1.5 / (fan_in + fan_out))
+        return shadow_param_groups(model, self.layers, self.lr_scale)
 
     # ---- per step --------------------------------------------------------------------------------
     @torch.no_grad()
@@ -105,7 +112,7 @@ class BinaryConnect(Method):
             q.weight.clamp_(-q.scale, q.scale)
 
     # ---- per epoch -------------------------------------------------------------------------------
-    def _levels(self) -> list[torch.Tensor]:
+    def _indices(self) -> list[torch.Tensor]:
         """Each layer's deterministic quantized weight as grid indices (int8)."""
         with torch.no_grad():
             return [FlipTracker.index(q.weight, q.bits, q.scale) for q in self.layers]
@@ -122,7 +129,7 @@ class BinaryConnect(Method):
             else:
                 err += (nearest(w, q.bits, q.scale) - w).pow(2).sum().item()
             num += w.pow(2).sum().item()
-        self.flips.end(self._levels())
+        self.flips.end(self._indices())
         self.flips.extra["rel_quant_error"] = math.sqrt(max(err, 0.0) / max(num, 1e-30))
 
     def metrics(self) -> dict[str, float]:
@@ -133,7 +140,7 @@ class BinaryConnect(Method):
         m = weight_manifest(model, self.layers, self.name, self.bits, stochastic=self.stochastic,
                             test_weights="float" if self.eval_float else "quantized")
         for row, q in zip(m["layers"], self.layers):
-            row["lr_scale"] = self.layer_lr_scale(q)
+            row["lr_scale"] = layer_lr_scale(q, self.lr_scale)
             row["clip"] = q.scale if self.clip else None
         return m
 

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from qexp.quant.grid import step
+from qexp.quant.grid import SymmetricGrid
 
 
 class FlipTracker:
@@ -24,21 +24,18 @@ class FlipTracker:
     @staticmethod
     @torch.no_grad()
     def index(w: torch.Tensor, bits: int, scale: float) -> torch.Tensor:
-        """Grid index of ``Q_d(w)``: 1 bit ``w >= 0``; otherwise ``clamp(round(w/Δ), -L, L)``."""
-        if bits == 1:
-            return (w >= 0).to(torch.int8)
-        levels = (1 << (bits - 1)) - 1
-        return torch.round(w / step(bits, scale)).clamp_(-levels, levels).to(torch.int8)
+        """Grid index of ``Q_d(w)`` (see :meth:`SymmetricGrid.index`)."""
+        return SymmetricGrid(bits, scale).index(w)
 
-    def start(self, levels: list[torch.Tensor]) -> None:
-        self.snapshot = levels
+    def start(self, indices: list[torch.Tensor]) -> None:
+        self.snapshot = indices
 
-    def end(self, levels: list[torch.Tensor]) -> None:
+    def end(self, indices: list[torch.Tensor]) -> None:
         """Fraction changed since :meth:`start`; the end becomes the next epoch's start."""
-        changed = sum(int((a != b).sum()) for a, b in zip(levels, self.snapshot))
-        total = sum(a.numel() for a in levels)
+        changed = sum(int((a != b).sum()) for a, b in zip(indices, self.snapshot))
+        total = sum(a.numel() for a in indices)
         self.flip_frac = changed / max(total, 1)
-        self.snapshot = levels
+        self.snapshot = indices
 
     def metrics(self) -> dict[str, float]:
         out = dict(self.extra)

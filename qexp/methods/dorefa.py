@@ -25,21 +25,16 @@ from torch import nn
 
 from qexp.errors import QexpError
 from qexp.methods.base import Method, RunContext
-from qexp.quant.activation import QuantReLU
+from qexp.quant.activation import QuantReLU, max_index
 from qexp.quant.inject import attach_weight_quantizer, replace_modules, shadow_weight, weight_quantizer
 from qexp.quant.kernels import HALF, Noise
 from qexp.quant.layers import FLOAT_BITS, LayerPlan, check_bits, plan_layers
 from qexp.quant.straight_through import straight_through
 
 
-def levels(bits: int) -> int:
-    """``2^k - 1``: the number of steps of the k-bit grid on [0, 1]."""
-    return (1 << bits) - 1
-
-
 def quantize_unit(r: torch.Tensor, bits: int) -> torch.Tensor:
     """``quantize_k``: ``r`` in [0, 1] rounded to the nearest of ``2^k`` levels ``i / (2^k - 1)``."""
-    n = levels(bits)
+    n = max_index(bits)
     return r.mul(n).round_().div_(n)
 
 
@@ -73,7 +68,7 @@ class DoReFaWeight(nn.Module):
 
 def quantize_gradient(dr: torch.Tensor, bits: int, noise: Noise) -> torch.Tensor:
     """DoReFa's k-bit gradient (see the module docstring); ``noise`` supplies the uniform offsets."""
-    n = levels(bits)
+    n = max_index(bits)
     dims = tuple(range(1, dr.dim()))
     m = dr.abs().amax(dim=dims, keepdim=True) if dims else dr.abs().max()
     m = m.clamp_min(torch.finfo(dr.dtype).tiny) * 2
@@ -122,7 +117,7 @@ class DoReFa(Method):
         """The module that replaces a ReLU: ``quantize_k(clip(x, 0, 1))`` (a fixed-resolution quantized
         ReLU with resolution ``1/(2^k - 1)``, nearest rounding and the clipped-ReLU straight-through
         estimator)."""
-        return QuantReLU(self.abits, "clipped_relu", alpha=1.0 / levels(self.abits),  # type: ignore[arg-type]
+        return QuantReLU(self.abits, "clipped_relu", alpha=1.0 / max_index(self.abits),  # type: ignore[arg-type]
                          staircase="round")
 
     def prepare(self, model: nn.Module, ctx: RunContext) -> nn.Module:
@@ -177,7 +172,7 @@ class DoReFa(Method):
                 "compression": 4 * total / max(weight_bytes, 1)}
 
     def _activation_row(self, module: nn.Module) -> dict[str, Any]:
-        return {"range": [0.0, 1.0], "levels": levels(self.abits) + 1}  # type: ignore[arg-type]
+        return {"range": [0.0, 1.0], "levels": max_index(self.abits) + 1}  # type: ignore[arg-type]
 
     def tag(self) -> str:
         g = f"g{self.gbits}" if self.gbits is not None else ""

@@ -17,7 +17,8 @@ import torch
 from torch import nn
 
 from qexp.errors import QexpError
-from qexp.methods.dorefa import DoReFa, levels
+from qexp.methods.dorefa import DoReFa
+from qexp.quant.activation import max_index
 from qexp.quant.layers import FLOAT_BITS
 
 
@@ -52,7 +53,7 @@ class PACTFunction(torch.autograd.Function):
 
 def pact_quantize(x: torch.Tensor, alpha: torch.Tensor, bits: int) -> torch.Tensor:
     """``round(clip(x, 0, alpha) n / alpha) alpha / n`` with ``n = 2^k - 1`` (no gradient bookkeeping)."""
-    n = levels(bits)
+    n = max_index(bits)
     if host_scalars(x):
         a = float(alpha)
         return x.clamp(0.0, a).mul_(n / a).round_().mul_(a / n)
@@ -133,7 +134,7 @@ class PACT(DoReFa):
 
     def _activation_row(self, module: nn.Module) -> dict[str, Any]:
         a = float(module.alpha.detach())
-        return {"range": [0.0, a], "alpha": a, "levels": levels(self.abits) + 1}  # type: ignore[arg-type]
+        return {"range": [0.0, a], "alpha": a, "levels": max_index(self.abits) + 1}  # type: ignore[arg-type]
 
     def manifest(self, model: nn.Module) -> dict[str, Any]:
         return {**super().manifest(model), "alpha_l2": self.alpha_l2}

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from qexp.errors import QexpError
+from qexp.errors import check_choice, check_range
 from qexp.methods.base import Method, RunContext
 from qexp.methods.diagnostics import FlipTracker
 from qexp.quant.kernels import Noise, nearest_round_, stochastic_round_
@@ -37,8 +37,7 @@ class Rounding(Method):
     def __init__(self, bits: int | None = None, loss: str = "ce", scale: str | float = "glorot",
                  skip_first: bool = False, skip_last: bool = False, seed: int = 0, diag_every: int = 10) -> None:
         super().__init__(bits, loss)
-        if int(diag_every) < 1:
-            raise QexpError(f"method.diag_every must be >= 1, got {diag_every}")
+        check_range("method.diag_every", int(diag_every), 1)
         self.scale, self.skip_first, self.skip_last = scale, skip_first, skip_last
         self.seed, self.diag_every = seed, int(diag_every)
         self.layers: list[QuantLayer] = []
@@ -60,7 +59,7 @@ class Rounding(Method):
         with torch.no_grad():  # the stored weights live on the grid from the start
             for q in self.layers:
                 self._round(q)
-        self.flips.start(self._levels())
+        self.flips.start(self._indices())
         return model
 
     def _round(self, q: QuantLayer) -> None:
@@ -97,12 +96,12 @@ class Rounding(Method):
         self._before = None
 
     # ---- per epoch -------------------------------------------------------------------------------
-    def _levels(self) -> list[torch.Tensor]:
+    def _indices(self) -> list[torch.Tensor]:
         return [FlipTracker.index(q.weight, q.bits, q.scale) for q in self.layers]
 
     def on_epoch_end(self, epoch: int) -> None:
         moved, away, err, num = self._acc.tolist()
-        self.flips.end(self._levels())
+        self.flips.end(self._indices())
         self.flips.extra = {"rounded_away": away / moved if moved else 0.0,
                             "rel_quant_error": math.sqrt(err / num) if num else 0.0}
         self._acc.zero_()
@@ -151,10 +150,8 @@ class BigSR(StochasticRounding):
     def __init__(self, bits: int | None = None, loss: str = "ce", batch_scale: int = 8, budget: str = "epochs",
                  **kwargs: Any) -> None:
         super().__init__(bits, loss, **kwargs)
-        if int(batch_scale) < 1:
-            raise QexpError(f"method.batch_scale must be >= 1, got {batch_scale}")
-        if budget not in BUDGETS:
-            raise QexpError(f"method.budget must be one of {BUDGETS}, got {budget!r}")
+        check_range("method.batch_scale", int(batch_scale), 1)
+        check_choice("method.budget", budget, BUDGETS)
         self.batch_scale = int(batch_scale)
         self.budget = budget
         self.epoch_scale = self.batch_scale if budget == "updates" else 1

@@ -17,11 +17,17 @@ from typing import Any
 import torch
 from torch import nn
 
-from qexp.errors import QexpError
+from qexp.errors import QexpError, check_range
 from qexp.methods.base import Method, RunContext
 from qexp.methods.bc import BinaryConnect
-from qexp.quant.activation import QuantReLU, check_estimator, check_staircase, levels, lloyd_max_alpha
-from qexp.quant.inject import replace_modules
+from qexp.quant.activation import (
+    QuantReLU,
+    check_estimator,
+    check_staircase,
+    lloyd_max_alpha,
+    max_index,
+    quantize_relus,
+)
 
 LLOYD_MAX = "lloyd_max"
 
@@ -41,8 +47,7 @@ class STE(Method):
             alpha = lloyd_max_alpha(self.bits, self.staircase)
         elif isinstance(alpha, str) or (alpha is not None and not alpha > 0):
             raise QexpError(f"method.alpha must be positive, {LLOYD_MAX}, or null to calibrate; got {alpha}")
-        if stats_every < 1:
-            raise QexpError(f"method.stats_every must be >= 1, got {stats_every}")
+        check_range("method.stats_every", stats_every, 1)
         self.learn_alpha, self.alpha, self.alpha_lr_scale = bool(learn_alpha), alpha, float(alpha_lr_scale)
         self.stats_every = int(stats_every)
         self.weights = _weight_quantization(wbits, loss)
@@ -53,21 +58,10 @@ class STE(Method):
         def make(name: str, module: nn.Module) -> QuantReLU:
             return QuantReLU(self.bits, self.estimator, self.alpha, self.learn_alpha, self.staircase)
 
-        names = replace_modules(model, lambda n, m: isinstance(m, nn.ReLU), make)
-        if not names:
-            raise QexpError(f"method=ste quantizes nn.ReLU modules, and {type(model).__name__} has none")
-        self.quantizers = [(n, model.get_submodule(n)) for n in names]
-        # Calibration of a module stays open for the whole first forward pass (a reused ReLU sees all of
-        # its call sites) and is closed right after it.
-        model.register_forward_hook(self._close_calibration)
+        self.quantizers = quantize_relus(model, make, "method=ste")
         if self.weights is not None:
             self.weights.prepare(model, ctx)
         return model
-
-    def _close_calibration(self, model: nn.Module, args: Any, output: Any) -> None:
-        for _, q in self.quantizers:
-            if not q.is_calibrated:
-                q.finish_calibration()
 
     def param_groups(self, model: nn.Module) -> list[dict[str, Any]]:
         alphas = {id(q.alpha) for _, q in self.quantizers if self.learn_alpha}
@@ -117,8 +111,8 @@ class STE(Method):
 
     def manifest(self, model: nn.Module) -> dict[str, Any]:
         base = super().manifest(model) if self.weights is None else self.weights.manifest(model)
-        acts = [{"name": n, "bits": self.bits, "alpha": float(q.alpha), "levels": levels(self.bits) + 1,
-                 "top": float(q.alpha) * levels(self.bits) if self.bits > 1 else float(q.alpha),
+        acts = [{"name": n, "bits": self.bits, "alpha": float(q.alpha), "levels": max_index(self.bits) + 1,
+                 "top": float(q.alpha) * max_index(self.bits) if self.bits > 1 else float(q.alpha),
                  "call_sites": int(q.sites), "shared_alpha": int(q.sites) > 1,
                  "estimator": self.estimator, "learned_alpha": self.learn_alpha}
                 for n, q in self.quantizers]
@@ -146,6 +140,5 @@ def _weight_quantization(wbits: int | None, loss: str) -> BinaryConnect | None:
     None keeps the weights float."""
     if wbits is None:
         return None
-    if not 1 <= int(wbits) <= 8:
-        raise QexpError(f"method.wbits must be in 1..8 (or null for float weights), got {wbits}")
+    check_range("method.wbits", int(wbits), 1, 8, why="or null for float weights")
     return BinaryConnect(bits=int(wbits), loss=loss)

@@ -13,10 +13,14 @@ in the backward, which is what keeps the step time near float's.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import torch
 from torch import nn
 
-from qexp.errors import QexpError
+from qexp.errors import QexpError, check_choice
+from qexp.quant.inject import replace_modules
 
 ESTIMATORS = ("identity", "relu", "clipped_relu")
 STAIRCASES = ("ceil", "round")
@@ -26,21 +30,18 @@ CALIB_SAMPLES = 1 << 14
 CALIB_GRID = 100
 
 
-def levels(bits: int) -> int:
-    """Number of non-zero levels, ``N = 2^b - 1`` (the top level is ``N * alpha``)."""
+def max_index(bits: int) -> int:
+    """The largest index of the unsigned grid ``{0, alpha, ..., N alpha}``: ``N = 2^b - 1`` (the top level
+    is ``N * alpha``; ``N`` non-zero levels)."""
     return (1 << bits) - 1
 
 
 def check_estimator(name: str) -> str:
-    if name not in ESTIMATORS:
-        raise QexpError(f"unknown straight-through estimator {name!r}; choose from {', '.join(ESTIMATORS)}")
-    return name
+    return check_choice("method.ste", name, ESTIMATORS)
 
 
 def check_staircase(name: str) -> str:
-    if name not in STAIRCASES:
-        raise QexpError(f"unknown staircase {name!r}; choose from {', '.join(STAIRCASES)}")
-    return name
+    return check_choice("method.staircase", name, STAIRCASES)
 
 
 def quantized_relu(x: torch.Tensor, alpha: torch.Tensor | float, bits: int,
@@ -50,7 +51,7 @@ def quantized_relu(x: torch.Tensor, alpha: torch.Tensor | float, bits: int,
         return (x > 0).to(x.dtype) * alpha
     v = x.div(alpha)  # true division: x = k*alpha lands exactly on k, so ceil keeps the paper's closed interval
     v = v.ceil_() if staircase == "ceil" else v.round_()
-    return v.clamp_(0, levels(bits)).mul_(alpha)
+    return v.clamp_(0, max_index(bits)).mul_(alpha)
 
 
 def relu_gaussian_mse(alpha: float, bits: int, staircase: str = "ceil", points: int = 200_001) -> float:
@@ -70,7 +71,7 @@ def lloyd_max_alpha(bits: int, staircase: str = "ceil") -> float:
     this staircase, found by golden-section search on :func:`relu_gaussian_mse` (computed, no table).
 
     1 bit: E[x | x > 0] = sqrt(2/pi) (the closed form, pinned by a test)."""
-    lo, hi = 1e-3, 4.0 / max(levels(bits), 1) + 1.0
+    lo, hi = 1e-3, 4.0 / max(max_index(bits), 1) + 1.0
     g = (5 ** 0.5 - 1) / 2
     a, b = hi - g * (hi - lo), lo + g * (hi - lo)
     fa, fb = relu_gaussian_mse(a, bits, staircase), relu_gaussian_mse(b, bits, staircase)
@@ -93,7 +94,7 @@ def estimator_mask(x: torch.Tensor, alpha: torch.Tensor | float, bits: int,
         return None
     if estimator == "relu":
         return x > 0
-    return (x > 0) & (x < alpha * levels(bits))
+    return (x > 0) & (x < alpha * max_index(bits))
 
 
 def alpha_grad_factor(x: torch.Tensor, alpha: torch.Tensor, bits: int, staircase: str = "ceil") -> torch.Tensor:
@@ -103,7 +104,7 @@ def alpha_grad_factor(x: torch.Tensor, alpha: torch.Tensor, bits: int, staircase
     """
     if bits == 1:
         return (x > 0).to(x.dtype)
-    n = levels(bits)
+    n = max_index(bits)
     v = x / alpha
     inside = (torch.ceil(v) if staircase == "ceil" else torch.round(v)) - v
     return torch.where(v <= 0, torch.zeros_like(v), torch.where(v >= n, torch.full_like(v, n), inside))
@@ -117,7 +118,7 @@ def estimator_grad(grad: torch.Tensor, x: torch.Tensor, alpha: float, bits: int,
         return grad
     if estimator == "relu":
         return torch.ops.aten.threshold_backward(grad, x, 0.0)
-    return torch.ops.aten.hardtanh_backward(grad, x, 0.0, alpha * levels(bits))
+    return torch.ops.aten.hardtanh_backward(grad, x, 0.0, alpha * max_index(bits))
 
 
 class QuantReLUFunction(torch.autograd.Function):
@@ -159,7 +160,7 @@ class LearnedQuantReLUFunction(torch.autograd.Function):
         bits, estimator = ctx.bits, ctx.estimator
         g_inside = None
         if bits > 1 and (ctx.needs_input_grad[1] or estimator == "clipped_relu"):
-            hi = alpha * levels(bits)
+            hi = alpha * max_index(bits)
             if x.device.type == "cpu":  # a host scalar costs nothing here and allows the one-pass kernel
                 g_inside = torch.ops.aten.hardtanh_backward(grad, x, 0.0, float(hi))
             else:  # on a GPU, keep alpha on the device (no sync): mask and multiply
@@ -197,7 +198,7 @@ def calibrate_alpha(x: torch.Tensor, bits: int, staircase: str = "ceil") -> floa
     if bits == 1:
         return float(pos.mean())
     target = v.clamp(min=0)
-    n = levels(bits)
+    n = max_index(bits)
     alphas = pos.max() * torch.linspace(0.01, 1.0, CALIB_GRID, device=v.device) / n
     a = alphas[:, None]  # all candidates at once: [CALIB_GRID, samples]
     r = (v / a).ceil_() if staircase == "ceil" else (v / a).round_()
@@ -287,7 +288,7 @@ class QuantReLU(nn.Module):
     @torch.no_grad()
     def _count(self, q: torch.Tensor, alpha: torch.Tensor | float) -> None:
         half = 0.5 * alpha
-        top = (levels(self.bits) - 0.5) * alpha
+        top = (max_index(self.bits) - 0.5) * alpha
         counts = torch.stack([(q < half).sum(), (q > top).sum()])
         if self._stats is None:
             self._stats = torch.zeros(3, dtype=torch.int64, device=q.device)
@@ -305,3 +306,29 @@ class QuantReLU(nn.Module):
     def extra_repr(self) -> str:
         return (f"bits={self.bits}, estimator={self.estimator}, alpha={float(self.alpha):.4g}, "
                 f"learn_alpha={self.learn_alpha}, staircase={self.staircase}")
+
+
+class _CloseCalibration:
+    """Forward hook on the whole model: closes the calibration of every quantized ReLU after the first
+    forward pass, so a ReLU module reused at several call sites calibrates on all of them."""
+
+    def __init__(self, quantizers: list[QuantReLU]) -> None:
+        self.quantizers = quantizers
+
+    def __call__(self, model: nn.Module, args: Any, output: Any) -> None:
+        for q in self.quantizers:
+            if not q.is_calibrated:
+                q.finish_calibration()
+
+
+def quantize_relus(model: nn.Module, make: Callable[[str, nn.Module], QuantReLU],
+                   who: str) -> list[tuple[str, QuantReLU]]:
+    """Replace every ``nn.ReLU`` of ``model`` (in place) by ``make(name, relu)``; the quantized ReLUs
+    calibrate alpha on the first forward pass (see :class:`QuantReLU`). Returns (name, module) pairs;
+    a model without ReLUs is a :class:`QexpError` naming ``who`` (e.g. ``method=ste``)."""
+    names = replace_modules(model, lambda n, m: isinstance(m, nn.ReLU), make)
+    if not names:
+        raise QexpError(f"{who} quantizes nn.ReLU modules, and {type(model).__name__} has none")
+    quantizers = [(n, model.get_submodule(n)) for n in names]
+    model.register_forward_hook(_CloseCalibration([q for _, q in quantizers]))
+    return quantizers

@@ -35,7 +35,7 @@ from collections.abc import Callable
 
 import torch
 
-from qexp.quant.grid import step
+from qexp.quant.grid import SymmetricGrid
 
 log = logging.getLogger("qexp")
 
@@ -102,7 +102,7 @@ def nearest_round_(x: torch.Tensor, bits: int, scale: float) -> torch.Tensor:
     """``x <- Q_d(x)`` in place."""
     if bits == 1:
         return _binary_(x, scale)
-    return _grid_(x.mul_(1.0 / step(bits, scale)), bits, scale)
+    return _grid_(x.mul_(1.0 / SymmetricGrid(bits, scale).step), bits, scale)
 
 
 def stochastic_round_(x: torch.Tensor, bits: int, scale: float, noise: Noise) -> torch.Tensor:
@@ -120,7 +120,8 @@ def stochastic_round_(x: torch.Tensor, bits: int, scale: float, noise: Noise) ->
     t = noise.int16(n).view(x.shape)
     if bits == 1:
         return _binary_(x.add_(t, alpha=-scale / HALF), scale, strict=True)
-    return _grid_(x.mul_(1.0 / step(bits, scale)).add_(t, alpha=1.0 / (2 * HALF)), bits, scale)
+    d = SymmetricGrid(bits, scale).step
+    return _grid_(x.mul_(1.0 / d).add_(t, alpha=1.0 / (2 * HALF)), bits, scale)
 
 
 def stochastic_round(x: torch.Tensor, bits: int, scale: float, noise: Noise) -> torch.Tensor:
@@ -136,9 +137,10 @@ def _binary_(x: torch.Tensor, scale: float, strict: bool = False) -> torch.Tenso
 
 
 def _grid_(k: torch.Tensor, bits: int, scale: float) -> torch.Tensor:
-    """``k`` holds ``x/Δ`` (plus noise): ``k <- clamp(round(k), -L, L)·Δ`` in place, ``L = 2^(k-1) - 1``."""
-    levels = (1 << (bits - 1)) - 1
-    return k.round_().clamp_(-levels, levels).mul_(step(bits, scale))
+    """``k`` holds ``x/Δ`` (plus noise): ``k <- clamp(round(k), -L, L)·Δ`` in place, ``L`` the grid's
+    ``max_index`` (``2^(k-1) - 1``)."""
+    g = SymmetricGrid(bits, scale)
+    return k.round_().clamp_(-g.max_index, g.max_index).mul_(g.step)
 
 
 # ---- the fused kernel ----------------------------------------------------------------------------------
@@ -191,8 +193,8 @@ def _fused_sr_(x: torch.Tensor, bits: int, scale: float, noise: Noise) -> None:
         parts.append((flat[full * COLS:].view(1, tail), a[full:], b[:tail], c[full: full + tail]))
     for xs, av, bv, cv in parts:
         grid, binary = _FUSED.compiled() if _FUSED.on else (_sr_grid_body, _sr_binary_body)
-        d = step(bits, scale)
-        p = [-scale / HALF, 2 * scale, scale] if bits == 1 else [1.0 / d, float((1 << (bits - 1)) - 1), d]
+        g = SymmetricGrid(bits, scale)
+        p = [-scale / HALF, 2 * scale, scale] if bits == 1 else [1.0 / g.step, float(g.max_index), g.step]
         args = (torch.tensor(p, dtype=torch.float32, device=x.device),)
         try:
             (binary if bits == 1 else grid)(xs, av, bv, cv, *args)

@@ -17,8 +17,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from qexp.errors import QexpError
-from qexp.quant.grid import glorot_scale, limit, step
+from qexp.errors import QexpError, check_choice, check_range
+from qexp.quant.grid import SymmetricGrid, glorot_scale
 from qexp.quant.inject import attach_weight_quantizer, shadow_weight, weight_layers
 from qexp.quant.kernels import Noise, nearest, stochastic_round
 from qexp.quant.straight_through import straight_through
@@ -49,20 +49,15 @@ class QuantLayer:
 
 
 def check_bits(bits: int, lo: int = 1, hi: int = 8) -> int:
-    if not lo <= int(bits) <= hi:
-        raise QexpError(f"weight bits must be in {lo}..{hi}, got {bits}")
-    return int(bits)
+    return check_range("weight bits", int(bits), lo, hi)
 
 
 def layer_scale(weight: torch.Tensor, scale: str | float) -> float:
     """The grid scale ``s``: ``"glorot"`` (sqrt(6/(fan_in+fan_out)), the default) or a number."""
     if isinstance(scale, str):
-        if scale != "glorot":
-            raise QexpError(f"unknown weight scale {scale!r}; use 'glorot' or a positive number")
+        check_choice("method.scale", scale, ("glorot", "a positive number"))
         return glorot_scale(weight)
-    if not float(scale) > 0:
-        raise QexpError(f"weight scale must be positive, got {scale}")
-    return float(scale)
+    return check_range("method.scale", float(scale), 0, strict_lo=True)
 
 
 def quantize_weights(model: nn.Module, bits: int, rounding: str, float_copy: bool,
@@ -102,8 +97,8 @@ def weight_manifest(model: nn.Module, layers: list[QuantLayer], method: str, bit
         q_bits += n * q.bits
         train_bytes += 4 * n if q.float_copy else math.ceil(n * q.bits / 8)
         rows.append({"name": q.name, "type": type(q.module).__name__, "shape": list(w.shape), "params": n,
-                     "bits": q.bits, "scale": q.scale, "step": step(q.bits, q.scale),
-                     "range": limit(q.bits, q.scale), "rounding": q.rounding, "float_copy": q.float_copy,
+                     "bits": q.bits, "scale": q.scale, "step": SymmetricGrid(q.bits, q.scale).step,
+                     "range": SymmetricGrid(q.bits, q.scale).limit, "rounding": q.rounding, "float_copy": q.float_copy,
                      "bytes": math.ceil(n * q.bits / 8), "float32_bytes": 4 * n})
     params = list({id(p): p for p in model.parameters()}.values())
     total = sum(p.numel() for p in params)

@@ -26,8 +26,9 @@ from typing import Any
 
 from qexp.errors import QexpError
 from qexp.report import results
+from qexp.run import record
 
-PTQ_FILE = results.PTQ_FILE
+PTQ_FILE = record.PTQ_FILE
 #: per-layer bit widths in a learned-precision run's history (``method/bits/<layer>``)
 LAYER_BITS = re.compile(r"^method/(?:bits|alloc(?:ation)?)/(.+)$")
 #: the mean bits a layer drew over an epoch while the allocation was still sampled (soft phase)
@@ -235,7 +236,7 @@ def ptq_points(df: Any, rows: Sequence[str], cols: Sequence[str]) -> dict[tuple[
     out: dict[tuple[str, ...], dict[str, dict[int, list[float]]]] = {}
     for r in df.to_dict("records"):
         key = tuple(results.key_label(k, r) for k in [*cols, *rows])
-        doc = results.read_ptq(r["run_dir"])
+        doc = record.read_ptq(r["run_dir"])
         if doc:
             series = out.setdefault(key, {})
             seen = set()  # entries for several act_bits repeat the weights-only number: count it once

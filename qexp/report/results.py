@@ -163,25 +163,14 @@ def collect(dirs: Iterable[str | Path]) -> pd.DataFrame:
 
 
 # ---- post-training quantization curves (ptq.json) -----------------------------------------------
-PTQ_FILE = "ptq.json"
-
-
-def read_ptq(run_dir: str | Path) -> dict[str, Any] | None:
-    """A run's ptq.json (``qexp eval RUN --ptq-bits ...``), or None when absent or malformed."""
-    try:
-        doc = read_json(Path(run_dir) / PTQ_FILE)
-    except (OSError, ValueError):
-        return None
-    if not isinstance(doc, dict) or not isinstance(doc.get("results"), list):
-        return None
-    return doc
+PTQ_FILE = record.PTQ_FILE
 
 
 def ptq_records(run: dict[str, Any]) -> list[dict[str, Any]]:
     """The PTQ results stored in a run folder as table records: method ``ptq`` (``ptq(<method>)`` when
     the source run was not float), bits tagged as ``method=ptq`` does (``k``, or ``k-a`` with
     a-bit activations), the source run's other keys. Weights-only entries are deduplicated by k."""
-    doc = read_ptq(run["run_dir"])
+    doc = record.read_ptq(run["run_dir"])
     if doc is None or run.get("status") != "completed":
         return []
     src = run.get("method")

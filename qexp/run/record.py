@@ -76,3 +76,19 @@ def summary_line(rec: dict[str, Any]) -> str:
         line += (f"; best.pt: epoch {rec['best_epoch']} (val error {rec['best_val_error']:.2f}%, "
                  f"test error {rec['test_error_at_best']:.2f}%)")
     return line
+
+
+# ---- ptq.json: post-training quantization curves (written by ``qexp eval RUN --ptq-bits``) ------------
+PTQ_FILE = "ptq.json"
+
+
+def read_ptq(run_dir: str | Path) -> dict[str, Any] | None:
+    """A run's ptq.json (schema: :mod:`qexp.methods.ptq.curve`), or None when absent or malformed (not a
+    JSON object with a ``results`` list)."""
+    try:
+        doc = read_json(Path(run_dir) / PTQ_FILE)
+    except (OSError, ValueError):
+        return None
+    if not isinstance(doc, dict) or not isinstance(doc.get("results"), list):
+        return None
+    return doc

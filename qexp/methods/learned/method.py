@@ -13,6 +13,7 @@ that most likely allocation too.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any
 
@@ -20,8 +21,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from qexp.errors import QexpError
+from qexp.errors import QexpError, check_choice, check_range
 from qexp.methods.base import Evaluate, Method, RunContext
+from qexp.methods.bc import LR_SCALES, layer_lr_scale, shadow_param_groups
 from qexp.methods.learned.precision import (
     BitSource,
     LearnedBitsQuantizer,
@@ -30,11 +32,8 @@ from qexp.methods.learned.precision import (
     most_likely_counts,
     sample_counts,
 )
-from qexp.quant.activation import QuantReLU
-from qexp.quant.inject import replace_modules
+from qexp.quant.activation import QuantReLU, quantize_relus
 from qexp.quant.weight import QuantLayer, quantize_weights, weight_manifest
-
-LR_SCALES = ("glorot", "none")
 
 
 class LearnedPrecision(Method):
@@ -50,18 +49,14 @@ class LearnedPrecision(Method):
         super().__init__(bits, loss)
         self.min_bits, self.max_bits = int(min_bits), int(max_bits)
         check_budget(1, self.bits, self.min_bits, self.max_bits)
-        if self.max_bits > 16:
-            raise QexpError(f"method.max_bits must be at most 16, got {max_bits}")
-        if lr_scale not in LR_SCALES:
-            raise QexpError(f"method.lr_scale must be one of {LR_SCALES}, got {lr_scale!r}")
-        if not 0 < tau_min <= tau0:
-            raise QexpError(f"need 0 < tau_min <= tau0, got tau0={tau0}, tau_min={tau_min}")
-        if hard_after is not None and hard_after < 0:
-            raise QexpError(f"method.hard_after must be >= 0 (or null: half the epochs), got {hard_after}")
-        if not logit_lr >= 0:
-            raise QexpError(f"method.logit_lr must be >= 0, got {logit_lr}")
-        if activations and not 1 <= act_bits <= 8:
-            raise QexpError(f"method.act_bits must be in 1..8, got {act_bits}")
+        check_range("method.max_bits", self.max_bits, hi=16)
+        check_choice("method.lr_scale", lr_scale, LR_SCALES)
+        check_range("method.tau_min", tau_min, 0, tau0, strict_lo=True, why="positive, at most method.tau0")
+        if hard_after is not None:
+            check_range("method.hard_after", hard_after, 0, why="or null: half the epochs")
+        check_range("method.logit_lr", logit_lr, 0)
+        if activations:
+            check_range("method.act_bits", act_bits, 1, 8)
         self.tau0, self.tau_min = float(tau0), float(tau_min)
         self.epochs = int(epochs)
         self.hard_after = math.ceil(self.epochs / 2) if hard_after is None else int(hard_after)
@@ -145,38 +140,16 @@ class LearnedPrecision(Method):
 
     def _quantize_activations(self, model: nn.Module) -> None:
         """Every ``nn.ReLU`` becomes an ``act_bits`` quantized ReLU (clipped-ReLU STE, calibrated alpha)."""
-        names = replace_modules(model, lambda n, m: isinstance(m, nn.ReLU),
-                                lambda n, m: QuantReLU(self.act_bits, "clipped_relu"))
-        if not names:
-            raise QexpError(f"method.activations=true quantizes nn.ReLU modules, and "
-                            f"{type(model).__name__} has none")
-        self.act_quantizers = [model.get_submodule(n) for n in names]
-        model.register_forward_hook(self._close_calibration)
-
-    def _close_calibration(self, model: nn.Module, args: Any, output: Any) -> None:
-        # calibration stays open for the whole first forward pass, so a reused ReLU sees all its call sites
-        for q in self.act_quantizers:
-            if not q.is_calibrated:
-                q.finish_calibration()
+        pairs = quantize_relus(model, lambda n, m: QuantReLU(self.act_bits, "clipped_relu"),
+                               "method.activations=true")
+        self.act_quantizers = [q for _, q in pairs]
 
     def param_groups(self, model: nn.Module) -> list[dict[str, Any]]:
         """As ``method=bc``: unscaled float parameters, one group per quantized layer with its LR scale;
         then the logits at their own absolute learning rate."""
         assert self.logits is not None, "prepare() first"
-        taken = {id(q.weight) for q in self.layers}
-        rest = [p for p in model.parameters() if p.requires_grad and id(p) not in taken]
-        groups: list[dict[str, Any]] = [{"params": rest, "name": "float"}] if rest else []
-        groups += [{"params": [q.weight], "lr_scale": self.layer_lr_scale(q), "name": q.name}
-                   for q in self.layers]
-        return groups + [{"params": [self.logits], "lr": self.logit_lr, "weight_decay": 0.0,
-                          "name": "logits"}]
-
-    def layer_lr_scale(self, q: QuantLayer) -> float:
-        """BinaryConnect's ``W_LR_scale`` times H (the rule ``qexp.methods.bc`` applies)."""
-        if self.lr_scale == "none":
-            return 1.0
-        fan_in, fan_out = q.fans
-        return q.scale / math.sqrt(1.5 / (fan_in + fan_out))
+        logits = {"params": [self.logits], "lr": self.logit_lr, "weight_decay": 0.0, "name": "logits"}
+        return [*shadow_param_groups(model, self.layers, self.lr_scale), logits]
 
     # ---- per step ----------------------------------------------------------------------------------
     def before_forward(self, model: nn.Module, step: int) -> None:
@@ -283,8 +256,7 @@ class LearnedPrecision(Method):
     def manifest(self, model: nn.Module) -> dict[str, Any]:
         """The shared per-layer manifest at the current (final: frozen) allocation, plus the budget."""
         alloc = self.most_likely() if self.layers else []
-        for q, b in zip(self.layers, alloc):
-            q.bits = b
+        at_alloc = [dataclasses.replace(q, bits=b) for q, b in zip(self.layers, alloc)]  # reporting only
         extra: dict[str, Any] = {
             "allocation": allocation_string(alloc), "budget_bits": self.budget, "min_bits": self.min_bits,
             "max_bits": self.max_bits, "frozen": self.frozen, "tau": self.tau,
@@ -292,9 +264,9 @@ class LearnedPrecision(Method):
         }
         if self.act_quantizers:
             extra["activation_bits"] = self.act_bits
-        m = weight_manifest(model, self.layers, self.name, self.bits, **extra)
+        m = weight_manifest(model, at_alloc, self.name, self.bits, **extra)
         for row, q in zip(m["layers"], self.layers):
-            row["lr_scale"] = self.layer_lr_scale(q)
+            row["lr_scale"] = layer_lr_scale(q, self.lr_scale)
             row["clip"] = q.scale if self.clip else None
         return m
 

@@ -26,17 +26,12 @@ def _check_bits(bits: int) -> None:
         raise ValueError(f"affine codes are stored as uint8: bits must be in 1..{MAX_BITS}, got {bits}")
 
 
-def levels(bits: int) -> int:
-    """Number of codes: ``2^bits``."""
-    return 2**bits
-
-
 def affine_scale(lo: float, hi: float, bits: int) -> float:
     """``(hi - lo) / (2^k - 1)``; 0 for a constant tensor (every code is 0 and ``x' = lo`` exactly)."""
     _check_bits(bits)
     if not (math.isfinite(lo) and math.isfinite(hi)) or hi < lo:
         raise ValueError(f"invalid range [{lo}, {hi}]")
-    return as_float32((hi - lo) / (levels(bits) - 1))
+    return as_float32((hi - lo) / max_code(bits, False))
 
 
 def as_float32(v: float) -> float:
@@ -83,7 +78,7 @@ def encode(x: torch.Tensor, bits: int, lo: float, hi: float) -> torch.Tensor:
     if scale == 0.0:
         return torch.zeros_like(x, dtype=torch.uint8)
     # lo/scale as float32 tensors on x's device: the same arithmetic the decoder inverts
-    return torch.round((x - lo) / scale).clamp_(0, levels(bits) - 1).to(torch.uint8)
+    return torch.round((x - lo) / scale).clamp_(0, max_code(bits, False)).to(torch.uint8)
 
 
 def dequantize(q: torch.Tensor, lo: float, scale: float, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -117,7 +112,7 @@ CALIBRATIONS = ("minmax", "percentile", "mse")
 def max_code(bits: int, symmetric: bool) -> int:
     """The largest code: ``2^k - 1`` (asymmetric), ``2^k - 2`` (symmetric: an odd number of levels,
     so that zero is one of them)."""
-    return levels(bits) - (2 if symmetric else 1)
+    return 2**bits - (2 if symmetric else 1)
 
 
 def grid(lo: torch.Tensor, hi: torch.Tensor, bits: int, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -159,7 +154,7 @@ def fake_quantize(x: torch.Tensor, bits: int, lo: float, hi: float) -> torch.Ten
     scale = affine_scale(lo, hi, bits)
     if scale == 0.0:
         return torch.full_like(x, lo)
-    return torch.round((x - lo) / scale).clamp_(0, levels(bits) - 1).mul_(scale).add_(lo)
+    return torch.round((x - lo) / scale).clamp_(0, max_code(bits, False)).mul_(scale).add_(lo)
 
 
 class MinMaxObserver:

@@ -30,21 +30,22 @@ from typing import Any
 
 from torch import nn
 
-from qexp.errors import QexpError
-from qexp.jsonio import read_json, write_json
+from qexp.errors import QexpError, check_range
+from qexp.jsonio import write_json
 from qexp.methods.base import Evaluate
 from qexp.methods.ptq import affine
 from qexp.methods.ptq.method import (
     DEFAULT_SCHEME,
     Scheme,
+    affine_weight_copy,
     calibration_batches,
     quantize_activations,
-    quantize_weights,
     weight_memory,
     weight_sqnr,
 )
+from qexp.run import record
 
-PTQ_FILE = "ptq.json"
+PTQ_FILE = record.PTQ_FILE
 #: header keys that describe how the entries were made: entries made otherwise are not merged with them
 SCHEME_KEYS = ("scheme", "act_scheme")
 DEFAULT_SCHEME_HEADER = {"scheme": DEFAULT_SCHEME.name, "act_scheme": DEFAULT_SCHEME.act_name}
@@ -85,7 +86,7 @@ def curve(model: nn.Module, evaluate: Evaluate, train_loader: Any, bits: list[in
     rows = []
     for k in bits:
         a = k if act_bits is None else act_bits
-        wq, codes = quantize_weights(model, k, share, scheme)
+        wq, codes = affine_weight_copy(model, k, share, scheme)
         w_only = evaluate(wq)["error"]
         sqnr = weight_sqnr(model, codes)
         acts = quantize_activations(wq, a, calibration_batches(train_loader, calib_batches), scheme)
@@ -105,28 +106,17 @@ def write(run_dir: Path, header: dict[str, Any], rows: list[dict[str, Any]]) -> 
     """Merge ``rows`` into ``run_dir/ptq.json`` (replacing entries with the same bits and act_bits)."""
     path = Path(run_dir) / PTQ_FILE
     old: list[dict[str, Any]] = []
-    if path.exists():
-        try:
-            prev = read_json(path)
-            same = all(prev.get(k, DEFAULT_SCHEME_HEADER.get(k)) == header.get(k, DEFAULT_SCHEME_HEADER.get(k))
-                       for k in SCHEME_KEYS)
-            old = list(prev.get("results", [])) if same else []  # other options: the file starts afresh
-        except (ValueError, AttributeError):
-            old = []
+    prev = record.read_ptq(run_dir)
+    if prev is not None:
+        same = all(prev.get(k, DEFAULT_SCHEME_HEADER.get(k)) == header.get(k, DEFAULT_SCHEME_HEADER.get(k))
+                   for k in SCHEME_KEYS)
+        old = [r for r in prev["results"] if isinstance(r, dict)] if same else []  # other options: afresh
     keep = {(r["bits"], r["act_bits"]) for r in rows}
     merged = [r for r in old if (r.get("bits"), r.get("act_bits")) not in keep] + rows
     merged.sort(key=lambda r: (-r["bits"], -r["act_bits"]))
     doc = {**header, "results": merged}
     write_json(path, doc)
     return doc
-
-
-def read(run_dir: Path) -> dict[str, Any] | None:
-    """``run_dir/ptq.json`` as written by :func:`write`, or None when the run has none."""
-    try:
-        return read_json(Path(run_dir) / PTQ_FILE)
-    except (FileNotFoundError, ValueError):
-        return None
 
 
 def add_arguments(ap: argparse.ArgumentParser) -> None:
@@ -154,8 +144,7 @@ def run(loaded: Any, args: argparse.Namespace, base: dict[str, float] | None = N
     if args.ptq_bits is None:
         return None
     bits, act_bits = args.ptq_bits, args.ptq_act_bits
-    if args.calib_batches < 1:
-        raise QexpError(f"--calib-batches must be at least 1, got {args.calib_batches}")
+    check_range("--calib-batches", args.calib_batches, 1)
     scheme = Scheme(args.ptq_per_channel, args.ptq_grid, args.ptq_calib, args.ptq_percentile)
     model, cfg = loaded.built.model, loaded.cfg
     data = loaded.built.data

@@ -32,7 +32,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from qexp.errors import QexpError
+from qexp.errors import QexpError, check_choice, check_range
 from qexp.methods.base import Evaluate, Method, RunContext
 from qexp.methods.ptq import affine
 from qexp.quant.inject import weight_layers
@@ -50,13 +50,9 @@ class Scheme:
     percentile: float = 99.99
 
     def __post_init__(self) -> None:
-        if self.grid not in affine.GRIDS:
-            raise QexpError(f"PTQ grid must be one of {', '.join(affine.GRIDS)}, got {self.grid!r}")
-        if self.calibration not in affine.CALIBRATIONS:
-            raise QexpError(f"PTQ calibration must be one of {', '.join(affine.CALIBRATIONS)}, "
-                            f"got {self.calibration!r}")
-        if not 50 < float(self.percentile) <= 100:
-            raise QexpError(f"PTQ percentile must be in (50, 100], got {self.percentile}")
+        check_choice("PTQ grid", self.grid, affine.GRIDS)
+        check_choice("PTQ calibration", self.calibration, affine.CALIBRATIONS)
+        check_range("PTQ percentile", float(self.percentile), 50, 100, strict_lo=True)
 
     @property
     def symmetric(self) -> bool:
@@ -80,7 +76,7 @@ DEFAULT_SCHEME = Scheme()
 SCHEME = DEFAULT_SCHEME.name
 
 
-def quantize_weights(model: nn.Module, bits: int, share: Iterable[object] = (), scheme: Scheme = DEFAULT_SCHEME,
+def affine_weight_copy(model: nn.Module, bits: int, share: Iterable[object] = (), scheme: Scheme = DEFAULT_SCHEME,
                      ) -> tuple[nn.Module, dict[str, affine.AffineCodes]]:
     """A copy of ``model`` (in eval mode) whose conv/linear weights are their k-bit affine versions.
 
@@ -223,10 +219,8 @@ class PTQ(Method):
                  act_bits: int = 8, calib_batches: int = 8, per_channel: bool = False, grid: str = "asymmetric",
                  calibration: str = "minmax", percentile: float = 99.99) -> None:
         super().__init__(bits, loss)
-        if not 2 <= int(act_bits) <= 8:
-            raise QexpError(f"method.act_bits={act_bits} is out of range; allowed: 2..8")
-        if int(calib_batches) < 1:
-            raise QexpError(f"method.calib_batches must be at least 1, got {calib_batches}")
+        check_range("method.act_bits", int(act_bits), 2, 8)
+        check_range("method.calib_batches", int(calib_batches), 1)
         self.activations = bool(activations)
         self.act_bits = int(act_bits)
         self.calib_batches = int(calib_batches)
@@ -245,7 +239,7 @@ class PTQ(Method):
 
     def quantized_copy(self, model: nn.Module) -> nn.Module:
         """The deployed network: k-bit weights and, if asked, calibrated ``act_bits`` activations."""
-        qmodel, self._codes = quantize_weights(model, self.bits, share=(self, self._data), scheme=self.scheme)
+        qmodel, self._codes = affine_weight_copy(model, self.bits, share=(self, self._data), scheme=self.scheme)
         self._sqnr = weight_sqnr(model, self._codes)
         self._acts = {}
         if self.activations:

@@ -112,7 +112,7 @@ def init_limit(fan_in: int, bits: int, beta: float = 1.5) -> float:
     return max(math.sqrt(3.0 / fan_in), beta * sigma(bits))
 
 
-def layer_scale(fan_in: int, bits: int, beta: float = 1.5) -> float:
+def weight_alpha(fan_in: int, bits: int, beta: float = 1.5) -> float:
     """``alpha = max(1, 2^round(log2(L_min / sqrt(3/n_in))))``, a power of two.
 
     Python 2's ``round`` (half away from zero), as in the official ``myInitializer.py``.

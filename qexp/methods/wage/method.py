@@ -33,7 +33,7 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from qexp.errors import QexpError
+from qexp.errors import QexpError, check_range
 from qexp.methods.base import Method, RunContext
 from qexp.methods.wage import formats as wage
 from qexp.methods.wage.layers import ShiftStats, WageActivation, WageNetwork, WageWeight
@@ -94,13 +94,6 @@ def insert_activation_quantizers(model: nn.Module, bits_a: int, bits_e: int) -> 
     return sites
 
 
-def _check_bits(name: str, value: int, lo: int, hi: int, why: str) -> int:
-    value = int(value)
-    if not lo <= value <= hi:
-        raise QexpError(f"method={Wage.name}: {name}={value} is out of range {lo}..{hi} ({why})")
-    return value
-
-
 class Wage(Method):
     name = "wage"
     bits_range = (2, 8)  # k_W; 8 at most so that weights export to int8
@@ -109,11 +102,11 @@ class Wage(Method):
     def __init__(self, bits: int | None = None, loss: str = "sse", bits_a: int = 8, bits_g: int = 8,
                  bits_e: int = 8, bits_r: int = 16, beta: float = 1.5, qa_logits: bool = False) -> None:
         super().__init__(bits, loss)
-        self.bits_a = _check_bits("method.bits_a", bits_a, 2, 8, "activations export to int8")
-        self.bits_e = _check_bits("method.bits_e", bits_e, 2, 16, "error bits")
-        self.bits_g = _check_bits("method.bits_g", bits_g, self.bits, 16,
-                                  "stored weights live on the k_G grid, which must contain the k_W grid")
-        self.bits_r = _check_bits("method.bits_r", bits_r, 2, 24, "randomizer bits, float32 mantissa")
+        self.bits_a = check_range("method.bits_a", int(bits_a), 2, 8, why="activations export to int8")
+        self.bits_e = check_range("method.bits_e", int(bits_e), 2, 16, why="error bits")
+        self.bits_g = check_range("method.bits_g", int(bits_g), self.bits, 16,
+                                  why="stored weights live on the k_G grid, which must contain the k_W grid")
+        self.bits_r = check_range("method.bits_r", int(bits_r), 2, 24, why="randomizer bits, float32 mantissa")
         self.beta = float(beta)
         self.qa_logits = bool(qa_logits)
         self.layers: list[tuple[str, nn.Module]] = []
@@ -139,7 +132,7 @@ class Wage(Method):
                 lim = wage.init_limit(fan_in, self.bits, self.beta)
                 w = layer.weight.uniform_(-lim, lim)
                 w.copy_(wage.C(wage.Q(w, self.bits), self.bits))  # official: quantize W once at start
-                attach_weight_quantizer(layer, WageWeight(self.bits, wage.layer_scale(fan_in, self.bits, self.beta)))
+                attach_weight_quantizer(layer, WageWeight(self.bits, wage.weight_alpha(fan_in, self.bits, self.beta)))
         acts = insert_activation_quantizers(model, self.bits_a, self.bits_e)
         net = WageNetwork(model, self.bits_a, self.bits_e, self.qa_logits)
         self.layers = [(n, m) for n, m in layers]
