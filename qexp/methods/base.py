@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import functools
+import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
+from importlib import resources
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -72,6 +75,37 @@ def resolve_param_groups(groups: list[dict[str, Any]], lr: float) -> list[dict[s
     return out
 
 
+@functools.cache
+def registered_methods() -> dict[type, dict[str, Any]]:
+    """Every method option in ``configs/method/`` (shipped as ``qexp.configs``) by its class: the
+    option's file stem, ``name`` (``method.name``) and ``default_bits`` (the option's top-level ``bits``).
+    The YAML is the one place a method's name and default bits are written."""
+    import yaml
+
+    out: dict[type, dict[str, Any]] = {}
+    for f in sorted((resources.files("qexp.configs") / "method").iterdir(), key=lambda f: f.name):
+        if not f.name.endswith(".yaml"):
+            continue
+        doc = yaml.safe_load(f.read_text())
+        module, _, attr = doc["method"]["_target_"].rpartition(".")
+        cls = getattr(importlib.import_module(module), attr)
+        out[cls] = {"option": f.name[: -len(".yaml")], "name": doc["method"]["name"],
+                    "default_bits": int(doc["bits"])}
+    return out
+
+
+class _FromConfig:
+    """A class attribute read from the method's YAML (:func:`registered_methods`); a class without one
+    (a test's subclass) gets ``fallback(cls)``. A subclass may still assign the attribute itself."""
+
+    def __init__(self, key: str, fallback: Callable[[type], Any]) -> None:
+        self.key, self.fallback = key, fallback
+
+    def __get__(self, obj: object, cls: type) -> Any:
+        entry = registered_methods().get(cls)
+        return self.fallback(cls) if entry is None else entry[self.key]
+
+
 class Method:
     """Float training; quantization methods override the hooks they need.
 
@@ -96,13 +130,14 @@ class Method:
     method owns and checkpoints. With data parallelism every process calls every hook at the same point on
     the plain (unwrapped) model; the hooks must leave every process in the same state.
 
-    Subclasses declare ``bits_range`` (inclusive) and ``default_bits``; an out-of-range ``bits`` is a
-    :class:`QexpError` raised before any training.
+    Subclasses declare ``bits_range`` (inclusive); an out-of-range ``bits`` is a :class:`QexpError` raised
+    before any training. ``name`` and ``default_bits`` come from the method's YAML in ``configs/method/``
+    (``method.name`` and the top-level ``bits``), written nowhere else.
     """
 
-    name = "float"
+    name: str = _FromConfig("name", lambda cls: cls.__name__.lower())  # type: ignore[assignment]
     bits_range: tuple[int, int] = (32, 32)
-    default_bits: int = 32
+    default_bits: int = _FromConfig("default_bits", lambda cls: cls.bits_range[1])  # type: ignore[assignment]
     #: multiplies the configured batch size (Big SR trains with larger batches)
     batch_scale: int = 1
     #: multiplies the configured epochs (Big SR's equal-updates budget: batch_scale x the epochs)

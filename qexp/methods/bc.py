@@ -59,9 +59,7 @@ class BinaryConnect(Method):
       2017's BC, ``w_r <- w_r - lr*u`` with no clip (``method=bc_li``).
     """
 
-    name = "bc"
     bits_range = (1, 8)
-    default_bits = 1
 
     def __init__(self, bits: int | None = None, loss: str = "ce", stochastic: bool = False,
                  scale: str | float = "glorot", lr_scale: str = "glorot", eval_weights: str = "auto",

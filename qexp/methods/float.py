@@ -7,7 +7,6 @@ class Float(Method):
     """Accepts any ``bits`` in 1..32 so a sweep ``method=float,bc bits=1,2`` composes; trains in float32
     and records ``bits = 32``."""
 
-    name = "float"
     bits_range = (1, 32)
 
     def __init__(self, bits: int | None = None, loss: str = "ce") -> None:

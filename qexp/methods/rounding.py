@@ -29,9 +29,7 @@ class Rounding(Method):
     pre-rounding weights ``x``; per epoch ``flip_frac`` = fraction of weights whose value changed.
     """
 
-    name = "r"
     bits_range = (1, 8)
-    default_bits = 1
     stochastic = False
 
     def __init__(self, bits: int | None = None, loss: str = "ce", scale: str | float = "glorot",
@@ -131,7 +129,6 @@ class StochasticRounding(Rounding):
     """``method=sr``: ``w <- Q_s(w - α·u)``, unbiased stochastic rounding from a seeded generator that
     the checkpoint carries (same seed, same rounding; resume draws what an uninterrupted run would)."""
 
-    name = "sr"
     stochastic = True
 
 
@@ -144,8 +141,6 @@ class BigSR(StochasticRounding):
     ``budget=epochs`` keeps the configured epochs (``batch_scale`` x fewer updates); ``budget=updates``
     trains ``batch_scale`` x the epochs so the number of updates equals plain SR's.
     """
-
-    name = "big_sr"
 
     def __init__(self, bits: int | None = None, loss: str = "ce", batch_scale: int = 8, budget: str = "epochs",
                  **kwargs: Any) -> None:

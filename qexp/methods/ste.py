@@ -33,9 +33,7 @@ LLOYD_MAX = "lloyd_max"
 
 
 class STE(Method):
-    name = "ste"
     bits_range = (1, 8)
-    default_bits = 2
 
     def __init__(self, bits: int | None = None, loss: str = "ce", ste: str = "clipped_relu",
                  learn_alpha: bool = False, alpha: float | str | None = None, alpha_lr_scale: float = 1.0,

@@ -37,9 +37,7 @@ from qexp.quant.weight import QuantLayer, quantize_weights, weight_manifest
 
 
 class LearnedPrecision(Method):
-    name = "learned"
     bits_range = (1, 8)
-    default_bits = 4
 
     def __init__(self, bits: int | None = None, loss: str = "ce", min_bits: int = 1, max_bits: int = 8,
                  tau0: float = 1.0, tau_min: float = 0.1, hard_after: int | None = None, epochs: int = 1,

@@ -211,9 +211,7 @@ def _weight(layer: nn.Module) -> torch.Tensor:
 class PTQ(Method):
     """Float training, then k-bit affine weights (and optionally activations) after training."""
 
-    name = "ptq"
     bits_range = (2, 8)
-    default_bits = 8
 
     def __init__(self, bits: int | None = None, loss: str = "ce", activations: bool = False,
                  act_bits: int = 8, calib_batches: int = 8, per_channel: bool = False, grid: str = "asymmetric",

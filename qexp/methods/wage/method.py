@@ -95,9 +95,7 @@ def insert_activation_quantizers(model: nn.Module, bits_a: int, bits_e: int) -> 
 
 
 class Wage(Method):
-    name = "wage"
     bits_range = (2, 8)  # k_W; 8 at most so that weights export to int8
-    default_bits = 2
 
     def __init__(self, bits: int | None = None, loss: str = "sse", bits_a: int = 8, bits_g: int = 8,
                  bits_e: int = 8, bits_r: int = 16, beta: float = 1.5, qa_logits: bool = False) -> None:
