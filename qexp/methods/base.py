@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qexp.errors import check_choice, check_range
+from qexp.errors import QexpError, check_choice
 
 if TYPE_CHECKING:
     from qexp.data import DataBundle
@@ -144,8 +144,11 @@ class Method:
     epoch_scale: int = 1
 
     def __init__(self, bits: int | None = None, loss: str = "ce") -> None:
-        self.bits = check_range("bits", self.default_bits if bits is None else int(bits), *self.bits_range,
-                                why=f"method={self.name}")
+        self.bits = self.default_bits if bits is None else int(bits)
+        lo, hi = self.bits_range
+        if not lo <= self.bits <= hi:  # the message names the method: `bits` is a global knob
+            allowed = f"{lo}" if lo == hi else f"{lo}..{hi}"
+            raise QexpError(f"method={self.name} cannot use bits={self.bits}; allowed: {allowed}")
         self.loss_name = check_choice("method.loss", loss, sorted(LOSSES))
 
     @property
