@@ -89,8 +89,11 @@ def registered_methods() -> dict[type, dict[str, Any]]:
         doc = yaml.safe_load(f.read_text())
         module, _, attr = doc["method"]["_target_"].rpartition(".")
         cls = getattr(importlib.import_module(module), attr)
-        out[cls] = {"option": f.name[: -len(".yaml")], "name": doc["method"]["name"],
-                    "default_bits": int(doc["bits"])}
+        entry = {"option": f.name[: -len(".yaml")], "name": doc["method"]["name"], "default_bits": int(doc["bits"])}
+        seen = out.setdefault(cls, entry)  # several options may share a class (bc, bc_li): they must agree
+        if (seen["name"], seen["default_bits"]) != (entry["name"], entry["default_bits"]):
+            raise RuntimeError(f"configs/method/{seen['option']}.yaml and {f.name} build {cls.__name__} "
+                               "with a different name or default bits")
     return out
 
 

@@ -95,9 +95,7 @@ class DoReFa(Method):
     ``gbits`` (2..8 or null = float gradients; the noise is seeded by the run's seed), ``first_last_bits``
     (32 = float, the paper)."""
 
-    name = "dorefa"
     bits_range = (1, 8)
-    default_bits = 2
     #: activation bits this method's activation function supports
     abits_range = (2, 8)
 

@@ -176,9 +176,7 @@ class LSQ(Method):
     - ``step_lr_scale``: learning-rate multiplier of the steps (their group has no weight decay).
     """
 
-    name = "lsq"
     bits_range = (2, 8)
-    default_bits = 2
 
     def __init__(self, bits: int | None = None, loss: str = "ce", abits: int | None = None,
                  first_last_bits: int | None = 8, grad_scale: bool = True, step_lr_scale: float = 1.0) -> None:

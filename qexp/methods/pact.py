@@ -83,9 +83,7 @@ class PACT(DoReFa):
     ``alpha_init`` (the paper: 10), ``alpha_l2`` (lambda of the L2 term on alpha), ``alpha_lr_scale``
     (learning-rate multiplier of the alphas), ``first_last_bits`` (32 = float weights, the paper)."""
 
-    name = "pact"
     bits_range = (1, 8)
-    default_bits = 2
     abits_range = (1, 8)
 
     def __init__(self, bits: int | None = None, loss: str = "ce", abits: int | None = None,
