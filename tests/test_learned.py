@@ -33,7 +33,7 @@ from qexp.quant.activation import QuantReLU
 from qexp.quant.grid import on_grid, quantize_nearest
 from qexp.quant.inject import shadow_weight, weight_quantizer
 from qexp.run import checkpoint
-from qexp.run.engine import Trainer
+from qexp.run.engine import Trainer, train_step
 from qexp.run.sched import constant
 from tests.conftest import find_runs, read_metrics, run_qexp
 
@@ -351,14 +351,8 @@ def test_every_model_family_trains_a_few_steps(family):
     opt = torch.optim.Adam(m.param_groups(model), lr=1e-3)
     x, y = torch.randn(4, c, size, size), torch.randint(0, 10, (4,))
     for step in range(2):
-        m.before_forward(model, step)
-        loss = m.criterion(model(x), y)
-        opt.zero_grad()
-        loss.backward()
+        loss, _ = train_step(model, m, opt, x, y, step)
         assert m.logits.grad is not None and m.logits.grad.abs().sum() > 0
-        m.after_backward(model)
-        opt.step()
-        m.after_step(model, opt)
         assert sum(m.source.train_bits) == 3 * m.num_layers and torch.isfinite(loss)
     assert len(m.most_likely()) == m.num_layers > 0
 
@@ -410,3 +404,18 @@ def test_qexp_train_learned_on_mnist(tmp_path, data_root):
     # the checkpoint carries the frozen allocation: `qexp eval` reproduces the recorded test error
     out = run_qexp(["eval", str(run_dir), f"--data-root={data_root}"]).stdout
     assert f"test error {m['test_error']:.2f}%" in out, out
+
+
+def test_manifest_reports_the_allocation_without_changing_the_layers():
+    """quant.json shows each layer at its allocated width; the layers' own bits stay the budget's."""
+    m = LearnedPrecision(bits=3, min_bits=2, max_bits=6, hard_after=0, epochs=2)
+    model = m.prepare(LeNet5(), RunContext())
+    with torch.no_grad():
+        m.logits.copy_(torch.tensor([3.0, 0.0, 0.0, -3.0]))
+    m.frozen = False
+    m._freeze()
+    alloc = m.most_likely()
+    assert len(set(alloc)) > 1
+    rows = m.manifest(model)["layers"]
+    assert [r["bits"] for r in rows] == alloc
+    assert [q.bits for q in m.layers] == [3] * 4

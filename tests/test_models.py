@@ -43,9 +43,17 @@ def test_forward_backward(name):
 
 
 def test_models_are_plain_float_modules():
+    """A fresh model is float32 and carries no quantization: no parametrization, no hook, no module
+    from qexp.quant or qexp.methods (a method adds those in prepare)."""
+    from torch.nn.utils import parametrize
+
     for make, (c, size, classes) in MODELS.values():
         model = make(c, classes, size)
         assert all(p.dtype == torch.float32 for p in model.parameters())
+        for m in model.modules():
+            assert not parametrize.is_parametrized(m), type(m).__name__
+            assert not (m._forward_hooks or m._forward_pre_hooks or m._backward_hooks), type(m).__name__
+            assert not type(m).__module__.startswith(("qexp.quant", "qexp.methods")), type(m).__name__
 
 
 def test_depth_rules_are_checked():

@@ -217,3 +217,25 @@ def test_fused_kernel_falls_back_to_eager_when_compiling_fails(monkeypatch, capl
         assert kernels._FUSED.on is False
     finally:
         kernels.use_fused(False)
+
+
+@pytest.mark.parametrize("bits", BITS)
+def test_symmetric_grid_step_limit_and_max_index_agree(bits: int) -> None:
+    g = SymmetricGrid(bits, SCALE)
+    assert g.limit == pytest.approx(g.max_index * g.step)
+    x = torch.linspace(-2 * SCALE, 2 * SCALE, 1001)
+    idx = g.index(x)
+    assert idx.min() == -g.max_index and idx.max() == g.max_index
+    assert torch.equal(idx.float() * g.step, quantize_nearest(x, bits, SCALE))
+
+
+def test_check_range_and_choice_are_one_line_errors() -> None:
+    from qexp.errors import QexpError, check_choice, check_range
+
+    assert check_range("k", 3, 1, 8) == 3 and check_choice("c", "a", ("a", "b")) == "a"
+    with pytest.raises(QexpError, match=r"^k=9 is out of range; allowed: 1\.\.8$"):
+        check_range("k", 9, 1, 8)
+    with pytest.raises(QexpError, match=r"^a=0 is out of range; allowed: > 0 \(why\)$"):
+        check_range("a", 0, 0, strict_lo=True, why="why")
+    with pytest.raises(QexpError, match=r"^c='z' is not allowed; choose from: a, b$"):
+        check_choice("c", "z", ("a", "b"))

@@ -24,6 +24,7 @@ from qexp.quant.activation import (
     max_index,
     quantized_relu,
 )
+from qexp.run.engine import train_step
 from tests.conftest import find_runs, read_metrics, run_qexp
 
 # hand-made inputs around the interesting points for alpha = 0.5, bits = 2 (top level N alpha = 1.5)
@@ -169,13 +170,7 @@ def _train(model: nn.Module, method: STE, family: str, steps: int) -> list[float
     losses = []
     for step in range(steps):
         x, y = _batch(family, seed=step)
-        method.before_forward(model, step)
-        loss = method.criterion(model(x), y)
-        opt.zero_grad()
-        loss.backward()
-        method.after_backward(model)
-        opt.step()
-        method.after_step(model, opt)
+        loss, _ = train_step(model, method, opt, x, y, step)
         losses.append(loss.item())
     return losses
 
@@ -217,11 +212,7 @@ def test_lenet5_descends_with_each_estimator(estimator):
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     losses = []
     for step in range(25):
-        method.before_forward(model, step)
-        loss = method.criterion(model(x), y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+        loss, _ = train_step(model, method, opt, x, y, step)
         losses.append(loss.item())
     assert min(losses[-5:]) < 0.95 * losses[0], losses
 

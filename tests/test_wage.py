@@ -20,6 +20,7 @@ from qexp.models.mlp import MLP
 from qexp.models.resnet import CifarResNet
 from qexp.models.vgg import VGG
 from qexp.quant.inject import shadow_weight
+from qexp.run.engine import train_step
 from tests.conftest import find_runs, read_metrics, run_qexp
 
 
@@ -99,14 +100,8 @@ def test_layer_scales_vgg7_cifar_and_lenet5_match_official_logs() -> None:
 # ---- the method ----------------------------------------------------------------------------------
 def _steps(method: Wage, model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
            n: int) -> None:
-    for _ in range(n):
-        out = model(x)
-        loss = method.criterion(out, y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        method.after_backward(model)
-        opt.step()
-        method.after_step(model, opt)
+    for step in range(n):
+        train_step(model, method, opt, x, y, step)
 
 
 def _setup(make: type | object, shape: tuple[int, ...], seed: int = 0, batch: int = 16, lr: float = 8.0,
