@@ -67,22 +67,27 @@ def test_export_reloads_in_plain_pytorch_and_reproduces_the_test_error(tmp_path:
               "progress=false", "device=cpu", f"out_root={tmp_path}"], env=ENV)
     (run,) = find_runs(tmp_path)
     rec = read_metrics(run)
-    for best, expected in ((True, rec["test_error_at_best"]), (False, rec["test_error"])):
-        out = run_qexp(["export", str(run), *(["--best"] if best else [])], env=ENV).stdout
-        folder = run / ("export-best" if best else "export")
-        assert f"gives test error {expected:.2f}%" in out
-        script = tmp_path / "standalone.py"
-        script.write_text(STANDALONE)
-        proc = subprocess.run([sys.executable, "-I", str(script), str(folder), str(data_root / "MNIST" / "raw")],
-                              cwd=tmp_path, capture_output=True, text=True, timeout=300,
-                              env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
-        assert proc.returncode == 0, proc.stderr
-        got = json.loads(proc.stdout)
-        assert got["error"] == expected  # exactly the recorded number, not approximately
-        assert set(got["codes"].values()) == {"int8"} and len(got["codes"]) == 4  # 1-bit codes, 4 layers
-        manifest = json.loads((folder / "quant.json").read_text())
-        assert manifest["checkpoint"] == ("best.pt" if best else "checkpoint.pt")
-        assert manifest["epoch"] == (rec["best_epoch"] if best else rec["epochs_done"])
+    expected = rec["test_error_at_best"]
+    out = run_qexp(["export", str(run), "--best"], env=ENV).stdout
+    folder = run / "export-best"
+    assert f"gives test error {expected:.2f}%" in out
+    script = tmp_path / "standalone.py"
+    script.write_text(STANDALONE)
+    proc = subprocess.run([sys.executable, "-I", str(script), str(folder), str(data_root / "MNIST" / "raw")],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                          env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
+    assert proc.returncode == 0, proc.stderr
+    got = json.loads(proc.stdout)
+    assert got["error"] == expected  # exactly the recorded number, not approximately
+    assert set(got["codes"].values()) == {"int8"} and len(got["codes"]) == 4  # 1-bit codes, 4 layers
+    manifest = json.loads((folder / "quant.json").read_text())
+    assert (manifest["checkpoint"], manifest["epoch"]) == ("best.pt", rec["best_epoch"])
+    # the last checkpoint: export_run itself reloads through load_export.py and must match exactly
+    from qexp.run.export import export_run
+
+    doc = export_run(run)
+    assert (doc["checkpoint"], doc["epoch"]) == ("checkpoint.pt", rec["epochs_done"])
+    assert doc["export_test_error"] == doc["test_error"] == rec["test_error"]
 
 
 @pytest.fixture(scope="module")
