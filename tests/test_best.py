@@ -73,7 +73,8 @@ def test_patience_without_validation_is_refused(tmp_path: Path) -> None:
     bad = train(tmp_path, "epochs=2", "patience=2", check=False)
     assert bad.returncode == 2
     assert "patience=2 stops on the validation error, but the run has no validation split" in bad.stderr
-    assert "Traceback" not in bad.stderr
+    assert "Traceback" not in bad.stderr and bad.stderr.count("\n") == 1
+    assert not tmp_path.exists() or not any(tmp_path.iterdir())  # refused before any run folder
 
 
 def test_no_validation_best_is_last_and_tensorboard_extras(tmp_path: Path) -> None:

@@ -193,9 +193,8 @@ def train(cfg: DictConfig, run_dir: Path, ctx: distributed.Context = distributed
     meta = run_meta(cfg, b.method, overrides)
     ckpt = run_dir / CHECKPOINT
     fingerprint = comparable_config(cfg)
-    if cfg.patience and b.data.val is None:
-        raise QexpError(f"patience={cfg.patience} stops on the validation error, but the run has no validation "
-                        "split: set dataset.val_size=N (the test set never decides when to stop)")
+    if b.data.val is None:
+        tune.check_patience(cfg)  # also refused before launch (tune.InputCheck); here for DDP workers
     tb = cfg.tensorboard
     callbacks = [RunRecord(run_dir, meta), BestCheckpoint(run_dir),
                  TensorBoard(run_dir, meta, tb.step_every, tb.histograms)] if main else []

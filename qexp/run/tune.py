@@ -4,7 +4,7 @@
 returns :func:`objective` of the run's record, the validation error named by ``objective``
 (``best_val_error``: the lowest over epochs, the epoch ``best.pt`` holds; ``val_error``: the last
 epoch). Test metrics are never an objective, and a search without a validation split
-(``dataset.val_size=0``) is refused before any job starts (:class:`SweepCheck`, a Hydra callback run in
+(``dataset.val_size=0``) is refused before any job starts (:class:`InputCheck`, a Hydra callback run in
 the launching process), with one line and exit status 2.
 
 A rerun of the same command skips the finished trials: the sampler is seeded, so it proposes the same
@@ -64,14 +64,30 @@ def objective(rec: dict[str, Any] | None, name: str) -> float | None:
     return None
 
 
-class SweepCheck(Callback):
-    """Refuses a bad search in the launching process, before any job or run folder exists."""
+def check_patience(cfg: DictConfig) -> None:
+    """Early stopping watches the validation error: ``patience`` needs ``dataset.val_size``."""
+    val = cfg.dataset.get("val_size", 0) if cfg.get("dataset") is not None else 0
+    if cfg.get("patience") and not val:
+        raise QexpError(f"patience={cfg.patience} stops on the validation error, but the run has no validation "
+                        "split: set dataset.val_size=N (the test set never decides when to stop)")
 
-    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        if not is_optuna(config.hydra):
-            return
+
+class InputCheck(Callback):
+    """Refuses, in the launching process and before any job or run folder exists, a search of a test
+    metric or without a validation split, and early stopping without a validation split."""
+
+    @staticmethod
+    def _refuse(config: DictConfig, search: bool) -> None:
         try:
-            check(config)
+            if search and is_optuna(config.hydra):
+                check(config)
+            check_patience(config)
         except QexpError as e:
             print(f"error: {e}", file=sys.stderr)
             sys.exit(2)
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self._refuse(config, search=False)
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self._refuse(config, search=True)
