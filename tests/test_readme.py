@@ -56,18 +56,20 @@ def test_help_lists_subcommands_and_every_group_option():
         assert set(listed[group].split(", ")) == options(group), group
 
 
-def readme_table_row(readme: str, first_cell: str) -> str:
-    rows = [line for line in readme.splitlines() if line.startswith(f"| {first_cell} |")]
-    assert len(rows) == 1, f"the README has {len(rows)} table rows starting with {first_cell}"
+def readme_table_row(text: str, first_cell: str) -> str:
+    rows = [line for line in text.splitlines() if line.startswith(f"| {first_cell} |")]
+    assert len(rows) == 1, f"{len(rows)} table rows start with {first_cell}"
     return rows[0]
 
 
-def test_readme_group_table_lists_every_option():
-    readme = (REPO / "README.md").read_text()
-    for group in GROUPS:
-        row = readme_table_row(readme, f"`{group}`")
-        for opt in options(group):
-            assert f"`{opt}`" in row, f"{group}={opt} is missing from the README's group table"
+def test_group_tables_list_every_option():
+    """The README's group table and docs/configuration.md's list every option of every group."""
+    for page in (REPO / "README.md", REPO / "docs" / "configuration.md"):
+        text = page.read_text()
+        for group in GROUPS:
+            row = readme_table_row(text, f"`{group}`")
+            for opt in options(group):
+                assert f"`{opt}`" in row, f"{group}={opt} is missing from {page.name}'s group table"
 
 
 def test_readme_lists_every_preset():
