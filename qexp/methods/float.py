@@ -8,6 +8,9 @@ class Float(Method):
     and records ``bits = 32``."""
 
     bits_range = (1, 32)
+    #: config knobs this method does not use: not part of the run's identity (folder, resume check), so a
+    #: `method=float,bc bits=1,2` grid trains float once (qexp.run.identity)
+    ignored_knobs = ("bits",)
 
     def __init__(self, bits: int | None = None, loss: str = "ce") -> None:
         super().__init__(bits, loss)

@@ -54,6 +54,7 @@ class TrainConfig:
     data_root: str = "./data"
     out_root: str = "outputs"
     resume: bool = True
+    lock: str = "auto"  # when another live process trains the same run folder: fail | wait | auto
     progress: Any = None  # null: a progress bar when stderr is a terminal; true/false to force
     patience: int | None = None  # stop once the validation error has not improved for this many epochs
     tensorboard: TensorBoardConfig = field(default_factory=TensorBoardConfig)
@@ -63,7 +64,8 @@ class TrainConfig:
 
 
 #: keys that do not change a run's result, so neither its folder nor its resume check depends on them
-VOLATILE_KEYS = ("resume", "device", "data_root", "out_root", "progress", "threads", "trainer", "objective",
+VOLATILE_KEYS = ("resume", "lock", "device", "data_root", "out_root", "progress", "threads", "trainer",
+                 "objective",
                  "tensorboard")
 
 

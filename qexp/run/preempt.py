@@ -17,23 +17,36 @@ from typing import Any
 
 log = logging.getLogger("qexp")
 
-#: always handled while training
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+#: always handled while training (SIGINT: Ctrl-C does what SIGTERM does, and the run exits 130)
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 #: handled only when someone (submitit) already has a Python handler for it, which is then chained
 CHAINED_ONLY = (signal.SIGUSR2,)
 
 # Once a stop was asked for, it stays asked for in this process: a local sequential sweep must not
 # start its next job after SIGTERM.
 _requested = threading.Event()
+_by_user = threading.Event()
 
 
 def requested() -> bool:
     return _requested.is_set()
 
 
+def interrupted_by_user() -> bool:
+    """Was the stop a Ctrl-C (SIGINT)? Then the process exits 130, as a shell expects."""
+    return _by_user.is_set()
+
+
+def note_user_interrupt() -> None:
+    """A Ctrl-C that arrived outside :func:`stop_on_signals` (as KeyboardInterrupt): stop the sweep too."""
+    _by_user.set()
+    _requested.set()
+
+
 def reset() -> None:
     """Forget an earlier stop request (tests, or a long-lived process that means to go on)."""
     _requested.clear()
+    _by_user.clear()
 
 
 @contextmanager
@@ -54,6 +67,8 @@ def stop_on_signals(forward: Callable[[int], None] | None = None) -> Iterator[th
     def handler(signum: int, frame: Any) -> None:
         log.warning("received signal %d: checkpointing and stopping", signum)
         received.append(signum)
+        if signum == signal.SIGINT:
+            _by_user.set()
         stop.set()
         _requested.set()
         if forward is not None:
@@ -69,5 +84,5 @@ def stop_on_signals(forward: Callable[[int], None] | None = None) -> Iterator[th
         for s, h in old.items():
             signal.signal(s, h)
         for s in dict.fromkeys(received):
-            if callable(old[s]):
+            if callable(old[s]) and old[s] is not signal.default_int_handler:  # not: raise KeyboardInterrupt
                 old[s](s, None)

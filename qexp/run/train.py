@@ -5,13 +5,16 @@ This is the only module that reads the Hydra config; everything it builds takes 
 
 from __future__ import annotations
 
+import errno
 import importlib
 import json
 import logging
+import math
 import os
 import re
 import sys
 import traceback
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,10 +27,11 @@ from omegaconf import DictConfig, OmegaConf
 
 from qexp.data import DataBundle
 from qexp.errors import QexpError
+from qexp.jsonio import atomic_write_bytes
 from qexp.methods.base import Method, RunContext, resolve_param_groups
-from qexp.run import checkpoint, distributed, preempt, record, resources, tune
+from qexp.run import checkpoint, distributed, identity, lock, preempt, record, resources, sweep, tune
 from qexp.run.callbacks import BestCheckpoint, RunRecord, TensorBoard, final_record
-from qexp.run.config import VOLATILE_KEYS, register
+from qexp.run.config import register
 from qexp.run.engine import Trainer
 from qexp.run.preempt import stop_on_signals  # noqa: F401  (re-exported: train.stop_on_signals)
 
@@ -78,17 +82,12 @@ def resolve_device(name: Any) -> torch.device:
     return device
 
 
-def comparable_config(cfg: DictConfig) -> str:
-    """The resolved config minus keys that do not change the result: what a resume must match."""
-    c = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
-    for k in VOLATILE_KEYS:
-        c.pop(k, None)
-    return json.dumps(c, sort_keys=True)
+def comparable_config(cfg: DictConfig, ignored: tuple[str, ...] = ()) -> str:
+    """The run's fingerprint (:func:`qexp.run.identity.fingerprint`): what a resume must match."""
+    return identity.fingerprint(cfg, ignored)
 
 
 def run_meta(cfg: DictConfig, method: Method, overrides: str | None = None) -> dict[str, Any]:
-    if overrides is None:
-        overrides = HydraConfig.get().job.override_dirname if HydraConfig.initialized() else ""
     return {
         "name": cfg.name,
         "dataset": cfg.dataset.name,
@@ -98,7 +97,7 @@ def run_meta(cfg: DictConfig, method: Method, overrides: str | None = None) -> d
         "bits_tag": method.tag(),
         "seed": cfg.seed,
         "epochs": cfg.epochs * method.epoch_scale,
-        "overrides": overrides,
+        "overrides": overrides or "",
         "optim": cfg.optim.name,
         "lr": cfg.lr,
         "batch_size": cfg.batch_size * method.batch_scale,
@@ -171,11 +170,12 @@ def finished_run(cfg: DictConfig, run_dir: Path, quiet: bool = False) -> dict[st
 
 
 def train(cfg: DictConfig, run_dir: Path, ctx: distributed.Context = distributed.SINGLE,
-          overrides: str | None = None) -> dict[str, Any] | None:
+          overrides: str | None = None, built: Built | None = None) -> dict[str, Any] | None:
     """Train (or resume, or skip) the run whose folder is ``run_dir``; return its metrics record.
 
     With several processes (``ctx``) each trains on its share of every batch and only the main one
     writes the run folder. None when a stop signal arrived before this run started (a sweep winding down).
+    ``built``: the run's objects when the caller already built them (after ``torch.manual_seed``).
     """
     main = ctx.is_main
     previous = finished_run(cfg, run_dir, quiet=not main)
@@ -186,13 +186,15 @@ def train(cfg: DictConfig, run_dir: Path, ctx: distributed.Context = distributed
             print(f"{run_dir}: not started, this process was asked to stop")
         return None
 
-    torch.manual_seed(cfg.seed)
     device = resolve_device(cfg.device)
     device = distributed.rank_device(device, ctx.local_rank) if ctx.enabled else device
-    b = build(cfg, device)
+    if built is None:
+        torch.manual_seed(cfg.seed)
+    b = build(cfg, device) if built is None else built
     meta = run_meta(cfg, b.method, overrides)
     ckpt = run_dir / CHECKPOINT
-    fingerprint = comparable_config(cfg)
+    ignored = ignored_knobs(b.method, cfg)
+    fingerprint = comparable_config(cfg, ignored)
     if b.data.val is None:
         tune.check_patience(cfg)  # also refused before launch (tune.InputCheck); here for DDP workers
     tb = cfg.tensorboard
@@ -208,9 +210,10 @@ def train(cfg: DictConfig, run_dir: Path, ctx: distributed.Context = distributed
                           patience=cfg.patience)
         if cfg.resume and ckpt.exists():
             state = checkpoint.load(ckpt, map_location=device)
-            if state.get("config") != fingerprint:
-                raise QexpError(f"{run_dir} holds a run with a different configuration; "
-                                "run with resume=false to replace it, or change out_root/name.")
+            if not identity.same_run(str(state.get("config")), fingerprint, ignored):
+                diff = "; ".join(identity.differences(str(state.get("config")), fingerprint)[:8])
+                raise QexpError(f"{run_dir} holds a run with a different configuration ({diff}); run with "
+                                "resume=false to replace it, or change out_root/name")
             trainer.load_state_dict(state)
             log.info("resuming %s at epoch %d, batch %d", run_dir, trainer.progress.epoch,
                      trainer.progress.batch)
@@ -221,34 +224,182 @@ def train(cfg: DictConfig, run_dir: Path, ctx: distributed.Context = distributed
     return rec
 
 
+#: exit status of a launch refused because another live process holds the run folder (EX_TEMPFAIL)
+EXIT_BUSY = 75
+#: exit status after Ctrl-C (128 + SIGINT), as a shell reports it
+EXIT_INTERRUPTED = 130
+#: write errors that are the environment's, not a bug: one line instead of a traceback
+_ENV_ERRNOS = (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT)
+
+
+def check_inputs(cfg: DictConfig) -> Method:
+    """Reject impossible top-level values and bits the method cannot use, before any folder exists."""
+    for key in ("epochs", "batch_size", "eval_batch_size"):
+        if int(cfg[key]) < 1:
+            raise QexpError(f"{key} must be at least 1, got {key}={cfg[key]}")
+    lr = float(cfg.lr)
+    if not math.isfinite(lr) or lr <= 0:
+        raise QexpError(f"lr must be a positive number, got lr={cfg.lr}")
+    if str(cfg.lock) not in ("auto", "fail", "wait"):
+        raise QexpError(f"lock must be auto, fail or wait, got lock={cfg.lock}")
+    if int(cfg.trainer.devices) < 1:
+        raise QexpError(f"trainer.devices must be at least 1, got {cfg.trainer.devices}")
+    return instantiate(cfg.method)  # the method checks its own bits and options
+
+
+#: top-level knobs that only mean something to the methods whose config uses them
+METHOD_KNOBS = ("bits", "abits")
+
+
+def ignored_knobs(method: Method, cfg: DictConfig | None = None) -> tuple[str, ...]:
+    """Config knobs the method does not use: not part of the run's identity (folder, resume check).
+
+    Those its class declares (``Float.ignored_knobs = ("bits",)``) and the top-level method knobs its config
+    never refers to (``abits`` for a weights-only method)."""
+    out = list(getattr(method, "ignored_knobs", ()))
+    if cfg is not None:
+        text = json.dumps(OmegaConf.to_container(cfg.method, resolve=False), default=str)
+        out += [k for k in METHOD_KNOBS if k in cfg and "${" + k + "}" not in text and k not in out]
+    return tuple(out)
+
+
 def run(cfg: DictConfig) -> dict[str, Any] | None:
-    """Hydra task: one configuration. In a sweep a failing job is recorded and the sweep goes on."""
+    """Hydra task: one configuration. In a sweep a failing job is reported and the sweep goes on.
+
+    Order: check the input, compute the run folder from the effective config, skip a finished run,
+    build (data, model), and only then create the folder, take its lock, write .hydra/ and train.
+    """
     register()  # jobs launched in fresh processes (joblib, submitit) need the schema too
     hc = HydraConfig.get()
-    run_dir = Path(hc.runtime.output_dir)
     sweeping = hc.mode == RunMode.MULTIRUN
+    job = int(hc.job.num) if sweeping and hc.job.get("num") is not None else 0
+    label = " ".join(hc.overrides.task)
     ranks = distributed.env_ranks()  # launched by torchrun
     main = ranks is None or ranks[0] == 0
+    run_dir: Path | None = None
+    opened = False
+
+    def done(outcome: str, error: str | None = None) -> None:
+        if sweeping and main:
+            sweep.report(hc.sweep.dir, job, outcome, str(run_dir) if opened or outcome == "skipped" else None,
+                         label, error)
+
     try:
         resources.apply_threads(cfg.threads, hc.launcher if sweeping else None)
-        if ranks is not None:
-            return _train_ranked(cfg, run_dir, ranks)
-        if cfg.trainer.devices > 1:
-            return _spawn_ranks(cfg, run_dir)
-        return train(cfg, run_dir)
-    except QexpError as e:
-        if main:
-            _record_failure(cfg, run_dir, str(e))
+        method = check_inputs(cfg)
+        run_dir, level = identity.from_hydra(cfg, ignored_knobs(method, cfg))
+        if finished_run(cfg, run_dir, quiet=not main) is not None:
+            done("skipped")
+            return record.read(run_dir)
+        if preempt.requested():
+            if main:
+                print(f"{run_dir}: not started, this process was asked to stop")
+            done("not started")
+            return None
+        with ExitStack() as stack:
+            if ranks is not None:
+                rank, world, local_rank = ranks
+                if main:
+                    opened = _open_run(stack, cfg, run_dir, level, sweeping)
+                rec = _train_ranked(cfg, run_dir, ranks, level)
+            elif cfg.trainer.devices > 1:
+                opened = _open_run(stack, cfg, run_dir, level, sweeping)
+                rec = _spawn_ranks(cfg, run_dir, level)
+            else:
+                torch.manual_seed(cfg.seed)
+                built = build(cfg, resolve_device(cfg.device))  # bad data options fail here: no folder
+                opened = _open_run(stack, cfg, run_dir, level, sweeping)
+                if finished_run(cfg, run_dir, quiet=not main) is not None:  # finished while we waited
+                    done("skipped")
+                    return record.read(run_dir)
+                rec = train(cfg, run_dir, overrides=level, built=built)
+            if rec is None:
+                done("not started")
+                return None
+            done(rec["status"], rec.get("error"))
+            if main and rec["status"] == "interrupted" and preempt.interrupted_by_user() and not sweeping:
+                print(f"interrupted (Ctrl-C): checkpoint saved in {run_dir}; the same command resumes it",
+                      file=sys.stderr)
+                sys.exit(EXIT_INTERRUPTED)
+            return rec
+    except lock.LockBusy as e:  # not this run's failure: its folder belongs to the live holder
         print(f"error: {e}", file=sys.stderr)
+        done("failed", str(e))
+        if not sweeping:
+            sys.exit(EXIT_BUSY)
+    except KeyboardInterrupt:  # Ctrl-C outside the training loop (while building, loading data)
+        preempt.note_user_interrupt()
+        print("interrupted (Ctrl-C) before training started", file=sys.stderr)
+        done("interrupted", "Ctrl-C before training started")
+        if not sweeping:
+            sys.exit(EXIT_INTERRUPTED)
+    except (QexpError, OSError) as e:
+        if isinstance(e, OSError) and e.errno not in _ENV_ERRNOS:
+            return _bug(cfg, run_dir if opened and main else None, e, sweeping, done)
+        msg = str(e) if isinstance(e, QexpError) else f"cannot write {e.filename}: {e.strerror}"
+        if opened and main:
+            _record_failure(cfg, run_dir, msg)
+        print(f"error: {msg}", file=sys.stderr)
+        done("failed", msg)
         if not sweeping:
             sys.exit(2)
     except Exception as e:  # a genuine bug: keep the traceback, but never lose the rest of a sweep
-        if main:
-            _record_failure(cfg, run_dir, f"{type(e).__name__}: {e}")
-        if not sweeping:
-            raise
-        log.error("run failed:\n%s", traceback.format_exc())
+        return _bug(cfg, run_dir if opened and main else None, e, sweeping, done)
     return None
+
+
+def _bug(cfg: DictConfig, run_dir: Path | None, e: BaseException, sweeping: bool, done: Any) -> None:
+    """An unexpected exception: recorded in the run folder (if it is ours), traceback kept."""
+    if run_dir is not None:
+        _record_failure(cfg, run_dir, f"{type(e).__name__}: {e}")
+    done("failed", f"{type(e).__name__}: {e}")
+    if not sweeping:
+        raise e
+    log.error("run failed:\n%s", traceback.format_exc())
+    return None
+
+
+def _open_run(stack: ExitStack, cfg: DictConfig, run_dir: Path, level: str, sweeping: bool) -> bool:
+    """Create the run folder, take its lock (released by ``stack``), write .hydra/ and start train.log."""
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise QexpError(f"cannot create the run folder {run_dir}: {e.strerror}") from None
+    held = lock.RunLock(run_dir)
+    wait = cfg.lock == "wait" or (cfg.lock == "auto" and sweeping)
+    try:
+        held.acquire(wait=wait, on_wait=lambda h: print(f"{run_dir}: waiting for {h.describe()} to finish",
+                                                        flush=True))
+    except PermissionError as e:
+        raise QexpError(f"cannot write into the run folder {run_dir}: {e.strerror}") from None
+    stack.callback(held.release)
+    for tmp in run_dir.glob(".*.tmp"):  # left by a writer killed mid-write (we hold the lock: none is live)
+        tmp.unlink(missing_ok=True)
+    _write_hydra(cfg, run_dir, level)
+    handler = logging.FileHandler(run_dir / "train.log")
+    handler.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"))
+    logging.getLogger().addHandler(handler)
+
+    def detach() -> None:
+        logging.getLogger().removeHandler(handler)
+        handler.close()
+
+    stack.callback(detach)
+    return True
+
+
+def _write_hydra(cfg: DictConfig, run_dir: Path, level: str) -> None:
+    """What Hydra writes into a job's folder (config.yaml, hydra.yaml, overrides.yaml), atomically."""
+    hydra_dir = run_dir / ".hydra"
+    atomic_write_bytes(hydra_dir / "config.yaml", OmegaConf.to_yaml(cfg).encode())
+    if HydraConfig.initialized():
+        hc = OmegaConf.create({"hydra": OmegaConf.to_container(HydraConfig.get(), resolve=False)})
+        OmegaConf.set_struct(hc, False)
+        hc.hydra.job.override_dirname = level  # the identity level, as qexp report reads it
+        hc.hydra.runtime.output_dir = str(run_dir.resolve())
+        atomic_write_bytes(hydra_dir / "hydra.yaml", OmegaConf.to_yaml(hc).encode())
+        overrides = OmegaConf.create(list(HydraConfig.get().overrides.task))
+        atomic_write_bytes(hydra_dir / "overrides.yaml", OmegaConf.to_yaml(overrides).encode())
 
 
 def _ddp_backend(cfg: DictConfig) -> tuple[torch.device, str]:
@@ -256,27 +407,24 @@ def _ddp_backend(cfg: DictConfig) -> tuple[torch.device, str]:
     return device, distributed.pick_backend(cfg.trainer.backend, device)
 
 
-def _train_ranked(cfg: DictConfig, run_dir: Path, ranks: tuple[int, int, int]) -> dict[str, Any] | None:
+def _train_ranked(cfg: DictConfig, run_dir: Path, ranks: tuple[int, int, int],
+                  level: str = "") -> dict[str, Any] | None:
     """One of torchrun's processes: join the group it set up, then train our share."""
     rank, world, local_rank = ranks
     if cfg.trainer.devices not in (1, world):
         log.warning("trainer.devices=%d ignored: torchrun started %d processes", cfg.trainer.devices, world)
     device, backend = _ddp_backend(cfg)
     ctx = distributed.init(rank, world, local_rank, backend)
-    return train(cfg, run_dir, ctx)
+    return train(cfg, run_dir, ctx, level)
 
 
-def _spawn_ranks(cfg: DictConfig, run_dir: Path) -> dict[str, Any] | None:
-    """``trainer.devices=N``: start N training processes and wait for them (this one writes nothing)."""
+def _spawn_ranks(cfg: DictConfig, run_dir: Path, level: str = "") -> dict[str, Any] | None:
+    """``trainer.devices=N``: start N training processes and wait for them (this one holds the lock)."""
     world = cfg.trainer.devices
-    if finished_run(cfg, run_dir) is not None:
-        return record.read(run_dir)
-    instantiate(cfg.method)  # an impossible bits value fails here, before any process starts
     device, backend = _ddp_backend(cfg)
     if device.type == "cuda" and torch.cuda.device_count() < world:
         raise QexpError(f"trainer.devices={world} but only {torch.cuda.device_count()} GPUs are visible")
-    overrides = HydraConfig.get().job.override_dirname if HydraConfig.initialized() else ""
-    payload = (OmegaConf.to_container(cfg, resolve=True, enum_to_str=True), str(run_dir), overrides, backend)
+    payload = (OmegaConf.to_container(cfg, resolve=True, enum_to_str=True), str(run_dir), level, backend)
     threads = max(1, torch.get_num_threads() // world) if device.type == "cpu" else None
     log.info("training on %d processes (%s)", world, backend)
     worker = importlib.import_module("qexp.run.train")._ddp_worker  # by module name: picklable under -m too
@@ -317,12 +465,16 @@ def _hydra_main(cfg: DictConfig) -> float | None:
 
 
 def main() -> None:
-    """Entry for ``qexp train`` and ``python -m qexp.run.train``: Hydra parses ``sys.argv``."""
+    """Entry for ``qexp train`` and ``python -m qexp.run.train``: Hydra parses ``sys.argv``.
+
+    A ``--multirun`` sweep exits 1 when a job failed (130 after Ctrl-C), after its summary.
+    """
     register()
     if int(os.environ.get("RANK", "0")) > 0:  # torchrun: only rank 0 writes .hydra/ and train.log
-        sys.argv += ["hydra.output_subdir=null", "hydra/job_logging=stdout",
-                     "hydra.job_logging.root.level=WARNING"]
+        sys.argv += ["hydra/job_logging=stdout", "hydra.job_logging.root.level=WARNING"]
     _hydra_main()
+    if sweep.exit_code():
+        sys.exit(sweep.exit_code())
 
 
 if __name__ == "__main__":

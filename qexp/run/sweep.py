@@ -1,0 +1,95 @@
+"""The end of a ``--multirun`` sweep: a one-screen summary and an exit status scripts can trust.
+
+Every job (whichever launcher ran it: in this process, joblib workers, submitit/SLURM jobs) reports its
+outcome as a small JSON file under ``<sweep dir>/.qexp-sweep/<sweep id>/``; the Hydra callback
+:class:`SweepSummary` (configured in train.yaml) collects them when the launcher returns, prints the
+counts and the failed jobs with their one-line errors, and sets the process's exit status: 1 when a
+job failed, 130 when the sweep was stopped with Ctrl-C, else 0 (a diverged run is a result, not an
+error).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig
+
+from qexp.jsonio import read_json, write_json
+
+ENV = "QEXP_SWEEP_ID"
+FOLDER = ".qexp-sweep"
+#: order of the counts in the summary
+ORDER = ("completed", "skipped", "failed", "diverged", "interrupted", "not started")
+#: at most this many failed jobs are listed (the rest: `qexp runs DIR --status failed`)
+SHOW = 15
+
+_exit_code = 0
+
+
+def exit_code() -> int:
+    """What ``qexp train --multirun`` exits with (set by :meth:`SweepSummary.on_multirun_end`)."""
+    return _exit_code
+
+
+def report(sweep_dir: str | Path, job: int, outcome: str, run_dir: str | None, label: str,
+           error: str | None = None) -> None:
+    """Called by each job of a sweep: ``outcome`` is one of :data:`ORDER`."""
+    sweep_id = os.environ.get(ENV)
+    if not sweep_id:
+        return
+    doc = {"job": job, "outcome": outcome, "run_dir": run_dir, "label": label, "error": error}
+    try:
+        write_json(Path(sweep_dir) / FOLDER / sweep_id / f"{job}.json", doc)
+    except OSError:  # an unwritable sweep folder must not turn a finished run into a failure
+        pass
+
+
+def summarize(jobs: list[dict[str, Any]], stopped: bool = False) -> tuple[list[str], int]:
+    """Summary lines and the exit status for the collected job reports."""
+    counts = {k: 0 for k in ORDER}
+    for j in jobs:
+        counts[j.get("outcome", "failed")] = counts.get(j.get("outcome", "failed"), 0) + 1
+    text = ", ".join(f"{n} {k}" for k, n in counts.items() if n or k in ORDER[:4])
+    lines = [f"sweep finished: {len(jobs)} job{'s' if len(jobs) != 1 else ''}: {text}"]
+    failed = sorted((j for j in jobs if j.get("outcome") == "failed"), key=lambda j: j.get("job", 0))
+    for j in failed[:SHOW]:
+        where = j.get("run_dir") or f"(no run folder) {j.get('label', '')}"
+        lines.append(f"  failed  {where}: {(j.get('error') or '').splitlines()[0][:160] if j.get('error') else ''}")
+    if len(failed) > SHOW:
+        lines.append(f"  ... and {len(failed) - SHOW} more (qexp runs DIR --status failed)")
+    code = 1 if failed else (130 if stopped else 0)
+    return lines, code
+
+
+class SweepSummary(Callback):
+    """Hydra callback: give the sweep an id its jobs report under, then summarize their reports."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        os.environ[ENV] = f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        global _exit_code
+        from qexp.run import preempt
+
+        sweep_id = os.environ.pop(ENV, None)
+        if not sweep_id:
+            return
+        folder = Path(str(config.hydra.sweep.dir)) / FOLDER / sweep_id
+        jobs = []
+        for f in sorted(folder.glob("*.json")) if folder.is_dir() else []:
+            try:
+                jobs.append(read_json(f))
+            except (OSError, ValueError):
+                continue
+        lines, _exit_code = summarize(jobs, stopped=preempt.interrupted_by_user())
+        print("\n".join(lines), flush=True)
+        shutil.rmtree(folder, ignore_errors=True)
+        try:
+            folder.parent.rmdir()  # only when no other sweep is reporting there
+        except OSError:
+            pass

@@ -1,0 +1,76 @@
+"""The kill matrix: every method option, killed (SIGKILL) mid-epoch, inside a checkpoint write, during
+evaluation and between epochs, or stopped with Ctrl-C; the same command again must end with exactly the
+numbers of metrics.json and the checkpoint (weights, optimizer, method state) of an uninterrupted run.
+
+Small: a 2x32 MLP on 128 synthetic images, batch 16 (8 steps an epoch), 3 epochs, one thread; every
+launch is a forked child of one driver process (tests/kill_driver.py), so a real SIGKILL ends it."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO
+
+TINY = ["dataset=synthetic", "model=mlp", "model.width=32", "model.depth=2", "model.bn=false",
+        "dataset.train_subset=128", "batch_size=16", "eval_batch_size=256", "epochs=3", "progress=false"]
+#: per method: what it needs on the tiny MLP (8 optimizer steps an epoch everywhere)
+METHODS = {
+    "float": [],
+    "bc": ["method=bc"],
+    "sr": ["method=sr", "bits=4"],
+    "r": ["method=r", "bits=4"],
+    "big_sr": ["method=big_sr", "dataset.train_subset=512", "batch_size=8"],  # 8 x 8 images a step
+    "ste": ["method=ste"],
+    "wage": ["method=wage", "model.bias=false", "lr=1"],
+    "learned": ["method=learned"],
+    "ptq": ["method=ptq", "method.activations=true"],
+}
+#: kill points (see tests/kill_driver.py): inside epoch 2; Ctrl-C inside epoch 2; writing the 2nd
+#: checkpoint; evaluating after epoch 2; right after epoch 1's metrics.json
+KINDS = ["step:11", "sigint:11", "ckpt:2", "eval:16", "metrics:2"]
+#: the fast part: every method once, every kill point at least once (the diagonal of the matrix)
+DIAGONAL = {m: [KINDS[i % len(KINDS)]] for i, m in enumerate(METHODS)}
+
+
+def run_matrix(tmp_path: Path, plan: dict[str, list[str]]) -> dict:
+    spec = {"out": str(tmp_path), "cases": {m: {"overrides": [*TINY, *METHODS[m]], "scenarios": sc}
+                                            for m, sc in plan.items()}}
+    (tmp_path / "spec.json").write_text(json.dumps(spec))
+    proc = subprocess.run([sys.executable, "-m", "tests.kill_driver", str(tmp_path / "spec.json")], cwd=REPO,
+                          capture_output=True, text=True, timeout=1200, env={**__import__("os").environ,
+                                                                              "OMP_NUM_THREADS": "1"})
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("KILL-MATRIX ")]
+    assert proc.returncode == 0 and lines, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return json.loads(lines[0][len("KILL-MATRIX "):])
+
+
+def check(report: dict) -> None:
+    for method, cases in report.items():
+        assert cases["ref"] == ["exit", 0], method
+        assert cases["control"], method  # a one-ulp change of one weight is seen
+        for sc, r in cases.items():
+            if sc in ("ref", "control"):
+                continue
+            where = f"{method} {sc}"
+            if sc.startswith("sigint"):
+                assert r["first"] == ["exit", 130] and r["status_after_first"] == "interrupted", (where, r)
+            else:
+                assert r["first"] == ["signal", 9] and r["status_after_first"] == "running", (where, r)
+            assert r["second"] == ["exit", 0], (where, r)
+            assert r["diffs"] == [], (where, r["diffs"])
+            assert r["leftovers"] == [], (where, r["leftovers"])  # no lock, no temporary file left
+
+
+def test_kill_matrix_every_method_and_every_kill_point(tmp_path: Path) -> None:
+    check(run_matrix(tmp_path, DIAGONAL))
+
+
+@pytest.mark.slow
+def test_kill_matrix_full(tmp_path: Path) -> None:
+    """The rest of the matrix: every (method, kill point) pair not in the diagonal."""
+    check(run_matrix(tmp_path, {m: [k for k in KINDS if k not in DIAGONAL[m]] for m in METHODS}))
