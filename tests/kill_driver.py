@@ -72,8 +72,11 @@ def _install(kind: str, n: int) -> None:
         os.replace = replace
 
 
-def launch(argv: list[str], kill: tuple[str, int] | None = None) -> tuple[str, int]:
-    """``qexp train ARGV`` in a forked child; ("signal", n) or ("exit", code)."""
+def launch(argv: list[str], kill: tuple[str, int] | None = None, log: Path | None = None,
+           umask: int | None = None, uid: int | None = None) -> tuple[str, int]:
+    """``qexp train ARGV`` in a forked child; ("signal", n) or ("exit", code).
+
+    ``log``: the child's stdout and stderr go to LOG.out / LOG.err; ``umask``/``uid``: set in the child."""
     from qexp.run import train
 
     sys.stdout.flush()
@@ -82,6 +85,16 @@ def launch(argv: list[str], kill: tuple[str, int] | None = None) -> tuple[str, i
     if pid == 0:
         code = 0
         try:
+            if log is not None:
+                for fd, suffix in ((1, ".out"), (2, ".err")):
+                    f = os.open(f"{log}{suffix}", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+                    os.dup2(f, fd)
+                    os.close(f)
+            if umask is not None:
+                os.umask(umask)
+            if uid is not None:
+                os.setgid(uid)
+                os.setuid(uid)
             if kill is not None:
                 _install(*kill)
             sys.argv = ["qexp train", *argv]
@@ -183,8 +196,37 @@ def control(ref: Path, where: Path) -> list[str]:
     return compare(ref, where)
 
 
+def cli(spec: dict[str, Any]) -> dict[str, Any]:
+    """``{"out": folder, "launches": {name: {"argv": [...], "umask": 0o22?, "uid": n?}}}``: each launch in
+    order, with its exit status and its stdout/stderr text."""
+    out = Path(spec["out"])
+    out.mkdir(parents=True, exist_ok=True)
+    report = {}
+    for name, c in spec["launches"].items():
+        for m in Path(c.get("set_status", [out, ""])[0]).rglob("metrics.json") if c.get("set_status") else []:
+            rec = json.loads(m.read_text())  # pretend that run stopped early (an interrupted run)
+            m.write_text(json.dumps({**rec, "status": c["set_status"][1]}))
+        if c.get("set_config"):  # pretend the unfinished run there was made with another value of a key
+            where, key, value = c["set_config"]
+            for ck in Path(where).rglob("checkpoint.pt"):
+                st = torch.load(ck, map_location="cpu", weights_only=True)
+                st["config"] = json.dumps({**json.loads(st["config"]), key: value}, sort_keys=True)
+                torch.save(st, ck)
+        log = out / f"launch-{name}"
+        how = launch(c["argv"], log=log, umask=c.get("umask"), uid=c.get("uid"))
+        report[name] = {"how": how, "stdout": Path(f"{log}.out").read_text(),
+                        "stderr": Path(f"{log}.err").read_text()}
+    return report
+
+
 def main() -> None:
     spec = json.loads(Path(sys.argv[1]).read_text())
+    if "launches" in spec:
+        torch.set_num_threads(1)
+        import qexp.run.train  # noqa: F401
+
+        print("KILL-MATRIX " + json.dumps(cli(spec)))
+        return
     torch.set_num_threads(1)
     import hydra  # noqa: F401  (imported once here, not in every child)
     from torch.utils.tensorboard import SummaryWriter  # noqa: F401

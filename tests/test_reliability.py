@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import stat
 import subprocess
@@ -170,3 +171,52 @@ def test_eval_integer_refuses_a_non_wage_run_before_evaluating(tmp_path: Path,
     assert qexp(["eval", str(run), "--integer"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "method=wage" in err and "method=float" in err
+
+
+# ---- the lock and Ctrl-C through `qexp train` ------------------------------------------------------
+def _wait_for(cond, timeout: float = 300) -> None:
+    end = time.time() + timeout
+    while time.time() < end:
+        if cond():
+            return
+        time.sleep(0.05)
+    raise AssertionError("timed out")
+
+
+def test_second_launch_is_refused_killed_holder_is_reclaimed_and_ctrl_c_exits_130(
+        tmp_path: Path, one_thread: None) -> None:
+    """Two launches of one config: the second exits 75 naming the holder's pid and host, and trains
+    nothing. After the holder is SIGKILLed (mid-run, its lock left behind), a new launch takes the lock
+    over and resumes from the checkpoint; Ctrl-C stops it: one line, exit 130, status `interrupted`,
+    no traceback, lock released (that a resumed run ends bit-identical is the kill matrix's job).
+    200 epochs: the holder must still be training when the second launch arrives; it never finishes."""
+    from tests.conftest import find_runs, read_metrics, run_qexp
+
+    args = ["train", f"out_root={tmp_path}", "dataset=synthetic", "model=mlp", "model.width=32",
+            "model.depth=2", "model.bn=false", "dataset.train_samples=2048", "batch_size=16", "epochs=200",
+            "progress=false"]
+    cmd = [sys.executable, "-m", "qexp.cli", *args]
+
+    def start() -> subprocess.Popen:
+        return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    first = start()
+    _wait_for(lambda: find_runs(tmp_path) and read_metrics(find_runs(tmp_path)[0]).get("epochs_done", 0) >= 1)
+    (run,) = find_runs(tmp_path)
+    second = run_qexp(args, check=False)
+    assert second.returncode == 75, second.stderr
+    err = second.stderr.strip()
+    assert len(err.splitlines()) == 1 and f"pid {first.pid} on {socket.gethostname()}" in err
+    assert len(list(run.glob("events.out.tfevents.*"))) == 1  # the refused launch wrote nothing
+
+    first.kill()
+    first.wait()
+    third = start()
+    _wait_for(lambda: "resuming" in (run / "train.log").read_text())
+    assert json.loads((run / lock.LOCK).read_text())["pid"] == third.pid
+    third.send_signal(signal.SIGINT)
+    out, err = third.communicate(timeout=300)
+    assert third.returncode == 130, out + err
+    assert "Traceback" not in out + err and err.strip().splitlines()[-1].startswith("interrupted (Ctrl-C)")
+    assert read_metrics(run)["status"] == "interrupted" and not (run / lock.LOCK).exists()
+    assert checkpoint.load(run / "checkpoint.pt")["progress"]["step"] >= 128  # epoch 1 kept

@@ -1,0 +1,140 @@
+"""Run identity, bad input and sweep exits through ``qexp train`` (each launch a forked child of one
+driver process, tests/kill_driver.py): a folder is a function of the effective config; rejected input is
+one line, exit 2, no folder; a sweep with a failed job exits 1 with a summary; files follow the umask."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO
+
+T = ["dataset=synthetic", "model=mlp", "model.width=16", "model.depth=1", "model.bn=false",
+     "dataset.train_subset=64", "batch_size=32", "eval_batch_size=256", "progress=false"]
+BAD = {"epochs": "epochs=0", "batch_size": "batch_size=0", "eval_batch_size": "eval_batch_size=0",
+       "bits": "bits=0", "lr": "lr=-1", "subset": "dataset.train_subset=99999", "bc_bits": "bits=9",
+       "lock": "lock=sometimes"}
+
+
+def runs(root: Path) -> list[Path]:
+    return sorted(p.parent for p in root.rglob("metrics.json"))
+
+
+@pytest.fixture(scope="module")
+def launched(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    out = tmp_path_factory.mktemp("identity")
+    L = {
+        "implicit": {"argv": [*T, f"out_root={out}/id"]},
+        "explicit": {"argv": [*T, "epochs=1", "optim=adam", "lr=0.001", "sched=constant", f"out_root={out}/id"]},
+        "differs": {"argv": [*T, "epochs=2", f"out_root={out}/id"]},
+        "grid": {"argv": ["--multirun", *T, "method=float,bc", "bits=1,2", f"out_root={out}/grid"]},
+        **{f"bad_{k}": {"argv": [*T, *(["method=bc"] if k == "bc_bits" else []), v, f"out_root={out}/bad"]}
+           for k, v in BAD.items()},
+        "failed_sweep": {"argv": ["--multirun", *T, "dataset.train_subset=32,99999", f"out_root={out}/sweep"]},
+        "umask": {"argv": [*T, f"out_root={out}/modes"], "umask": 0o027},
+        "unwritable_root": {"argv": [*T, "out_root=/sys/qexp-cannot-write-here"]},
+        "chg_setup": {"argv": [*T, f"out_root={out}/chg"]},
+        "chg": {"argv": [*T, f"out_root={out}/chg"], "set_status": [str(out / "chg"), "interrupted"],
+                "set_config": [str(out / "chg"), "model.dropout", 0.25]},
+    }
+    spec = {"out": str(out / "logs"), "launches": L}
+    (out / "spec.json").write_text(json.dumps(spec))
+    proc = subprocess.run([sys.executable, "-m", "tests.kill_driver", str(out / "spec.json")], cwd=REPO,
+                          capture_output=True, text=True, timeout=1200,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("KILL-MATRIX ")]
+    assert proc.returncode == 0 and lines, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return out, json.loads(lines[0][len("KILL-MATRIX "):])
+
+
+def one_line_error(r: dict, code: int = 2) -> str:
+    assert r["how"] == ["exit", code], r
+    err = r["stderr"].strip()
+    assert "Traceback" not in r["stderr"] + r["stdout"] and len(err.splitlines()) == 1, r
+    return err
+
+
+def test_explicit_default_is_the_implicit_default(launched) -> None:
+    """`epochs=1 optim=adam lr=0.001 sched=constant` spell the defaults: one folder, skipped the second
+    time; `epochs=2` differs: its own folder, named by the key that differs."""
+    out, r = launched
+    assert r["implicit"]["how"] == r["explicit"]["how"] == ["exit", 0]
+    assert "not retrained" in r["explicit"]["stdout"]
+    names = [str(p.relative_to(out / "id" / "runs" / "synthetic" / "mlp" / "float")) for p in runs(out / "id")]
+    assert sorted(names) == sorted([
+        "batch_size=32,dataset.train_subset=64,eval_batch_size=256,model.bn=false,model.depth=1,model.width=16/seed0",
+        "batch_size=32,dataset.train_subset=64,epochs=2,eval_batch_size=256,model.bn=false,model.depth=1,"
+        "model.width=16/seed0"])
+
+
+def test_float_times_bits_grid_trains_float_once(launched) -> None:
+    out, r = launched
+    g = r["grid"]
+    assert g["how"] == ["exit", 0], g
+    assert "different configuration" not in g["stdout"] + g["stderr"]
+    assert "sweep finished: 4 jobs: 3 completed, 1 skipped, 0 failed, 0 diverged" in g["stdout"]
+    tags = sorted(p.parent.parent.name for p in runs(out / "grid"))
+    assert tags == ["bc-1b", "bc-2b", "float"]
+
+
+@pytest.mark.parametrize("key", sorted(BAD))
+def test_bad_input_is_one_line_exit_2_and_no_folder(launched, key: str) -> None:
+    out, r = launched
+    err = one_line_error(r[f"bad_{key}"])
+    assert err.startswith("error: ")
+    assert not (out / "bad").exists()
+
+
+def test_sweep_with_a_failed_job_exits_1_with_a_summary(launched) -> None:
+    out, r = launched
+    s = r["failed_sweep"]
+    assert s["how"] == ["exit", 1], s
+    summary = s["stdout"][s["stdout"].index("sweep finished"):].splitlines()
+    assert summary[0] == "sweep finished: 2 jobs: 1 completed, 0 skipped, 1 failed, 0 diverged"
+    assert summary[1].startswith("  failed  (no run folder)") and "train_subset must be in 1..512" in summary[1]
+    assert len(runs(out / "sweep")) == 1
+
+
+def test_run_files_follow_the_umask(launched) -> None:
+    out, r = launched
+    assert r["umask"]["how"] == ["exit", 0]
+    (run,) = runs(out / "modes")
+    files = [p for p in run.rglob("*") if p.is_file()]
+    assert {"metrics.json", "quant.json", "checkpoint.pt", "train.log", "config.yaml"} <= {p.name for p in files}
+    for p in files:
+        assert stat.S_IMODE(p.stat().st_mode) == 0o640, p
+    for d in [run, *(p for p in run.rglob("*") if p.is_dir())]:
+        assert stat.S_IMODE(d.stat().st_mode) == 0o750, d
+
+
+def test_unwritable_out_root_is_one_line(launched) -> None:
+    out, r = launched
+    assert "cannot create the run folder /sys/qexp-cannot-write-here" in one_line_error(r["unwritable_root"])
+
+
+def test_unwritable_run_folder_is_refused_before_training() -> None:
+    """A run folder that exists but cannot be written (here /sys/kernel: even root cannot create files
+    there): one QexpError line from taking the lock, before .hydra/ or anything else is written."""
+    from contextlib import ExitStack
+
+    from qexp.errors import QexpError
+    from qexp.run import train
+    from tests.conftest import compose_train
+
+    cfg = compose_train(T)
+    with ExitStack() as stack, pytest.raises(QexpError, match="cannot write into the run folder /sys/kernel"):
+        train._open_run(stack, cfg, Path("/sys/kernel"), "", sweeping=False)
+
+
+def test_changed_configuration_names_each_differing_key(launched) -> None:
+    """The folder's unfinished run was made with another value of a key (as when a config file's default
+    changed between two launches): the refusal names the key and both values."""
+    out, r = launched
+    err = one_line_error(r["chg"])
+    assert "holds a run with a different configuration (model.dropout: 0.25 -> 0.0)" in err
