@@ -17,13 +17,18 @@ from tests.conftest import find_runs, read_metrics, run_qexp
 
 @pytest.mark.slow
 def test_main_job_lenet5_mnist(tmp_path, data_root):
-    """The README's main job: LeNet-5, 1 epoch on all of MNIST (measured: 98.68% test accuracy)."""
+    """The README's main job: LeNet-5, 1 epoch on all of MNIST. Measured test accuracy: seed 0 gave
+    98.68% (README machine), 98.53% (this machine, one thread) and 98.40% (a fresh machine): the float
+    summation order of the CPU and thread count moves one seed by about 0.3 points; seeds 0-2 on one
+    machine gave 98.53/98.70/98.80% (std 0.14). The bound sits 0.4 below the lowest value seen (about
+    3 seed standard deviations), so it catches a broken run (chance is 10%, one wrong layer < 97%)
+    without depending on the CPU."""
     out = run_qexp(["train", f"out_root={tmp_path}", f"data_root={data_root}"]).stdout
     (run_dir,) = find_runs(tmp_path)
     assert run_dir == tmp_path / "runs" / "mnist" / "lenet5" / "float" / "seed0"
     m = read_metrics(run_dir)
     assert m["status"] == "completed" and m["epochs_done"] == 1
-    assert m["test_acc"] >= 98.5, m["test_acc"]
+    assert m["test_acc"] >= 98.0, m["test_acc"]
     assert "test error" in out and "accuracy" in out
     assert (run_dir / "checkpoint.pt").exists() and (run_dir / "quant.json").exists()
     assert list(run_dir.glob("events.out.tfevents.*")) and (run_dir / "train.log").exists()

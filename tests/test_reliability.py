@@ -220,3 +220,27 @@ def test_second_launch_is_refused_killed_holder_is_reclaimed_and_ctrl_c_exits_13
     assert "Traceback" not in out + err and err.strip().splitlines()[-1].startswith("interrupted (Ctrl-C)")
     assert read_metrics(run)["status"] == "interrupted" and not (run / lock.LOCK).exists()
     assert checkpoint.load(run / "checkpoint.pt")["progress"]["step"] >= 128  # epoch 1 kept
+
+
+def test_ptq_eval_prints_its_results_before_failing_to_write(tmp_path: Path, one_thread: None,
+                                                             capsys: pytest.CaptureFixture,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """`qexp eval --ptq-bits` on a run folder it cannot write into (root ignores file modes, so the write
+    itself is made to fail as on a read-only folder): the curve is printed first, then one error line."""
+    from qexp.methods.ptq import curve
+    from tests.conftest import find_runs, run_qexp
+
+    run_qexp(["train", f"out_root={tmp_path}", "dataset=synthetic", "model=mlp", "model.width=32",
+              "model.depth=1", "dataset.train_subset=64", "progress=false"])
+    (run,) = find_runs(tmp_path)
+
+    def read_only(*a: object, **k: object) -> None:
+        raise PermissionError(13, "Permission denied", str(run / "ptq.json"))
+
+    monkeypatch.setattr(curve, "write", read_only)
+    assert qexp(["eval", str(run), "--ptq-bits", "8,4", "--device", "cpu"]) == 2
+    out, err = capsys.readouterr()
+    assert "post-training quantization of" in out and len([ln for ln in out.splitlines()
+                                                           if ln.strip().startswith(("8 ", "4 "))]) == 2
+    assert err.count("\n") == 1 and "results above were not saved" in err and "Permission denied" in err
+    assert not (run / "ptq.json").exists()
