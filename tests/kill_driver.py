@@ -151,7 +151,11 @@ def compare(ref: Path, got: Path) -> list[str]:
     diffs = []
     a, b = numbers(ref), numbers(got)
     for k in sorted(set(a) | set(b)):
-        if a.get(k) != b.get(k):
+        if k == "history" and len(a.get(k, [])) == len(b.get(k, [])):
+            for i, (ra, rb) in enumerate(zip(a[k], b[k])):
+                diffs += [f"metrics.json history[{i}].{c}: {ra.get(c)!r} != {rb.get(c)!r}"
+                          for c in sorted(set(ra) | set(rb)) if ra.get(c) != rb.get(c)]
+        elif a.get(k) != b.get(k):
             diffs.append(f"metrics.json {k}: {a.get(k)!r} != {b.get(k)!r}"[:300])
     sa, sb = state(ref), state(got)
     skip = ("progress",)  # holds train_time/wall_s (timings); its counters are checked through metrics

@@ -124,12 +124,18 @@ class STE(Method):
     # ---- resume --------------------------------------------------------------------------------------
     # Alpha, the calibration flag and the call-site count are buffers (or parameters) of the quantized
     # ReLUs, so the model's state_dict carries them; weight quantization keeps its own state.
+    # The epoch's zero/top counts are kept too: a run stopped mid-epoch reports the whole epoch's counts.
     def state_dict(self) -> dict[str, Any]:
-        return {} if self.weights is None else {"weights": self.weights.state_dict()}
+        s: dict[str, Any] = {} if self.weights is None else {"weights": self.weights.state_dict()}
+        s["stats"] = {n: q._stats.detach().cpu().clone() for n, q in self.quantizers if q._stats is not None}
+        return s
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if self.weights is not None and "weights" in state:
             self.weights.load_state_dict(state["weights"])
+        stats = state.get("stats", {})
+        for n, q in self.quantizers:
+            q._stats = stats[n].to(q.alpha.device) if n in stats else None
 
 
 def _weight_quantization(wbits: int | None, loss: str) -> BinaryConnect | None:
