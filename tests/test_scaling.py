@@ -83,3 +83,187 @@ def test_cuda_index_selects_that_gpu():
     last = torch.cuda.device_count() - 1
     assert resolve_device(f"cuda:{last}") == torch.device("cuda", last)
     assert torch.cuda.current_device() == last
+
+
+# ---- compile=true -----------------------------------------------------------------------------------
+def test_compile_without_a_compiler_is_one_line_and_exit_2(tmp_path: Path):
+    p = run_qexp(["train", f"out_root={tmp_path}", *TINY, "compile=true"], env={"CXX": "/nonexistent/g++"},
+                 check=False)
+    assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr
+    (line,) = p.stderr.strip().splitlines()
+    assert line.startswith("error: compile=true needs a working C++ compiler for torch.compile on CPU")
+
+
+def test_compile_failure_falls_back_to_eager_with_one_warning(caplog):
+    from qexp.run.compiled import Compiled
+
+    torch.manual_seed(0)
+    net = torch.nn.Linear(4, 3)
+    wrapped = Compiled(net)
+
+    def broken(*args: object) -> None:
+        raise RuntimeError("BackendCompilerFailed: something deep\nmore lines")
+
+    wrapped._compiled = broken
+    x = torch.randn(2, 4)
+    with caplog.at_level("WARNING", logger="qexp"):
+        assert torch.equal(wrapped(x), net(x))
+        assert torch.equal(wrapped(x), net(x))
+    assert wrapped.failed and len(caplog.records) == 1
+    assert "\n" not in caplog.records[0].getMessage() and "training eagerly" in caplog.records[0].getMessage()
+    assert list(wrapped.state_dict()) == ["module.weight", "module.bias"]  # the eager module's own tensors
+
+
+def _fit(method: list[str], epochs: int, compile: bool, ckpt: Path | None = None, stop_after: int | None = None):
+    """A tiny MLP run in-process (the engine as `qexp train` builds it)."""
+    from conftest import compose_train
+
+    from qexp.run import checkpoint
+    from qexp.run.engine import Trainer
+    from qexp.run.train import build
+
+    cfg = compose_train([*TINY, *method, "device=cpu"])
+    torch.manual_seed(0)
+    b = build(cfg, torch.device("cpu"))
+    steps = {"n": 0}
+
+    def stop() -> bool:
+        steps["n"] += 1
+        return stop_after is not None and steps["n"] >= stop_after
+
+    t = Trainer(b.model, b.method, b.optimizer, b.scheduler, b.data, torch.device("cpu"), epochs, ckpt_path=ckpt,
+                should_stop=stop, progress_bar=False, compile=compile)
+    if ckpt is not None and ckpt.exists():
+        t.load_state_dict(checkpoint.load(ckpt))
+    return t, t.fit()
+
+
+EXACT = ("train_loss", "train_error", "test_loss", "test_error")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", [["method=float"], ["method=bc"], ["method=ste", "bits=2"]],
+                         ids=["float", "bc", "ste"])
+def test_compiled_training_matches_eager_and_resumes(one_thread, tmp_path: Path, method: list[str]):
+    """Same numbers as eager up to float reassociation; compile time reported apart; a compiled run
+    stopped mid-epoch and resumed (compiled) ends exactly where an uninterrupted compiled run ends."""
+    _, eager = _fit(method, 2, compile=False)
+    t, straight = _fit(method, 2, compile=True)
+    assert straight.status == "completed" and not t.forward_model.failed
+    assert straight.extra["compile_s"] > 0
+    for e, c in zip(eager.progress.history, straight.progress.history):
+        for k in EXACT:
+            assert c[k] == pytest.approx(e[k], rel=1e-3, abs=1e-3), (k, e, c)
+    ckpt = tmp_path / "checkpoint.pt"
+    _, first = _fit(method, 2, compile=True, ckpt=ckpt, stop_after=3)
+    assert first.status == "interrupted"
+    _, resumed = _fit(method, 2, compile=True, ckpt=ckpt)
+    assert resumed.status == "completed"
+    for a, b in zip(straight.progress.history, resumed.progress.history):
+        assert {k: a[k] for k in EXACT} == {k: b[k] for k in EXACT}
+
+
+@pytest.mark.slow
+def test_compiled_ddp_two_processes(one_thread, tmp_path: Path):
+    """compile=true with trainer.devices=2 (gloo): completes, weights identical on both processes."""
+    run_qexp(["train", f"out_root={tmp_path}", *TINY, "model.bn=false", "compile=true", "trainer.devices=2"])
+    (run,) = find_runs(tmp_path)
+    m = read_metrics(run)
+    assert m["status"] == "completed" and m["ranks_consistent"] is True and m["compile_s"] > 0
+
+
+# ---- precision=bf16-mixed | 16-mixed ----------------------------------------------------------------
+def test_precision_names_and_16_mixed_needs_cuda():
+    from qexp.run import precision
+
+    cpu = torch.device("cpu")
+    assert precision.check("32", cpu) == "32" and precision.check(32, cpu) == "32"
+    assert precision.check("bf16-mixed", cpu) == "bf16-mixed"
+    with pytest.raises(QexpError, match="16-mixed .* needs a CUDA device; on CPU use precision=bf16-mixed"):
+        precision.check("16-mixed", cpu)
+    with pytest.raises(QexpError, match="precision must be one of 32, bf16-mixed, 16-mixed; got 'fp8'"):
+        precision.check("fp8", cpu)
+
+
+def test_16_mixed_on_cpu_is_one_line_and_exit_2(tmp_path: Path):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present here")
+    p = run_qexp(["train", f"out_root={tmp_path}", *TINY, "precision=16-mixed"], check=False)
+    assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr
+    assert len(p.stderr.strip().splitlines()) == 1 and "needs a CUDA device" in p.stderr
+
+
+def _quantizer_inputs(model: torch.nn.Module, kinds: tuple) -> list[torch.Tensor]:
+    seen: list[torch.Tensor] = []
+    for m in model.modules():
+        if isinstance(m, kinds):
+            m.register_forward_hook(lambda mod, args, out: seen.extend([args[0].detach(), out.detach()]))
+    return seen
+
+
+@pytest.mark.parametrize("method", ["bc", "ste"])
+def test_bf16_mixed_leaves_quantizers_in_float32(one_thread, method):
+    """The quantized weights (bc) and quantized activations (ste) are computed from float32 inputs and are
+    bit-identical with and without bf16-mixed; only the conv/linear sums are 16-bit."""
+    from qexp.methods.base import RunContext
+    from qexp.methods.bc import BinaryConnect
+    from qexp.methods.ste import STE
+    from qexp.models.lenet import LeNet5
+    from qexp.quant.activation import QuantReLU
+    from qexp.quant.weight import WeightQuantizer
+    from qexp.run.precision import MixedPrecision
+
+    torch.manual_seed(0)
+    m = BinaryConnect(bits=1) if method == "bc" else STE(bits=2)
+    model = m.prepare(LeNet5(1, 10, 28), RunContext())
+    kinds = (WeightQuantizer,) if method == "bc" else (QuantReLU,)
+    seen = _quantizer_inputs(model, kinds)
+    amp = MixedPrecision("bf16-mixed", torch.device("cpu"))
+    amp.attach(model)
+    x = torch.randn(8, 1, 28, 28)
+    ref = model(x)
+    fp32 = list(seen)
+    seen.clear()
+    with amp.active():
+        mixed = model(x)
+    assert seen and len(seen) == len(fp32)
+    assert all(t.dtype == torch.float32 for t in seen)  # every quantizer's input and output
+    if method == "bc":
+        for a, b in zip(fp32, seen):  # the shadow weights and their binarization: identical
+            assert torch.equal(a, b)
+    assert mixed.dtype == torch.float32 and not torch.equal(mixed, ref)  # the sums were bf16
+    assert torch.allclose(mixed, ref, rtol=0.05, atol=0.05)
+    seen.clear()
+    assert torch.equal(model(x), ref)  # outside `active`: float32 as before
+
+
+def test_bf16_mixed_sr_weights_stay_on_the_grid_and_wage_integer_check_holds(one_thread):
+    from qexp.methods.base import RunContext
+    from qexp.methods.rounding import StochasticRounding
+    from qexp.methods.wage.integer_eval import compare
+    from qexp.methods.wage.method import Wage
+    from qexp.models.lenet import LeNet5
+    from qexp.quant.grid import on_grid
+    from qexp.run.engine import train_step
+    from qexp.run.precision import MixedPrecision
+
+    torch.manual_seed(0)
+    x, y = torch.rand(32, 1, 28, 28) * 2 - 1, torch.randint(0, 10, (32,))
+    amp = MixedPrecision("bf16-mixed", torch.device("cpu"))
+
+    sr = StochasticRounding(bits=4)
+    model = amp.attach(sr.prepare(LeNet5(1, 10, 28), RunContext()))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for step in range(3):
+        train_step(model, sr, opt, x, y, step, amp=amp)
+    for q in sr.layers:
+        assert q.weight.dtype == torch.float32 and on_grid(q.weight.detach(), q.bits, q.scale)
+
+    wage = Wage()
+    model = amp.attach(wage.prepare(LeNet5(bias=False), RunContext()))
+    opt = torch.optim.SGD(wage.param_groups(model), lr=8)
+    for step in range(3):
+        train_step(model, wage, opt, x, y, step, amp=amp)
+    res, net = compare(model, [(x, y)])
+    assert res["differing_predictions"] == 0 and res["differing_logit_rows"] == 0
+    assert all(op["weight"].dtype == torch.int8 for op in net.ops if "weight" in op)

@@ -207,14 +207,15 @@ def _fused_sr_(x: torch.Tensor, bits: int, scale: float, noise: Noise) -> None:
             (_sr_binary_body if bits == 1 else _sr_grid_body)(xs, av, bv, cv, *args)
 
 
-def use_fused(on: bool = True, device: torch.device | str = "cpu") -> bool:
+def use_fused(on: bool = True, device: torch.device | str = "cpu", probe: bool = True) -> bool:
     """Switch the fused SR kernel on (or off) for this process; returns whether it is on.
 
-    Switching on compiles the kernel's shape families once on a small tensor of ``device`` so that a
-    missing compiler is found here, with one warning, rather than in the middle of training.
+    ``probe``: compile the kernel's shape families now, on a small tensor of ``device``, so that a
+    missing compiler is found here, with one warning, rather than in the middle of training (without it,
+    compiling happens at first use, with the same fallback).
     """
     _FUSED.on = bool(on)
     for bits in (4, 1):
-        if _FUSED.on:
+        if _FUSED.on and probe:
             _fused_sr_(torch.zeros(2 * COLS + 3, device=device), bits, 1.0, Noise(0, device))
     return _FUSED.on

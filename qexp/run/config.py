@@ -59,14 +59,15 @@ class TrainConfig:
     patience: int | None = None  # stop once the validation error has not improved for this many epochs
     tensorboard: TensorBoardConfig = field(default_factory=TensorBoardConfig)
     objective: str = "best_val_error"  # what an Optuna search minimises (qexp.run.tune): a validation error
+    precision: str = "32"  # 32 | bf16-mixed | 16-mixed (CUDA): conv/linear math in 16 bits (qexp.run.precision)
+    compile: bool = False  # torch.compile the training/eval forward and backward (qexp.run.compiled)
     threads: int | None = None  # torch math threads; null: all cores, or cores // n_jobs in a local parallel sweep
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
 
 
 #: keys that do not change a run's result, so neither its folder nor its resume check depends on them
-VOLATILE_KEYS = ("resume", "lock", "device", "data_root", "out_root", "progress", "threads", "trainer",
-                 "objective",
-                 "tensorboard")
+VOLATILE_KEYS = ("resume", "lock", "device", "data_root", "out_root", "progress", "threads", "compile",
+                 "trainer", "objective", "tensorboard")
 
 
 #: config folders that are data for other commands, not choices of a run (hidden from ``train --help``)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -17,6 +18,8 @@ from tqdm import tqdm
 from qexp.data import DataBundle
 from qexp.methods.base import Method
 from qexp.run import checkpoint
+from qexp.run.compiled import CompileClock, Compiled
+from qexp.run.precision import MixedPrecision
 
 log = logging.getLogger("qexp")
 
@@ -36,6 +39,7 @@ class Progress:
     seen: int = 0
     train_time: float = 0.0
     wall_s: float = 0.0
+    compile_s: float = 0.0  # time spent in torch.compile (compile=true), not in train_time
     history: list[dict[str, float]] = field(default_factory=list)
 
     def state_dict(self) -> dict[str, Any]:
@@ -54,19 +58,30 @@ class Outcome:
 
 def train_step(model: nn.Module, method: Method, optimizer: torch.optim.Optimizer, x: torch.Tensor,
                y: torch.Tensor, step: int, forward_model: nn.Module | None = None,
-               ) -> tuple[torch.Tensor, torch.Tensor]:
+               amp: MixedPrecision | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """One optimizer step with every per-step hook, in the engine's order; returns the (detached) loss
     the method's criterion gave and the logits. ``forward_model`` runs the forward (the DDP wrapper);
-    the hooks see ``model``."""
+    the hooks see ``model``. ``amp``: conv/linear layers in 16 bits during the forward (and so their
+    backward); with float16 the loss is scaled and the gradients unscaled before the hooks see them."""
     method.before_forward(model, step)
-    out = (model if forward_model is None else forward_model)(x)
+    with amp.active() if amp is not None else contextlib.nullcontext():
+        out = (model if forward_model is None else forward_model)(x)
     loss = method.criterion(out, y)
     extra = method.extra_loss(model)
     total = loss if extra is None else loss + extra
     optimizer.zero_grad(set_to_none=True)
-    total.backward()
+    scaler = None if amp is None else amp.scaler
+    if scaler is None:
+        total.backward()
+    else:
+        scaler.scale(total).backward()
+        scaler.unscale_(optimizer)
     method.after_backward(model)
-    optimizer.step()
+    if scaler is None:
+        optimizer.step()
+    else:
+        scaler.step(optimizer)  # skipped when a gradient overflowed float16
+        scaler.update()
     method.after_step(model, optimizer)
     return loss.detach(), out.detach()
 
@@ -148,7 +163,9 @@ class Trainer:
     hooks see the plain model and the full data. ``extra_state`` is stored in every checkpoint (e.g. the
     configuration fingerprint a resume must match). ``patience`` stops training (status completed) once
     the validation error has not improved for that many epochs; every process decides alike from the
-    shared history.
+    shared history. ``precision``: ``32``, ``bf16-mixed`` or ``16-mixed`` (:mod:`qexp.run.precision`).
+    ``compile``: the training and evaluation forward (and so the backward) through
+    ``torch.compile`` (:mod:`qexp.run.compiled`); compile time is counted apart, in ``compile_s``.
     """
 
     def __init__(
@@ -168,6 +185,8 @@ class Trainer:
         parallel: Parallel | None = None,
         extra_state: dict[str, Any] | None = None,
         patience: int | None = None,
+        compile: bool = False,
+        precision: str = "32",
     ) -> None:
         self.model, self.method, self.optimizer, self.scheduler = model, method, optimizer, scheduler
         self.device, self.epochs = device, epochs
@@ -185,6 +204,17 @@ class Trainer:
             self.forward_model = parallel.wrap(model, optimizer, method.loss_is_sum)
             self._reduce = parallel.reduce
             self.should_stop = parallel.agree(should_stop)
+        self.amp: MixedPrecision | None = MixedPrecision(precision, device)
+        if self.amp.enabled:
+            self.amp.attach(model)
+        else:
+            self.amp = None
+        self.eval_model = model
+        self.compile_clock: CompileClock | None = None
+        if compile:
+            self.forward_model = Compiled(self.forward_model, device)
+            self.eval_model = self.forward_model if parallel is None else Compiled(model, device)
+            self.compile_clock = CompileClock()
         self.progress = Progress()
 
     # ---- checkpoints -------------------------------------------------------------------------------
@@ -200,6 +230,8 @@ class Trainer:
         }
         if torch.cuda.is_available():
             s["rng_cuda"] = torch.cuda.get_rng_state_all()
+        if self.amp is not None and self.amp.scaler is not None:
+            s["amp"] = self.amp.state_dict()
         return s
 
     def load_state_dict(self, s: dict[str, Any]) -> None:
@@ -211,6 +243,8 @@ class Trainer:
         torch.set_rng_state(s["rng_cpu"])
         if "rng_cuda" in s and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(s["rng_cuda"])
+        if self.amp is not None and "amp" in s:
+            self.amp.load_state_dict(s["amp"])
 
     def save(self) -> None:
         if self.ckpt_path is not None:
@@ -219,8 +253,12 @@ class Trainer:
     # ---- evaluation --------------------------------------------------------------------------------
     def evaluate(self, model: nn.Module | None = None, loader: Any = None) -> dict[str, float]:
         """:func:`evaluate` of the run's model (or ``model``) on its test loader (or ``loader``)."""
-        return evaluate(self.model if model is None else model, self.method,
-                        self.data.test if loader is None else loader, self.device, self._reduce)
+        if model is not None:  # another model (finalize, PTQ): plain float32
+            return evaluate(model, self.method, self.data.test if loader is None else loader, self.device,
+                            self._reduce)
+        with self.amp.active() if self.amp is not None else contextlib.nullcontext():
+            return evaluate(self.eval_model, self.method, self.data.test if loader is None else loader,
+                            self.device, self._reduce)
 
     def _sum(self, *values: torch.Tensor | float) -> list[float]:
         return totals(values, self.device, self._reduce)
@@ -229,7 +267,20 @@ class Trainer:
     def fit(self) -> Outcome:
         for cb in self.callbacks:
             cb.on_start(self)
-        outcome = self._fit()
+        clock = self.compile_clock
+        base = self.progress.compile_s  # a resumed run's earlier compile time
+        if clock is not None:
+            clock.start()
+        try:
+            outcome = self._fit()
+        finally:
+            if clock is not None:
+                clock.stop()
+        if clock is not None:
+            self.progress.compile_s = base + clock.seconds
+            outcome.extra["compile_s"] = round(self.progress.compile_s, 3)
+            log.info("compile=true: %.1f s compiling (not counted in images_per_s)%s", self.progress.compile_s,
+                     "; fell back to eager" if self.forward_model.failed else "")
         if self.parallel is not None:  # bit-identical weights (as used) and method state on every process?
             outcome.extra.update(self.parallel.summary(self.model, self.method))
         for cb in self.callbacks:
@@ -293,9 +344,10 @@ class Trainer:
         bar = tqdm(total=len(loader), initial=p.batch, desc=f"epoch {p.epoch + 1}/{self.epochs}",
                    disable=not show, leave=False, dynamic_ncols=True)
         t0 = time.perf_counter()
+        c0 = self._compile_seconds()
         status = "ok"
         for i, (x, y) in enumerate(loader.iter_from(p.batch), start=p.batch):
-            loss, out = train_step(model, method, opt, x, y, p.step, self.forward_model)
+            loss, out = train_step(model, method, opt, x, y, p.step, self.forward_model, self.amp)
             for cb in self._step_callbacks:
                 cb.on_step(self, loss)
             p.step += 1
@@ -315,7 +367,7 @@ class Trainer:
                 status = "interrupted"
                 break
         bar.close()
-        p.train_time += time.perf_counter() - t0
+        p.train_time += time.perf_counter() - t0 - (self._compile_seconds() - c0)
         totals_ = self._sum(loss_sum, correct, seen)
         p.loss_sum, p.correct, p.seen = (b + t for b, t in zip(base, totals_))
         p.seen = int(p.seen)
@@ -324,6 +376,9 @@ class Trainer:
         if status == "diverged":
             log.error("loss is not finite at step %d: the run diverged", p.step)
         return status
+
+    def _compile_seconds(self) -> float:
+        return 0.0 if self.compile_clock is None else self.compile_clock.seconds
 
     def _end_epoch(self) -> dict[str, float]:
         p = self.progress

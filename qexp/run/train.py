@@ -29,7 +29,20 @@ from qexp.data import DataBundle
 from qexp.errors import QexpError
 from qexp.jsonio import atomic_write_bytes
 from qexp.methods.base import Method, RunContext, resolve_param_groups
-from qexp.run import checkpoint, distributed, identity, lock, preempt, record, resources, sweep, tune
+from qexp.quant import kernels
+from qexp.run import (
+    checkpoint,
+    compiled,
+    distributed,
+    identity,
+    lock,
+    precision,
+    preempt,
+    record,
+    resources,
+    sweep,
+    tune,
+)
 from qexp.run.callbacks import BestCheckpoint, RunRecord, TensorBoard, final_record
 from qexp.run.config import register
 from qexp.run.engine import Trainer
@@ -188,6 +201,10 @@ def train(cfg: DictConfig, run_dir: Path, ctx: distributed.Context = distributed
 
     device = resolve_device(cfg.device)
     device = distributed.rank_device(device, ctx.local_rank) if ctx.enabled else device
+    precision.check(cfg.precision, device)
+    if cfg.compile:
+        compiled.check_compiler(device)
+    kernels.use_fused(bool(cfg.compile), device, probe=False)  # per run: a sweep's runs may differ
     if built is None:
         torch.manual_seed(cfg.seed)
     b = build(cfg, device) if built is None else built
@@ -207,7 +224,8 @@ def train(cfg: DictConfig, run_dir: Path, ctx: distributed.Context = distributed
                           cfg.epochs * b.method.epoch_scale, ckpt_path=ckpt if main else None,
                           should_stop=stop.is_set, progress_bar=cfg.progress if main else False,
                           callbacks=callbacks, parallel=parallel, extra_state={"config": fingerprint},
-                          patience=cfg.patience)
+                          patience=cfg.patience, compile=bool(cfg.compile),
+                          precision=str(cfg.precision))
         if cfg.resume and ckpt.exists():
             state = checkpoint.load(ckpt, map_location=device)
             if not identity.same_run(str(state.get("config")), fingerprint, ignored):

@@ -1,0 +1,122 @@
+"""``compile=true``: the training forward and backward (the model with the method's quantizers: fake
+quantization, straight-through and WAGE's custom autograd functions) through ``torch.compile``.
+
+Why here and not in the methods: a method only defines the computation; whether it runs eagerly or
+compiled is how the run is executed, like ``trainer.devices`` (so ``compile`` is not part of the run's
+folder or resume check). The method's per-step hooks (rounding after the optimizer step, WAGE's update)
+stay eager; the fused SR kernel (:func:`qexp.quant.kernels.use_fused`) is switched on with it.
+
+A platform without a working compiler (no C++ compiler for Inductor on CPU, no Triton on CUDA) is a user
+error found before training starts. A model the compiler cannot handle falls back to eager with one
+warning. Compilation is lazy (first step, and again for a new batch shape or eval mode); its time is
+counted apart (:class:`CompileClock`) and left out of the epoch's ``images_per_s``.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Any
+
+import torch
+from torch import nn
+
+from qexp.errors import QexpError
+
+log = logging.getLogger("qexp")
+
+
+def check_compiler(device: torch.device) -> None:
+    """Raise a one-line :class:`QexpError` when ``torch.compile`` cannot generate code for ``device``."""
+    if device.type == "cuda":
+        from torch.utils._triton import has_triton
+
+        if not has_triton():
+            raise QexpError("compile=true on CUDA needs Triton (pip install triton); or run with compile=false")
+        return
+    try:
+        from torch._inductor.cpp_builder import get_cpp_compiler
+
+        get_cpp_compiler()  # runs `$CXX --version` (default g++); raises when none works
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise QexpError(f"compile=true needs a working C++ compiler for torch.compile on CPU ({first}); "
+                        "install one (g++/clang) or run with compile=false") from None
+
+
+class CompileClock:
+    """Seconds spent compiling (Dynamo, Inductor, lazily compiled backward) since :meth:`start`."""
+
+    _lock = threading.Lock()
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+        self._t0: float | None = None
+
+    def start(self) -> CompileClock:
+        from torch._dynamo.callback import callback_handler
+
+        callback_handler.register_start_callback(self._begin)
+        callback_handler.register_end_callback(self._end)
+        return self
+
+    def stop(self) -> None:
+        from torch._dynamo.callback import callback_handler
+
+        for register, fn in ((callback_handler.remove_start_callback, self._begin),
+                             (callback_handler.remove_end_callback, self._end)):
+            try:
+                register(fn)
+            except ValueError:
+                pass
+
+    def _begin(self, args: Any) -> None:
+        with self._lock:
+            self._t0 = time.perf_counter()
+
+    def _end(self, args: Any) -> None:
+        with self._lock:
+            if self._t0 is not None:
+                self.seconds += time.perf_counter() - self._t0
+                self._t0 = None
+
+
+def keep_max_pool_eager(module: nn.Module) -> None:
+    """Run max-pooling layers eagerly inside a compiled CPU model (a graph break at each one).
+
+    Why: Inductor's CPU kernels for max-pool with indices and its backward (window-scanning loops,
+    fused with the ReLU around them) measured 2-3x slower than ATen's, which made LeNet-5 steps 0.67x
+    eager; with the pools left to ATen the same step is 1.08x (BENCHMARKS.md).
+    """
+    for m in module.modules():
+        if isinstance(m, (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d)) and "forward" not in m.__dict__:
+            m.forward = torch._dynamo.disable(m.forward)
+
+
+class Compiled(nn.Module):
+    """``module`` through ``torch.compile``; on a compile failure one warning, then eager for good.
+
+    Holds the eager module as a child (so ``state_dict`` / ``parameters`` are the module's own); only
+    ``forward`` goes through the compiled wrapper.
+    """
+
+    def __init__(self, module: nn.Module, device: torch.device | str = "cpu") -> None:
+        super().__init__()
+        if torch.device(device).type == "cpu":
+            keep_max_pool_eager(module)
+        self.module = module
+        # a plain attribute, not a child module: state_dict/parameters stay the module's own
+        object.__setattr__(self, "_compiled", torch.compile(module))
+        self.failed = False
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if self.failed:
+            return self.module(*args, **kwargs)
+        try:
+            return self._compiled(*args, **kwargs)
+        except Exception as e:  # the compiler could not handle this model: eager from now on
+            self.failed = True
+            first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+            log.warning("compile=true: torch.compile failed (%s: %s); training eagerly", type(e).__name__, first)
+            return self.module(*args, **kwargs)
