@@ -29,14 +29,19 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=4)
     ap.add_argument("--rounds", type=int, default=6)
     ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--device", default="cpu", help="cpu | cuda (a GPU is where this could pay off)")
     args = ap.parse_args()
-    k = args.k
+    k, device = args.k, torch.device(args.device)
     models = []
     for seed in range(k):
         torch.manual_seed(seed)
-        models.append(LeNet5(1, 10, 28))
-    xs = torch.randn(k, 64, 1, 28, 28)
-    ys = torch.randint(0, 10, (k, 64))
+        models.append(LeNet5(1, 10, 28).to(device))
+    xs = torch.randn(k, 64, 1, 28, 28, device=device)
+    ys = torch.randint(0, 10, (k, 64), device=device)
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
 
     loop_models = [copy.deepcopy(m) for m in models]
     loop_opts = [torch.optim.Adam(m.parameters(), lr=1e-3) for m in loop_models]
@@ -71,12 +76,14 @@ def main() -> None:
     times: dict[str, list[float]] = {n: [] for n in fns}
     for r in range(args.rounds):
         for n in (("looped", "vectorised") if r % 2 == 0 else ("vectorised", "looped")):
+            sync()
             t = time.perf_counter()
             for _ in range(args.steps):
                 fns[n]()
+            sync()
             times[n].append((time.perf_counter() - t) / args.steps)
     a, b = statistics.median(times["looped"]), statistics.median(times["vectorised"])
-    print(f"{torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.1f}: K={k} LeNet-5 steps: "
+    print(f"{device}, {torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.1f}: K={k} LeNet-5 steps: "
           f"looped {1e3 * a:.1f} ms, vectorised {1e3 * b:.1f} ms, speed-up {a / b:.2f}x")
 
 
