@@ -262,6 +262,10 @@ def check_inputs(cfg: DictConfig) -> Method:
         raise QexpError(f"lock must be auto, fail or wait, got lock={cfg.lock}")
     if int(cfg.trainer.devices) < 1:
         raise QexpError(f"trainer.devices must be at least 1, got {cfg.trainer.devices}")
+    device = resolve_device(cfg.device)  # device=cuda:N that is not there
+    precision.check(cfg.precision, device)  # 16-mixed off CUDA
+    if cfg.compile:
+        compiled.check_compiler(device)  # compile=true without a working compiler
     return instantiate(cfg.method)  # the method checks its own bits and options
 
 
