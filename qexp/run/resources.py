@@ -61,5 +61,9 @@ def apply_threads(requested: int | None, launcher: Any = None) -> int:
     threads = job_threads(requested, parallel_jobs(launcher, n_cores), n_cores)
     if threads is not None and threads != torch.get_num_threads():
         torch.set_num_threads(threads)
-    log.info("torch threads: %d (%d cores)", torch.get_num_threads(), n_cores)
     return torch.get_num_threads()
+
+
+def log_threads() -> None:
+    """One line in the run's train.log: how many threads this run computed with."""
+    log.info("torch threads: %d (%d cores)", torch.get_num_threads(), cores())

@@ -201,6 +201,7 @@ def train(cfg: DictConfig, run_dir: Path, ctx: distributed.Context = distributed
 
     device = resolve_device(cfg.device)
     device = distributed.rank_device(device, ctx.local_rank) if ctx.enabled else device
+    resources.log_threads()
     precision.check(cfg.precision, device)
     if cfg.compile:
         compiled.check_compiler(device)
