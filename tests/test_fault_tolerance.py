@@ -157,23 +157,38 @@ def test_sigterm_checkpoints_and_rerun_matches_uninterrupted(tmp_path: Path, dev
 # ---- sweeps --------------------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_joblib_sweep_tolerates_a_failure_and_rerun_skips_finished(tmp_path: Path) -> None:
-    """hydra/launcher=local_parallel (joblib, 2 at once): two runs complete, the impossible one (a subset
-    larger than the dataset) is `failed` with its message; the same command again retrains nothing."""
+    """hydra/launcher=local_parallel (joblib, 2 at once): two runs complete; the impossible one (a subset
+    larger than the dataset) is rejected before any folder exists and named in the sweep's summary, and
+    the sweep exits 1; the same command again retrains nothing (and still exits 1)."""
     args = ["train", "--multirun", "hydra/launcher=local_parallel", f"out_root={tmp_path}", *TINY,
             "dataset.train_subset=128,256,99999"]
-    run_qexp(args)
-    runs = {r.parent.name: read_metrics(r) for r in find_runs(tmp_path)}
-    assert sorted(v["status"] for v in runs.values()) == ["completed", "completed", "failed"], runs
-    ((folder, failed),) = [(k, v) for k, v in runs.items() if v["status"] == "failed"]
-    assert "train_subset=99999" in folder and "dataset.train_subset must be in 1..512" in failed["error"]
-    done = [r for r in find_runs(tmp_path) if read_metrics(r)["status"] == "completed"]
+    first = run_qexp(args, check=False)
+    assert first.returncode == 1, first.stdout + first.stderr
+    assert "sweep finished: 3 jobs: 2 completed, 0 skipped, 1 failed, 0 diverged" in first.stdout
+    failed = [ln for ln in first.stdout.splitlines() if ln.startswith("  failed  ")]
+    assert len(failed) == 1 and "(no run folder)" in failed[0] and "train_subset=99999" in failed[0]
+    assert "dataset.train_subset must be in 1..512" in failed[0]
+    done = find_runs(tmp_path)
+    assert len(done) == 2 and all(read_metrics(r)["status"] == "completed" for r in done)
     stamps = {r: (r / "checkpoint.pt").stat().st_mtime_ns for r in done}
 
-    again = run_qexp(args)
-    assert again.stdout.count("not retrained") == 2, again.stdout
+    again = run_qexp(args, check=False)
+    assert again.returncode == 1 and again.stdout.count("not retrained") == 2, again.stdout
     for r in done:
         assert (r / "checkpoint.pt").stat().st_mtime_ns == stamps[r]
         assert read_metrics(r)["status"] == "completed"
+
+
+@pytest.mark.slow
+def test_parallel_duplicate_jobs_train_once(tmp_path: Path) -> None:
+    """`method=float bits=1,2` under the parallel launcher: two jobs, one run (float ignores bits). They
+    start together; one trains, the other waits for the folder's lock and then skips the finished run:
+    one folder, one TensorBoard file, exit 0."""
+    proc = run_qexp(["train", "--multirun", "hydra/launcher=local_parallel", f"out_root={tmp_path}", *TINY,
+                     "dataset.train_subset=128", "method=float", "bits=1,2"])
+    assert "sweep finished: 2 jobs: 1 completed, 1 skipped, 0 failed, 0 diverged" in proc.stdout, proc.stdout
+    (run,) = find_runs(tmp_path)
+    assert read_metrics(run)["status"] == "completed" and len(list(run.glob("events.out.tfevents.*"))) == 1
 
 
 @pytest.mark.slow
