@@ -81,7 +81,7 @@ ENTRIES: dict[str, Entry] = {
         "Warden 2015: post-training quantization from 8 down to 2 bits (LeNet-5, MNIST)", "warden2015_mnist",
         [Sweep(["name=warden2015_mnist", "dataset=mnist", "model=lenet5", "method=float", "optim=adam",
                 "sched=constant", SEEDS], small=SMALL_MNIST, paper=["epochs=10"])],
-        tables=[[]], plots=[[]], evals=["--ptq-bits", "8,6,4,3,2"]),
+        tables=[[]], plots=[[]], evals=["--ptq-bits 8,6,4,3,2"]),
     "lacey2018": Entry(
         "Lacey et al. 2018: learned layer-wise precision vs uniform at equal total bits (MNIST)",
         "lacey2018_mnist",
@@ -184,7 +184,7 @@ def report(entry: Entry, key: str, budget: str, out: Path, note: str = "", docs:
             for side in ("alloc", "ptq"):
                 if png.with_name(f"{png.stem}_{side}.png").exists():
                     parts.append(f"![{key} {side}]({png.stem}_{side}.png)\n")
-    for ev in entry.evals:
+    for ev in dict.fromkeys(entry.evals):
         parts.append(eval_summary(root, ev))
     if key == "lacey2018":
         parts.append(allocation_summary(root))
