@@ -85,8 +85,8 @@ ENTRIES: dict[str, Entry] = {
     "lacey2018": Entry(
         "Lacey et al. 2018: learned layer-wise precision vs uniform at equal total bits (MNIST)",
         "lacey2018_mnist",
-        [Sweep(["+experiment=lacey2018_mnist", SEEDS, "method=learned,bc", "bits=2,4"],
-               small=SMALL_MNIST)],
+        [Sweep(["+experiment=lacey2018_mnist", SEEDS, "method=learned", "bits=2,4"], small=SMALL_MNIST),
+         Sweep(["+experiment=lacey2018_mnist", SEEDS, "method=bc", "bits=2,4"], small=SMALL_MNIST)],
         tables=[["--rows", "bits", "--cols", "method"]], plots=[[]],
         tune=Tune(["+experiment=lacey2018_mnist", "method=learned", "bits=2", "seed=0", "name=lacey2018_tune",
                    "dataset.train_subset=15000", "dataset.val_size=5000", "epochs=3"],
@@ -272,7 +272,8 @@ def main(argv: list[str] | None = None) -> int:
         extra = [f"{entry.tune.key}={best}"] if best else []
     if not a.report_only and not (entry.tune is not None and not extra):
         for sw in entry.sweeps:
-            train([*budget_args(sw, a.budget, a.set), *extra], out, a.jobs)
+            tuned = extra if entry.tune is not None and entry.tune.args[1] in sw.args else []
+            train([*budget_args(sw, a.budget, a.set), *tuned], out, a.jobs)
         for ev in entry.evals:
             for r in run_dirs(out / entry.name):
                 done = (r / ("integer_eval.json" if ev == "--integer" else "ptq.json")).exists()
