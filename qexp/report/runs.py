@@ -25,20 +25,14 @@ from typing import Any
 
 from qexp.errors import QexpError
 from qexp.report import results
+from qexp.run import record
 
 COLORS = {"completed": "green", "running": "cyan", "interrupted": "yellow", "pending": "yellow",
           "dead": "red", "diverged": "magenta", "failed": "red"}
 
 
 def fmt_duration(s: float | None) -> str:
-    if s is None or s != s:
-        return results.MISSING
-    s = int(round(s))
-    if s < 60:
-        return f"{s}s"
-    if s < 3600:
-        return f"{s // 60}m{s % 60:02d}s"
-    return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return record.fmt_duration(s, missing=results.MISSING)
 
 
 def _rel(path: str, roots: list[Path]) -> str:

@@ -20,6 +20,7 @@ from qexp.methods.base import Method
 from qexp.run import checkpoint
 from qexp.run.compiled import CompileClock, Compiled
 from qexp.run.precision import MixedPrecision
+from qexp.run.record import fmt_duration
 
 log = logging.getLogger("qexp")
 
@@ -419,18 +420,6 @@ class Trainer:
             return None
         left = (self.epochs - p.epoch) * per_epoch - p.batch
         return (time.perf_counter() - t0) / done * max(left, 0)
-
-
-def fmt_duration(seconds: float | None) -> str:
-    """``42s``, ``3m05s``, ``2h07m``; ``?`` when unknown."""
-    if seconds is None or not math.isfinite(seconds):
-        return "?"
-    s = int(round(seconds))
-    if s < 60:
-        return f"{s}s"
-    if s < 3600:
-        return f"{s // 60}m{s % 60:02d}s"
-    return f"{s // 3600}h{s % 3600 // 60:02d}m"
 
 
 def _isatty() -> bool:

@@ -5,6 +5,7 @@ Keys may grow; none may silently change meaning (see README, "metrics.json").
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -92,3 +93,15 @@ def read_ptq(run_dir: str | Path) -> dict[str, Any] | None:
     if not isinstance(doc, dict) or not isinstance(doc.get("results"), list):
         return None
     return doc
+
+
+def fmt_duration(seconds: float | None, missing: str = "?") -> str:
+    """``42s``, ``3m05s``, ``2h07m``; ``missing`` when unknown (None, NaN, infinite)."""
+    if seconds is None or not math.isfinite(seconds):
+        return missing
+    s = int(round(seconds))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{s % 3600 // 60:02d}m"
