@@ -147,38 +147,32 @@ def test_experiment_preset_builds_and_runs_a_forward_pass(preset: str) -> None:
 
 
 # ---- import graph ----------------------------------------------------------------------------------
-def _imports() -> dict[str, set[str]]:
-    """qexp module -> the qexp modules it imports (top level and inside functions)."""
+def _import_graph(module_level: bool) -> dict[str, set[str]]:
+    """qexp module -> the qexp modules it imports: everywhere (inside functions too), or only the
+    imports executed when the module is imported (``module_level``: a cycle there breaks ``import``)."""
     graph: dict[str, set[str]] = {}
     for path in (REPO / "qexp").rglob("*.py"):
         parts = path.relative_to(REPO).with_suffix("").parts
         name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+        tree = ast.parse(path.read_text())
+        nodes = [n for n in tree.body if not (isinstance(n, ast.If) and "TYPE_CHECKING" in ast.dump(n.test))] \
+            if module_level else ast.walk(tree)
         deps = set()
-        for node in ast.walk(ast.parse(path.read_text())):
+        for node in nodes:
             if isinstance(node, ast.Import):
                 deps |= {a.name for a in node.names}
             elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
                 deps |= {node.module} | {f"{node.module}.{a.name}" for a in node.names}
         graph[name] = deps
     return {m: {d for d in deps if d in graph and d != m} for m, deps in graph.items()}
+
+
+def _imports() -> dict[str, set[str]]:
+    return _import_graph(module_level=False)
 
 
 def _module_level_imports() -> dict[str, set[str]]:
-    """Only the imports executed when the module is imported (a cycle there breaks ``import``)."""
-    graph: dict[str, set[str]] = {}
-    for path in (REPO / "qexp").rglob("*.py"):
-        parts = path.relative_to(REPO).with_suffix("").parts
-        name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
-        deps = set()
-        for node in ast.parse(path.read_text()).body:
-            if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.dump(node.test):
-                continue
-            if isinstance(node, ast.Import):
-                deps |= {a.name for a in node.names}
-            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-                deps |= {node.module} | {f"{node.module}.{a.name}" for a in node.names}
-        graph[name] = deps
-    return {m: {d for d in deps if d in graph and d != m} for m, deps in graph.items()}
+    return _import_graph(module_level=True)
 
 
 def test_import_graph_has_no_cycle() -> None:
