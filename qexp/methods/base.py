@@ -197,6 +197,10 @@ class Method:
         """Called after every optimizer step. May change weights in place (clip, round, own updates)."""
 
     # ---- per epoch / end -------------------------------------------------------------------------
+    def before_evaluate(self, model: nn.Module) -> None:
+        """Called at the end of every training epoch, before its validation and test evaluation. May
+        prepare the model for evaluation (learned precision re-estimates BatchNorm statistics)."""
+
     def on_epoch_end(self, epoch: int) -> None:
         """Called after each finished epoch (0-based) and its evaluation, before :meth:`metrics`."""
 

@@ -391,6 +391,7 @@ class Trainer:
             "lr": lr,
             "images_per_s": p.seen / max(p.train_time, 1e-9),
         }
+        self.method.before_evaluate(self.model)
         if self.data.val is not None:
             v = self.evaluate(loader=self.data.val)
             row.update(val_loss=v["loss"], val_error=v["error"])

@@ -35,6 +35,9 @@ from qexp.methods.learned.precision import (
 from qexp.quant.activation import QuantReLU, quantize_relus
 from qexp.quant.weight import QuantLayer, quantize_weights, weight_manifest
 
+#: training batches that re-estimate BatchNorm statistics before a soft-phase evaluation
+BN_BATCHES = 20
+
 
 class LearnedPrecision(Method):
     bits_range = (1, 8)
@@ -110,6 +113,7 @@ class LearnedPrecision(Method):
     # ---- set-up ------------------------------------------------------------------------------------
     def prepare(self, model: nn.Module, ctx: RunContext) -> nn.Module:
         self.source = BitSource([], mode=self.most_likely)
+        self._train_data = None if ctx.data is None else ctx.data.train
 
         def make(q: QuantLayer) -> nn.Module:
             quantizer = LearnedBitsQuantizer(q.scale, len(self.quantizers), self.source)
@@ -176,6 +180,41 @@ class LearnedPrecision(Method):
         self.source.invalidate()
 
     # ---- per epoch ---------------------------------------------------------------------------------
+    @torch.no_grad()
+    def before_evaluate(self, model: nn.Module) -> None:
+        """In the soft phase, re-estimate BatchNorm's running statistics at the allocation evaluation uses.
+
+        Why: every training step draws another allocation, and a layer's output scale depends strongly
+        on its bit-width, so the running statistics average over many networks; evaluating the most
+        likely one with them gave chance-level error (88.7% on MNIST) until the allocation froze. The
+        statistics are recomputed (cumulative average) from the first ``BN_BATCHES`` batches of this
+        epoch's training order, BatchNorm in training mode and everything else in eval mode: no weight,
+        gradient or random number of the training run is touched. Frozen runs need nothing.
+        """
+        bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+               and m.track_running_stats]
+        if self.frozen or not bns or self._train_data is None:
+            return
+        was_training = model.training
+        train_bits, soft = self.source.train_bits, self.source.soft
+        self.source.train_bits, self.source.soft = list(self.source.eval_bits), None
+        momenta = [m.momentum for m in bns]
+        model.eval()
+        for m in bns:
+            m.reset_running_stats()
+            m.momentum = None  # cumulative average over the batches below
+            m.train()
+        try:
+            for i, (x, _) in enumerate(self._train_data):
+                if i >= BN_BATCHES:
+                    break
+                model(x)
+        finally:
+            for m, mom in zip(bns, momenta):
+                m.momentum = mom
+            model.train(was_training)
+            self.source.train_bits, self.source.soft = train_bits, soft
+
     def on_epoch_end(self, epoch: int) -> None:
         tau_used = self.tau
         sampled = [s / self._draws for s in self._sum] if self._draws else None
