@@ -21,6 +21,8 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from qexp.report.results import config_value
+
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs" / "reproductions"
 
@@ -109,9 +111,9 @@ def tune(t: Tune, out: Path, jobs: int, run: bool = True) -> tuple[str, str]:
     scores = {}
     for r in run_dirs(out / name):
         rec = json.loads((r / "metrics.json").read_text())
-        for v in t.values:
-            if f"{t.key}={v}" in r.as_posix() and finished(r) and rec["history"]:
-                scores[v] = rec["history"][-1]["val_error"]
+        v = config_value(str(r), t.key)  # the folder name omits a default value, the config has it
+        if v is not None and str(v) in t.values and finished(r) and rec["history"]:
+            scores[str(v)] = rec["history"][-1]["val_error"]
     if not scores:
         return "", f"`{t.key}`: tuning on the validation split not finished yet.\n"
     best = min(scores, key=lambda v: scores[v])
@@ -158,7 +160,7 @@ def instability_sources(out: Path) -> dict[int, Path]:
     found = {}
     for r in run_dirs(out / "yin2019_mnist"):
         rec = json.loads((r / "metrics.json").read_text())
-        if finished(r) and "method.ste=clipped_relu" in r.as_posix() and rec.get("bits") == 2:
+        if finished(r) and config_value(str(r), "method.ste") == "clipped_relu" and rec.get("bits") == 2:
             found[int(rec["seed"])] = r
     return found
 
@@ -225,8 +227,9 @@ def loss_summary(root: Path) -> str:
     """Train loss at the start and the end of each continuation run (the instability experiment)."""
     lines = ["| STE | seed | train loss, first epoch | train loss, last epoch | test error (%) |",
              "|---|---|---|---|---|"]
-    for r, rec in _finished_records(root):
-        ste = "identity" if "method.ste=identity" in r.as_posix() else "clipped_relu"
+    for r, rec in sorted(_finished_records(root), key=lambda rr: (str(config_value(str(rr[0]), "method.ste")),
+                                                                  rr[1]["seed"])):
+        ste = config_value(str(r), "method.ste")
         h = rec["history"]
         lines.append(f"| {ste} | {rec['seed']} | {h[0]['train_loss']:.4f} | {h[-1]['train_loss']:.4f} | "
                      f"{rec['test_error']:.2f} |")
