@@ -389,3 +389,29 @@ def test_preset_records_its_grid(preset: str) -> None:
     assert cfg.name == preset
     params = cfg.hydra.sweeper.params
     assert params and all(str(v).strip() for v in params.values())
+
+
+def test_a_cut_folder_level_is_not_parsed_for_key_values(tmp_path):
+    """A level longer than the file system allows is cut and hashed (``..<digest>``); the cut text of a
+    long ``init_from`` path once made ``--rows method.ste`` read ``cl..290aca9fbb``. Keys then come
+    from the run's composed config; an uncut level is still read directly."""
+    from omegaconf import OmegaConf
+
+    from qexp.run.identity import differing
+
+    long_path = "/tmp/" + "x" * 300 + "/seed0"
+    cfg = OmegaConf.create({"init_from": long_path, "method": {"ste": "clipped_relu"}, "epochs": 3})
+    base = OmegaConf.create({"init_from": None, "method": {"ste": "identity"}, "epochs": 10})
+    assert results.TRUNCATED.search(differing(cfg, base))
+    # the real case: the cut fell inside an init_from path that itself named method.ste
+    level = "epochs=3,init_from=%2Fruns%2Fdataset.train_subset=10000,epochs=3,method.ste=cl..290aca9fbb"
+    rows = []
+    for i, (text, ste) in enumerate([(level, "identity"), ("epochs=3,method.ste=relu", "relu")]):
+        run = tmp_path / f"run{i}"
+        (run / ".hydra").mkdir(parents=True)
+        (run / ".hydra" / "config.yaml").write_text(yaml.safe_dump({"method": {"ste": ste}}))
+        rows.append({"overrides": text, "run_dir": str(run)})
+    import pandas as pd
+
+    df = results.with_keys(pd.DataFrame(rows), ["method.ste"])
+    assert list(df["method.ste"]) == ["identity", "relu"]

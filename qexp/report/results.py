@@ -267,6 +267,11 @@ def check_metric(df: pd.DataFrame, metric: str) -> None:
         raise QexpError(f"unknown metric {metric!r}; choose from {', '.join(choices)}")
 
 
+#: a folder level too long for the file system ends in ``..<10 hex digits>`` (qexp.run.identity): its
+#: text is cut, so a key's value is read from the run's composed config instead
+TRUNCATED = re.compile(r"\.\.[0-9a-f]{10}$")
+
+
 def split_overrides(text: str) -> dict[str, str]:
     """Hydra's override_dirname (``method.ste=relu,lr=0.01,sched.milestones=[200,250]``) as a dict."""
     items, depth, cur = [], 0, ""
@@ -320,7 +325,9 @@ def with_keys(df: pd.DataFrame, keys: Sequence[str]) -> pd.DataFrame:
     for k in missing:
         values = []
         for r in recs:
-            v = split_overrides(r.get("overrides") or "").get(k) if isinstance(r.get("overrides"), str) else None
+            text = r.get("overrides")
+            usable = isinstance(text, str) and not TRUNCATED.search(text)
+            v = split_overrides(text).get(k) if usable else None
             values.append(v if v is not None else config_value(r["run_dir"], k))
         if any(v is not None for v in values):
             df[k] = pd.Series(values, index=df.index, dtype=object)
