@@ -76,7 +76,7 @@ def main() -> None:
             eager, comp = make_step(model_name, method, False), make_step(model_name, method, True)
             clock = CompileClock().start()
             t0 = time.perf_counter()
-            for _ in range(3):
+            for _ in range(12):  # past a diagnostics step (every 10th: a second graph variant)
                 comp()
             warm = time.perf_counter() - t0
             clock.stop()

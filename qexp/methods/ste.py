@@ -127,7 +127,7 @@ class STE(Method):
     # The epoch's zero/top counts are kept too: a run stopped mid-epoch reports the whole epoch's counts.
     def state_dict(self) -> dict[str, Any]:
         s: dict[str, Any] = {} if self.weights is None else {"weights": self.weights.state_dict()}
-        s["stats"] = {n: q._stats.detach().cpu().clone() for n, q in self.quantizers if q._stats is not None}
+        s["stats"] = {n: q._stats.detach().cpu().clone() for n, q in self.quantizers if int(q._stats[2])}
         return s
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -135,7 +135,9 @@ class STE(Method):
             self.weights.load_state_dict(state["weights"])
         stats = state.get("stats", {})
         for n, q in self.quantizers:
-            q._stats = stats[n].to(q.alpha.device) if n in stats else None
+            q._stats.zero_()
+            if n in stats:
+                q._stats.copy_(stats[n])
 
 
 def _weight_quantization(wbits: int | None, loss: str) -> BinaryConnect | None:

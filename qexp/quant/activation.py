@@ -235,7 +235,9 @@ class QuantReLU(nn.Module):
         self._calls = 0
         #: when true (training mode), forward counts outputs at zero and at the top level
         self.track = False
-        self._stats: torch.Tensor | None = None  # [at zero, at top, total]
+        # [at zero, at top, total]: a buffer (follows .to(device)), not saved with the model (the STE
+        # method saves it for a mid-epoch resume); allocated up front so compile=true traces the counting
+        self.register_buffer("_stats", torch.zeros(3, dtype=torch.int64), persistent=False)
 
     # ---- calibration ---------------------------------------------------------------------------------
     @torch.no_grad()
@@ -263,6 +265,13 @@ class QuantReLU(nn.Module):
     def is_calibrated(self) -> bool:
         return self._calibrated
 
+    @property
+    def compile_ready(self) -> bool:
+        """``compile=true`` runs the model eagerly until this holds: the calibration is a one-off search
+        with host-side results that Dynamo cannot trace, and compiling it would guard on every
+        intermediate alpha (a recompile per layer and step)."""
+        return self._calibrated
+
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:  # type: ignore[override]
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         self._calibrated = bool(self.calibrated)
@@ -282,7 +291,7 @@ class QuantReLU(nn.Module):
             q = (QuantReLUFunction.apply(x, alpha, self.bits, self.estimator, self.staircase)
                  if grad and x.requires_grad else quantized_relu(x, alpha, self.bits, self.staircase))
         if self.track and self.training:
-            self._count(q.detach(), alpha.detach() if isinstance(alpha, torch.Tensor) else alpha)
+            self._count(q.detach(), self.alpha.detach().to(q.dtype))
         return q
 
     @torch.no_grad()
@@ -290,17 +299,15 @@ class QuantReLU(nn.Module):
         half = 0.5 * alpha
         top = (max_index(self.bits) - 0.5) * alpha
         counts = torch.stack([(q < half).sum(), (q > top).sum()])
-        if self._stats is None:
-            self._stats = torch.zeros(3, dtype=torch.int64, device=q.device)
         self._stats[:2] += counts
         self._stats[2] += q.numel()
 
     def pop_stats(self) -> tuple[float, float] | None:
         """(fraction at zero, fraction at the top level) since the last call; None if nothing counted."""
-        if self._stats is None or int(self._stats[2]) == 0:
-            return None
         zero, top, total = (int(v) for v in self._stats.tolist())
-        self._stats = None
+        if total == 0:
+            return None
+        self._stats.zero_()
         return zero / total, top / total
 
     def extra_repr(self) -> str:

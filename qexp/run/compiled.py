@@ -82,36 +82,102 @@ class CompileClock:
                 self._t0 = None
 
 
-def keep_max_pool_eager(module: nn.Module) -> None:
-    """Run max-pooling layers eagerly inside a compiled CPU model (a graph break at each one).
+def _pair(v: int | tuple[int, ...]) -> list[int]:
+    return [v, v] if isinstance(v, int) else list(v)
+
+
+@torch.library.custom_op("qexp::max_pool2d", mutates_args=(), tags=(torch.Tag.flexible_layout,))
+def _max_pool2d(x: torch.Tensor, kernel_size: list[int], stride: list[int], padding: list[int],
+                dilation: list[int], ceil_mode: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """ATen's max-pool with indices, opaque to Inductor (called as is, not re-generated)."""
+    return torch.ops.aten.max_pool2d_with_indices(x, kernel_size, stride, padding, dilation, ceil_mode)
+
+
+@_max_pool2d.register_fake
+def _(x, kernel_size, stride, padding, dilation, ceil_mode):  # noqa: ANN001, ANN202
+    return torch.ops.aten.max_pool2d_with_indices(x, kernel_size, stride, padding, dilation, ceil_mode)
+
+
+@torch.library.custom_op("qexp::max_pool2d_backward", mutates_args=(), tags=(torch.Tag.flexible_layout,))
+def _max_pool2d_grad(grad: torch.Tensor, x: torch.Tensor, kernel_size: list[int], stride: list[int],
+                     padding: list[int], dilation: list[int], ceil_mode: bool, idx: torch.Tensor) -> torch.Tensor:
+    """ATen's max-pool backward, opaque to Inductor like the forward."""
+    return torch.ops.aten.max_pool2d_with_indices_backward(grad, x, kernel_size, stride, padding, dilation,
+                                                           ceil_mode, idx)
+
+
+@_max_pool2d_grad.register_fake
+def _(grad, x, kernel_size, stride, padding, dilation, ceil_mode, idx):  # noqa: ANN001, ANN202
+    return torch.empty_like(x)
+
+
+def _max_pool2d_setup(ctx, inputs, output) -> None:  # noqa: ANN001
+    x, ctx.kernel_size, ctx.stride, ctx.padding, ctx.dilation, ctx.ceil_mode = inputs
+    ctx.save_for_backward(x, output[1])
+
+
+def _max_pool2d_backward(ctx, grad_out, grad_idx):  # noqa: ANN001, ANN202
+    x, idx = ctx.saved_tensors
+    g = _max_pool2d_grad(grad_out.contiguous(), x, ctx.kernel_size, ctx.stride, ctx.padding, ctx.dilation,
+                         ctx.ceil_mode, idx)
+    return g, None, None, None, None, None
+
+
+_max_pool2d.register_autograd(_max_pool2d_backward, setup_context=_max_pool2d_setup)
+
+
+def max_pools_as_aten_ops(module: nn.Module) -> None:
+    """Run max-pooling layers with ATen's kernels inside a compiled CPU model.
 
     Why: Inductor's CPU kernels for max-pool with indices and its backward (window-scanning loops,
     fused with the ReLU around them) measured 2-3x slower than ATen's, which made LeNet-5 steps 0.67x
-    eager; with the pools left to ATen the same step is 1.08x (BENCHMARKS.md).
+    eager. A 2-D pool becomes the opaque custom op ``qexp::max_pool2d`` (ATen's kernel, and the graph
+    stays whole); 1-D/3-D pools are left to Dynamo as graph breaks. A graph break inside an
+    ``nn.Sequential`` (LeNet-5's features) made Dynamo compile every later layer as its own frame with
+    dynamic shapes (slow generic kernels: compiled STE steps were 0.69x eager; BENCHMARKS.md).
     """
     for m in module.modules():
-        if isinstance(m, (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d)) and "forward" not in m.__dict__:
+        if "forward" in m.__dict__:
+            continue
+        if isinstance(m, nn.MaxPool2d) and not m.return_indices:
+            m.forward = _pool_forward(m)
+        elif isinstance(m, (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d)):
             m.forward = torch._dynamo.disable(m.forward)
+
+
+def _pool_forward(m: nn.MaxPool2d) -> Any:
+    k, p, d = _pair(m.kernel_size), _pair(m.padding), _pair(m.dilation)
+    s = _pair(m.stride) if m.stride is not None else k
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        return _max_pool2d(x, k, s, p, d, m.ceil_mode)[0]
+
+    return forward
 
 
 class Compiled(nn.Module):
     """``module`` through ``torch.compile``; on a compile failure one warning, then eager for good.
 
     Holds the eager module as a child (so ``state_dict`` / ``parameters`` are the module's own); only
-    ``forward`` goes through the compiled wrapper.
+    ``forward`` goes through the compiled wrapper. A submodule with a ``compile_ready`` attribute keeps the
+    whole forward eager while it is false (a one-off warm-up such as a calibration on the first batch).
     """
 
     def __init__(self, module: nn.Module, device: torch.device | str = "cpu") -> None:
         super().__init__()
         if torch.device(device).type == "cpu":
-            keep_max_pool_eager(module)
+            max_pools_as_aten_ops(module)
         self.module = module
         # a plain attribute, not a child module: state_dict/parameters stay the module's own
         object.__setattr__(self, "_compiled", torch.compile(module))
         self.failed = False
+        # modules with a one-off eager warm-up (a quantized ReLU calibrating its alpha on the first batch)
+        self._warming = [m for m in module.modules() if hasattr(m, "compile_ready")]
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        if self.failed:
+        if self._warming:
+            self._warming = [m for m in self._warming if not m.compile_ready]
+        if self.failed or self._warming:
             return self.module(*args, **kwargs)
         try:
             return self._compiled(*args, **kwargs)

@@ -84,9 +84,24 @@ def clip_grad(g: torch.Tensor, x: torch.Tensor, bits: int) -> torch.Tensor:
     ``tf.clip_by_value`` passes the gradient at the bounds too, so the (fast, vectorised) strict
     ``hardtanh_backward`` gets the bounds moved out by one ulp.
     """
-    m = torch.tensor(1.0 - sigma(bits), dtype=x.dtype)
-    hi = torch.nextafter(m, m + 1).item()  # one ulp of x's dtype (a float64 ulp would round back)
+    hi = _clip_bound(bits, x.dtype)
     return torch.ops.aten.hardtanh_backward(g, x, -hi, hi)
+
+
+def _ulp_above(m: float, dtype: torch.dtype) -> float:
+    """The next value of ``dtype`` above ``m`` (a float64 ulp would round back to ``m``)."""
+    t = torch.tensor(m, dtype=dtype)
+    return torch.nextafter(t, t + 1).item()
+
+
+#: clip_grad's bound for every bit width and float dtype, computed once: a plain Python number inside
+#: the backward keeps it traceable by torch.compile (a ``.item()`` there is a graph break per step)
+_CLIP_BOUNDS = {(k, d): _ulp_above(1.0 - sigma(k), d) for k in range(1, 33)
+                for d in (torch.float16, torch.bfloat16, torch.float32, torch.float64)}
+
+
+def _clip_bound(bits: int, dtype: torch.dtype) -> float:
+    return _CLIP_BOUNDS[bits, dtype]
 
 
 def abs_max(x: torch.Tensor) -> torch.Tensor:
