@@ -19,7 +19,7 @@ T = ["dataset=synthetic", "model=mlp", "model.width=16", "model.depth=1", "model
      "dataset.train_subset=64", "batch_size=32", "eval_batch_size=256", "progress=false"]
 BAD = {"epochs": "epochs=0", "batch_size": "batch_size=0", "eval_batch_size": "eval_batch_size=0",
        "bits": "bits=0", "lr": "lr=-1", "subset": "dataset.train_subset=99999", "bc_bits": "bits=9",
-       "lock": "lock=sometimes"}
+       "lock": "lock=sometimes", "type": "epochs=abc", "key": "methd=sr", "option": "method=nonexist"}
 
 
 def runs(root: Path) -> list[Path]:
@@ -39,6 +39,8 @@ def launched(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
         "failed_sweep": {"argv": ["--multirun", *T, "dataset.train_subset=32,99999", f"out_root={out}/sweep"]},
         "umask": {"argv": [*T, f"out_root={out}/modes"], "umask": 0o027},
         "unwritable_root": {"argv": [*T, "out_root=/sys/qexp-cannot-write-here"]},
+        "unwritable_sweep_root": {"argv": ["--multirun", *T, "out_root=/sys/qexp-cannot-write-here"]},
+        "bad_sweep_option": {"argv": ["--multirun", *T, "method=float,nonexist", f"out_root={out}/badsweep"]},
         "chg_setup": {"argv": [*T, f"out_root={out}/chg"]},
         "chg": {"argv": [*T, f"out_root={out}/chg"], "set_status": [str(out / "chg"), "interrupted"],
                 "set_config": [str(out / "chg"), "model.dropout", 0.25]},
@@ -111,6 +113,20 @@ def test_run_files_follow_the_umask(launched) -> None:
         assert stat.S_IMODE(p.stat().st_mode) == 0o640, p
     for d in [run, *(p for p in run.rglob("*") if p.is_dir())]:
         assert stat.S_IMODE(d.stat().st_mode) == 0o750, d
+
+
+def test_sweep_with_an_unknown_option_is_one_line_and_leaves_no_folder(launched) -> None:
+    """Hydra writes the sweep's multirun.yaml before composing its jobs; a job that cannot be composed
+    (an unknown group option) is one line, exit 2, and the stub is removed with its folders."""
+    out, r = launched
+    err = one_line_error(r["bad_sweep_option"])
+    assert "method/nonexist" in err and "sr" in err, err
+    assert not (out / "badsweep").exists()
+
+
+def test_unwritable_sweep_root_is_one_line(launched) -> None:
+    _, r = launched
+    assert one_line_error(r["unwritable_sweep_root"]).startswith("error: cannot write /sys/qexp-cannot-write-here")
 
 
 def test_unwritable_out_root_is_one_line(launched) -> None:

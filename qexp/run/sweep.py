@@ -29,11 +29,30 @@ ORDER = ("completed", "skipped", "failed", "diverged", "interrupted", "not start
 SHOW = 15
 
 _exit_code = 0
+#: the folder of the sweep this process launched (set when it starts)
+_sweep_dir: str | None = None
 
 
 def exit_code() -> int:
     """What ``qexp train --multirun`` exits with (set by :meth:`SweepSummary.on_multirun_end`)."""
     return _exit_code
+
+
+def remove_stub(started: float) -> None:
+    """A sweep whose jobs could not be composed (a bad override) leaves only Hydra's multirun.yaml in its
+    folder: remove it, and the folder (and ``out_root``) if that leaves them empty: no stray folder."""
+    if _sweep_dir is None:
+        return
+    folder = Path(_sweep_dir)
+    stub = folder / "multirun.yaml"
+    try:
+        if not stub.is_file() or stub.stat().st_mtime < started - 1 or len(list(folder.iterdir())) != 1:
+            return
+        stub.unlink()
+        folder.rmdir()
+        folder.parent.rmdir()
+    except OSError:
+        pass
 
 
 def report(sweep_dir: str | Path, job: int, outcome: str, run_dir: str | None, label: str,
@@ -70,7 +89,9 @@ class SweepSummary(Callback):
     """Hydra callback: give the sweep an id its jobs report under, then summarize their reports."""
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        global _sweep_dir
         os.environ[ENV] = f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+        _sweep_dir = str(config.hydra.sweep.dir)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         global _exit_code

@@ -13,6 +13,7 @@ import math
 import os
 import re
 import sys
+import time
 import traceback
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -22,8 +23,10 @@ from typing import Any
 import hydra
 import torch
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import HydraException
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from qexp.data import DataBundle
 from qexp.errors import QexpError
@@ -487,6 +490,24 @@ def _hydra_main(cfg: DictConfig) -> float | None:
     return None
 
 
+def config_error_line(e: BaseException) -> str:
+    """A Hydra/OmegaConf error as one line: what was asked, what is wrong, the options there are."""
+    parts: list[str] = []
+    options: list[str] = []
+    for ex in (e, e.__cause__):
+        for line in str(ex or "").splitlines():
+            text = line.strip()
+            if text.startswith("Config search path"):  # Hydra's own plumbing follows
+                break
+            if not text or text.startswith(("full_key:", "object_type=", "reference_type=", "Set the environment")):
+                continue
+            if line.startswith("\t"):  # Hydra lists a group's options one per tab-indented line
+                options.append(text)
+            elif text.rstrip(".:") not in parts:
+                parts.append(text.rstrip(".:"))
+    return "; ".join(parts) + (f" ({', '.join(options)})" if options else "")
+
+
 def main() -> None:
     """Entry for ``qexp train`` and ``python -m qexp.run.train``: Hydra parses ``sys.argv``.
 
@@ -495,7 +516,21 @@ def main() -> None:
     register()
     if int(os.environ.get("RANK", "0")) > 0:  # torchrun: only rank 0 writes .hydra/ and train.log
         sys.argv += ["hydra/job_logging=stdout", "hydra.job_logging.root.level=WARNING"]
-    _hydra_main()
+    # Hydra prints a composition error (a mistyped key, a wrong type, an unknown group option) over
+    # several lines and exits 1; let it raise instead, and say it in one line with exit 2
+    os.environ["HYDRA_FULL_ERROR"] = "1"
+    started = time.time()
+    try:
+        _hydra_main()
+    except (HydraException, OmegaConfBaseException) as e:
+        sweep.remove_stub(started)
+        print(f"error: {config_error_line(e)}", file=sys.stderr)
+        sys.exit(2)
+    except OSError as e:  # Hydra could not create a sweep's folder (an unwritable out_root)
+        if e.errno not in _ENV_ERRNOS:
+            raise
+        print(f"error: cannot write {e.filename}: {e.strerror}", file=sys.stderr)
+        sys.exit(2)
     if sweep.exit_code():
         sys.exit(sweep.exit_code())
 
