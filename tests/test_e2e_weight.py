@@ -24,7 +24,8 @@ EXPECT = {  # (method, bits): (measured, asserted bound)
 @pytest.mark.slow
 def test_bc_sr_r_at_1_and_4_bits(tmp_path, data_root):
     run_qexp(["train", "--multirun", f"out_root={tmp_path}", "method=bc,sr,r", "bits=1,4", "epochs=1",
-              f"dataset.train_subset={SUBSET}", "progress=false"], env={"QEXP_DATA": str(data_root)}, timeout=1200)
+              f"dataset.train_subset={SUBSET}", "progress=false", "hydra/launcher=local_parallel"],
+             env={"QEXP_DATA": str(data_root)}, timeout=1200)  # jobs x threads = cores
     runs = {}
     for d in find_runs(tmp_path):
         m = read_metrics(d)

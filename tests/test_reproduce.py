@@ -20,7 +20,7 @@ def test_li2017_entry_end_to_end_keeps_its_direction(tmp_path, data_root, one_th
     direction of the docs' verdict; the entry's table, flip table and figure are written."""
     docs = tmp_path / "docs"
     cmd = [sys.executable, str(REPO / "scripts" / "reproduce.py"), "li2017", "--out-root", str(tmp_path / "out"),
-           "--docs", str(docs), "--jobs", "1", "--set", "seed=0", "dataset=mnist", "method=float,bc_li,r",
+           "--docs", str(docs), "--jobs", "2", "--set", "seed=0", "dataset=mnist", "method=float,bc_li,r",
            "dataset.train_subset=10000", "epochs=1"]
     subprocess.run(cmd, check=True, env={**__import__("os").environ, "QEXP_DATA": str(data_root)},
                    capture_output=True, timeout=900)
