@@ -19,7 +19,8 @@ T = ["dataset=synthetic", "model=mlp", "model.width=16", "model.depth=1", "model
      "dataset.train_subset=64", "batch_size=32", "eval_batch_size=256", "progress=false"]
 BAD = {"epochs": "epochs=0", "batch_size": "batch_size=0", "eval_batch_size": "eval_batch_size=0",
        "bits": "bits=0", "lr": "lr=-1", "subset": "dataset.train_subset=99999", "bc_bits": "bits=9",
-       "lock": "lock=sometimes", "type": "epochs=abc", "key": "methd=sr", "option": "method=nonexist"}
+       "lock": "lock=sometimes", "type": "epochs=abc", "key": "methd=sr", "option": "method=nonexist",
+       "interpolation": "lr=${foo}"}
 
 
 def runs(root: Path) -> list[Path]:
@@ -40,6 +41,7 @@ def launched(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
         "umask": {"argv": [*T, f"out_root={out}/modes"], "umask": 0o027},
         "unwritable_root": {"argv": [*T, "out_root=/sys/qexp-cannot-write-here"]},
         "unwritable_sweep_root": {"argv": ["--multirun", *T, "out_root=/sys/qexp-cannot-write-here"]},
+        "interpolated": {"argv": [*T, "seed=${epochs}", f"out_root={out}/interp"]},
         "bad_sweep_option": {"argv": ["--multirun", *T, "method=float,nonexist", f"out_root={out}/badsweep"]},
         "chg_setup": {"argv": [*T, f"out_root={out}/chg"]},
         "chg": {"argv": [*T, f"out_root={out}/chg"], "set_status": [str(out / "chg"), "interrupted"],
@@ -122,6 +124,15 @@ def test_sweep_with_an_unknown_option_is_one_line_and_leaves_no_folder(launched)
     err = one_line_error(r["bad_sweep_option"])
     assert "method/nonexist" in err and "sr" in err, err
     assert not (out / "badsweep").exists()
+
+
+def test_an_interpolated_override_is_used_as_typed(launched) -> None:
+    """``seed=${epochs}`` is Hydra's interpolation; qexp once resolved the override strings themselves
+    against Hydra's own config, and every such command failed."""
+    out, r = launched
+    assert r["interpolated"]["how"] == ["exit", 0], r["interpolated"]
+    (run,) = runs(out / "interp")
+    assert run.name == "seed1" and "seed=${epochs}" in (run / ".hydra" / "overrides.yaml").read_text()
 
 
 def test_unwritable_sweep_root_is_one_line(launched) -> None:

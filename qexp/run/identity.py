@@ -132,6 +132,12 @@ def differing(cfg: DictConfig, baseline: DictConfig, group_items: Iterable[str] 
     return text
 
 
+def task_overrides(hc: Any) -> list[str]:
+    """The command line's overrides as typed: read unresolved, so ``lr=${optim.lr}`` stays a string
+    (iterating the node would resolve it against Hydra's own config, and fail)."""
+    return [str(o) for o in OmegaConf.to_container(hc.overrides.task, resolve=False)]
+
+
 def run_dir(cfg: DictConfig, level: str) -> Path:
     """``<out_root>/<name>/<dataset>/<model>/<method tag>/<level>/seed<k>`` (an empty level is left out)."""
     parts = [str(cfg.out_root), str(cfg.name), str(cfg.dataset.name), str(cfg.model.name), str(cfg.method.tag)]
@@ -152,7 +158,7 @@ def from_hydra(cfg: DictConfig, ignored: Iterable[str] = ()) -> tuple[Path, str]
 
     hc = HydraConfig.get()
     choices = {k: v for k, v in hc.runtime.choices.items() if not k.startswith("hydra/")}
-    parsed = OverridesParser.create().parse_overrides(list(hc.overrides.task))
+    parsed = OverridesParser.create().parse_overrides(task_overrides(hc))
     groups = [o for o in parsed if o.key_or_group in choices]
     path_lines = [o.input_line for o in groups if o.key_or_group in PATH_GROUPS]
     all_lines = [o.input_line for o in groups]

@@ -299,7 +299,7 @@ def run(cfg: DictConfig) -> dict[str, Any] | None:
     hc = HydraConfig.get()
     sweeping = hc.mode == RunMode.MULTIRUN
     job = int(hc.job.num) if sweeping and hc.job.get("num") is not None else 0
-    label = " ".join(hc.overrides.task)
+    label = " ".join(identity.task_overrides(hc))
     ranks = distributed.env_ranks()  # launched by torchrun
     main = ranks is None or ranks[0] == 0
     run_dir: Path | None = None
@@ -359,10 +359,11 @@ def run(cfg: DictConfig) -> dict[str, Any] | None:
         done("interrupted", "Ctrl-C before training started")
         if not sweeping:
             sys.exit(EXIT_INTERRUPTED)
-    except (QexpError, OSError) as e:
+    except (QexpError, OSError, OmegaConfBaseException) as e:
         if isinstance(e, OSError) and e.errno not in _ENV_ERRNOS:
             return _bug(cfg, run_dir if opened and main else None, e, sweeping, done)
-        msg = str(e) if isinstance(e, QexpError) else f"cannot write {e.filename}: {e.strerror}"
+        msg = (str(e) if isinstance(e, QexpError) else config_error_line(e)
+               if isinstance(e, OmegaConfBaseException) else f"cannot write {e.filename}: {e.strerror}")
         if opened and main:
             _record_failure(cfg, run_dir, msg)
         print(f"error: {msg}", file=sys.stderr)
@@ -424,7 +425,7 @@ def _write_hydra(cfg: DictConfig, run_dir: Path, level: str) -> None:
         hc.hydra.job.override_dirname = level  # the identity level, as qexp report reads it
         hc.hydra.runtime.output_dir = str(run_dir.resolve())
         atomic_write_bytes(hydra_dir / "hydra.yaml", OmegaConf.to_yaml(hc).encode())
-        overrides = OmegaConf.create(list(HydraConfig.get().overrides.task))
+        overrides = OmegaConf.create(identity.task_overrides(HydraConfig.get()))
         atomic_write_bytes(hydra_dir / "overrides.yaml", OmegaConf.to_yaml(overrides).encode())
 
 
@@ -519,6 +520,9 @@ def main() -> None:
     # Hydra prints a composition error (a mistyped key, a wrong type, an unknown group option) over
     # several lines and exits 1; let it raise instead, and say it in one line with exit 2
     os.environ["HYDRA_FULL_ERROR"] = "1"
+    # Hydra logs this line before re-raising a job's error; the one line below says it instead
+    logging.getLogger("hydra.core.utils").addFilter(
+        lambda r: not r.getMessage().startswith("Error executing job with overrides"))
     started = time.time()
     try:
         _hydra_main()
