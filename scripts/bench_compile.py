@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import time
 from collections.abc import Callable
 
 import torch
+from bench_weight import side_by_side  # scripts/ is on the path when run as a script
 
 from qexp.run.compiled import CompileClock, Compiled
 from qexp.run.config import register
@@ -80,17 +80,9 @@ def main() -> None:
                 comp()
             warm = time.perf_counter() - t0
             clock.stop()
-            for _ in range(2):
-                eager()
-            times: dict[str, list[float]] = {"eager": [], "compiled": []}
-            fns = {"eager": eager, "compiled": comp}
-            for r in range(args.rounds):
-                for k in (("eager", "compiled") if r % 2 == 0 else ("compiled", "eager")):
-                    t = time.perf_counter()
-                    for _ in range(per_round):
-                        fns[k]()
-                    times[k].append((time.perf_counter() - t) / per_round)
-            e, c = statistics.median(times["eager"]), statistics.median(times["compiled"])
+            med = side_by_side({"eager": eager, "compiled": comp}, torch.device("cpu"), args.rounds, per_round,
+                               warmup=2)
+            e, c = med["eager"], med["compiled"]
             print(f"| {model_name} | {method} | {1e3 * e:.1f} | {1e3 * c:.1f} | {e / c:.2f}x | "
                   f"{clock.seconds:.1f} (warm-up {warm:.1f}) |", flush=True)
     print(f"\nload average at the end {os.getloadavg()[0]:.1f}")

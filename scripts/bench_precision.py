@@ -14,17 +14,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_compile import make_step  # noqa: E402
+from bench_weight import side_by_side  # noqa: E402
 
 
 def steps(args: argparse.Namespace) -> None:
@@ -35,17 +34,8 @@ def steps(args: argparse.Namespace) -> None:
         for method in args.methods.split(","):
             fns = {"32": make_step(model_name, method, False), "bf16": make_step(model_name, method, False,
                                                                                "bf16-mixed")}
-            for f in fns.values():
-                for _ in range(2):
-                    f()
-            times: dict[str, list[float]] = {k: [] for k in fns}
-            for r in range(args.rounds):
-                for k in (("32", "bf16") if r % 2 == 0 else ("bf16", "32")):
-                    t = time.perf_counter()
-                    for _ in range(per_round):
-                        fns[k]()
-                    times[k].append((time.perf_counter() - t) / per_round)
-            a, b = statistics.median(times["32"]), statistics.median(times["bf16"])
+            med = side_by_side(fns, torch.device("cpu"), args.rounds, per_round, warmup=2)
+            a, b = med["32"], med["bf16"]
             print(f"| {model_name} | {method} | {1e3 * a:.1f} | {1e3 * b:.1f} | {a / b:.2f}x |", flush=True)
 
 

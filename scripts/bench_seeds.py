@@ -14,11 +14,10 @@ from __future__ import annotations
 import argparse
 import copy
 import os
-import statistics
-import time
 
 import torch
 import torch.nn.functional as F
+from bench_weight import side_by_side  # scripts/ is on the path when run as a script
 from torch.func import functional_call, stack_module_state
 
 from qexp.models.lenet import LeNet5
@@ -38,10 +37,6 @@ def main() -> None:
         models.append(LeNet5(1, 10, 28).to(device))
     xs = torch.randn(k, 64, 1, 28, 28, device=device)
     ys = torch.randint(0, 10, (k, 64), device=device)
-
-    def sync() -> None:
-        if device.type == "cuda":
-            torch.cuda.synchronize()
 
     loop_models = [copy.deepcopy(m) for m in models]
     loop_opts = [torch.optim.Adam(m.parameters(), lr=1e-3) for m in loop_models]
@@ -70,19 +65,8 @@ def main() -> None:
         loss.backward()
         opt.step()
 
-    fns = {"looped": looped, "vectorised": vectorised}
-    for f in fns.values():
-        f()
-    times: dict[str, list[float]] = {n: [] for n in fns}
-    for r in range(args.rounds):
-        for n in (("looped", "vectorised") if r % 2 == 0 else ("vectorised", "looped")):
-            sync()
-            t = time.perf_counter()
-            for _ in range(args.steps):
-                fns[n]()
-            sync()
-            times[n].append((time.perf_counter() - t) / args.steps)
-    a, b = statistics.median(times["looped"]), statistics.median(times["vectorised"])
+    med = side_by_side({"looped": looped, "vectorised": vectorised}, device, args.rounds, args.steps, warmup=1)
+    a, b = med["looped"], med["vectorised"]
     print(f"{device}, {torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.1f}: K={k} LeNet-5 steps: "
           f"looped {1e3 * a:.1f} ms, vectorised {1e3 * b:.1f} ms, speed-up {a / b:.2f}x")
 
