@@ -227,9 +227,9 @@ def loss_summary(root: Path) -> str:
     """Train loss at the start and the end of each continuation run (the instability experiment)."""
     lines = ["| STE | seed | train loss, first epoch | train loss, last epoch | test error (%) |",
              "|---|---|---|---|---|"]
-    for r, rec in sorted(_finished_records(root), key=lambda rr: (str(config_value(str(rr[0]), "method.ste")),
-                                                                  rr[1]["seed"])):
-        ste = config_value(str(r), "method.ste")
+    rows = sorted(((str(config_value(str(r), "method.ste")), rec["seed"], rec) for r, rec in _finished_records(root)),
+                  key=lambda row: row[:2])
+    for ste, _, rec in rows:
         h = rec["history"]
         lines.append(f"| {ste} | {rec['seed']} | {h[0]['train_loss']:.4f} | {h[-1]['train_loss']:.4f} | "
                      f"{rec['test_error']:.2f} |")

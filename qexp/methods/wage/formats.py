@@ -84,7 +84,7 @@ def clip_grad(g: torch.Tensor, x: torch.Tensor, bits: int) -> torch.Tensor:
     ``tf.clip_by_value`` passes the gradient at the bounds too, so the (fast, vectorised) strict
     ``hardtanh_backward`` gets the bounds moved out by one ulp.
     """
-    hi = _clip_bound(bits, x.dtype)
+    hi = _CLIP_BOUNDS[bits, x.dtype]
     return torch.ops.aten.hardtanh_backward(g, x, -hi, hi)
 
 
@@ -99,9 +99,6 @@ def _ulp_above(m: float, dtype: torch.dtype) -> float:
 _CLIP_BOUNDS = {(k, d): _ulp_above(1.0 - sigma(k), d) for k in range(1, 33)
                 for d in (torch.float16, torch.bfloat16, torch.float32, torch.float64)}
 
-
-def _clip_bound(bits: int, dtype: torch.dtype) -> float:
-    return _CLIP_BOUNDS[bits, dtype]
 
 
 def abs_max(x: torch.Tensor) -> torch.Tensor:
