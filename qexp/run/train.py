@@ -520,9 +520,6 @@ def main() -> None:
     # Hydra prints a composition error (a mistyped key, a wrong type, an unknown group option) over
     # several lines and exits 1; let it raise instead, and say it in one line with exit 2
     os.environ["HYDRA_FULL_ERROR"] = "1"
-    # Hydra logs this line before re-raising a job's error; the one line below says it instead
-    logging.getLogger("hydra.core.utils").addFilter(
-        lambda r: not r.getMessage().startswith("Error executing job with overrides"))
     started = time.time()
     try:
         _hydra_main()
