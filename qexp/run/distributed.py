@@ -91,6 +91,12 @@ def init(rank: int, world: int, local_rank: int, backend: str, init_method: str 
     return Context(rank, world, local_rank, control)
 
 
+def barrier() -> None:
+    """Wait for every process of the group (nothing outside one)."""
+    if dist.is_initialized():
+        dist.barrier()
+
+
 def shutdown() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()

@@ -467,6 +467,7 @@ def _ddp_worker(rank: int, world: int, init_method: str, payload: tuple, errors:
     try:
         ctx = distributed.init(rank, world, rank, backend, init_method)
         train(cfg, run_dir, ctx, overrides)
+        distributed.barrier()  # leave together: a peer closing its connections mid-teardown aborted the other
     except QexpError as e:
         errors.put(str(e))
         raise SystemExit(2) from None
