@@ -4,6 +4,8 @@ process that never imports qexp, reproducing the run's recorded test error exact
 from __future__ import annotations
 
 import json
+import os
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -102,13 +104,14 @@ def synthetic_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 @pytest.mark.parametrize("method,bits,dtype", [("sr", 1, "int8"), ("ptq", 8, "uint8"), ("float", 32, None)])
 def test_export_codes_are_integers_on_the_layer_grid(synthetic_runs: dict[str, Path], method: str, bits: int,
                                                      dtype: str | None) -> None:
+    from qexp.run import export_loader
     from qexp.run.export import export_run
 
     run = synthetic_runs[method]
     doc = export_run(run)
     assert doc["export_test_error"] == read_metrics(run)["test_error"]  # PTQ: its quantized copy's error
     folder = run / "export"
-    tensors = torch.load(folder / doc["tensors"], weights_only=True)
+    tensors = export_loader.read_tensors(str(folder))
     if dtype is None:  # a float network: every tensor stored as is
         assert doc["layers"] == [] and all(t.is_floating_point() for t in tensors.values())
         return
@@ -134,3 +137,119 @@ def test_export_refuses_activation_quantization_with_one_line(synthetic_runs: di
         "error: method=ste quantizes activations (activation_bits, activations): qexp export writes float "
         "networks with quantized weights only (float, bc, sr, r, big_sr, learned and ptq without activation bits)"]
     assert not (run / "export").exists() and not list(run.glob(".export*"))
+
+
+def test_export_writes_safetensors_and_falls_back_to_a_torch_file(synthetic_runs: dict[str, Path], tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """With the safetensors package the tensors go to model.safetensors (read back by safetensors itself);
+    without it, to model.pt; both load through the standalone loader to the same state_dict."""
+    from safetensors.torch import load_file
+
+    from qexp.run import export_loader
+    from qexp.run.export import export_run
+
+    run = synthetic_runs["sr"]
+    doc = export_run(run, tmp_path / "st")
+    assert doc["tensors"] == "model.safetensors" and not (tmp_path / "st" / "model.pt").exists()
+    stored = load_file(str(tmp_path / "st" / "model.safetensors"))
+    assert {layer["codes"] for layer in doc["layers"]} <= set(stored)
+    assert all(stored[layer["codes"]].dtype == torch.int8 for layer in doc["layers"])
+    monkeypatch.setitem(sys.modules, "safetensors.torch", None)  # "not installed"
+    doc_pt = export_run(run, tmp_path / "pt")
+    assert doc_pt["tensors"] == "model.pt" and not (tmp_path / "pt" / "model.safetensors").exists()
+    monkeypatch.undo()
+    a, b = export_loader.load_state_dict(str(tmp_path / "st")), export_loader.load_state_dict(str(tmp_path / "pt"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert doc_pt["export_test_error"] == doc["export_test_error"] == read_metrics(run)["test_error"]
+
+
+def _tree(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _refused(args: list[str], capsys: pytest.CaptureFixture) -> str:
+    from qexp.cli import main as qexp
+
+    assert qexp(["export", *args]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: "), err
+    return err[0]
+
+
+def test_export_never_deletes_what_it_did_not_write(synthetic_runs: dict[str, Path], tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch,
+                                                    capsys: pytest.CaptureFixture) -> None:
+    """--out is the run folder, the current folder, a folder of the user's files, a file, or a previous
+    export plus a user's file: one line, exit 2, every byte still there, no hidden folder left beside it."""
+    from qexp.cli import main as qexp
+
+    run = synthetic_runs["sr"]
+    work = tmp_path / "work"
+    (work / "notes").mkdir(parents=True)
+    (work / "notes" / "paper.tex").write_text("mine")
+    (work / "data.csv").write_text("1,2\n")
+    monkeypatch.chdir(work)
+    before_run, before_work = _tree(run), _tree(work)
+    assert "run folder" in _refused([str(run), "--out", str(run)], capsys)
+    assert "current folder" in _refused([str(run), "--out", "."], capsys)
+    assert "current folder" in _refused([str(run), "--out", str(tmp_path)], capsys)  # holds the current one
+    assert "did not write" in _refused([str(run), "--out", "notes"], capsys)
+    assert "is a file" in _refused([str(run), "--out", "data.csv"], capsys)
+    assert "is a file" in _refused([str(run), "--out", str(run / "checkpoint.pt")], capsys)
+    assert _tree(run) == before_run and _tree(work) == before_work
+    # a previous export is replaced whole; once the user has added a file to it, it is refused
+    assert qexp(["export", str(run), "--out", "exp"]) == 0
+    first = _tree(work / "exp")
+    assert ".qexp-export" in first and "quant.json" in first
+    assert qexp(["export", str(run), "--out", "exp"]) == 0
+    assert _tree(work / "exp").keys() == first.keys()
+    (work / "exp" / "README.txt").write_text("my notes on this export")
+    kept = _tree(work / "exp")
+    assert "plus other files (README.txt)" in _refused([str(run), "--out", "exp"], capsys)
+    assert _tree(work / "exp") == kept
+    (work / "empty").mkdir()  # an empty folder loses nothing
+    assert qexp(["export", str(run), "--out", "empty"]) == 0 and (work / "empty" / "quant.json").is_file()
+    assert sorted(p.name for p in work.iterdir()) == ["data.csv", "empty", "exp", "notes"]
+    assert sorted(p.name for p in run.iterdir() if p.name.startswith(".export")) == []
+
+
+@pytest.mark.parametrize("target", ["chmod", "proc"])
+def test_export_to_an_unwritable_folder_is_one_line_and_writes_nothing(synthetic_runs: dict[str, Path],
+                                                                       tmp_path: Path, target: str,
+                                                                       capsys: pytest.CaptureFixture) -> None:
+    if target == "chmod" and os.geteuid() == 0:
+        pytest.skip("root writes into read-only folders (the /proc case covers root)")
+    ro = tmp_path / "ro" if target == "chmod" else Path("/proc")
+    out = ro / "deep" / "exp" if target == "chmod" else ro / "qexp-export"
+    before = None
+    if target == "chmod":
+        ro.mkdir()
+        before = []
+        ro.chmod(0o555)
+    try:
+        line = _refused([str(synthetic_runs["sr"]), "--out", str(out)], capsys)
+        assert line.startswith(f"error: cannot write the export to {out}: ") and line.endswith("nothing written")
+        assert not out.exists() and not list(ro.glob(".qexp-export*")) and not list(ro.glob(".exp*"))
+        if before is not None:
+            assert sorted(ro.iterdir()) == before
+    finally:
+        if target == "chmod":
+            ro.chmod(0o755)
+
+
+@pytest.mark.parametrize("umask", [0o002, 0o077])
+def test_export_folder_and_files_follow_the_umask(synthetic_runs: dict[str, Path], tmp_path: Path,
+                                                  umask: int) -> None:
+    from qexp.run.export import export_run
+
+    old = os.umask(umask)
+    try:
+        export_run(synthetic_runs["ptq"], tmp_path / "new" / "exp")
+    finally:
+        os.umask(old)
+    for path in [tmp_path / "new", tmp_path / "new" / "exp"]:
+        assert stat.S_IMODE(path.stat().st_mode) == 0o777 & ~umask, path
+    files = list((tmp_path / "new" / "exp").iterdir())
+    assert len(files) == 4  # marker, quant.json, model.safetensors, load_export.py
+    for path in files:
+        assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask, path

@@ -14,6 +14,9 @@ Scope: methods whose evaluated network is the float architecture with quantized 
 r, big_sr, learned without activation bits, ptq without activations: PTQ exports its deployed k-bit
 copy). Methods that quantize activations (ste, wage, learned with activation bits, ptq with
 activations) are refused with one line: their forward needs qexp's activation quantizers.
+``--out DIR`` must be a new folder, an empty one, or a previous export (it holds the ``.qexp-export``
+marker and nothing else than an export's files): the export replaces it whole, so the run folder, the
+current folder or any folder holding other files is refused. Files and folders follow the umask.
 Before anything is written the export is loaded back through the standalone loader into a fresh float
 model and evaluated on the test set; it must give the run's checkpointed test error exactly.
 """
@@ -21,8 +24,12 @@ model and evaluated on the test set; it must give the run's checkpointed test er
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
+import secrets
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +39,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from qexp.errors import QexpError
-from qexp.jsonio import write_json
+from qexp.jsonio import atomic_write_bytes, write_json, write_torch
 from qexp.run import export_loader
 
 #: manifest keys that mean the method quantizes activations (ste, wage, learned, ptq, pact, dorefa; lsq's
@@ -132,13 +139,103 @@ def build_export(model: nn.Module, manifest: dict[str, Any], float_keys: set[str
 
 
 def save_tensors(folder: Path, tensors: dict[str, torch.Tensor]) -> str:
+    """model.safetensors (or model.pt without the safetensors package), written atomically with the umask's
+    mode (safetensors' own ``save_file`` makes the file 0600)."""
     try:
-        from safetensors.torch import save_file
+        from safetensors.torch import save
     except ImportError:
-        torch.save(tensors, folder / export_loader.TORCH_FILE)
+        write_torch(folder / export_loader.TORCH_FILE, tensors)
         return export_loader.TORCH_FILE
-    save_file(tensors, str(folder / export_loader.SAFETENSORS))
+    atomic_write_bytes(folder / export_loader.SAFETENSORS, save(tensors))
     return export_loader.SAFETENSORS
+
+
+#: the marker every export folder holds: ``--out DIR`` replaces DIR only when it holds this marker and
+#: nothing but the files an export writes (EXPORT_FILES)
+MARKER = ".qexp-export"
+EXPORT_FILES = frozenset({MARKER, export_loader.MANIFEST, export_loader.SAFETENSORS, export_loader.TORCH_FILE,
+                          "load_export.py", "model.onnx", "model-folded.onnx"})
+
+
+def check_target(out: Path, run_dir: Path) -> None:
+    """Refuse (one line) an ``--out`` that is not a new folder, an empty one or a previous export: the
+    export replaces its folder whole, so any other target would lose files qexp did not write."""
+    where = out.resolve()
+    if where == run_dir.resolve() or where in run_dir.resolve().parents:
+        raise QexpError(f"--out {out} is the run folder or holds it: the export replaces its folder whole; "
+                        "choose a new folder")
+    if where == Path.cwd().resolve() or where in Path.cwd().resolve().parents:
+        raise QexpError(f"--out {out} is the current folder or holds it: the export replaces its folder whole; "
+                        "choose a new folder")
+    previous_export(out)
+
+
+def previous_export(out: Path) -> list[Path] | None:
+    """The files of the previous export in ``out`` (None when ``out`` does not exist, [] when it is an
+    empty folder); anything else is refused."""
+    if out.is_symlink():
+        raise QexpError(f"--out {out} is a link: choose a new folder")
+    if not out.exists():
+        return None
+    if not out.is_dir():
+        raise QexpError(f"--out {out} is a file, not a folder: the export writes a folder; choose a new one")
+    try:
+        entries = sorted(out.iterdir())
+    except OSError as e:
+        raise QexpError(f"--out {out}: cannot read it ({e.strerror})") from e
+    if not entries:
+        return []
+    if not (out / MARKER).is_file():
+        raise QexpError(f"--out {out} already holds files that qexp export did not write (no {MARKER} marker): "
+                        "choose a new folder")
+    other = [p.name for p in entries if p.name not in EXPORT_FILES or p.is_symlink() or not p.is_file()]
+    if other:
+        raise QexpError(f"--out {out} holds a previous export plus other files ({', '.join(other[:3])}): "
+                        "move them or choose a new folder")
+    return entries
+
+
+def current_umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+@contextlib.contextmanager
+def export_folder(out: Path) -> Iterator[Path]:
+    """A hidden folder beside ``out`` to write into, renamed to ``out`` when the block succeeds (a previous
+    export there is replaced, its own files only); on failure nothing is left behind, including parent
+    folders this call created. The folder follows the umask (``mkdtemp`` alone would make it 0700)."""
+    created = [p for p in [out.parent, *out.parent.parents] if not p.exists()]
+    tmp: Path | None = None
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+        os.chmod(tmp, 0o777 & ~current_umask())
+        atomic_write_bytes(tmp / MARKER, b"written by qexp export: the next export to this folder replaces it\n")
+        yield tmp
+        old = previous_export(out)  # again: the folder may have changed while the model was evaluated
+        if old is None:
+            tmp.rename(out)
+        elif not old:
+            out.rmdir()
+            tmp.rename(out)
+        else:
+            trash = out.parent / f".{out.name}.old.{secrets.token_hex(4)}"
+            out.rename(trash)
+            tmp.rename(out)
+            for path in old:
+                (trash / path.name).unlink()
+            trash.rmdir()
+        tmp, created = None, []
+    except OSError as e:
+        raise QexpError(f"cannot write the export to {out}: {e.strerror or e}; nothing written") from e
+    finally:
+        if tmp is not None and tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+        for p in created:
+            with contextlib.suppress(OSError):
+                p.rmdir()  # only if still empty: this call made it
 
 
 def export_run(run_dir: Path, out: Path | None = None, best: bool = False, device: str = "cpu",
@@ -148,6 +245,8 @@ def export_run(run_dir: Path, out: Path | None = None, best: bool = False, devic
     from qexp.run.evaluate import load_run
     from qexp.run.train import instantiate
 
+    out = Path(out) if out is not None else run_dir / ("export-best" if best else "export")
+    check_target(out, run_dir)  # before the (slow) load and evaluation
     run = load_run(run_dir, device, data_root, which="best" if best else "last")
     model, method = run.built.model, run.built.method
     model.eval()
@@ -170,10 +269,7 @@ def export_run(run_dir: Path, out: Path | None = None, best: bool = False, devic
     tensors, layers, floats, notes = build_export(deployed, manifest, set(fresh.state_dict()), eval_float)
     expected = run.recorded_test_error()
 
-    out = Path(out) if out is not None else run_dir / ("export-best" if best else "export")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with export_folder(out) as tmp:
         stored = save_tensors(tmp, tensors)
         doc: dict[str, Any] = {
             "format": export_loader.FORMAT, "tensors": stored, "method": method.name, "bits": method.bits,
@@ -196,12 +292,6 @@ def export_run(run_dir: Path, out: Path | None = None, best: bool = False, devic
                             "nothing written")
         doc["export_test_error"] = got
         write_json(tmp / export_loader.MANIFEST, doc)
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return doc
 
 
