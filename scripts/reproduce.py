@@ -190,6 +190,8 @@ def report(entry: Entry, key: str, budget: str, out: Path, note: str = "", docs:
         parts.append(eval_summary(root, ev))
     if key == "lacey2018":
         parts.append(allocation_summary(root))
+    if key == "li2017":
+        parts.append(flip_summary(root))
     if key == "yin2019":
         inst = out / "yin2019_instability"
         if inst.exists():
@@ -221,6 +223,23 @@ def allocation_summary(root: Path) -> str:
             alloc = "".join(str(int(v)) for v in layers)
             lines.append(f"| {rec['bits']} | {rec['seed']} | {alloc} | {str(rec['bits']) * len(layers)} |")
     return "Learned allocations (most likely, at the end of training):\n\n" + "\n".join(lines) + "\n"
+
+
+def flip_summary(root: Path) -> str:
+    """The fraction of 1-bit weights that changed value in each epoch (mean over seeds), epoch by epoch:
+    a single mean hides that most flips happen in epoch 1 (Li et al.'s SR stalls as the lr decays)."""
+    per: dict[tuple[str, str], list[list[float]]] = {}
+    for _, rec in _finished_records(root):
+        flips = [h["method/flip_frac"] for h in rec["history"] if "method/flip_frac" in h]
+        if flips:
+            per.setdefault((rec["dataset"], rec["method"]), []).append(flips)
+    lines = ["| dataset | method | seeds | flip fraction per epoch (first -> last) |", "|---|---|---|---|"]
+    for (ds, m), runs in sorted(per.items()):
+        n = min(len(f) for f in runs)
+        mean = [sum(f[i] for f in runs) / len(runs) for i in range(n)]
+        lines.append(f"| {ds} | {m} | {len(runs)} | {' '.join(f'{v:.4f}' for v in mean)} |")
+    return "Flip fraction per epoch (share of quantized weights whose grid value changed):\n\n" + \
+        "\n".join(lines) + "\n"
 
 
 def loss_summary(root: Path) -> str:

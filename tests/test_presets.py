@@ -1,4 +1,4 @@
-"""Paper presets: each fidelity fix of issue 14 pinned by a test (configs compose to what the papers do)."""
+"""Paper presets: each fidelity fix of issues 14 and 23 pinned by a test (configs compose to what the papers do)."""
 
 from __future__ import annotations
 
@@ -44,7 +44,7 @@ def test_li2017_bc_param_groups_all_at_the_base_lr(data_root) -> None:
     assert cfg2.method.lr_scale == "glorot"
 
 
-# ---- 2. Li et al.: R can move --------------------------------------------------------------------
+# ---- 2. Li et al.: the grid scale is the number format's, not the learning rate's -----------------
 def _r_flips(overrides: list[str], data_root) -> float:
     from qexp.run.engine import Trainer
 
@@ -56,11 +56,67 @@ def _r_flips(overrides: list[str], data_root) -> float:
     return t.progress.history[-1]["method/flip_frac"]
 
 
-def test_li2017_r_weights_move_and_old_behaviour_is_an_option(data_root, one_thread) -> None:
-    """grid_scale = lr (the preset): R's 1-bit weights flip; Glorot scale without BN (the old preset,
-    kept as an option): every update rounds away, 0 flips."""
-    assert _r_flips([], data_root) > 0.001
-    assert _r_flips(["grid_scale=glorot", "model.bn=false", "model.bn_out=false"], data_root) == 0.0
+def test_li2017_r_rounds_its_updates_away_at_the_default_scale(data_root, one_thread) -> None:
+    """s >> lr (the preset): R's 1-bit weight flips only when lr*|u| > s, so (almost) nothing moves, the
+    paper's reason R is worst; at s = lr (one point of the li2017_scale sweep) R's weights do flip."""
+    assert _r_flips([], data_root) < 1e-3
+    assert _r_flips(["grid_scale=0.001"], data_root) > 0.001
+
+
+def test_li2017_grid_scale_is_per_layer_and_independent_of_lr(data_root) -> None:
+    """Li et al.'s Delta is a property of the number format: the presets' grid scale does not follow the
+    learning rate, is each layer's own (Glorot) scale, and is far above the step (s >= 10 lr)."""
+    for preset in ("li2017_mnist", "li2017_cifar10"):
+        assert compose_train([f"+experiment={preset}"]).grid_scale == "glorot"
+    for m in ("bc_li", "sr", "r", "big_sr"):
+        cfg, b = _build(["+experiment=li2017_mnist", f"method={m}", *TINY_MNIST], data_root)
+        scales = [q.scale for q in b.method.layers]
+        assert len(scales) == 4 and len(set(scales)) > 1 and min(scales) >= 10 * cfg.lr
+        _, b2 = _build(["+experiment=li2017_mnist", f"method={m}", "lr=0.01", *TINY_MNIST], data_root)
+        assert [q.scale for q in b2.method.layers] == scales
+
+
+def test_li2017_scale_sweep_selects_on_validation_at_the_end_with_every_method() -> None:
+    text = (REPO / "configs" / "experiment" / "li2017_scale.yaml").read_text()
+    params = yaml.safe_load(text)["hydra"]["sweeper"]["params"]
+    assert set(params["method"].split(",")) == set(LI_METHODS)
+    assert "glorot" in params["grid_scale"] and "0.001" in params["grid_scale"].split(",")
+    cfg = compose_train(["+experiment=li2017_scale", "method=sr", "grid_scale=0.001"])
+    assert cfg.objective == "val_error" and cfg.dataset.val_size > 0  # the last epoch, never the test set
+    assert cfg.method.scale == 0.001 and cfg.model.bn_out is True
+
+
+def test_bc_li_keeps_its_initial_weights_when_unclipped(data_root) -> None:
+    """clip=false: prepare does not clamp w_r to [-s, s] (at s = lr that clamp alone let epoch 1 flip ~46%
+    of BC's signs); BinaryConnect's own clip=true still starts inside [-s, s]."""
+    over = ["+experiment=li2017_mnist", "grid_scale=0.001", *TINY_MNIST]
+    _, ref = _build([*over, "method=float"], data_root)
+    _, li = _build([*over, "method=bc_li"], data_root)
+    _, clipped = _build([*over, "method=bc_li", "method.clip=true"], data_root)
+    ref_w = {n: p for n, p in ref.model.named_parameters() if p.dim() > 1}
+    for q, c in zip(li.method.layers, clipped.method.layers, strict=True):
+        w = ref_w[f"{q.name}.weight"]
+        assert torch.equal(q.weight, w) and w.abs().max() > 0.001  # the float init, untouched
+        assert torch.equal(c.weight, w.clamp(-0.001, 0.001))
+
+
+@pytest.mark.parametrize("model", ["vgg9", "wrn56_2", "resnet56"])
+def test_li2017_cifar10_nets_normalise_the_output_layer(model) -> None:
+    """li2017_cifar10: BN after the output layer (the BinaryConnect VGG has one) and warm-started BN
+    statistics, as li2017_mnist; without bn_out 1-bit output weights set the logits' scale."""
+    from qexp.run.train import instantiate
+
+    cfg = compose_train(["+experiment=li2017_cifar10", f"model={model}"])
+    assert cfg.model.bn_out is True and cfg.model.bn_warm_start is True
+    net = instantiate(cfg.model, in_channels=3, num_classes=10, image_size=32)
+    last = [m for m in net.modules() if not isinstance(m, nn.Sequential)][-1]
+    assert isinstance(last, nn.BatchNorm1d) and last.num_features == 10
+    linear = [m for m in net.modules() if isinstance(m, nn.Linear)][-1]
+    assert linear.bias is None  # the BN's shift replaces it
+    bns = [m for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    assert all(getattr(m, "_warm_pending", False) for m in bns)
+    plain = instantiate(compose_train([f"model={model}"]).model, in_channels=3, num_classes=10, image_size=32)
+    assert isinstance([m for m in plain.modules() if not isinstance(m, nn.Sequential)][-1], nn.Linear)
 
 
 def test_bn_warm_start_takes_the_first_batch_statistics() -> None:
@@ -81,12 +137,6 @@ def test_bn_warm_start_takes_the_first_batch_statistics() -> None:
     m(x * 2)
     assert torch.allclose(bn.running_var, 0.9 * var + 0.1 * 4 * var * 64 / 63 * 63 / 64, rtol=0.05)
     assert compose_train(["+experiment=li2017_mnist"]).model.bn_warm_start is True
-
-
-def test_li2017_grid_scale_is_tied_to_lr_in_every_quantized_layer(data_root) -> None:
-    for m in ("bc_li", "sr", "r", "big_sr"):
-        cfg, b = _build(["+experiment=li2017_mnist", f"method={m}", *TINY_MNIST], data_root)
-        assert b.method.layers and all(q.scale == cfg.lr for q in b.method.layers)
 
 
 def test_flip_fraction_is_a_table_metric() -> None:

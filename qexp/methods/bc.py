@@ -89,11 +89,12 @@ class BinaryConnect(Method):
 
         self.layers = quantize_weights(model, self.bits, rounding, float_copy=True, scale=self.scale,
                                        skip_first=self.skip_first, skip_last=self.skip_last, make=make)
-        with torch.no_grad():
-            for q in self.layers:
+        with torch.no_grad():  # clip=false (Li et al.'s w_r): the initial weights stay as they are (a
+            for q in self.layers:  # clamp to [-s, s] at s = lr let epoch 1 flip ~46% of BC's signs)
                 if self.init_uniform:
                     q.weight.uniform_(-q.scale, q.scale)
-                q.weight.clamp_(-q.scale, q.scale)
+                if self.clip:
+                    q.weight.clamp_(-q.scale, q.scale)
         self.flips.start(self._indices())
         return model
 

@@ -5,33 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-
-def warm_start_batchnorm(model: nn.Module) -> None:
-    """The first training batch a BatchNorm sees sets its running mean/variance outright (momentum 1 for
-    that batch), then the usual moving average goes on.
-
-    Why: weights on a grid of scale ``s = 1e-3`` (the li2017 presets) give pre-BN variances near 1e-5,
-    and the default start (variance 1, momentum 0.1) needs ~150 steps to forget it; a short run, or Big
-    SR's 8x fewer steps, would otherwise evaluate with inflated variances (near chance) whatever it
-    learned. Checked once per module and process (a resumed run has ``num_batches_tracked > 0``)."""
-    for m in model.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats:
-            m._warm_pending = True
-            m.register_forward_pre_hook(_warm_pre)
-            m.register_forward_hook(_warm_post)
-
-
-def _warm_pre(m: nn.Module, args: tuple) -> None:
-    if m._warm_pending and m.training:
-        m._warm_pending = False
-        if int(m.num_batches_tracked) == 0:
-            m._momentum_after, m.momentum = m.momentum, 1.0
-
-
-def _warm_post(m: nn.Module, args: tuple, out: torch.Tensor) -> None:
-    if hasattr(m, "_momentum_after"):
-        m.momentum = m._momentum_after
-        del m._momentum_after
+from qexp.models.bn import output_layer, warm_start_batchnorm
 
 
 class LeNet5(nn.Module):
@@ -60,10 +34,8 @@ class LeNet5(nn.Module):
         hidden: list[nn.Module] = [nn.Linear(64 * side * side, 512, bias=bias and not bn)]
         if bn:
             hidden.append(nn.BatchNorm1d(512, affine=bn_affine))
-        out: list[nn.Module] = [nn.Linear(512, num_classes, bias=bias and not bn_out)]
-        if bn_out:
-            out.append(nn.BatchNorm1d(num_classes))
-        self.classifier = nn.Sequential(nn.Flatten(), *hidden, nn.ReLU(), *out)
+        self.classifier = nn.Sequential(nn.Flatten(), *hidden, nn.ReLU(),
+                                        *output_layer(512, num_classes, bias, bn_out))
         if bn_warm_start:
             warm_start_batchnorm(self)
 

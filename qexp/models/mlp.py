@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from qexp.models.bn import output_layer
+
 
 class MLP(nn.Module):
     def __init__(self, in_channels: int = 1, num_classes: int = 10, image_size: int = 28,
@@ -21,10 +23,7 @@ class MLP(nn.Module):
             if dropout:
                 layers.append(nn.Dropout(dropout))
             fan_in = width
-        layers.append(nn.Linear(fan_in, num_classes, bias=bias and not bn_out))
-        if bn_out:  # BinaryConnect's code normalises the output layer too
-            layers.append(nn.BatchNorm1d(num_classes))
-        self.net = nn.Sequential(*layers)
+        self.net = nn.Sequential(*layers, *output_layer(fan_in, num_classes, bias, bn_out))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)

@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from qexp.models.bn import output_layer, warm_start_batchnorm
+
 
 class BasicBlock(nn.Module):
     def __init__(self, cin: int, cout: int, stride: int) -> None:
@@ -32,8 +34,12 @@ class BasicBlock(nn.Module):
 
 
 class CifarResNet(nn.Module):
+    """``bn_out``: a BatchNorm after the output layer; ``bn_warm_start``: running stats start from the
+    first batch (both :mod:`qexp.models.bn`, for the li2017 presets' binary output weights)."""
+
     def __init__(self, depth: int = 20, in_channels: int = 3, num_classes: int = 10,
-                 image_size: int = 32, width: int = 16) -> None:
+                 image_size: int = 32, width: int = 16, bn_out: bool = False,
+                 bn_warm_start: bool = False) -> None:
         super().__init__()
         if (depth - 2) % 6:
             raise ValueError(f"CIFAR ResNet depth must be 6n+2 (20, 32, 44, 56, 110), got {depth}")
@@ -46,10 +52,13 @@ class CifarResNet(nn.Module):
                 blocks.append(BasicBlock(c, cout, 2 if (stage > 0 and i == 0) else 1))
                 c = cout
         self.blocks = nn.Sequential(*blocks)
-        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c, num_classes))
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                                  *output_layer(c, num_classes, True, bn_out))
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        if bn_warm_start:
+            warm_start_batchnorm(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.blocks(self.stem(x)))

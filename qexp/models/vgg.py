@@ -5,13 +5,15 @@ Numbers are 3x3 conv widths, "M" a 2x2 max-pool; ``fc`` the hidden fully-connect
 ``order="conv_bn_relu"`` puts the pool after the ReLU (the usual VGG); ``order="conv_pool_bn_relu"`` is
 BinaryConnect's code (conv -> pool -> BN -> ReLU in a block that ends with a pool). ``bn_out`` adds a
 BatchNorm after the output layer (BinaryConnect's code); ``bn_affine=False`` drops the hidden BNs' scale
-and shift (Yin et al. 2019).
+and shift (Yin et al. 2019); ``bn_warm_start`` see :func:`qexp.models.bn.warm_start_batchnorm`.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import nn
+
+from qexp.models.bn import output_layer, warm_start_batchnorm
 
 LAYOUTS: dict[str, tuple[list[int | str], list[int]]] = {
     # 2x128C3-MP2-2x256C3-MP2-2x512C3-MP2-FC1024-FC10 (WAGE's VGG-7)
@@ -31,7 +33,8 @@ ORDERS = ("conv_bn_relu", "conv_pool_bn_relu")
 class VGG(nn.Module):
     def __init__(self, layout: str = "vgg7", in_channels: int = 3, num_classes: int = 10,
                  image_size: int = 32, bn: bool = True, bias: bool = True, order: str = "conv_bn_relu",
-                 bn_out: bool = False, bn_affine: bool = True) -> None:
+                 bn_out: bool = False, bn_affine: bool = True,
+                 bn_warm_start: bool = False) -> None:
         super().__init__()
         if layout not in LAYOUTS:
             raise ValueError(f"unknown VGG layout {layout!r}; choose from {sorted(LAYOUTS)}")
@@ -65,10 +68,9 @@ class VGG(nn.Module):
                 head.append(nn.BatchNorm1d(width, affine=bn_affine))
             head.append(nn.ReLU())
             fan_in = width
-        head.append(nn.Linear(fan_in, num_classes, bias=bias and not bn_out))
-        if bn_out:
-            head.append(nn.BatchNorm1d(num_classes))
-        self.classifier = nn.Sequential(*head)
+        self.classifier = nn.Sequential(*head, *output_layer(fan_in, num_classes, bias, bn_out))
+        if bn_warm_start:
+            warm_start_batchnorm(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.features(x))

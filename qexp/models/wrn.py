@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from qexp.models.bn import output_layer, warm_start_batchnorm
+
 
 class PreActBlock(nn.Module):
     def __init__(self, cin: int, cout: int, stride: int, dropout: float) -> None:
@@ -29,8 +31,11 @@ class PreActBlock(nn.Module):
 
 
 class WideResNet(nn.Module):
+    """``bn_out`` / ``bn_warm_start``: as :class:`qexp.models.resnet.CifarResNet`."""
+
     def __init__(self, depth: int = 56, widen: int = 2, in_channels: int = 3, num_classes: int = 10,
-                 image_size: int = 32, dropout: float = 0.0) -> None:
+                 image_size: int = 32, dropout: float = 0.0, bn_out: bool = False,
+                 bn_warm_start: bool = False) -> None:
         super().__init__()
         if (depth - 2) % 6:
             raise ValueError(f"WRN depth must be 6n+2 (e.g. 26, 56), got {depth}")
@@ -44,7 +49,9 @@ class WideResNet(nn.Module):
                 c = cout
         self.blocks = nn.Sequential(*blocks)
         self.head = nn.Sequential(nn.BatchNorm2d(c), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-                                  nn.Linear(c, num_classes))
+                                  *output_layer(c, num_classes, True, bn_out))
+        if bn_warm_start:
+            warm_start_batchnorm(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.blocks(self.stem(x)))
