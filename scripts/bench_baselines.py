@@ -13,14 +13,13 @@ for BENCHMARKS.md.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 from collections.abc import Callable
 
 import torch
+from bench_weight import make_step, side_by_side  # scripts/ is on the path when run as a script
 from torch import nn
 
-from qexp.methods.base import Method, RunContext, resolve_param_groups
+from qexp.methods.base import Method
 from qexp.methods.dorefa import DoReFa
 from qexp.methods.float import Float
 from qexp.methods.lsq import LSQ
@@ -28,7 +27,6 @@ from qexp.methods.pact import PACT
 from qexp.methods.ste import STE
 from qexp.models.lenet import LeNet5
 from qexp.models.resnet import CifarResNet
-from qexp.run.engine import train_step
 
 MODELS: dict[str, tuple[Callable[[], nn.Module], tuple[int, int, int], int]] = {
     "lenet5": (lambda: LeNet5(1, 10, 28, bn=True), (1, 28, 28), 64),
@@ -46,36 +44,6 @@ def variants(bits: int) -> dict[str, Callable[[], Method]]:
         f"dorefa w{bits}a{bits}g8": lambda: DoReFa(bits=bits, gbits=8),
         f"ste a{bits} + bc w{bits}": lambda: STE(bits=bits, wbits=bits),
     }
-
-
-class Runner:
-    """One model + method + optimizer, ready to time ``steps`` training steps."""
-
-    def __init__(self, make_model: Callable[[], nn.Module], make_method: Callable[[], Method],
-                 shape: tuple[int, int, int], batch: int, device: torch.device) -> None:
-        torch.manual_seed(0)
-        self.method = make_method()
-        self.model = self.method.prepare(make_model().to(device), RunContext(device)).to(device)
-        self.opt = torch.optim.Adam(resolve_param_groups(self.method.param_groups(self.model), 1e-3), lr=1e-3)
-        self.x = torch.randn(batch, *shape, device=device)
-        self.y = torch.randint(0, 10, (batch,), device=device)
-        self.device, self.step_no = device, 0
-        self.model.train()
-        self.run(2)  # warm-up (and the lazy initialisations: LSQ input steps, STE calibration)
-
-    def run(self, steps: int) -> float:
-        """Seconds per step over ``steps`` steps."""
-        self._sync()
-        t0 = time.perf_counter()
-        for _ in range(steps):
-            train_step(self.model, self.method, self.opt, self.x, self.y, self.step_no)
-            self.step_no += 1
-        self._sync()
-        return (time.perf_counter() - t0) / steps
-
-    def _sync(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
 
 
 def main() -> None:
@@ -99,13 +67,9 @@ def main() -> None:
     for model_name in args.models.split(","):
         make_model, shape, batch = MODELS[model_name]
         batch = args.batch or batch
-        runners = {name: Runner(make_model, make, shape, batch, dev) for name, make in variants(args.bits).items()}
-        times: dict[str, list[float]] = {name: [] for name in runners}
-        order = list(runners)
-        for r in range(args.rounds):
-            for name in (order if r % 2 == 0 else order[::-1]):
-                times[name].append(runners[name].run(args.steps))
-        med = {name: statistics.median(t) for name, t in times.items()}
+        fns = {name: make_step(make(), make_model, (batch, *shape), dev) for name, make in variants(args.bits).items()}
+        # warm-up: the lazy initialisations (LSQ input steps, STE calibration)
+        med = side_by_side(fns, dev, args.rounds, args.steps, warmup=2)
         for name, t in med.items():
             print(f"| {model_name} | {batch} | {name} | {1e3 * t:.2f} | {t / med['float']:.3f} |", flush=True)
 

@@ -12,58 +12,25 @@ in its soft phase (a fresh allocation every step, the forward-difference bit gra
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 from collections.abc import Callable
 
 import torch
+from bench_weight import make_step, side_by_side  # scripts/ is on the path when run as a script
 from torch import nn
 
-from qexp.methods.base import Method, RunContext, resolve_param_groups
+from qexp.methods.base import Method
 from qexp.methods.bc import BinaryConnect
 from qexp.methods.float import Float
 from qexp.methods.learned import LearnedPrecision
 from qexp.models.lenet import LeNet5
 from qexp.models.resnet import CifarResNet
 from qexp.models.vgg import VGG
-from qexp.run.engine import train_step
 
 MODELS: dict[str, tuple[Callable[[], nn.Module], tuple[int, int]]] = {
     "lenet5": (lambda: LeNet5(1, 10, 28), (1, 28)),
     "resnet20": (lambda: CifarResNet(20, 3, 10, 32), (3, 32)),
     "vgg7": (lambda: VGG("vgg7", 3, 10, 32), (3, 32)),
 }
-
-
-class Runner:
-    """One method on its own model copy and optimizer; ``run(n)`` times ``n`` training steps."""
-
-    def __init__(self, label: str, method: Method, model_name: str, batch_size: int, device: torch.device):
-        make, (c, size) = MODELS[model_name]
-        torch.manual_seed(0)
-        self.label, self.method, self.device = label, method, device
-        self.model = method.prepare(make().to(device), RunContext(device)).to(device)
-        groups = resolve_param_groups(method.param_groups(self.model), 1e-3)
-        self.opt = torch.optim.Adam(groups, lr=1e-3)
-        gen = torch.Generator().manual_seed(1)
-        self.x = torch.randn(batch_size, c, size, size, generator=gen).to(device)
-        self.y = torch.randint(0, 10, (batch_size,), generator=gen).to(device)
-        self.step = 0
-
-    def run(self, n: int) -> float:
-        m, model, opt = self.method, self.model, self.opt
-        model.train()
-        self._sync()
-        t0 = time.perf_counter()
-        for _ in range(n):
-            train_step(model, m, opt, self.x, self.y, self.step)
-            self.step += 1
-        self._sync()
-        return (time.perf_counter() - t0) / n
-
-    def _sync(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
 
 
 def main() -> None:
@@ -78,22 +45,18 @@ def main() -> None:
     auto = "cuda" if torch.cuda.is_available() else "cpu"
     dev = torch.device(auto if args.device == "auto" else args.device)
     soft = LearnedPrecision(bits=args.bits, hard_after=10**6, epochs=10**6)  # never freezes
-    runners = [
-        Runner("float", Float(), args.model, args.batch_size, dev),
-        Runner(f"bc {args.bits}b", BinaryConnect(bits=args.bits), args.model, args.batch_size, dev),
-        Runner(f"learned {args.bits}b (soft)", soft, args.model, args.batch_size, dev),
-        Runner(f"learned {args.bits}b (frozen)", LearnedPrecision(bits=args.bits, hard_after=0),
-               args.model, args.batch_size, dev),
-    ]
-    for r in runners:  # warm-up (allocator, lazy inits, first-batch calibrations)
-        r.run(3)
-    times: dict[str, list[float]] = {r.label: [] for r in runners}
-    for _ in range(args.rounds):
-        for r in runners:
-            times[r.label].append(r.run(args.steps))
-    med = {k: statistics.median(v) for k, v in times.items()}
+    methods: dict[str, Method] = {
+        "float": Float(),
+        f"bc {args.bits}b": BinaryConnect(bits=args.bits),
+        f"learned {args.bits}b (soft)": soft,
+        f"learned {args.bits}b (frozen)": LearnedPrecision(bits=args.bits, hard_after=0),
+    }
+    make, (c, size) = MODELS[args.model]
+    fns = {k: make_step(m, make, (args.batch_size, c, size, size), dev) for k, m in methods.items()}
+    # warm-up: allocator, lazy inits, first-batch calibrations
+    med = side_by_side(fns, dev, args.rounds, args.steps, warmup=3)
     base, bc = med["float"], med[f"bc {args.bits}b"]
-    layers = runners[2].method.num_layers
+    layers = soft.num_layers
     where = dev.type if dev.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
     print(f"{args.model}, batch {args.batch_size}, {where}, {layers} quantized layers, "
           f"median of {args.rounds} interleaved rounds x {args.steps} steps")

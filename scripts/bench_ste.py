@@ -12,19 +12,17 @@ so a busy machine slows all of them alike. Prints a Markdown table for BENCHMARK
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 from collections.abc import Callable
 
 import torch
+from bench_weight import make_step, side_by_side  # scripts/ is on the path when run as a script
 from torch import nn
 
-from qexp.methods.base import Method, RunContext, resolve_param_groups
+from qexp.methods.base import Method
 from qexp.methods.float import Float
 from qexp.methods.ste import STE
 from qexp.models.lenet import LeNet5
 from qexp.models.resnet import CifarResNet
-from qexp.run.engine import train_step
 
 MODELS: dict[str, tuple[Callable[[], nn.Module], tuple[int, int, int], int]] = {
     "lenet5 (MNIST 1x28x28, batch 64)": (lambda: LeNet5(1, 10, 28), (1, 28, 28), 64),
@@ -40,38 +38,6 @@ def variants(bits: int) -> dict[str, Callable[[], Method]]:
         "ste clipped_relu": lambda: STE(bits=bits, ste="clipped_relu"),
         "ste clipped_relu, learned alpha": lambda: STE(bits=bits, ste="clipped_relu", learn_alpha=True),
     }
-
-
-class Runner:
-    """One model + method + optimizer, ready to time ``steps`` training steps."""
-
-    def __init__(self, make_model: Callable[[], nn.Module], make_method: Callable[[], Method],
-                 shape: tuple[int, int, int], batch: int, device: torch.device) -> None:
-        torch.manual_seed(0)
-        self.method = make_method()
-        self.model = self.method.prepare(make_model().to(device), RunContext(device)).to(device)
-        groups = resolve_param_groups(self.method.param_groups(self.model), 1e-3)
-        self.opt = torch.optim.Adam(groups, lr=1e-3)
-        self.x = torch.randn(batch, *shape, device=device)
-        self.y = torch.randint(0, 10, (batch,), device=device)
-        self.device, self.step_no = device, 0
-        self.model.train()
-        self.run(3)  # warm-up (and the STE calibration pass)
-
-    def run(self, steps: int) -> float:
-        """Seconds per step over ``steps`` steps."""
-        m, model = self.method, self.model
-        self._sync()
-        t0 = time.perf_counter()
-        for _ in range(steps):
-            train_step(model, m, self.opt, self.x, self.y, self.step_no)
-            self.step_no += 1
-        self._sync()
-        return (time.perf_counter() - t0) / steps
-
-    def _sync(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
 
 
 def main() -> None:
@@ -92,12 +58,8 @@ def main() -> None:
     print("| model | method | ms/step | x float |")
     print("|---|---|---:|---:|")
     for model_name, (make_model, shape, batch) in MODELS.items():
-        runners = {name: Runner(make_model, make, shape, batch, dev) for name, make in variants(args.bits).items()}
-        times: dict[str, list[float]] = {name: [] for name in runners}
-        for _ in range(args.rounds):
-            for name, r in runners.items():
-                times[name].append(r.run(args.steps))
-        med = {name: statistics.median(t) for name, t in times.items()}
+        fns = {name: make_step(make(), make_model, (batch, *shape), dev) for name, make in variants(args.bits).items()}
+        med = side_by_side(fns, dev, args.rounds, args.steps, warmup=3)  # warm-up includes the STE calibration
         for name, t in med.items():
             print(f"| {model_name} | {name} | {1e3 * t:.2f} | {t / med['float']:.3f} |")
 

@@ -11,17 +11,14 @@ is the median over the timed steps. Synthetic data of the real shapes (MNIST 1x2
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
+from bench_weight import make_step, side_by_side  # scripts/ is on the path when run as a script
 
-from qexp.methods.base import Method, RunContext, resolve_param_groups
 from qexp.methods.float import Float
 from qexp.methods.wage import Wage
 from qexp.models.lenet import LeNet5
 from qexp.models.vgg import VGG
-from qexp.run.engine import train_step
 
 SHAPES = {"lenet5": (1, 28), "vgg7": (3, 32)}
 
@@ -33,43 +30,15 @@ def make_model(name: str) -> torch.nn.Module:
     return VGG("vgg7", c, 10, side, bn=False, bias=False)
 
 
-class Runner:
-    """One model under one method, with a ``step()`` that does what the engine does per batch."""
-
-    def __init__(self, method: Method, name: str, batch: int, device: torch.device, lr: float) -> None:
-        self.method = method
-        self.model = method.prepare(make_model(name).to(device), RunContext(device)).to(device)
-        self.opt = torch.optim.SGD(resolve_param_groups(method.param_groups(self.model), lr), lr=lr)
-        c, side = SHAPES[name]
-        self.x = torch.rand(batch, c, side, side, device=device) * 2 - 1
-        self.y = torch.randint(0, 10, (batch,), device=device)
-        self.device = device
-
-    def step(self) -> float:
-        sync(self.device)
-        t = time.perf_counter()
-        train_step(self.model, self.method, self.opt, self.x, self.y, 0)
-        sync(self.device)
-        return time.perf_counter() - t
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def bench(name: str, batch: int, steps: int, warmup: int, device: torch.device) -> tuple[float, float]:
-    torch.manual_seed(0)
-    flt = Runner(Float(loss="sse"), name, batch, device, lr=1e-3)
-    wg = Runner(Wage(), name, batch, device, lr=8.0)
-    for _ in range(warmup):
-        flt.step()
-        wg.step()
-    tf, tw = [], []
-    for _ in range(steps):
-        tf.append(flt.step())
-        tw.append(wg.step())
-    return statistics.median(tf), statistics.median(tw)
+    """Median seconds per step of float (SSE loss, SGD 1e-3) and WAGE (SGD lr 8, its paper value)."""
+    c, side = SHAPES[name]
+    shape = (batch, c, side, side)
+    fns = {"float": make_step(Float(loss="sse"), lambda: make_model(name), shape, device, lr=1e-3, sgd=True,
+                              uniform_input=True),
+           "wage": make_step(Wage(), lambda: make_model(name), shape, device, lr=8.0, sgd=True, uniform_input=True)}
+    t = side_by_side(fns, device, steps, per_round=1, warmup=warmup)
+    return t["float"], t["wage"]
 
 
 def main() -> None:

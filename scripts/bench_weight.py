@@ -4,7 +4,7 @@
     python scripts/bench_weight.py --part kernel   # only the 4M-element SR kernel
 
 Step time: LeNet-5 on MNIST-shaped data (batch 64) and ResNet-20 on CIFAR-shaped data (batch 128),
-random tensors, Adam, the method hooks in the engine's order. Methods run side by side: every round
+random tensors, Adam, the engine's own ``train_step`` (every hook in its order). Methods run side by side: every round
 times a few steps of each in turn, and the median over rounds is reported, so machine load (shared
 CPU) hits all of them alike. Targets: bc <= 1.10x, sr and r <= 1.15x float.
 
@@ -24,7 +24,6 @@ import time
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 
 from qexp.methods.base import Method, RunContext, resolve_param_groups
 from qexp.methods.bc import BinaryConnect
@@ -35,6 +34,7 @@ from qexp.models.resnet import CifarResNet
 from qexp.quant import kernels
 from qexp.quant.grid import quantize_stochastic
 from qexp.quant.kernels import Noise, stochastic_round_
+from qexp.run.engine import train_step
 
 METHODS: dict[str, Callable[[], Method]] = {
     "float": Float,
@@ -49,23 +49,20 @@ SETUPS = {
 
 
 def make_step(method: Method, make_model: Callable[[], torch.nn.Module], shape: tuple[int, ...],
-              device: torch.device) -> Callable[[], None]:
+              device: torch.device, lr: float = 1e-3, sgd: bool = False,
+              uniform_input: bool = False) -> Callable[[], None]:
+    """One training step of ``method`` on its own model copy and optimizer (Adam, or SGD), with every
+    hook in the engine's order (``engine.train_step``), on a fixed random batch of ``shape``."""
     torch.manual_seed(0)
     model = method.prepare(make_model().to(device), RunContext(device)).to(device).train()
-    groups = resolve_param_groups(method.param_groups(model), 1e-3)
-    opt = torch.optim.Adam(groups, lr=1e-3)
-    x = torch.randn(shape, device=device)
+    groups = resolve_param_groups(method.param_groups(model), lr)
+    opt = torch.optim.SGD(groups, lr=lr) if sgd else torch.optim.Adam(groups, lr=lr)
+    x = torch.rand(shape, device=device) * 2 - 1 if uniform_input else torch.randn(shape, device=device)
     y = torch.randint(0, 10, (shape[0],), device=device)
     state = {"step": 0}
 
     def step() -> None:
-        method.before_forward(model, state["step"])
-        loss = F.cross_entropy(model(x), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        method.after_backward(model)
-        opt.step()
-        method.after_step(model, opt)
+        train_step(model, method, opt, x, y, state["step"])
         state["step"] += 1
 
     return step
