@@ -145,7 +145,7 @@ def test_every_family_trains_and_weights_stay_on_the_kg_grid(name: str) -> None:
         assert w.abs().max() <= lim
     metrics = m.metrics()
     assert {"g_zero", f"e_shift/{m.layers[0][0]}", f"w_levels/{m.layers[-1][0]}"} <= set(metrics)
-    assert 0 <= metrics["g_zero"] <= 1
+    assert metrics["g_zero"] < 1, "every quantized gradient was zero, yet the loss fell"
 
 
 def test_errors_reaching_a_layer_are_on_the_ke_grid() -> None:
