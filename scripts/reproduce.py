@@ -3,6 +3,7 @@ table (``qexp table --format md``) and figure (``qexp plot``) under docs/reprodu
 
     python scripts/reproduce.py li2017                  # the small budget (CPU, minutes to an hour)
     python scripts/reproduce.py li2017 --budget paper   # the paper's budget (hours; GPU for CIFAR)
+    python scripts/reproduce.py li2017 --dataset cifar10_jpeg   # the CIFAR-10 entry (JPEG copy; ResNet-20)
     python scripts/reproduce.py --list
 
 Resumable: runs go to ``<out-root>/<budget>/<preset>/...`` through qexp's own resume, so the same
@@ -103,6 +104,24 @@ ENTRIES: dict[str, Entry] = {
 }
 
 
+#: ResNet-20 (Li et al.'s nets are VGG-BC, WRN-56-2, ResNet-56) on 10,000 class-balanced training images
+#: for 2 epochs, the full test set: about 45 minutes for 15 runs on 2 shared cores (docs/reproductions.md)
+SMALL_CIFAR = ["model=resnet20", "dataset.train_subset=10000", "epochs=2", "eval_batch_size=250"]
+
+#: --dataset: the entries for each dataset (the default's li2017 entry covers Fashion-MNIST too)
+DATASET_ENTRIES: dict[str, dict[str, Entry]] = {
+    "mnist": ENTRIES,
+    "cifar10_jpeg": {
+        "li2017": Entry(
+            "Li et al. 2017: float < BC < Big SR < SR < R at 1 bit (CIFAR-10 as a JPEG copy)", "li2017_cifar10",
+            [Sweep(["+experiment=li2017_cifar10", "dataset=cifar10_jpeg", "method=float,bc_li,big_sr,sr,r",
+                    SEEDS], small=SMALL_CIFAR, paper=["model=vgg9"])],
+            tables=[["--ref", "li2017"], ["--metric", "mean_flip_frac", "--digits", "4"]],
+            plots=[[], ["--metric", "method/flip_frac"]]),
+    },
+}
+
+
 def tune(t: Tune, out: Path, jobs: int, run: bool = True) -> tuple[str, str]:
     """Run the validation sweep; return the chosen value and a Markdown table of what was compared."""
     if run:
@@ -165,13 +184,14 @@ def instability_sources(out: Path) -> dict[int, Path]:
     return found
 
 
-def report(entry: Entry, key: str, budget: str, out: Path, note: str = "", docs: Path = DOCS) -> Path:
+def report(entry: Entry, key: str, budget: str, out: Path, note: str = "", docs: Path = DOCS,
+           regen: str = "") -> Path:
     """Rewrite docs/reproductions/<key>-<budget>.md (tables) and .png (figures)."""
     docs.mkdir(parents=True, exist_ok=True)
     root = out / entry.name
     md = docs / f"{key}-{budget}.md"
-    parts = [f"# {entry.paper}\n", f"Budget: `{budget}`. Regenerate: `python scripts/reproduce.py {key} "
-             f"--budget {budget}`.\n"]
+    regen = regen or f"python scripts/reproduce.py {key} --budget {budget}"
+    parts = [f"# {entry.paper}\n", f"Budget: `{budget}`. Regenerate: `{regen}`.\n"]
     if note:
         parts.append(note)
     for i, extra in enumerate(entry.tables):
@@ -272,7 +292,9 @@ def eval_summary(root: Path, ev: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("paper", nargs="?", choices=sorted(ENTRIES))
+    ap.add_argument("paper", nargs="?", choices=sorted({k for d in DATASET_ENTRIES.values() for k in d}))
+    ap.add_argument("--dataset", choices=sorted(DATASET_ENTRIES), default="mnist",
+                    help="which dataset's entry (mnist: the MNIST presets, with Fashion-MNIST where they have it)")
     ap.add_argument("--budget", choices=("small", "paper"), default="small")
     ap.add_argument("--out-root", type=Path, default=ROOT / "outputs" / "reproductions")
     ap.add_argument("--jobs", type=int, default=max(1, min(2, os.cpu_count() or 1)))
@@ -282,11 +304,17 @@ def main(argv: list[str] | None = None) -> int:
                     help="replace these overrides in every sweep (a smaller check: seed=0 epochs=1)")
     ap.add_argument("--list", action="store_true")
     a = ap.parse_args(argv)
+    entries = DATASET_ENTRIES[a.dataset]
     if a.list or a.paper is None:
-        for k, e in ENTRIES.items():
+        for k, e in entries.items():
             print(f"{k:12s} {e.paper}")
         return 0
-    entry, out = ENTRIES[a.paper], a.out_root / a.budget
+    if a.paper not in entries:
+        ap.error(f"no {a.paper} entry for --dataset {a.dataset}; it has {', '.join(sorted(entries))}")
+    entry, out = entries[a.paper], a.out_root / a.budget
+    key = a.paper if a.dataset == "mnist" else f"{a.paper}-{a.dataset.replace('_', '-')}"
+    regen = " ".join(["python scripts/reproduce.py", a.paper, *(["--dataset", a.dataset] if key != a.paper else []),
+                      "--budget", a.budget])
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     note, extra = "", []
     if entry.tune is not None:
@@ -304,7 +332,7 @@ def main(argv: list[str] | None = None) -> int:
         for sw in entry.after:
             for seed, src in sorted(instability_sources(out).items()):
                 train([*budget_args(sw, a.budget, a.set), f"seed={seed}", f"init_from='{src}'"], out, a.jobs)
-    report(entry, a.paper, a.budget, out, note, a.docs)
+    report(entry, key, a.budget, out, note, a.docs, regen)
     return 0
 
 
