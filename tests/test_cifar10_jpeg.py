@@ -16,10 +16,11 @@ import torch
 
 from qexp.data import cifar10_jpeg as cj
 from qexp.errors import QexpError
+from qexp.report import reference as refs
+from qexp.report import results
+from qexp.report.table import build_view
 from qexp.run.train import build
 from tests.conftest import compose_train, find_runs, read_metrics, run_qexp
-
-pytestmark = pytest.mark.slow
 
 CIFAR_PRESETS = ("li2017_cifar10", "bc2015_cifar10", "wage_cifar10", "yin2019_cifar10", "baselines_cifar10")
 
@@ -52,6 +53,7 @@ def _cache_files(folder: Path) -> dict[str, int]:
     return {p.name: p.stat().st_mtime_ns for p in folder.iterdir()}
 
 
+@pytest.mark.slow
 def test_decoded_split_labels_and_class_interleaved_order(data_root, use_cache) -> None:
     arrays, digest = cj.load_arrays(data_root)
     assert digest.startswith("7c81e05f")  # the archive's md5 in the data README
@@ -66,6 +68,7 @@ def test_decoded_split_labels_and_class_interleaved_order(data_root, use_cache) 
     assert torch.allclose(mean, torch.tensor([0.4914, 0.4822, 0.4465]), atol=0.01)
 
 
+@pytest.mark.slow
 def test_unpacked_tree_reads_the_same_images(data_root, use_cache, tmp_path, monkeypatch) -> None:
     """The tree form of the archive decodes to the same pixels in the same (interleaved) order."""
     arrays, _ = cj.load_arrays(data_root)
@@ -109,6 +112,7 @@ def test_damaged_archive_is_a_user_error_and_leaves_no_cache(tmp_path, monkeypat
     assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").iterdir())
 
 
+@pytest.mark.slow
 def test_train_loader_augments_on_the_device_and_subsets_are_balanced(data_root, use_cache) -> None:
     data = cj.build(root=str(data_root), batch_size=100, train_subset=1000, val_size=100, seed=3)
     assert data.name == "cifar10_jpeg" and data.in_shape == (3, 32, 32) and data.num_classes == 10
@@ -125,6 +129,7 @@ def test_train_loader_augments_on_the_device_and_subsets_are_balanced(data_root,
     assert torch.equal(x_aug, again)  # seeded like the loader: a function of (seed, epoch, batch)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("preset", CIFAR_PRESETS)
 def test_cifar_presets_compose_and_build_with_the_jpeg_copy(preset, data_root, use_cache) -> None:
     cfg = compose_train([f"+experiment={preset}", "dataset=cifar10_jpeg", "dataset.train_subset=256",
@@ -138,6 +143,7 @@ def test_cifar_presets_compose_and_build_with_the_jpeg_copy(preset, data_root, u
         assert x.min() >= -1 and x.max() <= 1
 
 
+@pytest.mark.slow
 def test_train_builds_the_cache_once_and_reuses_it(data_root, first_run, tmp_path) -> None:
     """The first run decoded into the empty cache folder; a second run reads it and leaves it untouched."""
     cache, out, log = first_run
@@ -154,3 +160,19 @@ def test_train_builds_the_cache_once_and_reuses_it(data_root, first_run, tmp_pat
     assert "decoding" not in again.stdout + again.stderr
     assert _cache_files(cache) == before
     assert read_metrics(find_runs(tmp_path)[0])["status"] == "completed"
+
+
+def test_ref_compares_with_the_papers_cifar10_and_says_it_is_a_jpeg_copy() -> None:
+    """`--ref` matches cifar10_jpeg cells to the paper's CIFAR-10 numbers, with the JPEG note; a table of
+    real CIFAR-10 runs has no such note."""
+    ref = refs.load("li2017")
+    notes = {}
+    for dataset in ("cifar10_jpeg", "cifar10"):
+        run = {"status": "completed", "test_error": 9.0, "dataset": dataset}
+        grid = results.Grid(["method", "bits"], ["dataset", "model"], "test_error", [("bc", "1")],
+                            [(dataset, "vgg9")], {(("bc", "1"), (dataset, "vgg9")): results.Cell([run], "test_error")})
+        view = build_view(grid, ref)
+        (bc,) = [line for line in view.body if line[0].text == "bc"]
+        assert [s.text for s in bc[2:5]] == ["9.00 (1)", "8.21", "+0.79"]  # ours (n), paper, ours - paper
+        notes[dataset] = " ".join(view.notes)
+    assert "JPEG copy" in notes["cifar10_jpeg"] and "JPEG" not in notes["cifar10"]

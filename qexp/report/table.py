@@ -61,7 +61,7 @@ def _ref_rows(grid: results.Grid, ref: refs.Reference) -> list[tuple[str, ...]]:
             continue
         row = tuple(e.keys[k] for k in grid.row_keys)
         for col in grid.cols:
-            colkeys = dict(zip(grid.col_keys, col))
+            colkeys = refs.paper_keys(dict(zip(grid.col_keys, col)))
             if all(colkeys[k] == v for k, v in e.keys.items() if k in colkeys):
                 extra.append(row)
                 break
@@ -186,6 +186,7 @@ def build_view(grid: results.Grid, ref: refs.Reference | None = None, opts: Opti
         what = results.metric_label(ref.metric)
         converted = ", shown as 100 - x" if refs.is_acc(ref.metric) != refs.is_acc(grid.metric) else ""
         notes.append(f"paper: {ref.title}; published as {what}{converted}; Δ = ours - paper")
+        notes += refs.stand_in_notes(str(r.get("dataset")) for c in grid.cells.values() for r in c.runs)
         if not matched:
             have = sorted({"/".join(e.keys.get(k, "*") for k in grid.col_keys) for e in ref.entries})
             notes.append(f"no published number matches these columns; {ref.name} has {', '.join(have)}")
