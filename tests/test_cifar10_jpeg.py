@@ -119,6 +119,11 @@ def test_train_loader_augments_on_the_device_and_subsets_are_balanced(data_root,
     assert data.info["source_md5"].startswith("7c81e05f")
     assert torch.equal(data.train.labels.bincount(), torch.full((10,), 90))
     assert torch.equal(data.val.labels.bincount(), torch.full((10,), 10))
+    assert data.test.num_samples == 10_000
+    small = cj.build(root=str(data_root), train_subset=100, test_subset=500)
+    assert torch.equal(small.test.labels.bincount(), torch.full((10,), 50))
+    with pytest.raises(QexpError, match="test_subset"):
+        cj.build(root=str(data_root), test_subset=10_001)
     plain = cj.build(root=str(data_root), batch_size=100, train_subset=1000, val_size=100, seed=3,
                      augment=False)
     x_aug, y_aug = next(iter(data.train))
