@@ -211,7 +211,7 @@ def report(entry: Entry, key: str, budget: str, out: Path, note: str = "", docs:
         parts.append(eval_summary(root, ev))
     if key == "lacey2018":
         parts.append(allocation_summary(root))
-    if key == "li2017":
+    if key.startswith("li2017"):
         parts.append(flip_summary(root))
     if key == "yin2019":
         inst = out / "yin2019_instability"
