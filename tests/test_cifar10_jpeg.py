@@ -140,6 +140,8 @@ def test_cifar_presets_compose_and_build_with_the_jpeg_copy(preset, data_root, u
     cfg = compose_train([f"+experiment={preset}", "dataset=cifar10_jpeg", "dataset.train_subset=256",
                          f"data_root={data_root}", "device=cpu"])
     assert cfg.dataset.name == "cifar10_jpeg"
+    proper = compose_train([f"+experiment={preset}"]).dataset  # the preset's data choices carry over
+    assert (cfg.dataset.normalize, cfg.dataset.augment) == (proper.normalize, proper.augment)
     built = build(cfg, torch.device("cpu"))
     x, y = next(iter(built.data.train))
     assert built.model(x[:8]).shape == (8, 10)
