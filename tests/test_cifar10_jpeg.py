@@ -25,8 +25,8 @@ from tests.conftest import compose_train, find_runs, read_metrics, run_qexp
 CIFAR_PRESETS = ("li2017_cifar10", "bc2015_cifar10", "wage_cifar10", "yin2019_cifar10", "baselines_cifar10")
 
 
-TRAIN = ["train", "dataset=cifar10_jpeg", "model=lenet5", "dataset.train_subset=1024", "epochs=1",
-         "batch_size=128", "device=cpu", "threads=1"]
+TRAIN = ["train", "dataset=cifar10_jpeg", "model=lenet5", "dataset.train_subset=1024", "dataset.test_subset=1000",
+         "epochs=1", "batch_size=128", "device=cpu", "threads=1"]
 
 
 @pytest.fixture(scope="session")
@@ -161,7 +161,7 @@ def test_train_builds_the_cache_once_and_reuses_it(data_root, first_run, tmp_pat
     assert "cifar10_jpeg" in run.parts
     m = read_metrics(run)
     assert m["status"] == "completed" and m["dataset"] == "cifar10_jpeg"
-    assert m["test_error"] < 85.0  # learned from 1024 real images in 8 steps (measured: ~75-80)
+    assert m["test_error"] < 85.0  # learned from 1024 real images in 8 steps (measured: 73.4 and 78.8, seeds 0-1)
     again = run_qexp([*TRAIN, "seed=1", f"out_root={tmp_path}", f"data_root={data_root}"],
                      env={"QEXP_CACHE": str(cache), "OMP_NUM_THREADS": "1"})
     assert "decoding" not in again.stdout + again.stderr
