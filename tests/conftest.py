@@ -30,6 +30,14 @@ def data_root() -> Path:
     return root
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Every test that reads the real datasets (through the ``data_root`` fixture, directly or not)
+    carries the ``real_data`` marker, so ``-m "not real_data"`` is the suite without ``$QEXP_DATA``."""
+    for item in items:
+        if "data_root" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.real_data)
+
+
 def run_qexp(args: list[str], cwd: Path | None = None, env: dict[str, str] | None = None,
              check: bool = True, timeout: float = 600) -> subprocess.CompletedProcess:
     """Run ``qexp ARGS`` in a subprocess (the console script's module, so the venv's qexp is used)."""
