@@ -74,15 +74,18 @@ ENTRIES: dict[str, Entry] = {
          # Big SR's second budget: as many updates as SR (8x the epochs; the small budget runs MNIST only)
          Sweep(["+experiment=li2017_mnist", SEEDS, "method=big_sr", "method.budget=updates"],
                small=[*SMALL_5K, "dataset=mnist"], paper=["dataset=mnist,fashion_mnist"])],
-        tables=[["--ref", "li2017"], ["--metric", "mean_flip_frac", "--digits", "4"]],
-        plots=[[], ["--metric", "method/flip_frac"]]),
+        # rows method,epochs: Big SR's two budgets (equal epochs; equal updates = 8x the epochs) stay apart
+        tables=[["--rows", "method,epochs", "--ref", "li2017"], ["--rows", "method,epochs", "--baseline", "method=sr"],
+                ["--rows", "method,epochs", "--metric", "mean_flip_frac", "--digits", "4"]],
+        plots=[["--rows", "method,epochs"], ["--rows", "method,epochs", "--metric", "method/flip_frac"]]),
     "bc2015": Entry(
         "Courbariaux et al. 2015: BinaryConnect vs float, MNIST MLP", "bc2015_mnist",
         [Sweep(["+experiment=bc2015_mnist", SEEDS], small=SMALL_MNIST, paper=[]),
-         Sweep(["name=bc2015_mnist", "dataset=mnist", "model=mlp", "model.bn_out=true", "method=float",
-                "method.loss=sqhinge_mean", "optim=adam", "sched=exp", "batch_size=200", "lr=0.003", SEEDS],
+         Sweep(["name=bc2015_mnist", "dataset=mnist", "model=mlp", "model.width=2048", "model.bn_out=true",
+                "dataset.val_size=10000", "method=float", "method.loss=sqhinge_mean", "optim=adam", "sched=exp",
+                "sched.final_ratio=0.003", "batch_size=100", "lr=0.001", SEEDS],  # the preset's, float
                small=SMALL_MNIST, paper=["epochs=250"])],
-        tables=[["--ref", "bc2015"]], plots=[[]]),
+        tables=[["--ref", "bc2015"], ["--metric", "test_error_at_best"]], plots=[[]]),
     "wage2018": Entry(
         "Wu et al. 2018: WAGE 2-8-8-8 LeNet-5 on MNIST, integer-exact inference", "wage_mnist",
         [Sweep(["+experiment=wage_mnist", SEEDS], small=SMALL_MNIST)],
@@ -97,7 +100,7 @@ ENTRIES: dict[str, Entry] = {
         "lacey2018_mnist",
         [Sweep(["+experiment=lacey2018_mnist", SEEDS, "method=learned", "bits=2,4"], small=SMALL_5K),
          Sweep(["+experiment=lacey2018_mnist", SEEDS, "method=bc", "bits=2,4"], small=SMALL_5K)],
-        tables=[["--rows", "bits", "--cols", "method"]], plots=[[]],
+        tables=[["--rows", "method", "--cols", "bits", "--baseline", "method=bc"]], plots=[[]],
         tune=Tune(["+experiment=lacey2018_mnist", "method=learned", "bits=2", "seed=0", "name=lacey2018_tune",
                    "dataset.train_subset=10000", "dataset.val_size=5000", "epochs=2"],
                   "method.logit_lr", ["0.01", "0.1", "1.0"])),

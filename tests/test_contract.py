@@ -44,8 +44,13 @@ TINY = ["dataset=synthetic", "dataset.image_size=12", "dataset.train_samples=256
         "model.bias=false", "epochs=2", "progress=false"]
 
 
+#: methods that refuse a quantized activation without a BatchNorm before it (their clip assumes one)
+NEEDS_BN = ("dorefa", "pact")
+
+
 def _build(option: str, extra: tuple[str, ...] = ()):
-    cfg = compose_train([f"method={option}", *TINY, *extra])
+    bn = ["model.bn=true"] if option in NEEDS_BN else []
+    cfg = compose_train([f"method={option}", *TINY, *bn, *extra])
     torch.manual_seed(cfg.seed)
     return cfg, build(cfg, CPU)
 

@@ -264,3 +264,83 @@ def test_li2017_cifar10_models_match_reference_columns() -> None:
     for missing in cols - set(models):
         assert missing in (REPO / "configs" / "reference" / "li2017.yaml").read_text()
         assert "no qexp" in text and "c10_vgg9" in text  # the preset says which column it cannot fill
+
+
+# ---- 8. DoReFa and PACT as typed: BN before every quantized activation, a float last layer's input ----
+@pytest.mark.parametrize("method", ["dorefa", "pact"])
+def test_dorefa_pact_turn_bn_on_and_leave_the_last_layers_input_unquantized(method, data_root) -> None:
+    """`qexp train method=dorefa|pact`: the method's config turns BN on (its clip at a fixed or learned
+    level assumes normalised inputs), and with the last layer float (first_last_bits=32) its input is
+    the clip without rounding, as the official DoReFa code's `nonlin` before `fct`."""
+    from qexp.methods.pact import PACTReLU
+    from qexp.quant.activation import QuantReLU
+
+    cfg, b = _build([f"method={method}", *TINY_MNIST], data_root)
+    assert cfg.model.bn is True
+    leaves = [m for m in b.model.modules() if not any(True for _ in m.children())]
+    acts = [m for m in leaves if isinstance(m, (QuantReLU, PACTReLU, nn.Hardtanh))]
+    assert len(acts) == 3 and not any(isinstance(m, nn.ReLU) for m in leaves)
+    last_in = acts[-1]
+    assert leaves.index(last_in) + 1 == leaves.index([m for m in leaves if isinstance(m, nn.Linear)][-1])
+    x = torch.linspace(-1, 3, 101)
+    with torch.no_grad():
+        if method == "dorefa":
+            assert isinstance(last_in, nn.Hardtanh) and torch.equal(last_in(x), x.clamp(0, 1))
+            assert all(isinstance(m, QuantReLU) for m in acts[:-1])
+        else:
+            assert last_in.bits == 32 and torch.equal(last_in(x), x.clamp(0, 10.0))
+            assert all(m.bits == 2 for m in acts[:-1])
+            assert len(torch.unique(acts[0](x * 5))) <= 4  # the hidden ones stay 2-bit
+    rows = b.method.manifest(b.model)["activations"]
+    assert [r["bits"] for r in rows] == [2, 2, 32] and rows[-1]["levels"] is None
+    # first_last_bits quantizes the last layer: then its input is quantized too
+    _, q = _build([f"method={method}", "method.first_last_bits=4", *TINY_MNIST], data_root)
+    assert [r["bits"] for r in q.method.manifest(q.model)["activations"]] == [2, 2, 2]
+
+
+@pytest.mark.parametrize("method", ["dorefa", "pact"])
+def test_dorefa_pact_refuse_a_quantized_activation_without_bn(method, data_root) -> None:
+    from qexp.errors import QexpError
+
+    with pytest.raises(QexpError, match=r"needs a BatchNorm before each quantized one; LeNet5's features.1 "
+                                        r"has none \(use model.bn=true"):
+        _build([f"method={method}", "model.bn=false", *TINY_MNIST], data_root)
+    _, b = _build([f"method={method}", "model.bn=false", "abits=32", *TINY_MNIST], data_root)  # float acts
+    assert b.method.activations == []
+
+
+def test_residual_nets_take_model_bn_but_cannot_drop_it() -> None:
+    from qexp.errors import QexpError
+    from qexp.methods.dorefa import unnormalised_activations
+    from qexp.run.train import instantiate
+
+    for model in ("resnet20", "wrn"):
+        cfg = compose_train(["method=dorefa", f"model={model}"])
+        assert cfg.model.bn is True
+        net = instantiate(cfg.model, in_channels=3, num_classes=10, image_size=32)
+        relus = {n for n, m in net.named_modules() if isinstance(m, nn.ReLU)}
+        assert relus and unnormalised_activations(net, relus) == []
+        with pytest.raises(QexpError, match="always has BatchNorm"):
+            instantiate(compose_train([f"model={model}", "+model.bn=false"]).model, in_channels=3,
+                        num_classes=10, image_size=32)
+
+
+# ---- 9. BinaryConnect MNIST follows one source: the official code's mnist.py --------------------------
+def test_bc2015_mnist_is_the_official_mnist_script() -> None:
+    """3x2048 + BN (output too), batch 100, Adam 1e-3 -> 3e-6 exponential over the epochs, 50k/10k split,
+    stochastic BC with H = 1 and Glorot W_LR_scale, the mean squared hinge (mnist.py, commit 58c9c1b);
+    not the CIFAR-10 script's 3e-3 -> 2e-6 rule and not the paper's batch 200."""
+    from qexp.run.sched import exp
+
+    cfg = compose_train(["+experiment=bc2015_mnist"])
+    assert (cfg.model.name, cfg.model.width, cfg.model.depth, cfg.model.bn, cfg.model.bn_out) == \
+        ("mlp", 2048, 3, True, True)
+    assert (cfg.batch_size, cfg.lr, cfg.epochs, cfg.optim.name, cfg.dataset.val_size) == \
+        (100, 0.001, 250, "adam", 10000)
+    assert cfg.method.stochastic and cfg.method.scale == 1 and cfg.method.lr_scale == "glorot"
+    assert cfg.method.init_uniform and cfg.method.loss == "sqhinge_mean"
+    opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=cfg.lr)
+    sched = exp(opt, epochs=cfg.epochs, final_ratio=cfg.sched.final_ratio)
+    for _ in range(cfg.epochs - 1):
+        sched.step()
+    assert opt.param_groups[0]["lr"] == pytest.approx(3e-6, rel=1e-6)  # LR_fin at the last epoch

@@ -26,7 +26,7 @@ from torch import nn
 from qexp.errors import QexpError
 from qexp.methods.base import Method, RunContext
 from qexp.quant.activation import QuantReLU, max_index
-from qexp.quant.inject import attach_weight_quantizer, replace_modules, shadow_weight, weight_quantizer
+from qexp.quant.inject import WEIGHT_LAYERS, attach_weight_quantizer, replace_modules, shadow_weight, weight_quantizer
 from qexp.quant.kernels import HALF, Noise
 from qexp.quant.layers import FLOAT_BITS, LayerPlan, check_bits, plan_layers
 from qexp.quant.straight_through import straight_through
@@ -90,6 +90,32 @@ class _GradientQuantizer(torch.autograd.Function):
         return quantize_gradient(grad, ctx.bits, ctx.noise), None, None
 
 
+def _leaves(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    return [(n, m) for n, m in model.named_modules() if n and not any(True for _ in m.children())]
+
+
+def last_layer_input(model: nn.Module) -> str | None:
+    """The ReLU whose output feeds the last conv/linear layer: the last ReLU registered before it."""
+    leaves = _leaves(model)
+    last = max((i for i, (_, m) in enumerate(leaves) if isinstance(m, WEIGHT_LAYERS)), default=None)
+    if last is None:
+        return None
+    return next((n for n, m in reversed(leaves[:last]) if isinstance(m, nn.ReLU)), None)
+
+
+def unnormalised_activations(model: nn.Module, names: set[str]) -> list[str]:
+    """Those ReLUs among ``names`` that follow a conv/linear layer with no BatchNorm in between (in
+    registration order, pools and reshapes skipped: every qexp model registers a block's BN after its
+    conv, and a residual block's ReLUs after both of its BNs)."""
+    bad, prev = [], None
+    for n, m in _leaves(model):
+        if isinstance(m, (*WEIGHT_LAYERS, nn.modules.batchnorm._BatchNorm)):
+            prev = m
+        elif isinstance(m, nn.ReLU) and n in names and isinstance(prev, WEIGHT_LAYERS):
+            bad.append(n)
+    return bad
+
+
 class DoReFa(Method):
     """``method=dorefa``. Options: ``abits`` (2..8, 32 = float ReLUs; null: same as ``bits``),
     ``gbits`` (2..8 or null = float gradients; the noise is seeded by the run's seed), ``first_last_bits``
@@ -108,6 +134,7 @@ class DoReFa(Method):
         self.first_last_bits = check_bits("method.first_last_bits", first_last_bits, 1, 8, allow_float=True)
         self.plan: list[LayerPlan] = []
         self.activations: list[tuple[str, nn.Module]] = []
+        self.float_input: str | None = None  # the ReLU feeding a float last layer: clipped, not rounded
         self.noise: Noise | None = None
 
     # ---- set-up --------------------------------------------------------------------------------------
@@ -117,6 +144,11 @@ class DoReFa(Method):
         estimator)."""
         return QuantReLU(self.abits, "clipped_relu", alpha=1.0 / max_index(self.abits),  # type: ignore[arg-type]
                          staircase="round")
+
+    def float_activation(self) -> nn.Module:
+        """The last layer's input when that layer is float: the official code's ``clip(x, 0, 1)``,
+        not rounded (gradient 1 on (0, 1), as the quantized one)."""
+        return nn.Hardtanh(0.0, 1.0)
 
     def prepare(self, model: nn.Module, ctx: RunContext) -> nn.Module:
         self.plan = plan_layers(model, self.bits, FLOAT_BITS, self.first_last_bits)
@@ -128,11 +160,19 @@ class DoReFa(Method):
                 if self.gbits is not None:
                     p.module.register_forward_hook(self._quantize_gradient)
         if self.abits != FLOAT_BITS:
-            names = replace_modules(model, lambda n, m: isinstance(m, nn.ReLU),
-                                    lambda n, m: self.activation(n).to(ctx.device))
-            if not names:
+            relus = {n for n, m in model.named_modules() if isinstance(m, nn.ReLU)}
+            if not relus:
                 raise QexpError(f"method={self.name} quantizes activations at nn.ReLU modules, and "
                                 f"{type(model).__name__} has none (abits=32 keeps activations float)")
+            self.float_input = last_layer_input(model) if self.first_last_bits == FLOAT_BITS else None
+            bad = unnormalised_activations(model, relus - {self.float_input})
+            if bad:
+                raise QexpError(f"method={self.name} clips activations to a fixed range and needs a BatchNorm "
+                                f"before each quantized one; {type(model).__name__}'s {bad[0]} has none "
+                                f"(use model.bn=true, or abits=32 for float activations)")
+            names = replace_modules(model, lambda n, m: isinstance(m, nn.ReLU),
+                                    lambda n, m: (self.float_activation() if n == self.float_input
+                                                  else self.activation(n)).to(ctx.device))
             self.activations = [(n, model.get_submodule(n)) for n in names]
         return model
 
@@ -162,7 +202,8 @@ class DoReFa(Method):
         other = sum(p.numel() for p in params if id(p) not in quantized)
         total = sum(p.numel() for p in params)
         weight_bytes = -(-q_bits // 8) + 4 * other
-        acts = [{"name": n, "bits": self.abits, **self._activation_row(m)} for n, m in self.activations]
+        acts = [{"name": n, "bits": FLOAT_BITS if n == self.float_input else self.abits, **self._activation_row(m)}
+                for n, m in self.activations]
         return {"method": self.name, "bits": self.bits, "activation_bits": self.abits,
                 "gradient_bits": self.gbits, "first_last_bits": self.first_last_bits, "layers": rows,
                 "activations": acts, "quantized_params": total - other, "float_params": other,
@@ -170,7 +211,8 @@ class DoReFa(Method):
                 "compression": 4 * total / max(weight_bytes, 1)}
 
     def _activation_row(self, module: nn.Module) -> dict[str, Any]:
-        return {"range": [0.0, 1.0], "levels": max_index(self.abits) + 1}  # type: ignore[arg-type]
+        levels = None if isinstance(module, nn.Hardtanh) else max_index(self.abits) + 1  # type: ignore[arg-type]
+        return {"range": [0.0, 1.0], "levels": levels}
 
     def tag(self) -> str:
         g = f"g{self.gbits}" if self.gbits is not None else ""

@@ -52,7 +52,10 @@ class PACTFunction(torch.autograd.Function):
 
 
 def pact_quantize(x: torch.Tensor, alpha: torch.Tensor, bits: int) -> torch.Tensor:
-    """``round(clip(x, 0, alpha) n / alpha) alpha / n`` with ``n = 2^k - 1`` (no gradient bookkeeping)."""
+    """``round(clip(x, 0, alpha) n / alpha) alpha / n`` with ``n = 2^k - 1`` (no gradient bookkeeping);
+    ``bits=32``: the clip alone (a float last layer's input)."""
+    if bits == FLOAT_BITS:
+        return torch.minimum(x.clamp(min=0), alpha.to(x.dtype))
     n = max_index(bits)
     if host_scalars(x):
         a = float(alpha)
@@ -102,6 +105,10 @@ class PACT(DoReFa):
     def activation(self, name: str) -> nn.Module:
         return PACTReLU(self.abits, self.alpha_init)  # type: ignore[arg-type]
 
+    def float_activation(self) -> nn.Module:
+        """A float last layer's input: the learned clip, not rounded."""
+        return PACTReLU(FLOAT_BITS, self.alpha_init)
+
     def alphas(self) -> list[nn.Parameter]:
         return [m.alpha for _, m in self.activations]
 
@@ -132,7 +139,8 @@ class PACT(DoReFa):
 
     def _activation_row(self, module: nn.Module) -> dict[str, Any]:
         a = float(module.alpha.detach())
-        return {"range": [0.0, a], "alpha": a, "levels": max_index(self.abits) + 1}  # type: ignore[arg-type]
+        levels = None if module.bits == FLOAT_BITS else max_index(module.bits) + 1
+        return {"range": [0.0, a], "alpha": a, "levels": levels}
 
     def manifest(self, model: nn.Module) -> dict[str, Any]:
         return {**super().manifest(model), "alpha_l2": self.alpha_l2}

@@ -17,6 +17,13 @@ def output_layer(fan_in: int, num_classes: int, bias: bool, bn_out: bool) -> lis
     return out
 
 
+def require_bn(bn: bool, model: str) -> None:
+    """Residual nets always normalise: ``model.bn`` exists on them (methods that assume BN set it) but
+    cannot be false."""
+    if not bn:
+        raise ValueError(f"{model} always has BatchNorm (model.bn=false is not an option for it)")
+
+
 def warm_start_batchnorm(model: nn.Module) -> None:
     """The first training batch a BatchNorm sees sets its running mean/variance outright (momentum 1 for
     that batch), then the usual moving average goes on.

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qexp.models.bn import output_layer, warm_start_batchnorm
+from qexp.models.bn import output_layer, require_bn, warm_start_batchnorm
 
 
 class BasicBlock(nn.Module):
@@ -39,8 +39,9 @@ class CifarResNet(nn.Module):
 
     def __init__(self, depth: int = 20, in_channels: int = 3, num_classes: int = 10,
                  image_size: int = 32, width: int = 16, bn_out: bool = False,
-                 bn_warm_start: bool = False) -> None:
+                 bn_warm_start: bool = False, bn: bool = True) -> None:
         super().__init__()
+        require_bn(bn, f"resnet{depth}")
         if (depth - 2) % 6:
             raise ValueError(f"CIFAR ResNet depth must be 6n+2 (20, 32, 44, 56, 110), got {depth}")
         n = (depth - 2) // 6
@@ -64,8 +65,9 @@ class CifarResNet(nn.Module):
         return self.head(self.blocks(self.stem(x)))
 
 
-def resnet18(in_channels: int = 3, num_classes: int = 1000, image_size: int = 224) -> nn.Module:
+def resnet18(in_channels: int = 3, num_classes: int = 1000, image_size: int = 224, bn: bool = True) -> nn.Module:
     """torchvision's ImageNet ResNet-18 (random init); a 1-channel stem when the data is grey."""
+    require_bn(bn, "resnet18")
     from torchvision.models import resnet18 as tv_resnet18
 
     model = tv_resnet18(weights=None, num_classes=num_classes)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from qexp.models.bn import output_layer, warm_start_batchnorm
+from qexp.models.bn import output_layer, require_bn, warm_start_batchnorm
 
 
 class PreActBlock(nn.Module):
@@ -35,8 +35,9 @@ class WideResNet(nn.Module):
 
     def __init__(self, depth: int = 56, widen: int = 2, in_channels: int = 3, num_classes: int = 10,
                  image_size: int = 32, dropout: float = 0.0, bn_out: bool = False,
-                 bn_warm_start: bool = False) -> None:
+                 bn_warm_start: bool = False, bn: bool = True) -> None:
         super().__init__()
+        require_bn(bn, f"wrn{depth}_{widen}")
         if (depth - 2) % 6:
             raise ValueError(f"WRN depth must be 6n+2 (e.g. 26, 56), got {depth}")
         n = (depth - 2) // 6
