@@ -238,10 +238,17 @@ def export_folder(out: Path) -> Iterator[Path]:
                 p.rmdir()  # only if still empty: this call made it
 
 
+FORMATS = ("qexp", "onnx")
+
+
 def export_run(run_dir: Path, out: Path | None = None, best: bool = False, device: str = "cpu",
-               data_root: str | None = None) -> dict[str, Any]:
+               data_root: str | None = None, fmt: str = "qexp", fold_bn: bool = False) -> dict[str, Any]:
     """Write the export folder of ``run_dir`` (atomically: built beside it, then renamed) and return its
     quant.json. Raises QexpError for methods out of scope and when the export would not reproduce."""
+    if fmt not in FORMATS:
+        raise QexpError(f"--format {fmt}: choose one of {', '.join(FORMATS)}")
+    if fold_bn and fmt != "onnx":
+        raise QexpError("--fold-bn applies to --format onnx only")
     from qexp.run.evaluate import load_run
     from qexp.run.train import instantiate
 
@@ -251,7 +258,8 @@ def export_run(run_dir: Path, out: Path | None = None, best: bool = False, devic
     model, method = run.built.model, run.built.method
     model.eval()
     manifest = method.manifest(model)
-    refuse_activation_quantization(method.name, manifest)
+    if fmt == "qexp":
+        refuse_activation_quantization(method.name, manifest)
     if hasattr(method, "quantized_copy"):  # PTQ: the deployed network is a k-bit copy of the float one
         if best:
             raise QexpError("method=ptq records the test error of its final quantized copy only; "
@@ -265,6 +273,8 @@ def export_run(run_dir: Path, out: Path | None = None, best: bool = False, devic
     conf = {**{k: v for k, v in OmegaConf.to_container(run.cfg.model, resolve=True).items()
                if k not in ("name", "tag")}, **arch}
     fresh = instantiate(OmegaConf.create(conf))
+    if fmt == "onnx":
+        return _export_onnx(run, run_dir, out, deployed, manifest, fresh, conf, fold_bn)
     eval_float = manifest.get("test_weights") == "float"
     tensors, layers, floats, notes = build_export(deployed, manifest, set(fresh.state_dict()), eval_float)
     expected = run.recorded_test_error()
@@ -295,6 +305,80 @@ def export_run(run_dir: Path, out: Path | None = None, best: bool = False, devic
     return doc
 
 
+def _export_onnx(run: Any, run_dir: Path, out: Path, deployed: nn.Module, manifest: dict[str, Any],
+                 fresh: nn.Module, conf: dict[str, Any], fold_bn: bool) -> dict[str, Any]:
+    """model.onnx (and model-folded.onnx with ``fold_bn``), kept only when onnxruntime reproduces the
+    run's recorded test error (see :mod:`qexp.run.onnx_export`)."""
+    import copy
+
+    from qexp.run import onnx_export as ox
+
+    try:
+        import onnx  # noqa: F401
+        import onnxruntime  # noqa: F401
+    except ImportError as e:
+        raise QexpError(f"--format onnx needs the onnx and onnxruntime packages ({e.name} is missing): "
+                        "pip install 'qexp[export]'") from e
+    method = run.built.method
+    plan = ox.read_plan(method, deployed, manifest)
+    keys = set(fresh.state_dict())
+    full = plain_state_dict(deployed)
+    if not keys <= set(full):
+        raise QexpError(f"method={method.name} changes the network's modules "
+                        f"({', '.join(sorted(keys - set(full))[:3])} ...): not exported")
+    state = {k: full[k] for k in keys}
+    expected = run.recorded_test_error()
+    exact = plan.weight_only and plan.exact_weights
+    meta = {"format": "qexp-onnx/1", "method": method.name, "bits": method.bits,
+            "preprocess": {"input": "float32 NCHW, batch dynamic", "shape": list(run.built.data.in_shape),
+                           "scaling": "uint8 pixels / 255", "normalize": _normalization(run),
+                           "dataset": run.cfg.dataset.get("name")},
+            "quantization": ox.describe(plan), "checkpoint": run.checkpoint_name, "epoch": run.epoch,
+            "run_test_error": expected}
+    models: dict[str, tuple[bytes, dict[str, Any]]] = {}
+    unfolded = ox.to_onnx(ox.deploy_model(copy.deepcopy(fresh), state, plan), run.built.data.in_shape,
+                          {**meta, "batchnorm_folded": False})
+    models[ox.ONNX_FILE] = unfolded, ox.check_error(unfolded, run.built.data.test, expected, exact)
+    if not models[ox.ONNX_FILE][1]["ok"]:
+        c = models[ox.ONNX_FILE][1]
+        raise QexpError(f"onnxruntime gives test error {c['onnxruntime_test_error']:.2f}% but the run recorded "
+                        f"{expected:.2f}% ({c['rule']}): nothing written")
+    notes: list[str] = []
+    fstate, fplan, pairs = ox.fold_batchnorm(fresh, state, plan) if fold_bn else (state, plan, [])
+    folded_pairs = [f"{bn} -> {layer}" for layer, bn in pairs]
+    if fold_bn and not pairs:
+        notes.append("--fold-bn: no BatchNorm follows a conv/linear layer in this model; nothing to fold")
+    elif fold_bn:
+        fmeta = {**meta, "quantization": ox.describe(fplan), "batchnorm_folded": folded_pairs,
+                 "folding": "BatchNorm folded into the preceding layer, then quantized: codes unchanged, "
+                            "per-output-channel scale = scale * gamma / sqrt(var + eps)"}
+        fbytes = ox.to_onnx(ox.deploy_model(copy.deepcopy(fresh), fstate, fplan, pairs), run.built.data.in_shape,
+                            fmeta)
+        models[ox.FOLDED_FILE] = fbytes, ox.check_error(fbytes, run.built.data.test, expected, False)
+    doc: dict[str, Any] = {
+        "format": "qexp-onnx/1", "method": method.name, "bits": method.bits, "checkpoint": run.checkpoint_name,
+        "epoch": run.epoch, "model": {"name": run.cfg.model.get("name"), "target": conf["_target_"],
+                                      "kwargs": {k: v for k, v in conf.items() if k != "_target_"}},
+        "input": meta["preprocess"], "quantization": meta["quantization"], "opset": ox.OPSET,
+        "batchnorm_folded": folded_pairs, "test_error": expected, "run": str(run_dir),
+        "onnx": {name: {**check, "bytes": len(data)} for name, (data, check) in models.items()},
+        "tensors": ox.ONNX_FILE, "layers": meta["quantization"]["weights"],
+        "export_test_error": models[ox.ONNX_FILE][1]["onnxruntime_test_error"], "notes": notes,
+    }
+    if plan.float_weights:
+        doc["notes"].append(f"{len(plan.float_weights)} layer(s) evaluate with float weights (stochastic BC's "
+                            "test rule), stored as float32")
+    inexact = [w["name"] for w in doc["layers"] if not w["exact"]]
+    if inexact:
+        doc["notes"].append(f"weights of {', '.join(inexact)} decode to within float rounding of the run's "
+                            "(not bit for bit)")
+    with export_folder(out) as tmp:
+        for name, (data, _) in models.items():
+            atomic_write_bytes(tmp / name, data)
+        write_json(tmp / export_loader.MANIFEST, doc)
+    return doc
+
+
 def _normalization(run: Any) -> Any:
     """How inputs were normalised (uint8 images: (x/255 - mean) / std per channel), when known."""
     norm = getattr(run.built.data.test, "normalize", None)
@@ -310,11 +394,30 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--best", action="store_true",
                     help="export best.pt (the epoch with the lowest validation error) instead of the last epoch")
     ap.add_argument("--out", type=Path, default=None, help="export folder (default RUN_DIR/export[-best])")
+    ap.add_argument("--format", dest="fmt", choices=FORMATS, default="qexp",
+                    help="qexp (default): integer codes + quant.json + a plain-PyTorch loader; onnx: model.onnx "
+                         "with QuantizeLinear/DequantizeLinear, checked by onnxruntime on the test set "
+                         "(needs pip install 'qexp[export]')")
+    ap.add_argument("--fold-bn", action="store_true",
+                    help="with --format onnx: also write model-folded.onnx, BatchNorm folded into the preceding "
+                         "conv/linear layer before quantization, and report its test error beside the unfolded")
     ap.add_argument("--device", default="cpu", help="device of the check evaluation (default cpu)")
     ap.add_argument("--data-root", default=None, help="override the data root stored in the run's config")
     args = ap.parse_args(argv)
-    doc = export_run(args.run_dir, args.out, args.best, args.device, args.data_root)
+    doc = export_run(args.run_dir, args.out, args.best, args.device, args.data_root, args.fmt, args.fold_bn)
     out = args.out or args.run_dir / ("export-best" if args.best else "export")
+    if args.fmt == "onnx":
+        for name, c in doc["onnx"].items():
+            ran = f"{c['run_test_error']:.2f}%" if c["run_test_error"] is not None else "not recorded"
+            rule = (f"required: {c['rule']}" if name == "model.onnx"
+                    else "BatchNorm folded, then quantized: reported, not required")
+            levels = "; ".join(f"{lv} graph optimisations {c[lv]['test_error']:.2f}% ({c[lv]['wrong']}/{c['total']} "
+                               "wrong)" for lv in ("all", "basic") if lv in c)
+            print(f"wrote {out / name} ({c['bytes']} bytes): onnxruntime CPU test error {levels}; the run {ran}; "
+                  f"{rule}")
+        for n in doc["notes"]:
+            print(f"note: {n}")
+        return 0
     print(f"wrote {out} ({doc['tensors']}, {len(doc['layers'])} quantized layer(s), {doc['checkpoint']} of "
           f"epoch {doc['epoch']}); loaded back with the standalone load_export.py into a plain "
           f"{doc['model']['target'].rsplit('.', 1)[-1]} it gives test error {doc['export_test_error']:.2f}%")
