@@ -292,7 +292,8 @@ def read_plan(method: Any, model: nn.Module, manifest: dict[str, Any]) -> Plan:
             if isinstance(hook, ActivationQuantizer) and hook.range is not None:
                 lo, scale, top = hook._grid
                 plan.inputs[lname] = ActGrid(float(scale), 0, int(top), hook.bits, offset=float(lo))
-            elif getattr(hook, "__name__", "") != "_quantize_input" and not isinstance(hook, ActivationQuantizer):
+            elif (getattr(hook, "__name__", "") != "_quantize_input" and not isinstance(hook, ActivationQuantizer)
+                  and not getattr(hook, "__module__", "").startswith("qexp.models.")):  # BN warm start: training only
                 raise QexpError(f"method={name}: layer {lname} has a forward pre-hook ({hook!r}) that ONNX export "
                                 "does not know; refused rather than exported approximately")
         if not isinstance(module, (nn.Conv2d, nn.Linear)) or lname not in rows:
