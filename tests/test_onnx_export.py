@@ -88,8 +88,8 @@ def test_onnx_round_trip_reproduces_the_test_error(runs: dict[str, Path], label:
     same, diff = _first_batch_agreement(path, run)
     ops = {n.op_type for n in model.graph.node}
     meta = {p.key: p.value for p in model.metadata_props}
-    quant = json.loads(meta["qexp.quantization"])
-    assert json.loads(meta["qexp.preprocess"])["normalize"] == {"mean": [0.1307], "std": [0.3081]}
+    quant = json.loads(meta["qexp_quantization"])
+    assert json.loads(meta["qexp_preprocess"])["normalize"] == {"mean": [0.1307], "std": [0.3081]}
     if label in WEIGHT_ONLY:
         assert wrong == round(expected * total / 100)  # exactly the run's count of wrong test images
         assert same == 1.0 and diff < 1e-3
@@ -139,9 +139,9 @@ def test_onnx_folds_batchnorm_before_quantizing(runs: dict[str, Path], tmp_path:
     assert len(doc["batchnorm_folded"]) == 3  # LeNet-5: conv, conv, fc1 each followed by BatchNorm
     fmeta = {p.key: p.value for p in folded.metadata_props}
     layers = {pair.split(" -> ")[1] for pair in doc["batchnorm_folded"]}
-    scales = {w["name"]: w["scale"] for w in json.loads(fmeta["qexp.quantization"])["weights"]}
+    scales = {w["name"]: w["scale"] for w in json.loads(fmeta["qexp_quantization"])["weights"]}
     assert all(scales[name] == "per-channel" for name in layers) and scales["classifier.3"] == "per-tensor"
-    assert "then quantized" in fmeta["qexp.folding"]
+    assert "then quantized" in fmeta["qexp_folding"]
     for name in ("model.onnx", "model-folded.onnx"):
         assert abs(doc["onnx"][name]["onnxruntime_test_error"] - expected) <= 0.05, doc["onnx"][name]
 

@@ -408,7 +408,7 @@ def to_onnx(model: nn.Module, in_shape: tuple[int, ...], metadata: dict[str, Any
         node.input[:] = [rename.get(i, i) for i in node.input]
     for k, v in metadata.items():
         entry = proto.metadata_props.add()
-        entry.key, entry.value = f"qexp.{k}", v if isinstance(v, str) else json.dumps(v)
+        entry.key, entry.value = f"qexp_{k}", v if isinstance(v, str) else json.dumps(v)
     proto.producer_name = "qexp"
     onnx.checker.check_model(proto, full_check=True)
     return proto.SerializeToString()
