@@ -71,7 +71,7 @@ def refuse_activation_quantization(method_name: str, manifest: dict[str, Any]) -
     if acts:
         raise QexpError(f"method={method_name} quantizes activations ({', '.join(acts)}): qexp export writes "
                         "float networks with quantized weights only (float, bc, sr, r, big_sr, learned and ptq "
-                        "without activation bits)")
+                        "without activation bits); --format onnx exports them")
 
 
 def grid_of(row: dict[str, Any]) -> tuple[float, float] | None:
