@@ -73,10 +73,11 @@ def _install(kind: str, n: int) -> None:
 
 
 def launch(argv: list[str], kill: tuple[str, int] | None = None, log: Path | None = None,
-           umask: int | None = None, uid: int | None = None) -> tuple[str, int]:
+           umask: int | None = None, uid: int | None = None, env: dict[str, str] | None = None) -> tuple[str, int]:
     """``qexp train ARGV`` in a forked child; ("signal", n) or ("exit", code).
 
-    ``log``: the child's stdout and stderr go to LOG.out / LOG.err; ``umask``/``uid``: set in the child."""
+    ``log``: the child's stdout and stderr go to LOG.out / LOG.err; ``umask``/``uid``/``env``: set in the
+    child."""
     from qexp.run import train
 
     sys.stdout.flush()
@@ -90,6 +91,7 @@ def launch(argv: list[str], kill: tuple[str, int] | None = None, log: Path | Non
                     f = os.open(f"{log}{suffix}", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
                     os.dup2(f, fd)
                     os.close(f)
+            os.environ.update(env or {})
             if umask is not None:
                 os.umask(umask)
             if uid is not None:
@@ -201,8 +203,8 @@ def control(ref: Path, where: Path) -> list[str]:
 
 
 def cli(spec: dict[str, Any]) -> dict[str, Any]:
-    """``{"out": folder, "launches": {name: {"argv": [...], "umask": 0o22?, "uid": n?}}}``: each launch in
-    order, with its exit status and its stdout/stderr text."""
+    """``{"out": folder, "launches": {name: {"argv": [...], "umask": 0o22?, "uid": n?, "env": {}?}}}``: each
+    launch in order, with its exit status and its stdout/stderr text."""
     out = Path(spec["out"])
     out.mkdir(parents=True, exist_ok=True)
     report = {}
@@ -217,7 +219,7 @@ def cli(spec: dict[str, Any]) -> dict[str, Any]:
                 st["config"] = json.dumps({**json.loads(st["config"]), key: value}, sort_keys=True)
                 torch.save(st, ck)
         log = out / f"launch-{name}"
-        how = launch(c["argv"], log=log, umask=c.get("umask"), uid=c.get("uid"))
+        how = launch(c["argv"], log=log, umask=c.get("umask"), uid=c.get("uid"), env=c.get("env"))
         report[name] = {"how": how, "stdout": Path(f"{log}.out").read_text(),
                         "stderr": Path(f"{log}.err").read_text()}
     return report

@@ -244,3 +244,46 @@ def test_ptq_eval_prints_its_results_before_failing_to_write(tmp_path: Path, one
                                                            if ln.strip().startswith(("8 ", "4 "))]) == 2
     assert err.count("\n") == 1 and "results above were not saved" in err and "Permission denied" in err
     assert not (run / "ptq.json").exists()
+
+
+def test_ctrl_c_under_the_parallel_launcher_checkpoints_and_summarises(tmp_path: Path) -> None:
+    """hydra/launcher=local_parallel, 2 jobs at once, Ctrl-C from the terminal (SIGINT to the whole process
+    group) once both train: the sequential sweep's contract. Each running job checkpoints and is
+    `interrupted`, the queued ones never start, the parent prints the summary (no traceback) and exits
+    130, and no .qexp-sweep/ is left behind."""
+    from tests.conftest import find_runs, read_metrics
+
+    args = ["train", "--multirun", "hydra/launcher=local_parallel", "hydra.launcher.n_jobs=2",
+            f"out_root={tmp_path}", "dataset=synthetic", "model=mlp", "model.width=32", "model.depth=2",
+            "model.bn=false", "dataset.train_samples=2048", "batch_size=16", "epochs=200", "progress=false",
+            "threads=1", "seed=0,1,2,3"]
+    proc = subprocess.Popen([sys.executable, "-m", "qexp.cli", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+    def training() -> list[Path]:
+        out = []
+        for r in find_runs(tmp_path):
+            try:
+                if read_metrics(r).get("epochs_done", 0) >= 1:
+                    out.append(r)
+            except ValueError:
+                pass
+        return out
+
+    try:
+        _wait_for(lambda: len(training()) == 2, timeout=300)
+    finally:
+        os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130, out + err
+    assert "Traceback" not in out + err and "KeyboardInterrupt" not in out + err, err
+    assert "sweep finished: 4 jobs: 0 completed, 0 skipped, 0 failed, 0 diverged, 2 interrupted, 2 not started" \
+        in out, out
+    runs = find_runs(tmp_path)
+    assert len(runs) == 2
+    for r in runs:
+        assert read_metrics(r)["status"] == "interrupted" and (r / "checkpoint.pt").is_file()
+        assert checkpoint.load(r / "checkpoint.pt")["progress"]["step"] >= 128
+        assert not (r / lock.LOCK).exists()
+    assert not list(tmp_path.rglob(".qexp-sweep"))

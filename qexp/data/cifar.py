@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from qexp.data import DataBundle
-from qexp.data.common import in_memory_bundle, make_normalize, missing_data_error
+from qexp.data.common import in_memory_bundle, make_normalize, missing_data_error, without_new_folders
 from qexp.errors import QexpError
 
 LAYOUT = {
@@ -40,10 +40,13 @@ def _try_download(variant: str, root: Path) -> None:
     import torchvision
 
     cls = torchvision.datasets.CIFAR10 if variant == "cifar10" else torchvision.datasets.CIFAR100
-    try:
-        cls(str(root), train=True, download=True)
-    except Exception:  # offline: the caller explains where the files must go
-        pass
+    def attempt() -> None:
+        try:
+            cls(str(root), train=True, download=True)
+        except Exception:  # offline: the caller explains where the files must go
+            pass
+
+    without_new_folders([root, root / LAYOUT[variant][0]], attempt)
 
 
 def load_arrays(variant: str, root: str | Path, download: bool = True) -> dict[str, tuple]:
@@ -58,6 +61,7 @@ def load_arrays(variant: str, root: str | Path, download: bool = True) -> dict[s
     return {
         "train": read_batches([base / n for n in train_files], label_key),
         "test": read_batches([base / n for n in test_files], label_key),
+        "sources": tuple(base / n for n in names),
     }
 
 
@@ -79,4 +83,5 @@ def build(
     arrays = load_arrays(variant, root, download)
     norm = make_normalize(normalize, *STATS[variant])
     return in_memory_bundle(variant, arrays["train"], arrays["test"], LAYOUT[variant][4], norm,
-                            batch_size, eval_batch_size, augment, train_subset, val_size, seed, device)
+                            batch_size, eval_batch_size, augment, train_subset, val_size, seed, device,
+                            arrays["sources"])

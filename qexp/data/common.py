@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
+import os
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
@@ -25,6 +28,70 @@ def missing_data_error(name: str, folder: Path, files: list[str], hint: str = ""
         f"Put them there, or point the data root at a folder that holds them "
         f"(environment variable QEXP_DATA or data_root=...).{hint}"
     )
+
+
+#: sha1 of a file's bytes by (resolved path, size, mtime_ns): a sweep hashes each data file once
+_HASHES: dict[tuple[str, int, int], str] = {}
+
+
+def file_sha1(path: Path) -> str:
+    """sha1 of the file's bytes, cached in memory while its size and mtime stay the same."""
+    st = path.stat()
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    if key not in _HASHES:
+        h = hashlib.sha1()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        _HASHES[key] = h.hexdigest()
+    return _HASHES[key]
+
+
+def digest(root: str | Path, sources: Iterable[Path]) -> dict[str, object]:
+    """What a run stores about its data: the resolved root, each file read (relative to the root, with
+    its sha1) and one ``digest`` over them. Other files under the same names give another digest; the
+    same files under another root give the same one. None of it for generated data (no files)."""
+    root = Path(root).expanduser().resolve()
+    files: dict[str, str] = {}
+    for p in sorted(Path(s).resolve() for s in sources):
+        try:
+            name = str(p.relative_to(root))
+        except ValueError:
+            name = str(p)
+        files[name] = file_sha1(p)
+    text = "\n".join(f"{k} {v}" for k, v in sorted(files.items()))
+    return {"root": str(root), "files": files,
+            "digest": hashlib.sha1(text.encode()).hexdigest() if files else None}
+
+
+def same_files_under(root: str | Path, files: dict[str, str]) -> str | None:
+    """The digest the files named in ``files`` (relative names, as :func:`digest` stores them) have under
+    ``root``, or None when one is missing: how a finished run is checked before any data is loaded."""
+    root = Path(root).expanduser()
+    paths = [root / name for name in files]
+    if not all(p.is_file() for p in paths):
+        return None
+    return digest(root, paths)["digest"]  # type: ignore[return-value]
+
+
+def without_new_folders(folders: Iterable[Path], attempt: Callable[[], None]) -> None:
+    """Run ``attempt`` (a download), then remove those of ``folders`` it created and left empty: a failed
+    download leaves no empty ``<root>/MNIST/raw`` behind (folders that existed before are never touched)."""
+    new: list[Path] = []
+    for f in folders:  # with every missing parent (torchvision creates the whole chain)
+        for p in (Path(f), *Path(f).parents):
+            if p.exists():
+                break
+            new.append(p)
+    new = list(dict.fromkeys(new))
+    try:
+        attempt()
+    finally:
+        for f in sorted(new, key=lambda p: len(p.parts), reverse=True):
+            try:
+                os.rmdir(f)
+            except OSError:  # not empty (the download wrote files) or already gone
+                pass
 
 
 def make_normalize(kind: str, mean: tuple[float, ...], std: tuple[float, ...]) -> Normalize:
@@ -55,6 +122,7 @@ def in_memory_bundle(
     val_size: int,
     seed: int,
     device: str | torch.device,
+    sources: tuple[Path, ...] = (),
 ) -> DataBundle:
     """Wrap uint8 tensors into shuffled/augmented train and plain eval loaders."""
     (xtr, ytr), val = subset_and_split(*train, train_subset, val_size)
@@ -65,4 +133,4 @@ def in_memory_bundle(
     c, h, w = xtr.shape[1:]
     return DataBundle(name=name, train=train_loader, test=test_loader, val=val_loader,
                       num_classes=num_classes, in_shape=(c, h, w),
-                      info={"train_samples": len(ytr), "test_samples": len(test[1])})
+                      info={"train_samples": len(ytr), "test_samples": len(test[1])}, sources=tuple(sources))

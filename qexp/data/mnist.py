@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from qexp.data import DataBundle
-from qexp.data.common import in_memory_bundle, make_normalize, missing_data_error
+from qexp.data.common import in_memory_bundle, make_normalize, missing_data_error, without_new_folders
 from qexp.errors import QexpError
 
 FOLDERS = {"mnist": "MNIST", "fashion_mnist": "FashionMNIST"}
@@ -48,11 +48,15 @@ def _try_download(variant: str, root: Path) -> None:
     import torchvision
 
     cls = torchvision.datasets.MNIST if variant == "mnist" else torchvision.datasets.FashionMNIST
-    try:
-        cls(str(root), train=True, download=True)
-        cls(str(root), train=False, download=True)
-    except Exception:  # offline or unreachable: the caller explains where the files must go
-        pass
+    def attempt() -> None:
+        try:
+            cls(str(root), train=True, download=True)
+            cls(str(root), train=False, download=True)
+        except Exception:  # offline or unreachable: the caller explains where the files must go
+            pass
+
+    folder = root / FOLDERS[variant]
+    without_new_folders([root, folder, folder / "raw"], attempt)
 
 
 def load_arrays(variant: str, root: str | Path, download: bool = True) -> dict[str, tuple]:
@@ -66,7 +70,7 @@ def load_arrays(variant: str, root: str | Path, download: bool = True) -> dict[s
     missing = [s for s in stems if _find(raw, s) is None]
     if missing:
         raise missing_data_error(FOLDERS[variant], raw, [f"{s}.gz" for s in stems])
-    out = {}
+    out: dict[str, tuple] = {"sources": tuple(_find(raw, s) for s in stems)}
     for split, (img, lab) in FILES.items():
         x = torch.from_numpy(read_idx(_find(raw, img)).copy()).unsqueeze(1)
         y = torch.from_numpy(read_idx(_find(raw, lab)).astype(np.int64))
@@ -92,4 +96,5 @@ def build(
     arrays = load_arrays(variant, root, download)
     norm = make_normalize(normalize, *STATS[variant])
     return in_memory_bundle(variant, arrays["train"], arrays["test"], 10, norm, batch_size,
-                            eval_batch_size, augment, train_subset, val_size, seed, device)
+                            eval_batch_size, augment, train_subset, val_size, seed, device,
+                            arrays["sources"])

@@ -47,11 +47,20 @@ def _figure(size: tuple[int, int], dpi: int, nrows: int, ncols: int):  # type: i
 
 
 def _save(fig: Any, path: Path, dpi: int) -> Path:
+    """The PNG, written atomically; a place that cannot be written is one QexpError line."""
+    import io
+
     import matplotlib.pyplot as plt
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=dpi)
+    from qexp.jsonio import atomic_write_bytes
+
+    buf = io.BytesIO()
+    fig.savefig(buf, dpi=dpi, format="png")
     plt.close(fig)
+    try:
+        atomic_write_bytes(path, buf.getvalue())
+    except OSError as e:
+        raise QexpError(f"cannot write {path}: {e.strerror or e}") from None
     return path
 
 
@@ -333,7 +342,10 @@ def main(argv: list[str]) -> int:
     if args.dpi < 10:
         raise QexpError("--dpi must be at least 10")
 
-    df = results.where(results.collect(args.dirs), args.where)
+    df, notes = results.dedupe(results.collect(args.dirs))
+    df = results.where(df, args.where)
+    for note in notes:
+        print(f"note: {note}")
     rows, cols = results.parse_keys(args.rows), results.parse_keys(args.cols)
     df = results.with_keys(df, [*rows, *cols])
     results.check_keys(df, [*rows, *cols], "--rows/--cols")

@@ -7,6 +7,7 @@ kept as records with their status: a table marks them, it never drops them silen
 
 from __future__ import annotations
 
+import json
 import math
 import re
 import statistics
@@ -162,6 +163,51 @@ def collect(dirs: Iterable[str | Path]) -> pd.DataFrame:
     return df.astype({"history": object}).reset_index(drop=True)
 
 
+# ---- one result per (configuration, seed) ---------------------------------------------------------
+def configuration(run: dict[str, Any]) -> str | None:
+    """The run's effective configuration without its seed (its stored fingerprint minus ``seed`` and the
+    keys that follow it), or None for a run from before metrics.json stored one."""
+    fp = run.get("fingerprint")
+    if not isinstance(fp, str):
+        return None
+    try:
+        d = json.loads(fp)
+    except ValueError:
+        return None
+    if not isinstance(d, dict):
+        return None
+    seed = d.pop("seed", None)
+    return json.dumps({k: v for k, v in d.items() if not (k.endswith(".seed") and v == seed)}, sort_keys=True)
+
+
+def _identity(run: dict[str, Any]) -> tuple:
+    """(configuration, seed, shown method/bits): the same run copied to two folders has one identity."""
+    conf = run.get("fingerprint") if isinstance(run.get("fingerprint"), str) else \
+        json.dumps([key_label(k, run) for k in CONFIG_FIELDS])
+    return conf, key_label("seed", run), run.get("method"), run.get("bits_tag")
+
+
+def dedupe(df: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
+    """Count each (configuration, seed) once: a run found in several folders (a copied output folder,
+    ``qexp table T T2``) keeps one record (a completed one first, then the newest); a note says how many
+    were dropped."""
+    recs = df.to_dict("records")
+    best: dict[tuple, int] = {}
+    for i, r in enumerate(recs):
+        k = _identity(r)
+        j = best.get(k)
+        if j is None or (recs[j].get("status") != "completed", -(recs[j].get("mtime") or 0)) > \
+                (r.get("status") != "completed", -(r.get("mtime") or 0)):
+            best[k] = i
+    if len(best) == len(recs):
+        return df, []
+    dropped = len(recs) - len(best)
+    keep = sorted(best.values())
+    note = (f"{dropped} run folder(s) repeat a (configuration, seed) found in another folder: "
+            "each counted once")
+    return df.iloc[keep].reset_index(drop=True), [note]
+
+
 # ---- post-training quantization curves (ptq.json) -----------------------------------------------
 PTQ_FILE = record.PTQ_FILE
 
@@ -221,6 +267,8 @@ def key_label(key: str, run: dict[str, Any] | pd.Series) -> str:
         v = run.get("bits") if key == "bits" else None
     if v is None or (isinstance(v, float) and math.isnan(v)) or v == "":
         return MISSING
+    if isinstance(v, bool):  # as typed on the command line and in folder names (Hydra's spelling)
+        return "true" if v else "false"
     if isinstance(v, float) and v.is_integer() and key in ("bits", "seed", "epochs", "batch_size"):
         v = int(v)
     return str(v)
@@ -298,19 +346,18 @@ def split_overrides(text: str) -> dict[str, str]:
 
 
 def config_value(run_dir: str, dotted: str) -> Any:
-    """``dotted`` (``method.ste``) in the run's composed config (.hydra/config.yaml), or None."""
-    import yaml
+    """``dotted`` (``method.ste``, or ``method.scale: ${grid_scale}`` resolved) in the run's composed config
+    (.hydra/config.yaml), or None."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
 
     try:
-        node: Any = yaml.safe_load((Path(run_dir.split("#")[0]) / ".hydra" / "config.yaml").read_text())
-    except (OSError, yaml.YAMLError):
+        cfg = OmegaConf.load(Path(run_dir.split("#")[0]) / ".hydra" / "config.yaml")
+        node: Any = OmegaConf.select(cfg, dotted, throw_on_missing=False)
+        if OmegaConf.is_config(node):
+            node = OmegaConf.to_container(node, resolve=True)
+    except (OSError, ValueError, OmegaConfBaseException):
         return None
-    for part in dotted.split("."):
-        if not isinstance(node, dict) or part not in node:
-            return None
-        node = node[part]
-    if isinstance(node, str) and "${" in node:
-        return None  # an unresolved interpolation says nothing about the value used
     return node if isinstance(node, (str, int, float, bool)) else (None if node is None else str(node))
 
 
@@ -414,8 +461,17 @@ class Cell:
         return "; ".join(p for p in (self.number_text(digits, spread), self.note()) if p) or MISSING
 
     def mixed_configs(self) -> list[str]:
-        """Fields that differ between the cell's runs other than the seed (the cell mixes configs)."""
-        return [k for k in CONFIG_FIELDS if len({key_label(k, r) for r in self.runs} - {MISSING}) > 1]
+        """Fields that differ between the cell's runs other than the seed (the cell mixes configs): from
+        their stored configurations when they have them (every key, ``method.stochastic`` included),
+        else from the identifying fields (an empty ``overrides``, a run with the defaults, counts)."""
+        confs = [configuration(r) for r in self.runs]
+        if all(c is not None for c in confs) and len(set(confs)) > 1:
+            loaded = [json.loads(c) for c in dict.fromkeys(confs)]  # type: ignore[arg-type]
+            keys = sorted({k for d in loaded for k in d})
+            return [k for k in keys if len({json.dumps(d.get(k)) for d in loaded}) > 1]
+        return [k for k in CONFIG_FIELDS
+                if len({key_label(k, r) if k != "overrides" else str(r.get(k) or "") for r in self.runs}
+                       - {MISSING}) > 1]
 
 
 def _isnan(v: Any) -> bool:
@@ -453,6 +509,7 @@ class Grid:
     rows: list[tuple[str, ...]]
     cols: list[tuple[str, ...]]
     cells: dict[tuple[tuple[str, ...], tuple[str, ...]], Cell]
+    notes: list[str] = field(default_factory=list)  # e.g. duplicates dropped (:func:`dedupe`)
 
     def cell(self, row: tuple[str, ...], col: tuple[str, ...]) -> Cell | None:
         return self.cells.get((row, col))
@@ -489,7 +546,7 @@ class Grid:
         return {(row, col) for col, v in self.verdicts(alpha).items() if v.marked for row in v.rows}
 
     def warnings(self) -> list[str]:
-        notes = []
+        notes = list(self.notes)
         for (row, col), c in self.cells.items():
             mixed = c.mixed_configs()
             if "overrides" in mixed:  # name the overridden keys that differ: those are what to add
@@ -506,6 +563,7 @@ class Grid:
 
 def aggregate(df: pd.DataFrame, row_keys: Sequence[str], col_keys: Sequence[str], metric: str) -> Grid:
     """Group runs into cells by (row keys, column keys); seeds (and anything not asked for) pooled."""
+    df, dropped = dedupe(df)
     df = with_keys(df, [*row_keys, *col_keys])
     check_keys(df, list(row_keys) + list(col_keys), "row/column")
     check_metric(df, metric)
@@ -517,7 +575,7 @@ def aggregate(df: pd.DataFrame, row_keys: Sequence[str], col_keys: Sequence[str]
     cells = {k: Cell(v, metric) for k, v in groups.items()}
     rows = ordered(row_keys, (r for r, _ in groups))
     cols = ordered(col_keys, (c for _, c in groups))
-    return Grid(list(row_keys), list(col_keys), metric, rows, cols, cells)
+    return Grid(list(row_keys), list(col_keys), metric, rows, cols, cells, dropped)
 
 
 def where(df: pd.DataFrame, clauses: Sequence[str]) -> pd.DataFrame:

@@ -115,6 +115,10 @@ def main(argv: list[str]) -> int:
     counts = Counter(df["status"].fillna("failed"))
     if wanted:
         df = df[df["status"].isin(wanted)]
+    if df.empty:  # nothing to list: say so, no empty header
+        print(f"no runs with status {args.status} (found: "
+              + ", ".join(f"{n} {st}" for st, n in sorted(counts.items())) + ")")
+        return 0
     header, rows = run_lines(df, args.dirs, sort=args.sort)
     widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)]
     color = sys.stdout.isatty()

@@ -292,7 +292,7 @@ def render_csv(grid: results.Grid, ref: refs.Reference | None = None, opts: Opti
             if opts.spread == "ci":
                 line.append(_num(cell.ci if cell else None))
             if opts.baseline is not None:
-                base = grid.cell(opts.baseline, col)
+                base = grid.cell(opts.baseline, col) if row != opts.baseline else None  # not against itself
                 test = stats.welch(cell.values, base.values) if cell and base else None
                 diff = mean - base.mean if mean is not None and base and base.mean is not None else None
                 line += [_num(diff), *(_num(getattr(test, k)) if test else "" for k in ("lo", "hi", "p"))]
@@ -367,6 +367,8 @@ def main(argv: list[str]) -> int:
                          "Welch's t-test finds it better than the runner-up at p < ALPHA (default "
                          f"{results.DEFAULT_ALPHA:g}; 1 marks the best mean unconditionally)")
     args = ap.parse_args(argv)
+    if not 0 <= args.digits <= 12:
+        raise QexpError(f"--digits must be in 0..12, not {args.digits}")
     if not 0.0 < args.alpha <= 1.0:
         raise QexpError(f"--alpha must be in (0, 1], not {args.alpha:g}")
 
@@ -403,7 +405,11 @@ def _emit(text: str, out: Path | None, fmt: str, what: str) -> int:
     if out is None:
         sys.stdout.write(text)
     else:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(text)
+        from qexp.jsonio import atomic_write_bytes
+
+        try:
+            atomic_write_bytes(out, text.encode())
+        except OSError as e:
+            raise QexpError(f"cannot write {out}: {e.strerror or e}") from None
         print(f"wrote {out} ({fmt}, {what})")
     return 0

@@ -149,7 +149,7 @@ def _tb_image(writer: Any, tag: str, img: Any, step: int) -> None:
 def _log_hparams(writer: Any, meta: dict[str, Any], rec: dict[str, Any]) -> None:
     from torch.utils.tensorboard.summary import hparams
 
-    hp = {k: v for k, v in meta.items() if isinstance(v, (int, float, str, bool))}
+    hp = {k: v for k, v in meta.items() if isinstance(v, (int, float, str, bool)) and k != "fingerprint"}
     metrics = {"hparam/test_error": rec["test_error"], "hparam/best_test_error": rec["best_test_error"]}
     for summary in hparams(hp, metrics):
         writer.file_writer.add_summary(summary)

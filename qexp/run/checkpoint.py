@@ -12,7 +12,10 @@ from qexp.jsonio import write_torch
 
 
 def save(path: str | Path, state: dict[str, Any]) -> None:
-    """Serialise to memory, then write-and-rename: a crash mid-write leaves the old checkpoint intact."""
+    """Serialise to memory, then write-and-rename: a crash mid-write leaves the old checkpoint intact. A run
+    folder removed while the run trained is not recreated."""
+    if not Path(path).parent.is_dir():
+        raise QexpError(f"the run folder {Path(path).parent} was removed while the run trained; stopped")
     write_torch(path, state)
 
 

@@ -70,6 +70,13 @@ VOLATILE_KEYS = ("resume", "lock", "device", "data_root", "out_root", "progress"
                  "trainer", "objective", "tensorboard")
 
 
+#: top-level knobs read only through interpolations (``method.bits: ${bits}``, ``method.scale:
+#: ${grid_scale}``), and ``optim.lr`` (the optimizer is built with the top-level ``lr``, which follows it
+#: unless set): the keys that consume them carry their value, so two spellings of one setting
+#: (``bits=4`` / ``method.bits=4``, ``optim.lr=0.01`` / ``lr=0.01``) give one identity
+SOURCE_KEYS = ("bits", "abits", "grid_scale", "optim.lr")
+
+
 #: config folders that are data for other commands, not choices of a run (hidden from ``train --help``)
 INTERNAL_GROUPS = ("reference",)
 

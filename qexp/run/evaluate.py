@@ -60,10 +60,40 @@ class LoadedRun:
                         b.data.test if loader is None else loader, self.device)
 
 
+def run_data_root(run_dir: Path, cfg: DictConfig, data_root: str | None) -> str:
+    """The data root a run is evaluated on: ``data_root`` when given, else the resolved root the run
+    recorded (metrics.json ``data.root``), else (a run from before runs recorded it) its config's."""
+    from qexp.run import record
+
+    if data_root is not None:
+        return data_root
+    data = (record.read(run_dir) or {}).get("data")
+    if isinstance(data, dict) and data.get("root"):
+        return str(data["root"])
+    return str(cfg.data_root)
+
+
+def check_same_data(run_dir: Path, root: str, sources: tuple[Path, ...], other_data: bool) -> None:
+    """The files just read must be the files the run was trained on (their digest), unless ``other_data``."""
+    from qexp.data.common import digest
+    from qexp.run import record
+
+    stored = (record.read(run_dir) or {}).get("data")
+    if not isinstance(stored, dict) or other_data:
+        return
+    now = digest(root, sources)
+    if now["digest"] != stored.get("digest"):
+        raise QexpError(f"{run_dir} was trained on other data than the files under {now['root']} "
+                        f"(trained on {stored.get('root')}); pass --other-data to evaluate on these anyway")
+
+
 def load_run(run_dir: str | Path, device: str = "auto", data_root: str | None = None,
-             which: str = "last") -> LoadedRun:
+             which: str = "last", other_data: bool = False) -> LoadedRun:
     """Rebuild a run's data, model and method from its folder and load their state from its checkpoint
-    (``which``: ``last``, checkpoint.pt, or ``best``, best.pt; no optimizer: evaluating needs none)."""
+    (``which``: ``last``, checkpoint.pt, or ``best``, best.pt; no optimizer: evaluating needs none).
+
+    The data are the run's own (:func:`run_data_root`), checked by their digest; other data only with
+    ``other_data``."""
     from qexp.run.callbacks import BEST
     from qexp.run.train import CHECKPOINT, prepare, resolve_device
 
@@ -78,11 +108,11 @@ def load_run(run_dir: str | Path, device: str = "auto", data_root: str | None = 
         raise QexpError(f"{run_dir} has no {ckpt.name}{more}: nothing to evaluate")
     register()
     cfg = OmegaConf.load(cfg_file)
-    if data_root is not None:
-        cfg.data_root = data_root
+    cfg.data_root = run_data_root(run_dir, cfg, data_root)
     dev = resolve_device(device)
     torch.manual_seed(int(cfg.seed))
     built = prepare(cfg, dev)
+    check_same_data(run_dir, str(cfg.data_root), built.data.sources, other_data)
     state = checkpoint.load(ckpt, map_location=dev)
     built.model.load_state_dict(state["model"])
     built.method.load_state_dict(state["method"])
@@ -102,7 +132,11 @@ def main(argv: list[str]) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("run_dir", type=Path, help="a run folder (holds .hydra/ and checkpoint.pt)")
     ap.add_argument("--device", default="auto", help="auto | cpu | cuda (default auto)")
-    ap.add_argument("--data-root", default=None, help="override the data root stored in the run's config")
+    ap.add_argument("--data-root", default=None,
+                    help="read the data from this folder instead of the run's own data root (the files "
+                         "must be the ones the run was trained on, unless --other-data)")
+    ap.add_argument("--other-data", action="store_true",
+                    help="evaluate on data that differ from the run's own (their digest differs)")
     ptq_curve.add_arguments(ap)
     integer_eval.add_arguments(ap)
     ap.add_argument("--best", action="store_true",
@@ -112,7 +146,7 @@ def main(argv: list[str]) -> int:
     if args.best and (args.ptq_bits or args.integer):
         raise QexpError("--best evaluates best.pt only; --ptq-bits and --integer analyse the last checkpoint")
     integer_eval.check(_method_name(args.run_dir), args)
-    run = load_run(args.run_dir, args.device, args.data_root, "best" if args.best else "last")
+    run = load_run(args.run_dir, args.device, args.data_root, "best" if args.best else "last", args.other_data)
     res = run.evaluate()
     what = f" ({run.checkpoint_name}, epoch {run.epoch})" if args.best else ""
     print(f"{run.run_dir}{what}: test error {res['error']:.2f}% (accuracy {100 - res['error']:.2f}%), "

@@ -15,6 +15,8 @@ def constant(optimizer: Optimizer, epochs: int) -> LambdaLR:
 
 def step(optimizer: Optimizer, epochs: int, milestones: Sequence[int] = (), gamma: float = 0.1) -> LambdaLR:
     """Multiply by ``gamma`` at each milestone epoch (WAGE: eta 8 -> 1 -> 1/8 at 200 and 250)."""
+    if not gamma > 0:
+        raise ValueError(f"sched.gamma must be positive (a learning-rate factor), got {gamma}")
     ms = sorted(int(m) for m in milestones)
     return LambdaLR(optimizer, lambda e: gamma ** sum(e >= m for m in ms))
 

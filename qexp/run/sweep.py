@@ -6,12 +6,20 @@ outcome as a small JSON file under ``<sweep dir>/.qexp-sweep/<sweep id>/``; the 
 counts and the failed jobs with their one-line errors, and sets the process's exit status: 1 when a
 job failed, 130 when the sweep was stopped with Ctrl-C, else 0 (a diverged run is a result, not an
 error).
+
+A local parallel sweep (``hydra/launcher=local_parallel``, joblib) keeps the sequential sweep's contract on
+Ctrl-C: the parent does not raise (joblib would kill its workers mid-checkpoint) but asks every worker to
+stop (:func:`parallel_stop`); each running job checkpoints and reports ``interrupted``, no new job starts,
+and the parent prints the summary and exits 130.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+import signal
+import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -22,6 +30,8 @@ from omegaconf import DictConfig
 from qexp.jsonio import read_json, write_json
 
 ENV = "QEXP_SWEEP_ID"
+#: the pid of the process that launched a local parallel sweep (its workers are the other processes)
+PARENT_ENV = "QEXP_SWEEP_PARENT"
 FOLDER = ".qexp-sweep"
 #: order of the counts in the summary
 ORDER = ("completed", "skipped", "failed", "diverged", "interrupted", "not started")
@@ -31,6 +41,52 @@ SHOW = 15
 _exit_code = 0
 #: the folder of the sweep this process launched (set when it starts)
 _sweep_dir: str | None = None
+#: the parent's SIGINT handler before a local parallel sweep took Ctrl-C over
+_old_sigint: Any = None
+
+
+def _children() -> list[int]:
+    """Pids of this process's child processes (Linux /proc; empty elsewhere)."""
+    me, out = os.getpid(), []
+    for d in Path("/proc").glob("[0-9]*"):
+        try:
+            fields = (d / "stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[1]) == me:
+            out.append(int(d.name))
+    return out
+
+
+def parallel_stop(signum: int, frame: Any) -> None:
+    """The parent's Ctrl-C under a local parallel sweep: stop (no new job), pass it on to the workers."""
+    from qexp.run import preempt
+
+    first = not preempt.requested()
+    preempt.note_user_interrupt()
+    if first:
+        print("interrupted (Ctrl-C): running jobs checkpoint and stop, no new job starts", file=sys.stderr,
+              flush=True)
+    for pid in _children():
+        try:
+            os.kill(pid, signal.SIGINT)
+        except OSError:
+            pass
+
+
+def worker_signals() -> None:
+    """In a local parallel sweep's worker: Ctrl-C means "stop" (checkpoint while training, start nothing
+    new), never a KeyboardInterrupt that would break joblib's worker loop."""
+    from qexp.run import preempt
+
+    parent = os.environ.get(PARENT_ENV)
+    if (parent and parent != str(os.getpid()) and threading.current_thread() is threading.main_thread()
+            and signal.getsignal(signal.SIGINT) is signal.default_int_handler):
+        signal.signal(signal.SIGINT, lambda signum, frame: preempt.note_user_interrupt())
+
+
+def _parallel(config: DictConfig) -> bool:
+    return "joblib" in str(config.hydra.launcher.get("_target_", "")).lower()
 
 
 def exit_code() -> int:
@@ -89,28 +145,42 @@ class SweepSummary(Callback):
     """Hydra callback: give the sweep an id its jobs report under, then summarize their reports."""
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        global _sweep_dir
+        global _sweep_dir, _old_sigint
         os.environ[ENV] = f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
         _sweep_dir = str(config.hydra.sweep.dir)
+        if _parallel(config) and threading.current_thread() is threading.main_thread():
+            os.environ[PARENT_ENV] = str(os.getpid())
+            _old_sigint = signal.signal(signal.SIGINT, parallel_stop)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        global _exit_code
-        from qexp.run import preempt
+        finish(str(config.hydra.sweep.dir))
 
-        sweep_id = os.environ.pop(ENV, None)
-        if not sweep_id:
-            return
-        folder = Path(str(config.hydra.sweep.dir)) / FOLDER / sweep_id
-        jobs = []
-        for f in sorted(folder.glob("*.json")) if folder.is_dir() else []:
-            try:
-                jobs.append(read_json(f))
-            except (OSError, ValueError):
-                continue
-        lines, _exit_code = summarize(jobs, stopped=preempt.interrupted_by_user())
-        print("\n".join(lines), flush=True)
-        shutil.rmtree(folder, ignore_errors=True)
+
+def finish(sweep_dir: str | None = None) -> None:
+    """Collect the jobs' reports, print the summary, set the exit status, remove the reports (also called
+    when a launcher raised, so that no ``.qexp-sweep/`` is left behind)."""
+    global _exit_code, _old_sigint
+    from qexp.run import preempt
+
+    if _old_sigint is not None:
+        signal.signal(signal.SIGINT, _old_sigint)
+        _old_sigint = None
+    os.environ.pop(PARENT_ENV, None)
+    sweep_id = os.environ.pop(ENV, None)
+    sweep_dir = sweep_dir or _sweep_dir
+    if not sweep_id or sweep_dir is None:
+        return
+    folder = Path(sweep_dir) / FOLDER / sweep_id
+    jobs = []
+    for f in sorted(folder.glob("*.json")) if folder.is_dir() else []:
         try:
-            folder.parent.rmdir()  # only when no other sweep is reporting there
-        except OSError:
-            pass
+            jobs.append(read_json(f))
+        except (OSError, ValueError):
+            continue
+    lines, _exit_code = summarize(jobs, stopped=preempt.interrupted_by_user())
+    print("\n".join(lines), flush=True)
+    shutil.rmtree(folder, ignore_errors=True)
+    try:
+        folder.parent.rmdir()  # only when no other sweep is reporting there
+    except OSError:
+        pass

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import errno
 import importlib
-import json
 import logging
 import math
 import os
@@ -98,12 +97,19 @@ def resolve_device(name: Any) -> torch.device:
     return device
 
 
-def comparable_config(cfg: DictConfig, ignored: tuple[str, ...] = ()) -> str:
+def comparable_config(cfg: DictConfig, ignored: tuple[str, ...] = (), data: str | None = None) -> str:
     """The run's fingerprint (:func:`qexp.run.identity.fingerprint`): what a resume must match."""
-    return identity.fingerprint(cfg, ignored)
+    return identity.fingerprint(cfg, ignored, data)
 
 
-def run_meta(cfg: DictConfig, method: Method, overrides: str | None = None) -> dict[str, Any]:
+def run_meta(cfg: DictConfig, method: Method, overrides: str | None = None,
+             fingerprint: str | None = None, data: dict[str, Any] | None = None) -> dict[str, Any]:
+    """metrics.json's identifying fields; ``fingerprint`` and ``data`` (the resolved data root, the files
+    read and their digest) let a later launch, ``qexp eval`` and ``qexp table`` tell which configuration
+    and which data the result answers for."""
+    extra = {"fingerprint": fingerprint} if fingerprint is not None else {}
+    if data is not None:
+        extra["data"] = data
     return {
         "name": cfg.name,
         "dataset": cfg.dataset.name,
@@ -117,6 +123,7 @@ def run_meta(cfg: DictConfig, method: Method, overrides: str | None = None) -> d
         "optim": cfg.optim.name,
         "lr": cfg.lr,
         "batch_size": cfg.batch_size * method.batch_scale,
+        **extra,
     }
 
 
@@ -174,15 +181,52 @@ def init_weights(model: torch.nn.Module, run_dir: Path, device: torch.device) ->
                         f"({str(e).splitlines()[0][:200]})") from None
 
 
-def finished_run(cfg: DictConfig, run_dir: Path, quiet: bool = False) -> dict[str, Any] | None:
-    """The record of a completed or diverged run in ``run_dir`` (not retrained), else None."""
+def stored_fingerprint(run_dir: Path, rec: dict[str, Any]) -> str | None:
+    """The fingerprint a run folder's result answers for: metrics.json's, else (a run from before
+    metrics.json kept it) its checkpoint's; None when neither can be read."""
+    if isinstance(rec.get("fingerprint"), str):
+        return rec["fingerprint"]
+    try:
+        return str(checkpoint.load(run_dir / CHECKPOINT).get("config"))
+    except (OSError, QexpError):
+        return None
+
+
+def data_record(cfg: DictConfig, sources: tuple[Path, ...]) -> dict[str, Any]:
+    """The resolved data root, the files read (relative, with their sha1) and their digest."""
+    from qexp.data.common import digest
+
+    return digest(str(cfg.data_root), sources)
+
+
+def finished_run(cfg: DictConfig, run_dir: Path, ignored: tuple[str, ...], quiet: bool = False,
+                 data: str | None = None) -> dict[str, Any] | None:
+    """The record of a completed or diverged run in ``run_dir`` (not retrained), else None.
+
+    Its stored fingerprint must be this run's: a finished run of another configuration (or of other data:
+    ``data`` is this run's data digest when the data are loaded already; before that, the files the
+    stored run read are hashed under this run's data root) is refused and kept, never reported as this
+    run's result nor replaced (``resume=false`` retrains only a run of the same configuration)."""
     previous = record.read(run_dir)
-    if cfg.resume and previous and previous.get("status") in record.FINISHED:
-        if not quiet:
-            print(f"{run_dir}: already {previous['status']}, not retrained (resume=false retrains).\n"
-                  f"  {record.summary_line(previous)}")
-        return previous
-    return None
+    if not previous or previous.get("status") not in record.FINISHED:
+        return None
+    stored = stored_fingerprint(run_dir, previous)
+    if stored is not None:
+        files = (previous.get("data") or {}).get("files") if isinstance(previous.get("data"), dict) else None
+        if data is None and files:
+            from qexp.data.common import same_files_under
+
+            data = same_files_under(str(cfg.data_root), files) or "missing"
+        diff = identity.differences(stored, comparable_config(cfg, ignored, data), ignored)
+        if diff:
+            raise QexpError(f"{run_dir} holds the finished run of another configuration ({'; '.join(diff[:8])}); "
+                            "it is kept: give this run its own place with name=NAME or out_root=DIR")
+    if not cfg.resume:
+        return None
+    if not quiet:
+        print(f"{run_dir}: already {previous['status']}, not retrained (resume=false retrains).\n"
+              f"  {record.summary_line(previous)}")
+    return previous
 
 
 def train(cfg: DictConfig, run_dir: Path, ctx: distributed.Context = distributed.SINGLE,
@@ -194,7 +238,7 @@ def train(cfg: DictConfig, run_dir: Path, ctx: distributed.Context = distributed
     ``built``: the run's objects when the caller already built them (after ``torch.manual_seed``).
     """
     main = ctx.is_main
-    previous = finished_run(cfg, run_dir, quiet=not main)
+    previous = finished_run(cfg, run_dir, ignored_knobs(instantiate(cfg.method), cfg), quiet=not main)
     if previous is not None:
         return previous
     if preempt.requested():
@@ -212,10 +256,11 @@ def train(cfg: DictConfig, run_dir: Path, ctx: distributed.Context = distributed
     if built is None:
         torch.manual_seed(cfg.seed)
     b = build(cfg, device) if built is None else built
-    meta = run_meta(cfg, b.method, overrides)
     ckpt = run_dir / CHECKPOINT
     ignored = ignored_knobs(b.method, cfg)
-    fingerprint = comparable_config(cfg, ignored)
+    data = data_record(cfg, b.data.sources)
+    fingerprint = comparable_config(cfg, ignored, data["digest"])
+    meta = run_meta(cfg, b.method, overrides, fingerprint, data)
     if b.data.val is None:
         tune.check_patience(cfg)  # also refused before launch (tune.InputCheck); here for DDP workers
     tb = cfg.tensorboard
@@ -233,7 +278,7 @@ def train(cfg: DictConfig, run_dir: Path, ctx: distributed.Context = distributed
         if cfg.resume and ckpt.exists():
             state = checkpoint.load(ckpt, map_location=device)
             if not identity.same_run(str(state.get("config")), fingerprint, ignored):
-                diff = "; ".join(identity.differences(str(state.get("config")), fingerprint)[:8])
+                diff = "; ".join(identity.differences(str(state.get("config")), fingerprint, ignored)[:8])
                 raise QexpError(f"{run_dir} holds a run with a different configuration ({diff}); run with "
                                 "resume=false to replace it, or change out_root/name")
             trainer.load_state_dict(state)
@@ -251,7 +296,12 @@ EXIT_BUSY = 75
 #: exit status after Ctrl-C (128 + SIGINT), as a shell reports it
 EXIT_INTERRUPTED = 130
 #: write errors that are the environment's, not a bug: one line instead of a traceback
-_ENV_ERRNOS = (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT)
+_ENV_ERRNOS = (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.ENOTDIR, errno.EEXIST,
+               errno.ENAMETOOLONG)
+
+
+#: torch.manual_seed takes a 64-bit signed seed
+MAX_SEED = 2**63 - 1
 
 
 def check_inputs(cfg: DictConfig) -> Method:
@@ -262,8 +312,12 @@ def check_inputs(cfg: DictConfig) -> Method:
     lr = float(cfg.lr)
     if not math.isfinite(lr) or lr <= 0:
         raise QexpError(f"lr must be a positive number, got lr={cfg.lr}")
+    if not 0 <= int(cfg.seed) <= MAX_SEED:
+        raise QexpError(f"seed must be in 0..{MAX_SEED} (torch's generator seed), got seed={cfg.seed}")
     if str(cfg.lock) not in ("auto", "fail", "wait"):
         raise QexpError(f"lock must be auto, fail or wait, got lock={cfg.lock}")
+    if int(cfg.tensorboard.step_every) < 0:
+        raise QexpError(f"tensorboard.step_every must be 0 (off) or a step count, got {cfg.tensorboard.step_every}")
     if int(cfg.trainer.devices) < 1:
         raise QexpError(f"trainer.devices must be at least 1, got {cfg.trainer.devices}")
     device = resolve_device(cfg.device)  # device=cuda:N that is not there
@@ -273,20 +327,11 @@ def check_inputs(cfg: DictConfig) -> Method:
     return instantiate(cfg.method)  # the method checks its own bits and options
 
 
-#: top-level knobs that only mean something to the methods whose config uses them
-METHOD_KNOBS = ("bits", "abits")
-
-
 def ignored_knobs(method: Method, cfg: DictConfig | None = None) -> tuple[str, ...]:
-    """Config knobs the method does not use: not part of the run's identity (folder, resume check).
-
-    Those its class declares (``Float.ignored_knobs = ("bits",)``) and the top-level method knobs its config
-    never refers to (``abits`` for a weights-only method)."""
-    out = list(getattr(method, "ignored_knobs", ()))
-    if cfg is not None:
-        text = json.dumps(OmegaConf.to_container(cfg.method, resolve=False), default=str)
-        out += [k for k in METHOD_KNOBS if k in cfg and "${" + k + "}" not in text and k not in out]
-    return tuple(out)
+    """Config knobs the method does not use (its class declares them: ``Float.ignored_knobs = ("bits",)``):
+    not part of the run's identity (folder, resume check). The top-level ``bits``/``abits`` never are
+    (:data:`qexp.run.config.SOURCE_KEYS`): the method's own keys carry them."""
+    return tuple(getattr(method, "ignored_knobs", ()))
 
 
 def run(cfg: DictConfig) -> dict[str, Any] | None:
@@ -311,10 +356,16 @@ def run(cfg: DictConfig) -> dict[str, Any] | None:
                          label, error)
 
     try:
+        if sweeping:
+            sweep.worker_signals()
         resources.apply_threads(cfg.threads, hc.launcher if sweeping else None)
+        defaults = identity.compose_defaults()
+        identity.check_types(cfg, defaults.baseline)  # method.stochastic=off: refused, not read as true
+        identity.check_place(cfg)
         method = check_inputs(cfg)
-        run_dir, level = identity.from_hydra(cfg, ignored_knobs(method, cfg))
-        if finished_run(cfg, run_dir, quiet=not main) is not None:
+        ignored = ignored_knobs(method, cfg)
+        run_dir, level = identity.locate(cfg, defaults, ignored)
+        if finished_run(cfg, run_dir, ignored, quiet=not main) is not None:
             done("skipped")
             return record.read(run_dir)
         if preempt.requested():
@@ -335,7 +386,8 @@ def run(cfg: DictConfig) -> dict[str, Any] | None:
                 torch.manual_seed(cfg.seed)
                 built = build(cfg, resolve_device(cfg.device))  # bad data options fail here: no folder
                 opened = _open_run(stack, cfg, run_dir, level, sweeping)
-                if finished_run(cfg, run_dir, quiet=not main) is not None:  # finished while we waited
+                digest = data_record(cfg, built.data.sources)["digest"]
+                if finished_run(cfg, run_dir, ignored, quiet=not main, data=digest) is not None:
                     done("skipped")
                     return record.read(run_dir)
                 rec = train(cfg, run_dir, overrides=level, built=built)
@@ -476,6 +528,8 @@ def _ddp_worker(rank: int, world: int, init_method: str, payload: tuple, errors:
 
 
 def _record_failure(cfg: DictConfig, run_dir: Path, message: str) -> None:
+    if not run_dir.is_dir():  # removed while training: nothing to record into
+        return
     meta = {"name": cfg.get("name"), "dataset": cfg.dataset.get("name"), "model": cfg.model.get("name"),
             "method": cfg.method.get("name"), "bits": cfg.get("bits"), "seed": cfg.get("seed")}
     prev = record.read(run_dir) or {}
@@ -510,11 +564,73 @@ def config_error_line(e: BaseException) -> str:
     return "; ".join(parts) + (f" ({', '.join(options)})" if options else "")
 
 
+#: Hydra's flags that take a value (``--config-dir DIR``), and the values ``--info`` may take
+_VALUE_FLAGS = ("--config-dir", "-cd", "--config-path", "-cp", "--config-name", "-cn", "--cfg", "-c",
+                "--package", "-p", "--experimental-rerun")
+_INFO_VALUES = ("all", "config", "defaults", "defaults-tree", "plugins", "searchpath")
+#: Hydra settings qexp decides itself: the run folder is a function of the configuration below out_root
+_PLACED = re.compile(r"[+~]*hydra\.(run\.dir|sweep\.dir|sweep\.subdir|output_subdir|job\.chdir)=")
+
+
+def arrange_argv(args: list[str]) -> list[str]:
+    """Hydra's flags first, then the overrides, as typed: ``qexp train method=sr --multirun`` and
+    ``... --config-dir DIR`` work like the same flags typed first (argparse refused them after overrides).
+    Refuses (QexpError) the Hydra settings that would place runs elsewhere than qexp's folder layout."""
+    flags: list[str] = []
+    rest: list[str] = []
+    i = 0
+    while i < len(args):
+        a = args[i]
+        if a.startswith("-"):
+            flags.append(a)
+            takes = a in _VALUE_FLAGS or (a in ("--info", "-i") and i + 1 < len(args)
+                                          and args[i + 1] in _INFO_VALUES)
+            if takes and i + 1 < len(args):
+                flags.append(args[i + 1])
+                i += 1
+        else:
+            m = _PLACED.match(a)
+            if m:
+                raise QexpError(f"{a.split('=', 1)[0].lstrip('+~')}: qexp places every run in "
+                                "<out_root>/<name>/<dataset>/<model>/<method>/.../seed<k>; set out_root=DIR "
+                                "(and name=NAME) instead")
+            rest.append(a)
+        i += 1
+    for j, f in enumerate(flags):
+        d = f.split("=", 1)[1] if f.startswith(("--config-dir=", "-cd=")) else \
+            flags[j + 1] if f in ("--config-dir", "-cd") and j + 1 < len(flags) else None
+        if d is not None:
+            check_config_dir(Path(d))
+    return flags + rest
+
+
+def check_config_dir(folder: Path) -> None:
+    """``--config-dir DIR``: a file there with the name of a shipped one (``DIR/method/bc.yaml``) would be
+    silently shadowed by the shipped file; refuse it, naming the fix."""
+    import qexp.configs
+
+    shipped = Path(qexp.configs.__file__).parent
+    if not folder.is_dir():
+        raise QexpError(f"--config-dir {folder}: no such folder")
+    for f in sorted(folder.rglob("*.yaml")):
+        rel = f.relative_to(folder)
+        if (shipped / rel).is_file():
+            group = str(rel.parent) if str(rel.parent) != "." else None
+            what = f"{group}={rel.stem}" if group else rel.name
+            raise QexpError(f"--config-dir {folder}: {rel} has the name of the shipped {what}, which would "
+                            f"be used instead of yours; rename it (e.g. {rel.parent / ('my_' + rel.name)})")
+
+
 def main() -> None:
     """Entry for ``qexp train`` and ``python -m qexp.run.train``: Hydra parses ``sys.argv``.
 
     A ``--multirun`` sweep exits 1 when a job failed (130 after Ctrl-C), after its summary.
     """
+    try:
+        sys.argv = sys.argv[:1] + arrange_argv(sys.argv[1:])
+    except QexpError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
     register()
     if int(os.environ.get("RANK", "0")) > 0:  # torchrun: only rank 0 writes .hydra/ and train.log
         sys.argv += ["hydra/job_logging=stdout", "hydra.job_logging.root.level=WARNING"]
@@ -524,17 +640,34 @@ def main() -> None:
     started = time.time()
     try:
         _hydra_main()
-    except (HydraException, OmegaConfBaseException) as e:
+    except KeyboardInterrupt:  # Ctrl-C while Hydra composes or a launcher waits
+        preempt.note_user_interrupt()
+        sweep.finish()
+        print("interrupted (Ctrl-C)", file=sys.stderr)
+        sys.exit(EXIT_INTERRUPTED)
+    except Exception as e:
+        if preempt.interrupted_by_user():  # a parallel launcher broken by the Ctrl-C its workers got
+            sweep.finish()
+            print(f"interrupted (Ctrl-C): {type(e).__name__}", file=sys.stderr)
+            sys.exit(EXIT_INTERRUPTED)
+        if not isinstance(e, (HydraException, OmegaConfBaseException, OSError)):
+            raise
+        _main_error(e, started)
+    if sweep.exit_code():
+        sys.exit(sweep.exit_code())
+
+
+def _main_error(e: BaseException, started: float) -> None:
+    """A composition error or an unwritable sweep folder, as one line (exit 2)."""
+    if isinstance(e, (HydraException, OmegaConfBaseException)):
         sweep.remove_stub(started)
         print(f"error: {config_error_line(e)}", file=sys.stderr)
         sys.exit(2)
-    except OSError as e:  # Hydra could not create a sweep's folder (an unwritable out_root)
+    if isinstance(e, OSError):  # Hydra could not create a sweep's folder (an unwritable out_root)
         if e.errno not in _ENV_ERRNOS:
-            raise
+            raise e
         print(f"error: cannot write {e.filename}: {e.strerror}", file=sys.stderr)
         sys.exit(2)
-    if sweep.exit_code():
-        sys.exit(sweep.exit_code())
 
 
 if __name__ == "__main__":

@@ -67,7 +67,9 @@ def objective(rec: dict[str, Any] | None, name: str) -> float | None:
 def check_patience(cfg: DictConfig) -> None:
     """Early stopping watches the validation error: ``patience`` needs ``dataset.val_size``."""
     val = cfg.dataset.get("val_size", 0) if cfg.get("dataset") is not None else 0
-    if cfg.get("patience") and not val:
+    if cfg.get("patience") is not None and int(cfg.patience) < 1:
+        raise QexpError(f"patience must be at least 1 epoch (or null: no early stopping), got patience={cfg.patience}")
+    if cfg.get("patience") is not None and not val:
         raise QexpError(f"patience={cfg.patience} stops on the validation error, but the run has no validation "
                         "split: set dataset.val_size=N (the test set never decides when to stop)")
 

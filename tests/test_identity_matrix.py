@@ -1,0 +1,269 @@
+"""The identity matrix (issue 21): for every pair of command lines, different effective configurations
+never share a result, identical ones always do; every listed bad input is one line, exit 2, no folder.
+
+All launches run as forked children of one driver process (tests/kill_driver.py), in order: the second
+launch of a SAME pair must answer "already completed, not retrained" from the first's folder; the second
+of a DIFF pair must train into a folder of its own. Data: three fake MNIST roots (tiny IDX files), two
+holding the same files, one other files under the same names.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from qexp.errors import QexpError
+from tests.conftest import REPO, find_runs, read_metrics
+
+T = ["dataset=synthetic", "model=mlp", "model.width=16", "model.depth=1", "model.bn=false",
+     "dataset.train_subset=64", "batch_size=32", "eval_batch_size=256", "progress=false", "threads=1"]
+#: lenet5 (a preset's own model) on the same tiny data
+L = ["dataset=synthetic", "dataset.train_subset=64", "batch_size=32", "eval_batch_size=256", "progress=false",
+     "threads=1", "epochs=1"]
+
+#: two spellings of one configuration: one run
+SAME = {
+    "bits": (["method=bc", "bits=4"], ["method=bc", "method.bits=4"]),
+    "abits": (["method=lsq", "abits=8"], ["method=lsq", "method.abits=8"]),
+    "scale": (["method=bc", "grid_scale=0.5"], ["method=bc", "method.scale=0.5"]),
+    "lr": (["optim=sgd", "lr=0.01"], ["optim=sgd", "optim.lr=0.01"]),
+    "float_scale": (["method=float"], ["method=float", "grid_scale=0.5"]),
+    "float_bits": (["method=float"], ["method=float", "bits=4"]),
+    "explicit": (["method=bc"], ["method=bc", "bits=1", "method.stochastic=false", "optim=adam"]),
+}
+#: two configurations: two runs
+DIFF = {
+    "bc_li": (["method=bc"], ["method=bc_li"]),
+    "method_bits": (["method=bc"], ["method=bc", "method.bits=4"]),
+    "lsq_abits": (["method=lsq"], ["method=lsq", "method.abits=8"]),
+    "lsq_bits": (["method=lsq", "bits=4"], ["method=lsq", "method.bits=4"]),  # abits follows bits, not method.bits
+    "method_seed": (["method=sr", "seed=1"], ["method=sr", "seed=1", "method.seed=0"]),
+    "stochastic": (["method=bc"], ["method=bc", "method.stochastic=true"]),
+    "scale": (["method=bc"], ["method=bc", "grid_scale=0.5"]),
+}
+#: the preset pair runs on lenet5 (the preset's model)
+PRESET = (["+experiment=li2017_mnist", "name=runs", "method=bc", *L], ["method=bc", *L])
+
+
+def write_mnist(root: Path, seed: int) -> None:
+    """A tiny MNIST in the torchvision layout (uncompressed IDX files): 64 training, 32 test images."""
+    raw = root / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    rng = np.random.default_rng(seed)
+    for stem, n in (("train", 64), ("t10k", 32)):
+        images = rng.integers(0, 256, (n, 28, 28), dtype=np.uint8)
+        labels = rng.integers(0, 10, n, dtype=np.uint8)
+        (raw / f"{stem}-images-idx3-ubyte").write_bytes(
+            bytes([0, 0, 8, 3]) + np.array([n, 28, 28], ">u4").tobytes() + images.tobytes())
+        (raw / f"{stem}-labels-idx1-ubyte").write_bytes(bytes([0, 0, 8, 1]) + np.array([n], ">u4").tobytes()
+                                                         + labels.tobytes())
+
+
+@pytest.fixture(scope="module")
+def matrix(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    out = tmp_path_factory.mktemp("matrix")
+    write_mnist(out / "dataA", 0)
+    write_mnist(out / "dataB", 1)  # other files under the same names
+    shutil.copytree(out / "dataA", out / "dataC")  # the same files under another root
+    (out / "a_file").write_text("not a folder\n")
+    shadow = out / "confdir" / "method"
+    shadow.mkdir(parents=True)
+    shutil.copy(REPO / "configs" / "method" / "bc.yaml", shadow / "bc.yaml")
+    mine = out / "confdir2" / "method"
+    mine.mkdir(parents=True)
+    shutil.copy(REPO / "configs" / "method" / "bc.yaml", mine / "mybc.yaml")
+    launches: dict[str, dict] = {}
+    for kind, pairs in (("same", SAME), ("diff", DIFF)):
+        for name, (a, b) in pairs.items():
+            launches[f"{kind}_{name}_a"] = {"argv": [*T, *a, f"out_root={out}/{kind}_{name}"]}
+            launches[f"{kind}_{name}_b"] = {"argv": [*T, *b, f"out_root={out}/{kind}_{name}"]}
+    launches["diff_preset_a"] = {"argv": [*PRESET[0], f"out_root={out}/diff_preset"]}
+    launches["diff_preset_b"] = {"argv": [*PRESET[1], f"out_root={out}/diff_preset"]}
+    M = [*T, "dataset=mnist", "dataset.download=false", f"out_root={out}/data"]
+    launches["data_a"] = {"argv": M, "env": {"QEXP_DATA": str(out / "dataA")}}
+    launches["data_other"] = {"argv": M, "env": {"QEXP_DATA": str(out / "dataB")}}
+    launches["data_copy"] = {"argv": M, "env": {"QEXP_DATA": str(out / "dataC")}}
+    bad = {
+        "stochastic_off": ["method=bc", "method.stochastic=off"],
+        "bn_flase": ["model.bn=flase"],
+        "width_abc": ["model.width=abc"],
+        "plus_foo": ["+foo=1"],
+        "name_abs": [f"name={out}/escaped"],
+        "name_up": ["name=../escaped"],
+        "run_dir": [f"hydra.run.dir={out}/escaped"],
+        "sweep_dir": ["--multirun", f"hydra.sweep.dir={out}/escaped", "seed=0,1"],
+        "shadow": ["method=bc", "--config-dir", str(out / "confdir")],
+        "seed_huge": ["seed=99999999999999999999"],
+        "no_data": ["dataset=mnist", f"data_root={out}/nodata/x"],
+    }
+    for name, argv in bad.items():
+        launches[f"bad_{name}"] = {"argv": [*T, *argv, f"out_root={out}/bad"]}
+    launches["huge_lr"] = {"argv": [*T, "lr=1e308", f"out_root={out}/huge_lr"]}
+    launches["bad_out_root_file"] = {"argv": [*T, f"out_root={out}/a_file"]}
+    launches["bad_out_root_file_sweep"] = {"argv": ["--multirun", *T, "seed=0,1", f"out_root={out}/a_file"]}
+    launches["late_flags"] = {"argv": [*T, "method=mybc", "seed=0,1", f"out_root={out}/late", "--multirun",
+                                       "--config-dir", str(out / "confdir2")]}
+    spec = {"out": str(out / "logs"), "launches": launches}
+    (out / "spec.json").write_text(json.dumps(spec))
+    proc = subprocess.run([sys.executable, "-m", "tests.kill_driver", str(out / "spec.json")], cwd=REPO,
+                          capture_output=True, text=True, timeout=900, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("KILL-MATRIX ")]
+    assert proc.returncode == 0 and lines, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return out, json.loads(lines[0][len("KILL-MATRIX "):])
+
+
+def one_line_error(r: dict) -> str:
+    assert r["how"] == ["exit", 2], r
+    err = r["stderr"].strip()
+    assert "Traceback" not in r["stderr"] + r["stdout"] and len(err.splitlines()) == 1, r
+    return err
+
+
+@pytest.mark.parametrize("name", sorted(SAME))
+def test_one_configuration_spelled_twice_is_one_run(matrix, name: str) -> None:
+    out, r = matrix
+    a, b = r[f"same_{name}_a"], r[f"same_{name}_b"]
+    assert a["how"] == b["how"] == ["exit", 0], (a, b)
+    assert "not retrained" not in a["stdout"] and "already completed, not retrained" in b["stdout"], b
+    assert len(find_runs(out / f"same_{name}")) == 1
+
+
+@pytest.mark.parametrize("name", sorted(DIFF) + ["preset"])
+def test_two_configurations_never_share_a_result(matrix, name: str) -> None:
+    out, r = matrix
+    a, b = r[f"diff_{name}_a"], r[f"diff_{name}_b"]
+    assert a["how"] == b["how"] == ["exit", 0], (a, b)
+    assert "not retrained" not in a["stdout"] + b["stdout"], b
+    runs = find_runs(out / f"diff_{name}")
+    assert len(runs) == 2, runs
+    fps = {read_metrics(p)["fingerprint"] for p in runs}
+    assert len(fps) == 2
+
+
+def test_folder_names_the_method_option_and_the_bits_used(matrix) -> None:
+    out, _ = matrix
+    tags = {p.relative_to(out / "diff_bc_li").parts[3] for p in find_runs(out / "diff_bc_li")}
+    assert tags == {"bc-1b", "bc_li-1b"}
+    tags = {p.relative_to(out / "diff_lsq_bits").parts[3] for p in find_runs(out / "diff_lsq_bits")}
+    assert tags == {"lsq-w4a4", "lsq-w4a2"}
+    levels = {p.parent.name for p in find_runs(out / "diff_method_seed")}
+    assert any("method.seed=0" in lv for lv in levels) and all(p.name == "seed1" for p in
+                                                                find_runs(out / "diff_method_seed"))
+    (scale,) = find_runs(out / "same_scale")
+    assert "method.scale=0.5" in scale.parent.name and "grid_scale" not in scale.parent.name
+    (lr,) = find_runs(out / "same_lr")
+    assert "lr=0.01" in lr.parent.name.split(",") and "optim.lr" not in lr.parent.name
+    (flt,) = find_runs(out / "same_float_scale")
+    assert "scale" not in flt.parent.name
+
+
+def test_other_data_under_the_same_names_is_never_reused(matrix) -> None:
+    """Another QEXP_DATA with other files: refused in one line naming the data, the first run kept; the
+    same files under a third root: the same data, reused."""
+    out, r = matrix
+    assert r["data_a"]["how"] == ["exit", 0], r["data_a"]
+    err = one_line_error(r["data_other"])
+    assert "another configuration (data: other files under data_root)" in err and "name=NAME" in err, err
+    assert "resume=false" not in err
+    assert "already completed, not retrained" in r["data_copy"]["stdout"], r["data_copy"]
+    (run,) = find_runs(out / "data")
+    m = read_metrics(run)
+    assert m["data"]["root"] == str((out / "dataA").resolve()) and len(m["data"]["files"]) == 4
+
+
+def test_eval_uses_the_runs_own_data_and_refuses_other_data(matrix, monkeypatch, capsys) -> None:
+    from qexp.errors import QexpError
+    from qexp.run import evaluate
+
+    out, _ = matrix
+    (run,) = find_runs(out / "data")
+    monkeypatch.setenv("QEXP_DATA", str(out / "dataB"))  # the current QEXP_DATA is not the run's
+    assert evaluate.main([str(run), "--device", "cpu"]) == 0
+    recorded = read_metrics(run)["test_error"]
+    assert f"test error {recorded:.2f}%" in capsys.readouterr().out
+    with pytest.raises(QexpError, match="trained on other data .* --other-data"):
+        evaluate.main([str(run), "--device", "cpu", "--data-root", str(out / "dataB")])
+    assert evaluate.main([str(run), "--device", "cpu", "--data-root", str(out / "dataB"), "--other-data"]) == 0
+    assert evaluate.main([str(run), "--device", "cpu", "--data-root", str(out / "dataC")]) == 0
+
+
+BAD = ["stochastic_off", "bn_flase", "width_abc", "plus_foo", "name_abs", "name_up", "run_dir", "sweep_dir",
+       "shadow", "seed_huge", "out_root_file", "out_root_file_sweep"]
+
+
+@pytest.mark.parametrize("name", BAD)
+def test_bad_input_is_one_line_exit_2_nothing_written(matrix, name: str) -> None:
+    out, r = matrix
+    err = one_line_error(r[f"bad_{name}"])
+    assert err.startswith("error: "), err
+    assert not (out / "bad").exists() and not (out / "escaped").exists() and not (out / "nodata").exists()
+    assert (out / "a_file").read_text() == "not a folder\n"
+    expected = {"stochastic_off": "method.stochastic must be true or false", "bn_flase": "model.bn must be true",
+                "width_abc": "model.width must be an integer", "plus_foo": "no setting 'foo'",
+                "name_abs": "must be a relative folder name", "name_up": "must be a relative folder name",
+                "run_dir": "hydra.run.dir: qexp places every run", "sweep_dir": "hydra.sweep.dir: qexp places",
+                "shadow": "method/bc.yaml has the name of the shipped method=bc",
+                "seed_huge": "seed must be in", "out_root_file": "is a file, not a folder",
+                "out_root_file_sweep": "Not a directory"}
+    assert expected[name] in err, err
+
+
+def test_a_huge_learning_rate_is_a_result_not_a_traceback(matrix) -> None:
+    """lr=1e308 is finite and positive: the run trains (or diverges) and says so, no traceback."""
+    _, r = matrix
+    assert r["huge_lr"]["how"] == ["exit", 0] and "Traceback" not in r["huge_lr"]["stderr"], r["huge_lr"]
+
+
+def test_missing_data_message_leaves_no_folder(matrix) -> None:
+    out, r = matrix
+    assert r["bad_no_data"]["how"] == ["exit", 2] and "MNIST was not found" in r["bad_no_data"]["stderr"]
+    assert not (out / "nodata").exists()
+
+
+def test_flags_typed_after_the_overrides_work(matrix) -> None:
+    """`--multirun` and `--config-dir DIR` typed last, as users type them; DIR's own option is used."""
+    out, r = matrix
+    assert r["late_flags"]["how"] == ["exit", 0], r["late_flags"]
+    runs = find_runs(out / "late")
+    assert [p.name for p in runs] == ["seed0", "seed1"] and all("mybc-1b" in str(p) for p in runs)
+
+
+def test_table_counts_a_copied_run_once_and_names_mixed_keys(matrix, tmp_path: Path, capsys) -> None:
+    """`qexp table T T2` over a copy of T: each (configuration, seed) once, with a note; a cell pooling
+    runs of two configurations (bc and stochastic bc, a run with no overrides included) is flagged and
+    names the key that differs."""
+    from qexp.report import results, table
+
+    out, _ = matrix
+    shutil.copytree(out / "diff_stochastic", tmp_path / "copy")
+    grid = results.aggregate(results.collect([out / "diff_stochastic", tmp_path / "copy"]),
+                             ["method", "bits"], ["dataset"], "test_error")
+    (cell,) = grid.cells.values()
+    assert cell.n == 2  # two configurations, not four runs
+    notes = grid.warnings()
+    assert any("each counted once" in n and n.startswith("2 run folder(s)") for n in notes), notes
+    assert any("mixes runs that differ in method.stochastic" in n for n in notes), notes
+    li = results.aggregate(results.collect([out / "diff_bc_li"]), ["method", "bits"], ["dataset"], "test_error")
+    assert any("differ in method.clip" in n for n in li.warnings()), li.warnings()
+    runs = results.collect([out / "diff_stochastic"])
+    assert len(results.where(runs, ["method.stochastic=false"])) == 1  # the bool False, as typed
+    assert len(results.where(runs, ["method.scale=glorot"])) == 2  # an interpolated key (${grid_scale})
+    with pytest.raises(QexpError, match="--digits must be in 0..12"):
+        table.main([str(out / "diff_stochastic"), "--digits", "-1"])
+    with pytest.raises(QexpError, match="cannot write /proc/qexp-table.md"):
+        table.main([str(out / "diff_stochastic"), "--out", "/proc/qexp-table.md"])
+
+
+def test_plot_to_an_unwritable_place_is_one_line(matrix) -> None:
+    from qexp.report import plot
+
+    out, _ = matrix
+    with pytest.raises(QexpError, match="cannot write /proc/x.png"):
+        plot.main([str(out / "diff_stochastic"), "--out", "/proc/x.png"])
