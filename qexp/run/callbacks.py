@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from qexp.errors import QexpError
 from qexp.jsonio import atomic_write_bytes, write_json
 from qexp.quant.inject import weight_layers
 from qexp.run import checkpoint, record
@@ -43,11 +44,19 @@ class RunRecord(Callback):
         p = trainer.progress
         record.write(self.run_dir, record.build(self.meta, "running", p.history, p.wall_s))
 
+    def _still_there(self) -> None:
+        """A run folder removed while the run trained is not recreated (without its .hydra/ it would be
+        listed as a finished run of an unknown configuration)."""
+        if not self.run_dir.is_dir():
+            raise QexpError(f"the run folder {self.run_dir} was removed while the run trained; stopped")
+
     def on_epoch(self, trainer: Trainer, row: dict[str, float]) -> None:
+        self._still_there()
         p = trainer.progress
         record.write(self.run_dir, record.build(self.meta, "running", p.history, p.wall_s))
 
     def on_end(self, trainer: Trainer, outcome: Outcome) -> None:
+        self._still_there()
         record.write(self.run_dir, final_record(self.meta, outcome))
         self._manifest(trainer)
 

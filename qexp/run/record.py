@@ -9,7 +9,6 @@ import math
 from pathlib import Path
 from typing import Any
 
-from qexp.errors import QexpError
 from qexp.jsonio import read_json, write_json
 
 METRICS = "metrics.json"
@@ -64,10 +63,6 @@ def build(meta: dict[str, Any], status: str, history: list[dict[str, float]], wa
 
 
 def write(run_dir: Path, rec: dict[str, Any]) -> None:
-    """Rewrite metrics.json; a run folder removed while the run trained is not recreated (without its
-    .hydra/ it would be listed as a finished run of an unknown configuration)."""
-    if not Path(run_dir).is_dir():
-        raise QexpError(f"the run folder {run_dir} was removed while the run trained; stopped")
     write_json(Path(run_dir) / METRICS, rec)
 
 
