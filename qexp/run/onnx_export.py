@@ -75,14 +75,18 @@ class WeightGrid:
 
 @dataclass(frozen=True)
 class ActGrid:
-    """An activation quantizer: ``clamp(rounding((x - offset) / step), lo, hi) * step + offset``."""
+    """An activation quantizer: ``clamp(rounding((x - offset) / step), lo, hi) * step + offset``, the
+    division written as the method computes it (``multiply``: ``x * multiply``, the float32 reciprocal
+    the method uses), so that onnxruntime rounds exactly the values torch rounds. ``rounding="clip"``:
+    a float clipped ReLU ``clamp(x, lo * step, hi * step)`` (PACT's float-bit last input)."""
 
     step: float
     lo: int
     hi: int
     bits: int
-    rounding: str = "round"  # round (to nearest, ties to even) | ceil
+    rounding: str = "round"  # round (to nearest, ties to even) | ceil | clip
     offset: float = 0.0
+    multiply: float | None = None
 
     @property
     def dtype(self) -> torch.dtype:
@@ -184,7 +188,10 @@ class _DequantizeWeight(torch.autograd.Function):
 class _QuantizeActivation(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, grid: ActGrid) -> torch.Tensor:  # type: ignore[override]
-        v = (x - grid.offset) / grid.step if grid.offset else x / grid.step
+        if grid.rounding == "clip":
+            return x.clamp(grid.lo * grid.step, grid.hi * grid.step)
+        v = x - grid.offset if grid.offset else x
+        v = v * grid.multiply if grid.multiply is not None else v / grid.step
         v = torch.ceil(v) if grid.rounding == "ceil" else torch.round(v)
         y = v.clamp_(grid.lo, grid.hi).mul_(grid.step)
         return y + grid.offset if grid.offset else y
@@ -194,16 +201,15 @@ class _QuantizeActivation(torch.autograd.Function):
         def const(v: float) -> Any:
             return g.op("Constant", value_t=torch.tensor(v, dtype=torch.float32))
 
+        if grid.rounding == "clip":
+            return g.op("Clip", x, const(grid.lo * grid.step), const(grid.hi * grid.step))
         zp = g.op("Constant", value_t=torch.zeros((), dtype=grid.dtype))
         if grid.offset:
             x = g.op("Sub", x, const(grid.offset))
-        if grid.rounding == "ceil":
-            v = g.op("Clip", g.op("Ceil", g.op("Div", x, const(grid.step))), const(grid.lo), const(grid.hi))
-            q = g.op("QuantizeLinear", v, const(1.0), zp)
-        else:
-            v = g.op("Clip", x, const(grid.lo * grid.step), const(grid.hi * grid.step))
-            q = g.op("QuantizeLinear", v, const(grid.step), zp)
-        y = g.op("DequantizeLinear", q, const(grid.step), zp)
+        v = g.op("Mul", x, const(grid.multiply)) if grid.multiply is not None else g.op("Div", x, const(grid.step))
+        v = g.op("Ceil" if grid.rounding == "ceil" else "Round", v)
+        q = g.op("QuantizeLinear", g.op("Clip", v, const(grid.lo), const(grid.hi)), const(1.0), zp)
+        y = g.op("DequantizeLinear", q, const(grid.step), zp)  # the codes times the step
         return g.op("Add", y, const(grid.offset)) if grid.offset else y
 
 
@@ -281,13 +287,18 @@ def read_plan(method: Any, model: nn.Module, manifest: dict[str, Any]) -> Plan:
             plan.relus[lname] = ActGrid(float(module.alpha.detach()), 0, max_index(module.bits), module.bits,
                                         "ceil" if module.bits == 1 else module.staircase)  # 1 bit: alpha 1{x>0}
         elif isinstance(module, PACTReLU):
-            n = max_index(module.bits)
-            plan.relus[lname] = ActGrid(float(module.alpha.detach()) / n, 0, n, module.bits)
+            a = float(module.alpha.detach())
+            if module.bits >= 32:  # a float input kept clipped (PACT's float last layer)
+                plan.relus[lname] = ActGrid(a, 0, 1, module.bits, "clip")
+            else:  # pact_quantize: clamp(x, 0, a) * (n / a), rounded, times a / n
+                n = max_index(module.bits)
+                plan.relus[lname] = ActGrid(a / n, 0, n, module.bits, multiply=n / a)
         elif type(module).__name__ == "LSQInput":
             from qexp.methods.lsq import qrange
 
             q_n, q_p = qrange(module.bits, bool(module.signed))
-            plan.inputs[lname.rpartition(".")[0]] = ActGrid(float(module.step.detach()), -q_n, q_p, module.bits)
+            step = float(module.step.detach())  # LSQ multiplies by 1/step on the CPU
+            plan.inputs[lname.rpartition(".")[0]] = ActGrid(step, -q_n, q_p, module.bits, multiply=1.0 / step)
         for hook in module._forward_pre_hooks.values():
             if isinstance(hook, ActivationQuantizer) and hook.range is not None:
                 lo, scale, top = hook._grid
