@@ -117,6 +117,7 @@ def test_train_loader_augments_on_the_device_and_subsets_are_balanced(data_root,
     data = cj.build(root=str(data_root), batch_size=100, train_subset=1000, val_size=100, seed=3)
     assert data.name == "cifar10_jpeg" and data.in_shape == (3, 32, 32) and data.num_classes == 10
     assert data.info["source_md5"].startswith("7c81e05f")
+    assert [p.name for p in data.sources] == [cj.ARCHIVE]  # the run's data digest covers the archive
     assert torch.equal(data.train.labels.bincount(), torch.full((10,), 90))
     assert torch.equal(data.val.labels.bincount(), torch.full((10,), 10))
     assert data.test.num_samples == 10_000
