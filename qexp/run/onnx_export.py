@@ -98,7 +98,8 @@ class ActGrid:
 
     def row(self, name: str, where: str) -> dict[str, Any]:
         return {"name": name, "where": where, "bits": self.bits, "step": self.step, "codes": [self.lo, self.hi],
-                "offset": self.offset, "rounding": self.rounding, "storage": str(self.dtype)[6:]}
+                "offset": self.offset, "rounding": self.rounding,
+                "storage": "float32" if self.rounding == "clip" else str(self.dtype)[6:]}
 
 
 def _codes_dtype(codes: torch.Tensor) -> torch.dtype | None:
