@@ -46,7 +46,23 @@ def fake_root(tmp_path_factory, data_root) -> Path:
     (root / "imagenet").symlink_to(data_root / "imagenette-mini")
     write_cifar(root, "cifar10")
     write_cifar(root, "cifar100")
+    write_cifar10_jpeg(root)
     return root
+
+
+def write_cifar10_jpeg(root: Path, per_class: int = 2) -> None:
+    """A tiny unpacked tree in the cifar10_jpeg layout (train|test/<class>/NNNN.jpg, real JPEG files)."""
+    from PIL import Image
+
+    from qexp.data.cifar10_jpeg import CLASSES, FOLDER, SPLITS
+
+    rng = np.random.default_rng(0)
+    for split in SPLITS:
+        for cls in CLASSES:
+            folder = root / FOLDER / split / cls
+            folder.mkdir(parents=True)
+            for i in range(per_class):
+                Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(folder / f"{i:04d}.jpg")
 
 
 def test_groups_are_populated():
@@ -61,7 +77,8 @@ def test_groups_are_populated():
 
 
 @pytest.mark.parametrize("option", options("dataset"))
-def test_dataset_instantiates(option, fake_root):
+def test_dataset_instantiates(option, fake_root, tmp_path, monkeypatch):
+    monkeypatch.setenv("QEXP_CACHE", str(tmp_path / "cache"))  # cifar10_jpeg's decoded copy
     extra = ["dataset.image_size=32", "dataset.workers=0"] if option == "imagenet" else []
     cfg = compose_train([f"dataset={option}", f"data_root={fake_root}", *extra])
     data = instantiate(cfg.dataset, root=str(fake_root), batch_size=8, eval_batch_size=16, seed=0,

@@ -164,4 +164,4 @@ def test_changed_configuration_names_each_differing_key(launched) -> None:
     changed between two launches): the refusal names the key and both values."""
     out, r = launched
     err = one_line_error(r["chg"])
-    assert "holds a run with a different configuration (model.dropout: 0.25 -> 0.0)" in err
+    assert "holds an unfinished run with a different configuration (model.dropout: 0.25 -> 0.0)" in err

@@ -279,8 +279,9 @@ def train(cfg: DictConfig, run_dir: Path, ctx: distributed.Context = distributed
             state = checkpoint.load(ckpt, map_location=device)
             if not identity.same_run(str(state.get("config")), fingerprint, ignored):
                 diff = "; ".join(identity.differences(str(state.get("config")), fingerprint, ignored)[:8])
-                raise QexpError(f"{run_dir} holds a run with a different configuration ({diff}); run with "
-                                "resume=false to replace it, or change out_root/name")
+                raise QexpError(f"{run_dir} holds an unfinished run with a different configuration ({diff}); "
+                                "it is kept: give this run its own place with name=NAME or out_root=DIR "
+                                "(resume=false would discard that run)")
             trainer.load_state_dict(state)
             log.info("resuming %s at epoch %d, batch %d", run_dir, trainer.progress.epoch,
                      trainer.progress.batch)
