@@ -41,7 +41,8 @@ def runs(tmp_path_factory: pytest.TempPathFactory, data_root: Path) -> dict[str,
     PTQ with 8-bit activations and per-channel weights, and LSQ on LeNet-5 with BatchNorm (folding)."""
     root = tmp_path_factory.mktemp("onnx")
     methods = ",".join(m for m in WEIGHT_ONLY + WITH_ACTIVATIONS + ["wage"] if m != "ptq_act")
-    run_qexp(["train", "--multirun", f"method={methods}", *TRAIN, f"out_root={root}"], env=ENV)
+    run_qexp(["train", "--multirun", f"method={methods}", "hydra/launcher=local_parallel", *TRAIN,
+              f"out_root={root}"], env=ENV)  # two runs at a time, one thread each
     run_qexp(["train", "method=ptq", "method.activations=true", "method.per_channel=true", *TRAIN,
               f"out_root={root}"], env=ENV)
     run_qexp(["train", "method=lsq", "model.bn=true", *TRAIN, f"out_root={root}"], env=ENV)
