@@ -1,7 +1,8 @@
 """The identity matrix (issue 21): for every pair of command lines, different effective configurations
 never share a result, identical ones always do; every listed bad input is one line, exit 2, no folder.
 
-All launches run as forked children of one driver process (tests/kill_driver.py), in order: the second
+All launches run as forked children of two driver processes (tests/kill_driver.py, one per core), a pair's
+launches in one driver, in order: the second
 launch of a SAME pair must answer "already completed, not retrained" from the first's folder; the second
 of a DIFF pair must train into a folder of its own. Data: three fake MNIST roots (tiny IDX files), two
 holding the same files, one other files under the same names.
@@ -110,13 +111,28 @@ def matrix(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
     launches["bad_out_root_file_sweep"] = {"argv": ["--multirun", *T, "seed=0,1", f"out_root={out}/a_file"]}
     launches["late_flags"] = {"argv": [*T, "method=mybc", "seed=0,1", f"out_root={out}/late", "--multirun",
                                        "--config-dir", str(out / "confdir2")]}
-    spec = {"out": str(out / "logs"), "launches": launches}
-    (out / "spec.json").write_text(json.dumps(spec))
-    proc = subprocess.run([sys.executable, "-m", "tests.kill_driver", str(out / "spec.json")], cwd=REPO,
-                          capture_output=True, text=True, timeout=900, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("KILL-MATRIX ")]
-    assert proc.returncode == 0 and lines, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return out, json.loads(lines[0][len("KILL-MATRIX "):])
+    # two drivers, one per core; a pair's launches (a, then b in the same out_root) stay in one driver, in order
+    groups: dict[str, list[str]] = {}
+    for key in launches:
+        group = "data" if key.startswith("data_") else (key.rsplit("_", 1)[0] if key[:5] in ("same_", "diff_")
+                                                          else key)
+        groups.setdefault(group, []).append(key)
+    procs = []
+    for i in range(2):
+        keys = [k for n, g in enumerate(groups.values()) if n % 2 == i for k in g]
+        spec = {"out": str(out / f"logs{i}"), "launches": {k: launches[k] for k in keys}}
+        (out / f"spec{i}.json").write_text(json.dumps(spec))
+        procs.append(subprocess.Popen([sys.executable, "-m", "tests.kill_driver", str(out / f"spec{i}.json")],
+                                      cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                      env={**os.environ, "OMP_NUM_THREADS": "1"}))
+    results: dict = {}
+    for proc in procs:
+        stdout, stderr = proc.communicate(timeout=900)
+        lines = [ln for ln in stdout.splitlines() if ln.startswith("KILL-MATRIX ")]
+        assert proc.returncode == 0 and lines, stdout[-3000:] + stderr[-3000:]
+        results.update(json.loads(lines[0][len("KILL-MATRIX "):]))
+    assert set(results) >= set(launches), sorted(set(launches) - set(results))
+    return out, results
 
 
 def one_line_error(r: dict) -> str:
