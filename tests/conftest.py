@@ -49,6 +49,21 @@ def run_qexp(args: list[str], cwd: Path | None = None, env: dict[str, str] | Non
     return proc
 
 
+def run_drivers(specs: list[Path], timeout: float) -> dict:
+    """Run ``python -m tests.kill_driver SPEC`` for every spec side by side (one per core, one thread each)
+    and merge their ``KILL-MATRIX`` reports."""
+    procs = [subprocess.Popen([sys.executable, "-m", "tests.kill_driver", str(spec)], cwd=REPO,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env={**os.environ, "OMP_NUM_THREADS": "1"}) for spec in specs]
+    report: dict = {}
+    for proc in procs:
+        stdout, stderr = proc.communicate(timeout=timeout)
+        lines = [ln for ln in stdout.splitlines() if ln.startswith("KILL-MATRIX ")]
+        assert proc.returncode == 0 and lines, stdout[-3000:] + stderr[-3000:]
+        report.update(json.loads(lines[0][len("KILL-MATRIX "):]))
+    return report
+
+
 def read_metrics(run_dir: Path) -> dict:
     return json.loads((run_dir / "metrics.json").read_text())
 

@@ -11,17 +11,14 @@ holding the same files, one other files under the same names.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from qexp.errors import QexpError
-from tests.conftest import REPO, find_runs, read_metrics
+from tests.conftest import REPO, find_runs, read_metrics, run_drivers
 
 T = ["dataset=synthetic", "model=mlp", "model.width=16", "model.depth=1", "model.bn=false",
      "dataset.train_subset=64", "batch_size=32", "eval_batch_size=256", "progress=false", "threads=1"]
@@ -117,20 +114,13 @@ def matrix(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
         group = "data" if key.startswith("data_") else (key.rsplit("_", 1)[0] if key[:5] in ("same_", "diff_")
                                                           else key)
         groups.setdefault(group, []).append(key)
-    procs = []
+    specs = []
     for i in range(2):
         keys = [k for n, g in enumerate(groups.values()) if n % 2 == i for k in g]
         spec = {"out": str(out / f"logs{i}"), "launches": {k: launches[k] for k in keys}}
         (out / f"spec{i}.json").write_text(json.dumps(spec))
-        procs.append(subprocess.Popen([sys.executable, "-m", "tests.kill_driver", str(out / f"spec{i}.json")],
-                                      cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                      env={**os.environ, "OMP_NUM_THREADS": "1"}))
-    results: dict = {}
-    for proc in procs:
-        stdout, stderr = proc.communicate(timeout=900)
-        lines = [ln for ln in stdout.splitlines() if ln.startswith("KILL-MATRIX ")]
-        assert proc.returncode == 0 and lines, stdout[-3000:] + stderr[-3000:]
-        results.update(json.loads(lines[0][len("KILL-MATRIX "):]))
+        specs.append(out / f"spec{i}.json")
+    results = run_drivers(specs, timeout=900)
     assert set(results) >= set(launches), sorted(set(launches) - set(results))
     return out, results
 

@@ -9,13 +9,11 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import run_drivers
 
 TINY = ["dataset=synthetic", "model=mlp", "model.width=32", "model.depth=2", "model.bn=false",
         "dataset.train_subset=128", "batch_size=16", "eval_batch_size=256", "epochs=3", "progress=false"]
@@ -43,22 +41,15 @@ def run_matrix(tmp_path: Path, plan: dict[str, list[str]]) -> dict:
     are counted steps and writes, not times, so running side by side changes nothing but the wall time."""
     parts = max(1, min(2, os.cpu_count() or 1))
     groups = [dict(list(plan.items())[i::parts]) for i in range(parts)]
-    procs = []
+    specs = []
     for i, group in enumerate(g for g in groups if g):
         out = tmp_path / f"driver{i}"
         out.mkdir()
         spec = {"out": str(out), "cases": {m: {"overrides": [*TINY, *METHODS[m]], "scenarios": sc}
                                            for m, sc in group.items()}}
         (out / "spec.json").write_text(json.dumps(spec))
-        procs.append(subprocess.Popen([sys.executable, "-m", "tests.kill_driver", str(out / "spec.json")],
-                                      cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                      env={**os.environ, "OMP_NUM_THREADS": "1"}))
-    report: dict = {}
-    for proc in procs:
-        stdout, stderr = proc.communicate(timeout=1200)
-        lines = [ln for ln in stdout.splitlines() if ln.startswith("KILL-MATRIX ")]
-        assert proc.returncode == 0 and lines, stdout[-3000:] + stderr[-3000:]
-        report.update(json.loads(lines[0][len("KILL-MATRIX "):]))
+        specs.append(out / "spec.json")
+    report = run_drivers(specs, timeout=1200)
     assert set(report) == set(plan)
     return report
 
