@@ -94,6 +94,26 @@ def test_order_is_paper_order_then_alphabetical_and_bits_numeric(tmp_path: Path)
     assert grid_of(tmp_path).rows == g.rows
 
 
+def test_orders_name_exactly_the_shipped_options() -> None:
+    """METHOD_ORDER / DATASET_ORDER list every shipped method / dataset name once and nothing else: a new
+    option without a place in the tables, or a stale name (an svhn with no config), fails here."""
+    configs = Path(__file__).resolve().parents[1] / "configs"
+
+    def names(group: str, key: tuple[str, ...]) -> set[str]:
+        out = set()
+        for f in (configs / group).glob("*.yaml"):
+            node = yaml.safe_load(f.read_text())
+            for k in key:
+                node = node[k]
+            out.add(node)
+        return out
+
+    assert len(set(results.METHOD_ORDER)) == len(results.METHOD_ORDER)
+    assert set(results.METHOD_ORDER) == names("method", ("method", "name"))
+    assert len(set(results.DATASET_ORDER)) == len(results.DATASET_ORDER)
+    assert set(results.DATASET_ORDER) == names("dataset", ("name",))
+
+
 def test_best_value_per_column_is_marked(sweep: Path) -> None:
     """--alpha 1 marks the best mean unconditionally; the default asks for significance (test_stats.py)."""
     md = render(sweep, "md", "--alpha", "1")

@@ -23,10 +23,13 @@ from qexp.jsonio import read_json
 from qexp.report import stats
 from qexp.run import lock, record
 
-#: row order of methods in every table; methods not listed follow alphabetically
-METHOD_ORDER = ("float", "bc", "big_sr", "sr", "r", "ste", "wage", "learned", "ptq")
-#: column order of datasets; others follow alphabetically
-DATASET_ORDER = ("mnist", "fashion_mnist", "cifar10", "cifar100", "svhn", "imagenet")
+#: row order of methods in every table (the papers' order: float, weight-only, activation, learned,
+#: post-training); names outside it (plug-ins) follow alphabetically. tests/test_results.py checks it
+#: names exactly the ``method.name`` of the options in configs/method/
+METHOD_ORDER = ("float", "bc", "big_sr", "sr", "r", "ste", "lsq", "pact", "dorefa", "wage", "learned", "ptq")
+#: column order of datasets, smallest images first; others follow alphabetically. tests/test_results.py
+#: checks it names exactly the ``name`` of the options in configs/dataset/
+DATASET_ORDER = ("synthetic", "mnist", "fashion_mnist", "cifar10", "cifar10_jpeg", "cifar100", "imagenet")
 #: status order in listings and cell notes (finished first, then in progress, then broken)
 STATUS_ORDER = ("completed", "running", "interrupted", "pending", "dead", "diverged", "failed")
 #: what identifies a configuration besides the seed: a cell mixing several of these is flagged
