@@ -133,6 +133,31 @@ def test_method_name_and_default_bits_are_the_yaml_ones(option: str) -> None:
         f"{cls.__name__} repeats name/default_bits: they come from configs/method/{option}.yaml")
 
 
+def test_a_class_that_repeats_its_yaml_name_or_default_bits_is_refused() -> None:
+    """One naming rule for shipped and plug-in methods: name and default bits live in the YAML only."""
+    from qexp.methods.base import Method
+
+    for attr in ("name", "default_bits"):
+        with pytest.raises(TypeError, match=f"sets {attr}: a method's name and default bits come from its YAML"):
+            type("Repeats", (Method,), {attr: "x" if attr == "name" else 2})
+
+
+def test_a_config_dir_names_its_methods_and_may_not_rename_a_shipped_one(tmp_path: Path) -> None:
+    from qexp.errors import QexpError
+    from qexp.methods.base import register_config_dir
+    from qexp.methods.float import Float
+
+    (tmp_path / "method").mkdir()
+    (tmp_path / "method" / "my_float.yaml").write_text(
+        "method:\n  _target_: qexp.methods.float.Float\n  name: float\n  bits: ${bits}\nbits: 32\n")
+    assert register_config_dir(tmp_path) == {Float: {"option": "my_float", "name": "float", "default_bits": 32}}
+    (tmp_path / "method" / "my_float.yaml").write_text(
+        "method:\n  _target_: qexp.methods.float.Float\n  name: myfloat\n  bits: ${bits}\nbits: 32\n")
+    with pytest.raises(QexpError, match="Float has name=float bits=32 in float.yaml; a second YAML may not rename"):
+        register_config_dir(tmp_path)
+    assert Float.name == "float"
+
+
 #: synthetic images shaped like each preset's dataset
 SHAPES = {"mnist": (1, 28), "fashion_mnist": (1, 28), "cifar10": (3, 32), "cifar100": (3, 32)}
 

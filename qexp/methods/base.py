@@ -7,6 +7,7 @@ import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import resources
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -75,38 +76,91 @@ def resolve_param_groups(groups: list[dict[str, Any]], lr: float) -> list[dict[s
     return out
 
 
-@functools.cache
-def registered_methods() -> dict[type, dict[str, Any]]:
-    """Every method option in ``configs/method/`` (shipped as ``qexp.configs``) by its class: the
-    option's file stem, ``name`` (``method.name``) and ``default_bits`` (the option's top-level ``bits``).
-    The YAML is the one place a method's name and default bits are written."""
+def read_options(method_dir: Any, where: str) -> dict[type, dict[str, Any]]:
+    """The method options in ``method_dir`` (a folder of ``NAME.yaml``) by the class their ``_target_``
+    names: the option's file stem, ``name`` (``method.name``) and ``default_bits`` (the top-level
+    ``bits``). Options that share a class (bc, bc_li) must agree on both. ``where`` names the folder in
+    errors."""
     import yaml
 
     out: dict[type, dict[str, Any]] = {}
-    for f in sorted((resources.files("qexp.configs") / "method").iterdir(), key=lambda f: f.name):
+    for f in sorted(method_dir.iterdir(), key=lambda f: f.name):
         if not f.name.endswith(".yaml"):
             continue
-        doc = yaml.safe_load(f.read_text())
-        module, _, attr = doc["method"]["_target_"].rpartition(".")
-        cls = getattr(importlib.import_module(module), attr)
-        entry = {"option": f.name[: -len(".yaml")], "name": doc["method"]["name"], "default_bits": int(doc["bits"])}
-        seen = out.setdefault(cls, entry)  # several options may share a class (bc, bc_li): they must agree
+        doc = yaml.safe_load(f.read_text()) or {}
+        node = doc.get("method") or {}
+        if not isinstance(node, dict) or "_target_" not in node or "name" not in node or "bits" not in doc:
+            raise QexpError(f"{where}/{f.name}: a method option needs method._target_, method.name and a "
+                            "top-level bits (its default)")
+        module, _, attr = str(node["_target_"]).rpartition(".")
+        try:
+            cls = getattr(importlib.import_module(module), attr)
+        except (ImportError, AttributeError) as e:
+            raise QexpError(f"{where}/{f.name}: cannot import {node['_target_']}: {e}") from None
+        entry = {"option": f.name[: -len(".yaml")], "name": str(node["name"]), "default_bits": int(doc["bits"])}
+        seen = out.setdefault(cls, entry)
         if (seen["name"], seen["default_bits"]) != (entry["name"], entry["default_bits"]):
-            raise RuntimeError(f"configs/method/{seen['option']}.yaml and {f.name} build {cls.__name__} "
-                               "with a different name or default bits")
+            raise QexpError(f"{where}/{seen['option']}.yaml and {f.name} build {cls.__name__} with a "
+                            "different name or default bits")
     return out
 
 
+@functools.cache
+def registered_methods() -> dict[type, dict[str, Any]]:
+    """Every method option in ``configs/method/`` (shipped as ``qexp.configs``) by its class (see
+    :func:`read_options`). The YAML is the one place a method's name and default bits are written."""
+    return read_options(resources.files("qexp.configs") / "method", "configs/method")
+
+
+#: method classes whose YAML lies outside configs/method/ (a ``--config-dir``'s method/), by class
+_PLUGINS: dict[type, dict[str, Any]] = {}
+
+
+def register_option(cls: type, name: str, default_bits: int | None = None, where: str = "") -> None:
+    """Record the YAML of a method class kept outside qexp: its ``method.name`` and, where known, its
+    default ``bits`` (None: a composed config node, where the command line may have changed ``bits``).
+    A class keeps one name: a second YAML (or the shipped one) naming it otherwise is a QexpError."""
+    known = registered_methods().get(cls) or _PLUGINS.get(cls)
+    if known is not None:
+        bits_differ = None not in (default_bits, known["default_bits"]) and default_bits != known["default_bits"]
+        if known["name"] != name or bits_differ:
+            raise QexpError(f"{where or cls.__name__}: {cls.__name__} has name={known['name']} "
+                            f"bits={known['default_bits']} in {known['option']}.yaml; a second YAML may not "
+                            f"rename it (name={name} bits={default_bits})")
+        if known["default_bits"] is not None or default_bits is None:
+            return
+    _PLUGINS[cls] = {"option": where, "name": name, "default_bits": default_bits}
+
+
+def register_config_dir(folder: str | Path) -> dict[type, dict[str, Any]]:
+    """Register the method options in ``folder/method/`` (a ``--config-dir``), as :func:`registered_methods`
+    knows the shipped ones: their classes then read ``name`` and ``default_bits`` from those YAML files.
+    Returns the folder's options by class (empty without a method/ folder)."""
+    method_dir = Path(folder) / "method"
+    if not method_dir.is_dir():
+        return {}
+    found = read_options(method_dir, str(method_dir))
+    for cls, entry in found.items():
+        register_option(cls, entry["name"], entry["default_bits"], f"{method_dir}/{entry['option']}.yaml")
+    return found
+
+
+def method_option(cls: type) -> dict[str, Any] | None:
+    """The YAML entry of a method class: shipped, or registered from a config folder or config node."""
+    return registered_methods().get(cls) or _PLUGINS.get(cls)
+
+
 class _FromConfig:
-    """A class attribute read from the method's YAML (:func:`registered_methods`); a class without one
-    (a test's subclass) gets ``fallback(cls)``. A subclass may still assign the attribute itself."""
+    """A class attribute read from the method's YAML (:func:`method_option`); a class that no YAML
+    builds (a test's throwaway subclass) gets ``fallback(cls)``."""
 
     def __init__(self, key: str, fallback: Callable[[type], Any]) -> None:
         self.key, self.fallback = key, fallback
 
     def __get__(self, obj: object, cls: type) -> Any:
-        entry = registered_methods().get(cls)
-        return self.fallback(cls) if entry is None else entry[self.key]
+        entry = method_option(cls)
+        value = None if entry is None else entry[self.key]
+        return self.fallback(cls) if value is None else value
 
 
 class Method:
@@ -134,8 +188,10 @@ class Method:
     the plain (unwrapped) model; the hooks must leave every process in the same state.
 
     Subclasses declare ``bits_range`` (inclusive); an out-of-range ``bits`` is a :class:`QexpError` raised
-    before any training. ``name`` and ``default_bits`` come from the method's YAML in ``configs/method/``
-    (``method.name`` and the top-level ``bits``), written nowhere else.
+    before any training. ``name`` and ``default_bits`` come from the method's YAML (``method.name`` and
+    the top-level ``bits``), shipped in ``configs/method/`` or in a ``--config-dir``'s ``method/``
+    (:func:`register_config_dir`, :func:`register_option`), written nowhere else: a class that assigns
+    them is refused.
     """
 
     name: str = _FromConfig("name", lambda cls: cls.__name__.lower())  # type: ignore[assignment]
@@ -145,6 +201,14 @@ class Method:
     batch_scale: int = 1
     #: multiplies the configured epochs (Big SR's equal-updates budget: batch_scale x the epochs)
     epoch_scale: int = 1
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        repeated = sorted({"name", "default_bits"} & set(vars(cls)))
+        if repeated:
+            raise TypeError(f"{cls.__module__}.{cls.__qualname__} sets {' and '.join(repeated)}: a method's name "
+                            "and default bits come from its YAML (method.name and the top-level bits); "
+                            "remove them from the class")
 
     def __init__(self, bits: int | None = None, loss: str = "ce") -> None:
         self.bits = self.default_bits if bits is None else int(bits)

@@ -30,7 +30,7 @@ from omegaconf.errors import OmegaConfBaseException
 from qexp.data import DataBundle
 from qexp.errors import QexpError
 from qexp.jsonio import atomic_write_bytes
-from qexp.methods.base import Method, RunContext, resolve_param_groups
+from qexp.methods.base import Method, RunContext, register_config_dir, register_option, resolve_param_groups
 from qexp.quant import kernels
 from qexp.run import (
     checkpoint,
@@ -58,14 +58,19 @@ META_KEYS = ("name", "tag")
 
 
 def instantiate(node: DictConfig, **kwargs: Any) -> Any:
-    """``hydra.utils.instantiate`` minus the naming keys; constructor errors become user errors."""
+    """``hydra.utils.instantiate`` minus the naming keys; constructor errors become user errors. A method
+    class kept outside qexp learns its ``name`` from the node (its YAML's ``method.name``)."""
     conf = OmegaConf.to_container(node, resolve=True)
+    name = conf.get("name")
     for k in META_KEYS:
         conf.pop(k, None)
     try:
         factory = hydra.utils.instantiate(conf, _partial_=True)
     except hydra.errors.InstantiationException as e:
         raise QexpError(f"cannot build {conf.get('_target_')}: {e}") from None
+    cls = getattr(factory, "func", None)
+    if isinstance(cls, type) and issubclass(cls, Method) and name is not None:
+        register_option(cls, str(name), where=f"method={name}")
     try:
         return factory(**kwargs)
     except (TypeError, ValueError) as e:  # a bad option value or name in the config
@@ -607,7 +612,8 @@ def arrange_argv(args: list[str]) -> list[str]:
 
 def check_config_dir(folder: Path) -> None:
     """``--config-dir DIR``: a file there with the name of a shipped one (``DIR/method/bc.yaml``) would be
-    silently shadowed by the shipped file; refuse it, naming the fix."""
+    silently shadowed by the shipped file; refuse it, naming the fix. Then register the folder's method
+    options (their classes read ``name`` and default ``bits`` from these YAML files)."""
     import qexp.configs
 
     shipped = Path(qexp.configs.__file__).parent
@@ -620,6 +626,7 @@ def check_config_dir(folder: Path) -> None:
             what = f"{group}={rel.stem}" if group else rel.name
             raise QexpError(f"--config-dir {folder}: {rel} has the name of the shipped {what}, which would "
                             f"be used instead of yours; rename it (e.g. {rel.parent / ('my_' + rel.name)})")
+    register_config_dir(folder)  # its method options' name and default bits, read from their YAML
 
 
 def main() -> None:
