@@ -1,8 +1,7 @@
 """Contracts that hold for every method option, every experiment preset and every module (timm style):
 
-- every ``configs/method/*.yaml`` builds on synthetic data, trains with the engine's ``train_step``, is
-  interrupted after two steps and resumes bit-identically, writes a quant.json of the documented schema,
-  and round-trips its state_dict;
+- every ``configs/method/*.yaml`` passes :func:`qexp.testing.check_method` (trains, stops and resumes
+  bit-identically, valid quant.json, state_dict round trip, export or a one-line refusal);
 - a shipped method's name and default bits are the ones its YAML writes (and only there);
 - every ``configs/experiment/*.yaml`` is built (data, model, method, optimizer, schedule) and runs a
   forward pass, with its dataset swapped for synthetic images of the same shape;
@@ -12,8 +11,6 @@
 from __future__ import annotations
 
 import ast
-import json
-import math
 from pathlib import Path
 
 import pytest
@@ -21,9 +18,8 @@ import torch
 from omegaconf import OmegaConf, open_dict
 
 from qexp.methods.base import registered_methods
-from qexp.run import checkpoint
-from qexp.run.engine import Trainer, evaluate, train_step
 from qexp.run.train import build
+from qexp.testing import check_method
 from tests.conftest import compose_train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -37,83 +33,13 @@ def options(group: str) -> list[str]:
     return sorted(p.stem for p in (CONFIGS / group).glob("*.yaml"))
 
 
-#: a tiny problem every method can train: a chain MLP without BN, biases or dropout (WAGE's limits),
-#: ReLUs (activation methods); batches of 8 synthetic 1x12x12 images (big_sr: 64), 4 steps used
-TINY = ["dataset=synthetic", "dataset.image_size=12", "dataset.train_samples=256", "dataset.test_samples=32",
-        "batch_size=8", "eval_batch_size=32", "model=mlp", "model.width=32", "model.depth=2", "model.bn=false",
-        "model.bias=false", "epochs=2", "progress=false"]
-
-
-#: methods that refuse a quantized activation without a BatchNorm before it (their clip assumes one)
-NEEDS_BN = ("dorefa", "pact")
-
-
-def _build(option: str, extra: tuple[str, ...] = ()):
-    bn = ["model.bn=true"] if option in NEEDS_BN else []
-    cfg = compose_train([f"method={option}", *TINY, *bn, *extra])
-    torch.manual_seed(cfg.seed)
-    return cfg, build(cfg, CPU)
-
-
-def _trainer(cfg, b) -> Trainer:
-    """The engine's checkpoint format (Trainer.state_dict) around a built run; steps are train_step's."""
-    return Trainer(b.model, b.method, b.optimizer, b.scheduler, b.data, CPU, cfg.epochs, progress_bar=False)
-
-
-def _steps(b, batches, start: int, stop: int) -> list[float]:
-    b.model.train()
-    return [float(train_step(b.model, b.method, b.optimizer, *batches[i], step=i)[0]) for i in range(start, stop)]
-
-
-def _state(b) -> list[tuple[str, torch.Tensor]]:
-    return sorted(b.model.state_dict().items())
-
-
 @pytest.mark.parametrize("option", options("method"))
-def test_method_trains_resumes_bit_identically_and_reports(option: str, tmp_path: Path) -> None:
-    cfg, ref = _build(option)
-    batches = list(ref.data.train)[:4]
-    assert len(batches) == 4
-    ref_losses = _steps(ref, batches, 0, 4)
-    assert all(torch.isfinite(torch.tensor(ref_losses))), ref_losses
-
-    # interrupted after two steps: the engine's checkpoint, written and read back from disk
-    _, first = _build(option)
-    assert _steps(first, batches, 0, 2) == ref_losses[:2]
-    checkpoint.save(tmp_path / "ckpt.pt", _trainer(cfg, first).state_dict())
-    del first
-    _, resumed = _build(option)
-    _trainer(cfg, resumed).load_state_dict(checkpoint.load(tmp_path / "ckpt.pt"))
-    assert _steps(resumed, batches, 2, 4) == ref_losses[2:]
-    for (k, v), (k2, v2) in zip(_state(ref), _state(resumed)):
-        assert k == k2 and torch.equal(v, v2), f"{option}: {k} differs after resume"
-    assert str(resumed.method.state_dict()) == str(ref.method.state_dict())
-
-    # evaluation and the manifest (quant.json) of the documented schema, JSON-serialisable
-    res = evaluate(ref.model, ref.method, ref.data.test, CPU)
-    assert ref.model.training, "evaluate() must restore the training mode"
-    ref.model.eval()
-    with torch.no_grad():  # the error is the share of wrong argmax predictions, counted again here
-        wrong = sum(int((ref.model(x).argmax(1) != y).sum()) for x, y in ref.data.test)
-        n = sum(len(y) for _, y in ref.data.test)
-    ref.model.train()
-    assert res["error"] == pytest.approx(100.0 * wrong / n) and math.isfinite(res["loss"])
-    m = json.loads(json.dumps(ref.method.manifest(ref.model)))
-    assert m["method"] == cfg.method.name and m["bits"] == ref.method.bits
-    assert isinstance(m["layers"], list) and all("name" in r and "bits" in r for r in m["layers"])
-    assert isinstance(m["weight_bytes"], int) and isinstance(m["float32_bytes"], int)
-    assert 0 < m["weight_bytes"] <= m["float32_bytes"]
-    assert json.dumps(ref.method.manifest(ref.model)) == json.dumps(m), "manifest() changed state"
-
-    # state_dict round trip into a freshly built run: the same function, the same method state
-    _, fresh = _build(option)
-    fresh.model.load_state_dict(ref.model.state_dict())
-    fresh.method.load_state_dict(ref.method.state_dict())
-    x = batches[0][0]
-    ref.model.eval(), fresh.model.eval()
-    with torch.no_grad():
-        assert torch.equal(ref.model(x), fresh.model(x))
-    assert str(fresh.method.state_dict()) == str(ref.method.state_dict())
+def test_method_passes_the_contract_check(option: str, tmp_path: Path) -> None:
+    """qexp.testing.check_method: trains through `qexp train`'s entry point, stop + resume bit-identical,
+    manifest records valid, state_dict round trip, export done or refused in one line."""
+    report = check_method(option, workdir=tmp_path)
+    assert report.passed == ["train", "resume", "manifest", "state_dict", "export"]
+    assert report.option == option
 
 
 @pytest.mark.parametrize("option", options("method"))
