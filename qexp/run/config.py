@@ -83,13 +83,25 @@ INTERNAL_GROUPS = ("reference",)
 
 def config_groups() -> str:
     """``group: option, option`` lines for ``qexp train --help`` (the help template's ``${qexp_groups:}``):
-    Hydra's own listing minus its ``hydra/`` groups and :data:`INTERNAL_GROUPS`."""
+    Hydra's own listing minus its ``hydra/`` groups and :data:`INTERNAL_GROUPS`. Hydra resolves the help
+    template at every composition, so the listing is kept per search path (walking it took seconds)."""
     from hydra.core.global_hydra import GlobalHydra
-    from hydra.core.object_type import ObjectType
 
     if not GlobalHydra.instance().is_initialized():
         return ""
     loader = GlobalHydra.instance().config_loader()
+    key = tuple((src.provider, src.path) for src in loader.get_sources())
+    if key not in _GROUPS:
+        _GROUPS[key] = _list_groups(loader)
+    return _GROUPS[key]
+
+
+#: :func:`config_groups` by search path
+_GROUPS: dict[tuple[tuple[str, str], ...], str] = {}
+
+
+def _list_groups(loader: Any) -> str:
+    from hydra.core.object_type import ObjectType
 
     def walk(parent: str) -> list[str]:
         out = []
