@@ -1,4 +1,5 @@
-"""Shared fixtures: the real-data root, and running ``qexp`` as a user does (a subprocess)."""
+"""Shared fixtures: the real-data root, running ``qexp`` as a user does (a subprocess), the markers
+(``slow``, ``real_data``, ``cuda``) and the split of the suite over pytest-xdist workers."""
 
 from __future__ import annotations
 
@@ -13,6 +14,13 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO / "data"  # qexp's own default (./data) when QEXP_DATA is unset
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # Under pytest-xdist (``-n 2`` in pyproject's addopts) every worker computes with one thread, and so do
+    # the `qexp` processes it starts (they inherit OMP_NUM_THREADS): workers x threads = cores, as a local
+    # parallel sweep does (qexp/run/resources.py); oversubscribed threads are many times slower.
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
 
 
 def data_root_path() -> Path:
@@ -30,12 +38,24 @@ def data_root() -> Path:
     return root
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads the groups
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Every test that reads the real datasets (through the ``data_root`` fixture, directly or not)
-    carries the ``real_data`` marker, so ``-m "not real_data"`` is the suite without ``$QEXP_DATA``."""
+    """Markers that say what a test needs:
+
+    * ``real_data``: every test that reads the real datasets (through the ``data_root`` fixture, directly
+      or not), so ``-m "not real_data"`` is the suite without ``$QEXP_DATA``;
+    * ``cuda``: skipped where no CUDA device is visible;
+    * ``xdist_group``: a test file runs in one worker (its module fixtures are computed once), unless its
+      tests name a group of their own (``--dist loadgroup`` in pyproject's addopts).
+    """
+    no_cuda = pytest.mark.skip(reason="needs a CUDA device") if not torch.cuda.is_available() else None
     for item in items:
         if "data_root" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.real_data)
+        if no_cuda is not None and item.get_closest_marker("cuda"):
+            item.add_marker(no_cuda)
+        if not item.get_closest_marker("xdist_group"):
+            item.add_marker(pytest.mark.xdist_group(item.nodeid.split("::")[0]))
 
 
 def run_qexp(args: list[str], cwd: Path | None = None, env: dict[str, str] | None = None,
@@ -62,6 +82,16 @@ def run_drivers(specs: list[Path], timeout: float) -> dict:
         assert proc.returncode == 0 and lines, stdout[-3000:] + stderr[-3000:]
         report.update(json.loads(lines[0][len("KILL-MATRIX "):]))
     return report
+
+
+def seed_floor(accs: tuple[float, ...]) -> float:
+    """An accuracy floor from measured seeds: the lowest minus three standard deviations and half a point
+    (the spread of single runs across library versions and thread counts is of that order), rounded down
+    to a tenth."""
+    import math
+    import statistics
+
+    return math.floor(10 * (min(accs) - 3 * statistics.stdev(accs) - 0.5)) / 10
 
 
 def read_metrics(run_dir: Path) -> dict:

@@ -14,7 +14,7 @@ Kill points are installed in the child through global hooks that know nothing ab
 n-th optimizer step (torch's global step hook), at the first evaluation forward after n steps (a global
 module forward hook in eval mode), inside the n-th checkpoint write (after the temporary file is
 written, before the rename), right after the n-th metrics.json write. ``sigint`` sends Ctrl-C to itself
-after the n-th step instead of SIGKILL.
+after the n-th step instead of SIGKILL, ``sigterm`` a scheduler's SIGTERM (a preemption).
 """
 
 from __future__ import annotations
@@ -39,11 +39,11 @@ TIMING = ("wall_s", "images_per_s")
 def _install(kind: str, n: int) -> None:
     me = os.getpid()
     steps = [0]
-    sig = signal.SIGINT if kind == "sigint" else signal.SIGKILL
+    sig = {"sigint": signal.SIGINT, "sigterm": signal.SIGTERM}.get(kind, signal.SIGKILL)
 
     def on_step(opt: Any, args: Any, kwargs: Any) -> None:
         steps[0] += 1
-        if kind in ("step", "sigint") and steps[0] == n:
+        if kind in ("step", "sigint", "sigterm") and steps[0] == n:
             os.kill(me, sig)
 
     register_optimizer_step_post_hook(on_step)

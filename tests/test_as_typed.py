@@ -10,18 +10,15 @@ never change; its flip fraction is asserted instead of an accuracy floor.
 
 Floors: the lowest test accuracy of 3 seeds measured with this exact command (seed=0,1,2, 2 shared cores,
 one thread per run), minus three standard deviations of those seeds and half a point, rounded down to a
-tenth (the rule of tests/test_baselines_e2e.py: :func:`floor`); measured on the commit that added this file. Where the
+tenth (:func:`floor`, via tests.conftest.seed_floor); measured on the commit that added this file. Where the
 spread is so wide that the rule falls to chance (big_sr: 4 updates at batch 512; wage), the floor is
 ABOVE_CONSTANT instead: it still fails a dead network, which is what "works as typed" is about."""
 
 from __future__ import annotations
 
-import math
-import statistics
-
 import pytest
 
-from tests.conftest import REPO, find_runs, read_metrics, run_qexp
+from tests.conftest import REPO, find_runs, read_metrics, run_qexp, seed_floor
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
@@ -63,8 +60,7 @@ def test_every_method_option_is_measured() -> None:
 def floor(method: str) -> float:
     """The lowest measured seed minus three standard deviations and half a point, a tenth below; never
     under :data:`ABOVE_CONSTANT`."""
-    accs = MEASURED[method]
-    return max(math.floor(10 * (min(accs) - 3 * statistics.stdev(accs) - 0.5)) / 10, ABOVE_CONSTANT)
+    return max(seed_floor(MEASURED[method]), ABOVE_CONSTANT)
 
 
 def test_every_method_as_typed_learns(tmp_path, data_root) -> None:

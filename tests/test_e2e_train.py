@@ -1,12 +1,8 @@
-"""End to end as a user runs it: ``qexp train`` in a subprocess on real MNIST; resume; bad input."""
+"""End to end as a user runs it: ``qexp train`` in a subprocess on real MNIST; refused resumes; bad input.
+(That an interrupted run resumes exactly is the kill matrix's: tests/test_kill_matrix.py.)"""
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -40,42 +36,6 @@ def test_main_job_lenet5_mnist(tmp_path, data_root):
 
 def _history(run_dir: Path) -> list[dict]:
     return read_metrics(run_dir)["history"]
-
-
-@pytest.mark.slow
-def test_interrupted_run_resumes_exactly(tmp_path, data_root):
-    """Stop a run with SIGTERM during its second epoch, run it again: same metrics as never stopped."""
-    args = ["train", f"data_root={data_root}", "epochs=2", "dataset.train_subset=12000", "seed=3"]
-    run_qexp([*args, f"out_root={tmp_path / 'straight'}"])
-    (straight,) = find_runs(tmp_path / "straight")
-
-    env = {**os.environ}
-    proc = subprocess.Popen([sys.executable, "-m", "qexp.cli", *args, f"out_root={tmp_path / 'stopped'}"],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    metrics = None
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        found = find_runs(tmp_path / "stopped")
-        if found and read_metrics(found[0]).get("epochs_done") == 1:
-            metrics = found[0]
-            break
-        time.sleep(0.05)
-    assert metrics is not None, "the run never finished its first epoch"
-    time.sleep(0.5)  # land inside the second epoch
-    proc.send_signal(signal.SIGTERM)
-    proc.communicate(timeout=120)
-    assert read_metrics(metrics)["status"] == "interrupted", "the signal arrived too late to test resume"
-    state = torch.load(metrics / "checkpoint.pt", weights_only=True)
-    assert state["progress"]["batch"] > 0, "checkpoint should be mid-epoch"
-
-    run_qexp([*args, f"out_root={tmp_path / 'stopped'}"])
-    resumed, reference = _history(metrics), _history(straight)
-    assert read_metrics(metrics)["status"] == "completed"
-    assert len(resumed) == len(reference) == 2
-    for a, b in zip(resumed, reference):
-        assert a["test_error"] == b["test_error"]
-        assert a["test_loss"] == pytest.approx(b["test_loss"], rel=1e-6)
-        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-6)
 
 
 def _fails(args: list[str], *needles: str) -> str:

@@ -21,10 +21,11 @@ from qexp.errors import QexpError
 from tests.conftest import REPO, find_runs, read_metrics, run_drivers
 
 T = ["dataset=synthetic", "model=mlp", "model.width=16", "model.depth=1", "model.bn=false",
-     "dataset.train_subset=64", "batch_size=32", "eval_batch_size=256", "progress=false", "threads=1"]
+     "dataset.train_subset=64", "batch_size=32", "eval_batch_size=256", "progress=false", "threads=1",
+     "device=cpu"]  # runs compared bit for bit: CPU (device=auto would pick a GPU)
 #: lenet5 (a preset's own model) on the same tiny data
 L = ["dataset=synthetic", "dataset.train_subset=64", "batch_size=32", "eval_batch_size=256", "progress=false",
-     "threads=1", "epochs=1"]
+     "threads=1", "epochs=1", "device=cpu"]
 
 #: two spellings of one configuration: one run
 SAME = {

@@ -1,6 +1,7 @@
 """The kill matrix: every method option, killed (SIGKILL) mid-epoch, inside a checkpoint write, during
-evaluation and between epochs, or stopped with Ctrl-C; the same command again must end with exactly the
-numbers of metrics.json and the checkpoint (weights, optimizer, method state) of an uninterrupted run.
+evaluation and between epochs, or stopped with Ctrl-C or a scheduler's SIGTERM; the same command again
+must end with exactly the numbers of metrics.json and the checkpoint (weights, optimizer, method state) of
+an uninterrupted run.
 
 Small: a 2x32 MLP on 128 synthetic images, batch 16 (8 steps an epoch), 3 epochs, one thread; every
 launch is a forked child of one driver process (tests/kill_driver.py), so a real SIGKILL ends it."""
@@ -16,7 +17,8 @@ import pytest
 from tests.conftest import run_drivers
 
 TINY = ["dataset=synthetic", "model=mlp", "model.width=32", "model.depth=2", "model.bn=false",
-        "dataset.train_subset=128", "batch_size=16", "eval_batch_size=256", "epochs=3", "progress=false"]
+        "dataset.train_subset=128", "batch_size=16", "eval_batch_size=256", "epochs=3", "progress=false",
+        "device=cpu"]  # bit-exact numbers: CPU (device=auto would pick a GPU)
 #: per method: what it needs on the tiny MLP (8 optimizer steps an epoch everywhere)
 METHODS = {
     "float": [],
@@ -30,8 +32,11 @@ METHODS = {
     "ptq": ["method=ptq", "method.activations=true"],
 }
 #: kill points (see tests/kill_driver.py): inside epoch 2; Ctrl-C inside epoch 2; writing the 2nd
-#: checkpoint; evaluating after epoch 2; right after epoch 1's metrics.json
-KINDS = ["step:11", "sigint:11", "ckpt:2", "eval:16", "metrics:2"]
+#: checkpoint; evaluating after epoch 2; right after epoch 1's metrics.json; SIGTERM inside epoch 2
+KINDS = ["step:11", "sigint:11", "ckpt:2", "eval:16", "metrics:2", "sigterm:11"]
+#: how the first launch ends: Ctrl-C exits 130 and SIGTERM 0 (both after a checkpoint: `interrupted`);
+#: SIGKILL leaves the run `running`
+FIRST = {"sigint": (["exit", 130], "interrupted"), "sigterm": (["exit", 0], "interrupted")}
 #: the fast part: every method once, every kill point at least once (the diagonal of the matrix)
 DIAGONAL = {m: [KINDS[i % len(KINDS)]] for i, m in enumerate(METHODS)}
 
@@ -63,7 +68,7 @@ def check(report: dict) -> None:
         for sc, r in cases.items():
             if sc in ("ref", "control"):
                 continue
-            first = (["exit", 130], "interrupted") if sc.startswith("sigint") else (["signal", 9], "running")
+            first = FIRST.get(sc.split(":")[0], (["signal", 9], "running"))
             if (r["first"], r["status_after_first"]) != first or r["second"] != ["exit", 0] or r["diffs"] \
                     or r["leftovers"]:  # leftovers: a lock or temporary file left behind
                 bad.append((method, sc, r))

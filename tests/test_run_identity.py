@@ -16,7 +16,8 @@ import pytest
 from tests.conftest import REPO
 
 T = ["dataset=synthetic", "model=mlp", "model.width=16", "model.depth=1", "model.bn=false",
-     "dataset.train_subset=64", "batch_size=32", "eval_batch_size=256", "progress=false"]
+     "dataset.train_subset=64", "batch_size=32", "eval_batch_size=256", "progress=false",
+     "device=cpu"]  # runs compared bit for bit: CPU (device=auto would pick a GPU)
 BAD = {"epochs": "epochs=0", "batch_size": "batch_size=0", "eval_batch_size": "eval_batch_size=0",
        "bits": "bits=0", "lr": "lr=-1", "subset": "dataset.train_subset=99999", "bc_bits": "bits=9",
        "lock": "lock=sometimes", "type": "epochs=abc", "key": "methd=sr", "option": "method=nonexist",

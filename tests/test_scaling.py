@@ -78,7 +78,7 @@ def test_cuda_index_without_any_gpu_is_exit_2(tmp_path: Path):
         "error: device=cuda:1 was asked for but no CUDA device is available; use device=auto or cpu"]
 
 
-@pytest.mark.skipif(torch.cuda.device_count() < 1, reason="needs a GPU")
+@pytest.mark.cuda
 def test_cuda_index_selects_that_gpu():
     last = torch.cuda.device_count() - 1
     assert resolve_device(f"cuda:{last}") == torch.device("cuda", last)
