@@ -253,7 +253,7 @@ def _group_choice(cfg: Any, group: str) -> str | None:
 
 
 def _instantiate(node: Any) -> Any:
-    from qexp.run.train import instantiate
+    from qexp.run.session import instantiate
 
     return instantiate(node)
 
@@ -339,12 +339,12 @@ def _built(run: Path) -> Any:
     from omegaconf import OmegaConf
 
     from qexp.run.config import register
-    from qexp.run.train import prepare
+    from qexp.run.session import assemble
 
     register()
     cfg = OmegaConf.load(run / ".hydra" / "config.yaml")
     torch.manual_seed(int(cfg.seed))
-    return prepare(cfg, torch.device("cpu"))
+    return assemble(cfg, torch.device("cpu"))
 
 
 def _initial_model(run: Path) -> dict[str, torch.Tensor]:

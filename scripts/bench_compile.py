@@ -2,7 +2,7 @@
 
     OMP_NUM_THREADS=1 python scripts/bench_compile.py --methods float,bc,sr,ste,wage --models lenet5,resnet20
 
-Each (model, method) is built twice through ``qexp.run.train.build`` from the real config (same seed):
+Each (model, method) is built twice through ``qexp.run.session.build`` from the real config (same seed):
 one steps eagerly, the other through :class:`qexp.run.compiled.Compiled` (what ``compile=true`` does).
 The step is :func:`qexp.run.engine.train_step` (every method hook, forward, loss, backward, optimizer
 step) on a fixed synthetic batch of the real shape (LeNet-5: 1x28x28, batch 64; ResNet-20: 3x32x32,
@@ -13,6 +13,7 @@ alternate in ABBA rounds and the ratio of median step times is the speed-up (tar
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import time
 from collections.abc import Callable
@@ -22,9 +23,8 @@ from bench_weight import side_by_side  # scripts/ is on the path when run as a s
 
 from qexp.run.compiled import CompileClock, Compiled
 from qexp.run.config import register
-from qexp.run.engine import train_step
 from qexp.run.precision import MixedPrecision
-from qexp.run.train import build
+from qexp.run.session import build, train_step
 
 SHAPES = {"lenet5": (["dataset.channels=1", "dataset.image_size=28"], 64),
           "resnet20": (["dataset.channels=3", "dataset.image_size=32"], 128)}
@@ -49,7 +49,7 @@ def make_step(model_name: str, method: str, compiled: bool, precision: str = "32
     b.model.train()
     amp = MixedPrecision(precision, torch.device("cpu"))
     amp.attach(b.model)
-    fwd = Compiled(b.model) if compiled else b.model
+    fwd = Compiled(b.model, ready=functools.partial(b.method.compile_ready, b.model)) if compiled else b.model
     state = {"step": 0}
 
     def step() -> None:

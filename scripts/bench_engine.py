@@ -19,8 +19,8 @@ import torch.nn.functional as F
 from qexp.data.mnist import build as build_mnist
 from qexp.methods.float import Float
 from qexp.models.lenet import LeNet5
-from qexp.run.engine import Trainer
 from qexp.run.sched import constant
+from qexp.run.session import Trainer
 
 
 def bare_epoch(model, opt, x_all, y_all, batch_size, mean, std, seed, epoch) -> float:

@@ -34,7 +34,7 @@ from qexp.models.resnet import CifarResNet
 from qexp.quant import kernels
 from qexp.quant.grid import quantize_stochastic
 from qexp.quant.kernels import Noise, stochastic_round_
-from qexp.run.engine import train_step
+from qexp.run.session import train_step
 
 METHODS: dict[str, Callable[[], Method]] = {
     "float": Float,

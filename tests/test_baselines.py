@@ -112,7 +112,7 @@ def test_lsq_options_and_label():
     cfg = compose_train(["method=lsq", "bits=4"])
     assert cfg.method.tag == "lsq-w4a4" and cfg.abits == 4
     cfg = compose_train(["method=lsq", "bits=3", "abits=2"])
-    assert cfg.method.tag == "lsq-w3a2" and LSQ(bits=3, abits=2).tag() == "w3a2"
+    assert cfg.method.tag == "lsq-w3a2" and LSQ(bits=3, abits=2).bits_label() == "w3a2"
     method = LSQ(bits=2, abits=32, first_last_bits=32)
     model = lenet(method)
     layers = weight_layers(model)
@@ -188,7 +188,7 @@ def test_pact_groups_weights_and_label():
     model = lenet(method)
     groups = method.param_groups(model)
     assert groups[-1]["name"] == "alpha" and groups[-1]["lr_scale"] == 3.0 and groups[-1]["weight_decay"] == 0
-    assert len(groups[-1]["params"]) == 3 and method.tag() == "w2a2"
+    assert len(groups[-1]["params"]) == 3 and method.bits_label() == "w2a2"
     layers = weight_layers(model)  # DoReFa weights, first and last layer float (the paper)
     assert weight_quantizer(layers[0][1]) is None and weight_quantizer(layers[-1][1]) is None
     assert weight_quantizer(layers[1][1]).bits == 2
@@ -261,7 +261,7 @@ def test_dorefa_gradient_quantization():
     g = out["g"]  # the gradient the layer receives, after quantization: at most 4 levels per example
     for ex in g:
         assert len(torch.unique(ex)) <= 4
-    assert DoReFa(bits=2).noise is None and method.tag() == "w2a2g2"
+    assert DoReFa(bits=2).noise is None and method.bits_label() == "w2a2g2"
     assert compose_train(["method=dorefa", "bits=3"]).method.tag == "dorefa-w3a3"
 
 

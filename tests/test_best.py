@@ -10,7 +10,7 @@ import torch
 
 from qexp.cli import main as qexp
 from qexp.run import record
-from qexp.run.engine import Trainer
+from qexp.run.session import Trainer
 from tests.conftest import find_runs, read_metrics, run_qexp
 
 ENV = {"OMP_NUM_THREADS": "1"}

@@ -19,7 +19,7 @@ from qexp.errors import QexpError
 from qexp.report import reference as refs
 from qexp.report import results
 from qexp.report.table import build_view
-from qexp.run.train import build
+from qexp.run.session import build
 from tests.conftest import compose_train, find_runs, read_metrics, run_qexp
 
 CIFAR_PRESETS = ("li2017_cifar10", "bc2015_cifar10", "wage_cifar10", "yin2019_cifar10", "baselines_cifar10")

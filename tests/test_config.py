@@ -11,7 +11,7 @@ import torch
 from omegaconf import OmegaConf
 
 from qexp.errors import QexpError
-from qexp.run.train import build, instantiate
+from qexp.run.session import build, instantiate
 from tests.conftest import compose_train
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"

@@ -18,7 +18,7 @@ import torch
 from omegaconf import OmegaConf, open_dict
 
 from qexp.methods.base import registered_methods
-from qexp.run.train import build
+from qexp.run.session import build
 from qexp.testing import check_method
 from tests.conftest import compose_train
 
@@ -165,7 +165,7 @@ def test_report_never_imports_the_training_run() -> None:
     """report/ reads what runs wrote (qexp.run.record's schema); the engine and the entry point are
     training internals."""
     graph = _imports()
-    internals = {"qexp.run.engine", "qexp.run.train", "qexp.run.callbacks", "qexp.run.distributed"}
+    internals = {"qexp.run.engine", "qexp.run.train", "qexp.run.session", "qexp.run.callbacks", "qexp.run.distributed"}
     for m, deps in graph.items():
         if m.startswith("qexp.report"):
             assert not deps & internals, f"{m} imports {sorted(deps & internals)}"

@@ -20,7 +20,7 @@ from qexp.data.loader import Normalize, TensorLoader
 from qexp.errors import QexpError
 from qexp.methods.base import Method
 from qexp.run import distributed
-from qexp.run.train import train
+from qexp.run.session import train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -93,18 +93,18 @@ def test_fingerprint_sees_weights_effective_weights_and_method_state() -> None:
     model = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3))
     parametrize.register_parametrization(model[0], "weight", _Round())
     method = Stateful()
-    ref = distributed.fingerprint(model, method)
-    assert distributed.fingerprint(model, method) == ref
+    ref = distributed.weights_digest(model, method.state_dict())
+    assert distributed.weights_digest(model, method.state_dict()) == ref
     with torch.no_grad():
         w = model[0].parametrizations.weight.original
         w[0, 0] = torch.nextafter(w[0, 0], torch.tensor(10.0))
-    assert distributed.fingerprint(model, method) != ref
-    ref = distributed.fingerprint(model, method)
+    assert distributed.weights_digest(model, method.state_dict()) != ref
+    ref = distributed.weights_digest(model, method.state_dict())
     torch.rand(1, generator=method.gen)
-    assert distributed.fingerprint(model, method) != ref
-    ref = distributed.fingerprint(model, method)
+    assert distributed.weights_digest(model, method.state_dict()) != ref
+    ref = distributed.weights_digest(model, method.state_dict())
     model[1].running_mean[0] += 1
-    assert distributed.fingerprint(model, method) != ref
+    assert distributed.weights_digest(model, method.state_dict()) != ref
 
 
 # ---- end to end ----------------------------------------------------------------------------------------

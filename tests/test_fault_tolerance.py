@@ -16,8 +16,7 @@ import torch
 from conftest import compose_train, find_runs, read_metrics, run_qexp
 
 from qexp.run import checkpoint, preempt
-from qexp.run.engine import Trainer
-from qexp.run.train import build, train
+from qexp.run.session import Trainer, build, train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -17,7 +17,7 @@ from qexp.data.synthetic import build as synthetic
 from qexp.errors import QexpError
 from qexp.methods.base import RunContext, resolve_param_groups
 from qexp.methods.learned import LearnedPrecision
-from qexp.methods.learned.precision import (
+from qexp.methods.learned.allocation import (
     BitSource,
     LearnedBitsQuantizer,
     allocation_string,
@@ -33,8 +33,8 @@ from qexp.quant.activation import QuantReLU
 from qexp.quant.grid import on_grid, quantize_nearest
 from qexp.quant.inject import shadow_weight, weight_quantizer
 from qexp.run import checkpoint
-from qexp.run.engine import Trainer, train_step
 from qexp.run.sched import constant
+from qexp.run.session import Trainer, train_step
 from tests.conftest import find_runs, read_metrics, run_qexp
 
 # ---- the allocation sampler ------------------------------------------------------------------------

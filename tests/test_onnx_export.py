@@ -59,8 +59,8 @@ def _first_batch_agreement(path: Path, run: Path) -> tuple[float, float]:
     loaded = load_run(run, "cpu")
     model, method = loaded.built.model, loaded.built.method
     model.eval()
-    if hasattr(method, "quantized_copy"):  # PTQ's deployed network
-        model = method.quantized_copy(model)
+    copy = method.deployable_copy(model)  # PTQ's deployed network
+    model = model if copy is None else copy
     x, _ = next(iter(loaded.built.data.test))
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     got = torch.from_numpy(session.run(None, {"input": x.numpy()})[0])

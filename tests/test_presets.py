@@ -11,7 +11,7 @@ from torch import nn
 
 from qexp.methods.base import squared_hinge, squared_hinge_mean
 from qexp.quant.activation import lloyd_max_alpha, quantized_relu, relu_gaussian_mse
-from qexp.run.train import build
+from qexp.run.session import build
 from tests.conftest import REPO, compose_train
 
 TINY_MNIST = ["dataset.train_subset=256", "eval_batch_size=500", "device=cpu"]
@@ -46,7 +46,7 @@ def test_li2017_bc_param_groups_all_at_the_base_lr(data_root) -> None:
 
 # ---- 2. Li et al.: the grid scale is the number format's, not the learning rate's -----------------
 def _r_flips(overrides: list[str], data_root) -> float:
-    from qexp.run.engine import Trainer
+    from qexp.run.session import Trainer
 
     cfg, b = _build(["+experiment=li2017_mnist", "method=r", "dataset.train_subset=640", *overrides,
                      "eval_batch_size=1000", "device=cpu"], data_root)
@@ -104,7 +104,7 @@ def test_bc_li_keeps_its_initial_weights_when_unclipped(data_root) -> None:
 def test_li2017_cifar10_nets_normalise_the_output_layer(model) -> None:
     """li2017_cifar10: BN after the output layer (the BinaryConnect VGG has one) and warm-started BN
     statistics, as li2017_mnist; without bn_out 1-bit output weights set the logits' scale."""
-    from qexp.run.train import instantiate
+    from qexp.run.session import instantiate
 
     cfg = compose_train(["+experiment=li2017_cifar10", f"model={model}"])
     assert cfg.model.bn_out is True and cfg.model.bn_warm_start is True
@@ -211,7 +211,7 @@ def test_yin2019_mnist_has_affine_free_bn_before_every_quantized_relu(data_root)
 def test_init_from_starts_from_another_runs_weights(tmp_path, data_root, one_thread) -> None:
     from qexp.errors import QexpError
     from qexp.run import checkpoint
-    from qexp.run.train import CHECKPOINT
+    from qexp.run.session import CHECKPOINT
 
     over = ["+experiment=yin2019_mnist", "method.ste=clipped_relu", "bits=2", *TINY_MNIST]
     _, src = _build(over, data_root)
@@ -312,7 +312,7 @@ def test_dorefa_pact_refuse_a_quantized_activation_without_bn(method, data_root)
 def test_residual_nets_take_model_bn_but_cannot_drop_it() -> None:
     from qexp.errors import QexpError
     from qexp.methods.dorefa import unnormalised_activations
-    from qexp.run.train import instantiate
+    from qexp.run.session import instantiate
 
     for model in ("resnet20", "wrn"):
         cfg = compose_train(["method=dorefa", f"model={model}"])

@@ -27,7 +27,7 @@ from qexp.models.vgg import VGG
 from qexp.models.wrn import WideResNet
 from qexp.quant.inject import attach_weight_quantizer, weight_layers
 from qexp.run import record
-from qexp.run.engine import Trainer
+from qexp.run.session import Trainer
 from tests.conftest import find_runs, read_metrics, run_qexp
 
 # ---- the affine math ---------------------------------------------------------------------------------
@@ -257,8 +257,8 @@ def test_ptq_rejects_bad_options() -> None:
         with pytest.raises(QexpError):
             PTQ(**kwargs)
     with pytest.raises(QexpError, match="calibrate"):
-        PTQ(activations=True).quantized_copy(LeNet5())  # no data to calibrate on
-    assert PTQ(bits=4, activations=True).tag() == "4-8" and PTQ().tag() == "8"
+        PTQ(activations=True).deployable_copy(LeNet5())  # no data to calibrate on
+    assert PTQ(bits=4, activations=True).bits_label() == "4-8" and PTQ().bits_label() == "8"
 
 
 def test_eval_rejects_bad_ptq_bits_with_one_line(tmp_path: Path) -> None:

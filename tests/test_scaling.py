@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,7 @@ from conftest import find_runs, read_metrics, run_qexp
 
 from qexp.errors import QexpError
 from qexp.run import resources
-from qexp.run.train import resolve_device
+from qexp.run.session import resolve_device
 
 TINY = ["dataset=synthetic", "model=mlp", "model.width=32", "model.depth=2", "dataset.train_samples=128",
         "dataset.test_samples=64", "eval_batch_size=64", "progress=false"]
@@ -119,8 +120,7 @@ def _fit(method: list[str], epochs: int, compile: bool, ckpt: Path | None = None
     from conftest import compose_train
 
     from qexp.run import checkpoint
-    from qexp.run.engine import Trainer
-    from qexp.run.train import build
+    from qexp.run.session import Trainer, build
 
     cfg = compose_train([*TINY, *method, "device=cpu"])
     torch.manual_seed(0)
@@ -173,8 +173,7 @@ def test_compiled_lenet5_is_one_graph_and_matches_eager(one_thread, method: str)
     from torch._dynamo.utils import counters
 
     from qexp.run.compiled import Compiled
-    from qexp.run.engine import train_step
-    from qexp.run.train import build
+    from qexp.run.session import build, train_step
 
     torch._dynamo.reset()
     cfg = compose_train(["dataset=synthetic", "model=lenet5", f"method={method}", "dataset.train_samples=192",
@@ -183,7 +182,7 @@ def test_compiled_lenet5_is_one_graph_and_matches_eager(one_thread, method: str)
     for compiled in (False, True):
         torch.manual_seed(0)
         b = build(cfg, torch.device("cpu"))
-        fwd = Compiled(b.model) if compiled else None
+        fwd = Compiled(b.model, ready=functools.partial(b.method.compile_ready, b.model)) if compiled else None
         losses = [float(train_step(b.model, b.method, b.optimizer, x, y, i, fwd)[0])
                   for i, (x, y) in enumerate(b.data.train)]
         if compiled:
@@ -282,8 +281,8 @@ def test_bf16_mixed_sr_weights_stay_on_the_grid_and_wage_integer_check_holds(one
     from qexp.methods.wage.method import Wage
     from qexp.models.lenet import LeNet5
     from qexp.quant.grid import on_grid
-    from qexp.run.engine import train_step
     from qexp.run.precision import MixedPrecision
+    from qexp.run.session import train_step
 
     torch.manual_seed(0)
     x, y = torch.rand(32, 1, 28, 28) * 2 - 1, torch.randint(0, 10, (32,))

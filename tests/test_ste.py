@@ -24,7 +24,7 @@ from qexp.quant.activation import (
     max_index,
     quantized_relu,
 )
-from qexp.run.engine import train_step
+from qexp.run.session import train_step
 from tests.conftest import find_runs, read_metrics, run_qexp
 
 # hand-made inputs around the interesting points for alpha = 0.5, bits = 2 (top level N alpha = 1.5)
@@ -245,12 +245,12 @@ def test_weight_bits_quantize_weights_bc_style():
     model, method = _prepared("lenet5", bits=2, wbits=2)
     _train(model, method, "lenet5", steps=2)
     conv = model.features[0]
-    s = method.weights.layers[0].scale
+    s = method.inner.layers[0].scale
     k = conv.weight / (s * 0.5)  # 2-bit weight grid {-s/2, 0, s/2}
     assert torch.allclose(k, k.round(), atol=1e-5) and k.abs().max() <= 1
     man = method.manifest(model)
     assert man["weight_bits"] == 2 and man["layers"] and man["activation_bits"] == 2
-    assert method.tag() == "2a2w" and "weight/rel_quant_error" not in method.metrics()
+    assert method.bits_label() == "2a2w" and "weight/rel_quant_error" not in method.metrics()
     method.on_epoch_end(0)
     assert "weight/rel_quant_error" in method.metrics()
 

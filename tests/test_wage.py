@@ -20,7 +20,7 @@ from qexp.models.mlp import MLP
 from qexp.models.resnet import CifarResNet
 from qexp.models.vgg import VGG
 from qexp.quant.inject import shadow_weight
-from qexp.run.engine import train_step
+from qexp.run.session import train_step
 from tests.conftest import find_runs, read_metrics, run_qexp
 
 
@@ -201,7 +201,7 @@ def test_unsupported_models_get_one_clear_error() -> None:
         Wage(bits=1)
     with pytest.raises(QexpError, match="bits_g"):
         Wage(bits=4, bits_g=3)
-    assert Wage().tag() == "2-8-8-8" and Wage(bits=4, bits_e=6).tag() == "4-8-8-6"
+    assert Wage().bits_label() == "2-8-8-8" and Wage(bits=4, bits_e=6).bits_label() == "4-8-8-6"
 
 
 def test_state_dict_round_trip_resumes_exactly() -> None:

@@ -15,8 +15,7 @@ from qexp.methods.rounding import BigSR, Rounding, StochasticRounding
 from qexp.quant.grid import SymmetricGrid
 from qexp.quant.inject import weight_layers
 from qexp.quant.kernels import nearest
-from qexp.run.engine import Trainer
-from qexp.run.train import build
+from qexp.run.session import Trainer, build
 from tests.conftest import compose_train
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -166,21 +166,31 @@ class _FromConfig:
 class Method:
     """Float training; quantization methods override the hooks they need.
 
-    The engine (:mod:`qexp.run.engine`) is the only caller of the hooks, in this order::
+    The run session (:mod:`qexp.run.session`) is the only caller of the hooks, in this order::
 
-        m = Method(bits=..., **options)          # validates options: QexpError before any work
+        m = Method(bits=..., **options)          # once per run and process; validates: QexpError first
+        m.ignored_knobs                          # config knobs outside the run's identity
         model = m.prepare(model, ctx)            # once, model already on ctx.device
+        [init_from: the other run's model weights are loaded here]
         groups = m.param_groups(model)           # once, then the optimizer is built
         [m.load_state_dict(state)]               # on resume, after prepare
-        per training step (train_step):
+        m.manifest(model)                        # quant.json, at the start (main process)
+        per training step:
             m.before_forward(model, step)
             loss = m.criterion(model(x), y) [+ m.extra_loss(model)]
             loss.backward(); m.after_backward(model)
             optimizer.step(); m.after_step(model, optimizer)
-        per epoch: evaluation (model.eval(), m.criterion), then m.on_epoch_end(epoch), m.metrics(),
-                   m.images() (TensorBoard only), m.state_dict() (checkpoint)
+            m.compile_ready(model)               # compile=true: before each forward until it holds
+        per epoch: m.before_evaluate(model), evaluation (model.eval(), m.criterion),
+                   m.on_epoch_end(epoch), m.metrics(), m.state_dict() (checkpoint),
+                   m.images() (TensorBoard, main process)
         after the last epoch: m.finalize(model, evaluate)
-        m.manifest(model) at the start and the end (quant.json)
+        m.manifest(model)                        # quant.json, at the end (main process)
+        m.bits_label()                           # metrics.json's bits_tag (result tables)
+        m.state_dict()                           # data parallel: the processes must agree at the end
+    ``qexp eval`` / ``qexp export`` (a trained run reloaded): ``prepare``, ``load_state_dict``,
+    ``criterion``, then ``deployable_copy(model)`` and ``manifest(model)`` (export) or the
+    :attr:`eval_analyses` of every method (``qexp eval`` options).
 
     Hooks must be deterministic given the run's seed and the state they return from :meth:`state_dict`
     (a resumed run has to repeat an uninterrupted one bit for bit); randomness comes from generators the
@@ -201,6 +211,13 @@ class Method:
     batch_scale: int = 1
     #: multiplies the configured epochs (Big SR's equal-updates budget: batch_scale x the epochs)
     epoch_scale: int = 1
+    #: config knobs this method does not use (float ignores ``bits``): left out of the run's identity
+    #: (folder, resume check). The top-level ``bits``/``abits`` never need it: the method's keys carry them.
+    ignored_knobs: tuple[str, ...] = ()
+    #: ``qexp eval`` analyses this method ships, as module names; each module has ``add_arguments(ap)``,
+    #: ``check(method_name, args)`` (refuse before loading) and ``run(loaded, args, base)`` (None when not
+    #: asked). ``qexp eval`` offers the analyses of every registered method.
+    eval_analyses: tuple[str, ...] = ()
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -291,9 +308,23 @@ class Method:
         return {"method": self.name, "bits": self.bits, "layers": [],
                 "weight_bytes": 4 * n, "float32_bytes": 4 * n}
 
-    def tag(self) -> str:
-        """The bits label used in result tables (WAGE writes e.g. ``2-8-8-8``)."""
+    def bits_label(self) -> str:
+        """The bits label of result tables, metrics.json's ``bits_tag`` (WAGE writes e.g. ``2-8-8-8``);
+        not the method YAML's ``tag`` (``ste-2b``), which names the run folder."""
         return str(self.bits)
+
+    def compile_ready(self, model: nn.Module) -> bool:
+        """With ``compile=true`` the forward runs eagerly until this holds (asked before each training
+        forward until it does): a one-off warm-up that Dynamo cannot trace, such as calibrating an
+        activation range on the first batch."""
+        return True
+
+    # ---- deployment ------------------------------------------------------------------------------
+    def deployable_copy(self, model: nn.Module) -> nn.Module | None:
+        """The network a deployment runs when it is not the trained model itself (PTQ: a k-bit copy of
+        the float network); None: the trained model (``qexp export`` reads its manifest). May record
+        what it made for :meth:`manifest` (called after it)."""
+        return None
 
     # ---- resume ----------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -303,3 +334,71 @@ class Method:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restores :meth:`state_dict`; called after :meth:`prepare` on resume."""
+
+
+class Layered(Method):
+    """A method layered over another one, :attr:`inner` (STE's activations over BinaryConnect's weights):
+    the one declared way methods compose. Every hook below runs the inner method's hook (Method's own
+    default when there is no inner one); a subclass adds its part and calls ``super()``. The outer
+    method's own are :meth:`criterion` (its loss), :meth:`tag` and ``bits``. A hook added to
+    :class:`Method` is added here once (a test checks that every hook is), never in the subclasses.
+    """
+
+    #: the method underneath (set by the subclass's constructor); None: plain float underneath
+    inner: Method | None = None
+    #: the key of the inner method's state in :meth:`state_dict` (written in checkpoints: keep it stable)
+    inner_state_key: str = "inner"
+
+    def prepare(self, model: nn.Module, ctx: RunContext) -> nn.Module:
+        return super().prepare(model, ctx) if self.inner is None else self.inner.prepare(model, ctx)
+
+    def param_groups(self, model: nn.Module) -> list[dict[str, Any]]:
+        return super().param_groups(model) if self.inner is None else self.inner.param_groups(model)
+
+    def before_forward(self, model: nn.Module, step: int) -> None:
+        if self.inner is not None:
+            self.inner.before_forward(model, step)
+
+    def extra_loss(self, model: nn.Module) -> torch.Tensor | None:
+        return None if self.inner is None else self.inner.extra_loss(model)
+
+    def after_backward(self, model: nn.Module) -> None:
+        if self.inner is not None:
+            self.inner.after_backward(model)
+
+    def after_step(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        if self.inner is not None:
+            self.inner.after_step(model, optimizer)
+
+    def before_evaluate(self, model: nn.Module) -> None:
+        if self.inner is not None:
+            self.inner.before_evaluate(model)
+
+    def on_epoch_end(self, epoch: int) -> None:
+        if self.inner is not None:
+            self.inner.on_epoch_end(epoch)
+
+    def metrics(self) -> dict[str, float]:
+        return {} if self.inner is None else self.inner.metrics()
+
+    def images(self) -> dict[str, Any]:
+        return {} if self.inner is None else self.inner.images()
+
+    def finalize(self, model: nn.Module, evaluate: Evaluate) -> dict[str, Any]:
+        return {} if self.inner is None else self.inner.finalize(model, evaluate)
+
+    def manifest(self, model: nn.Module) -> dict[str, Any]:
+        return super().manifest(model) if self.inner is None else self.inner.manifest(model)
+
+    def compile_ready(self, model: nn.Module) -> bool:
+        return self.inner is None or self.inner.compile_ready(model)
+
+    def deployable_copy(self, model: nn.Module) -> nn.Module | None:
+        return None if self.inner is None else self.inner.deployable_copy(model)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {} if self.inner is None else {self.inner_state_key: self.inner.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if self.inner is not None and self.inner_state_key in state:
+            self.inner.load_state_dict(state[self.inner_state_key])

@@ -143,7 +143,7 @@ class BinaryConnect(Method):
             row["clip"] = q.scale if self.clip else None
         return m
 
-    def tag(self) -> str:
+    def bits_label(self) -> str:
         return str(self.bits)
 
     def state_dict(self) -> dict[str, Any]:

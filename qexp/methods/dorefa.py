@@ -214,7 +214,7 @@ class DoReFa(Method):
         levels = None if isinstance(module, nn.Hardtanh) else max_index(self.abits) + 1  # type: ignore[arg-type]
         return {"range": [0.0, 1.0], "levels": levels}
 
-    def tag(self) -> str:
+    def bits_label(self) -> str:
         g = f"g{self.gbits}" if self.gbits is not None else ""
         return f"w{self.bits}a{self.abits}{g}"
 

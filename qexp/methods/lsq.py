@@ -266,7 +266,7 @@ class LSQ(Method):
                 "quantized_params": total - other, "float_params": other, "weight_bytes": weight_bytes,
                 "float32_bytes": 4 * total, "compression": 4 * total / max(weight_bytes, 1)}
 
-    def tag(self) -> str:
+    def bits_label(self) -> str:
         return f"w{self.bits}a{self.abits}"
 
 

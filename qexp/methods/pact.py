@@ -145,5 +145,5 @@ class PACT(DoReFa):
     def manifest(self, model: nn.Module) -> dict[str, Any]:
         return {**super().manifest(model), "alpha_l2": self.alpha_l2}
 
-    def tag(self) -> str:
+    def bits_label(self) -> str:
         return f"w{self.bits}a{self.abits}"

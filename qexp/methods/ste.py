@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from qexp.errors import QexpError, check_range
-from qexp.methods.base import Method, RunContext
+from qexp.methods.base import Layered, RunContext
 from qexp.methods.bc import BinaryConnect
 from qexp.quant.activation import (
     QuantReLU,
@@ -32,8 +32,12 @@ from qexp.quant.activation import (
 LLOYD_MAX = "lloyd_max"
 
 
-class STE(Method):
+class STE(Layered):
+    """``method=ste``: quantized ReLUs layered over weight quantization (``wbits``: BinaryConnect as the
+    :attr:`~qexp.methods.base.Layered.inner` method; none: float weights)."""
+
     bits_range = (1, 8)
+    inner_state_key = "weights"  # checkpoints of wbits runs keep BinaryConnect's state under this key
 
     def __init__(self, bits: int | None = None, loss: str = "ce", ste: str = "clipped_relu",
                  learn_alpha: bool = False, alpha: float | str | None = None, alpha_lr_scale: float = 1.0,
@@ -48,7 +52,7 @@ class STE(Method):
         check_range("method.stats_every", stats_every, 1)
         self.learn_alpha, self.alpha, self.alpha_lr_scale = bool(learn_alpha), alpha, float(alpha_lr_scale)
         self.stats_every = int(stats_every)
-        self.weights = _weight_quantization(wbits, loss)
+        self.inner = _weight_quantization(wbits, loss)
         self.quantizers: list[tuple[str, QuantReLU]] = []
 
     # ---- set-up --------------------------------------------------------------------------------------
@@ -57,25 +61,27 @@ class STE(Method):
             return QuantReLU(self.bits, self.estimator, self.alpha, self.learn_alpha, self.staircase)
 
         self.quantizers = quantize_relus(model, make, "method=ste")
-        if self.weights is not None:
-            self.weights.prepare(model, ctx)
-        return model
+        return super().prepare(model, ctx)
 
     def param_groups(self, model: nn.Module) -> list[dict[str, Any]]:
+        """The weights' groups (BinaryConnect's per-layer LR scale, or one float group) minus the alphas,
+        then the learned alphas in their own group."""
         alphas = {id(q.alpha) for _, q in self.quantizers if self.learn_alpha}
-        if self.weights is not None:  # BinaryConnect's groups (per-layer LR scale), minus the alphas
-            groups = [{**g, "params": [p for p in g["params"] if id(p) not in alphas]}
-                      for g in self.weights.param_groups(model)]
-            groups = [g for g in groups if g["params"]]
-        else:
-            groups = [{"params": [p for p in model.parameters() if p.requires_grad and id(p) not in alphas]}]
+        groups = [{**g, "params": [p for p in g["params"] if id(p) not in alphas]}
+                  for g in super().param_groups(model)]
+        groups = [g for g in groups if g["params"]]
         if self.learn_alpha:
             groups.append({"params": [q.alpha for _, q in self.quantizers], "lr_scale": self.alpha_lr_scale,
                            "weight_decay": 0.0})
         return groups
 
+    def compile_ready(self, model: nn.Module) -> bool:
+        """Eager until every quantized ReLU calibrated its alpha on the first batch."""
+        return all(q.is_calibrated for _, q in self.quantizers) and super().compile_ready(model)
+
     # ---- per step ------------------------------------------------------------------------------------
     def before_forward(self, model: nn.Module, step: int) -> None:
+        super().before_forward(model, step)
         track = step % self.stats_every == 0
         for _, q in self.quantizers:
             q.track = track
@@ -85,21 +91,14 @@ class STE(Method):
             with torch.no_grad():
                 for _, q in self.quantizers:
                     q.alpha.clamp_(min=1e-6)  # a resolution must stay positive
-        if self.weights is not None:
-            self.weights.after_step(model, optimizer)
+        super().after_step(model, optimizer)
 
     # ---- reporting -----------------------------------------------------------------------------------
-    def on_epoch_end(self, epoch: int) -> None:
-        if self.weights is not None:
-            self.weights.on_epoch_end(epoch)
-
     def metrics(self) -> dict[str, float]:
         """Per quantized ReLU: alpha, and (on every ``stats_every``-th training batch of the epoch) the
         fraction of outputs at zero and at the top level ``(2^b - 1) alpha``; with ``wbits``, the
         BinaryConnect weight diagnostics (``weight/flip_frac``, ``weight/rel_quant_error``)."""
-        out: dict[str, float] = {}
-        if self.weights is not None:
-            out.update({f"weight/{k}": v for k, v in self.weights.metrics().items()})
+        out: dict[str, float] = {f"weight/{k}": v for k, v in super().metrics().items()}
         for name, q in self.quantizers:
             out[f"alpha/{name}"] = float(q.alpha)
             stats = q.pop_stats()
@@ -108,31 +107,30 @@ class STE(Method):
         return out
 
     def manifest(self, model: nn.Module) -> dict[str, Any]:
-        base = super().manifest(model) if self.weights is None else self.weights.manifest(model)
+        base = super().manifest(model)
         acts = [{"name": n, "bits": self.bits, "alpha": float(q.alpha), "levels": max_index(self.bits) + 1,
                  "top": float(q.alpha) * max_index(self.bits) if self.bits > 1 else float(q.alpha),
                  "call_sites": int(q.sites), "shared_alpha": int(q.sites) > 1,
                  "estimator": self.estimator, "learned_alpha": self.learn_alpha}
                 for n, q in self.quantizers]
         return {**base, "method": self.name, "bits": self.bits, "activation_bits": self.bits,
-                "weight_bits": self.weights.bits if self.weights is not None else 32,
+                "weight_bits": self.inner.bits if self.inner is not None else 32,
                 "estimator": self.estimator, "staircase": self.staircase, "activations": acts}
 
-    def tag(self) -> str:
-        return str(self.bits) if self.weights is None else f"{self.bits}a{self.weights.bits}w"
+    def bits_label(self) -> str:
+        return str(self.bits) if self.inner is None else f"{self.bits}a{self.inner.bits}w"
 
     # ---- resume --------------------------------------------------------------------------------------
     # Alpha, the calibration flag and the call-site count are buffers (or parameters) of the quantized
     # ReLUs, so the model's state_dict carries them; weight quantization keeps its own state.
     # The epoch's zero/top counts are kept too: a run stopped mid-epoch reports the whole epoch's counts.
     def state_dict(self) -> dict[str, Any]:
-        s: dict[str, Any] = {} if self.weights is None else {"weights": self.weights.state_dict()}
+        s = super().state_dict()
         s["stats"] = {n: q._stats.detach().cpu().clone() for n, q in self.quantizers if int(q._stats[2])}
         return s
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if self.weights is not None and "weights" in state:
-            self.weights.load_state_dict(state["weights"])
+        super().load_state_dict(state)
         stats = state.get("stats", {})
         for n, q in self.quantizers:
             q._stats.zero_()

@@ -263,13 +263,9 @@ class QuantReLU(nn.Module):
 
     @property
     def is_calibrated(self) -> bool:
-        return self._calibrated
-
-    @property
-    def compile_ready(self) -> bool:
-        """``compile=true`` runs the model eagerly until this holds: the calibration is a one-off search
-        with host-side results that Dynamo cannot trace, and compiling it would guard on every
-        intermediate alpha (a recompile per layer and step)."""
+        """``compile=true`` runs the model eagerly until this holds (the methods' ``compile_ready``): the
+        calibration is a one-off search with host-side results that Dynamo cannot trace, and compiling it
+        would guard on every intermediate alpha (a recompile per layer and step)."""
         return self._calibrated
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:  # type: ignore[override]

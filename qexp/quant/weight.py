@@ -48,7 +48,8 @@ class QuantLayer:
         return w[0].numel(), w.shape[0] * receptive
 
 
-def check_bits(bits: int, lo: int = 1, hi: int = 8) -> int:
+def check_weight_bits(bits: int, lo: int = 1, hi: int = 8) -> int:
+    """A weight grid's bits as an int in ``lo..hi`` (QexpError otherwise); the primitives' own guard."""
     return check_range("weight bits", int(bits), lo, hi)
 
 
@@ -70,7 +71,7 @@ def quantize_weights(model: nn.Module, bits: int, rounding: str, float_copy: boo
     precision, STE ``wbits``). Without ``make`` nothing is attached: the method keeps the stored weights
     on the grid itself (SR/R). Raises :class:`QexpError` for bits outside 1..8 or an empty selection.
     """
-    bits = check_bits(bits)
+    bits = check_weight_bits(bits)
     picked = weight_layers(model, skip_first=skip_first, skip_last=skip_last)
     if not picked:
         raise QexpError("no conv/linear layer left to quantize (check skip_first/skip_last)")

@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -159,11 +160,14 @@ class Compiled(nn.Module):
     """``module`` through ``torch.compile``; on a compile failure one warning, then eager for good.
 
     Holds the eager module as a child (so ``state_dict`` / ``parameters`` are the module's own); only
-    ``forward`` goes through the compiled wrapper. A submodule with a ``compile_ready`` attribute keeps the
-    whole forward eager while it is false (a one-off warm-up such as a calibration on the first batch).
+    ``forward`` goes through the compiled wrapper. ``ready()`` (the method's
+    :meth:`~qexp.methods.base.Method.compile_ready`, handed over by the run session) keeps the whole
+    forward eager while it is false (a one-off warm-up such as a calibration on the first batch); once
+    true it is not asked again.
     """
 
-    def __init__(self, module: nn.Module, device: torch.device | str = "cpu") -> None:
+    def __init__(self, module: nn.Module, device: torch.device | str = "cpu",
+                 ready: Callable[[], bool] | None = None) -> None:
         super().__init__()
         if torch.device(device).type == "cpu":
             max_pools_as_aten_ops(module)
@@ -171,13 +175,12 @@ class Compiled(nn.Module):
         # a plain attribute, not a child module: state_dict/parameters stay the module's own
         object.__setattr__(self, "_compiled", torch.compile(module))
         self.failed = False
-        # modules with a one-off eager warm-up (a quantized ReLU calibrating its alpha on the first batch)
-        self._warming = [m for m in module.modules() if hasattr(m, "compile_ready")]
+        self._ready = ready
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        if self._warming:
-            self._warming = [m for m in self._warming if not m.compile_ready]
-        if self.failed or self._warming:
+        if self._ready is not None and self._ready():
+            self._ready = None
+        if self.failed or self._ready is not None:
             return self.module(*args, **kwargs)
         try:
             return self._compiled(*args, **kwargs)

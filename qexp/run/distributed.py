@@ -203,9 +203,11 @@ def _tensors(obj: Any, prefix: str = "") -> Iterator[tuple[str, torch.Tensor]]:
             yield from _tensors(v, f"{prefix}.{i}")
 
 
-def fingerprint(model: nn.Module, method: Any) -> str:
+def weights_digest(model: nn.Module, method_state: dict[str, Any]) -> str:
     """A hash of everything that must agree between processes: parameters and buffers, the weights as
-    the forward sees them (quantized, through parametrizations), and the method's state."""
+    the forward sees them (quantized, through parametrizations), and the method's state (its
+    ``state_dict()``, handed over by the run session). Not the configuration's fingerprint
+    (:func:`qexp.run.identity.fingerprint`)."""
     from torch.nn.utils import parametrize
 
     h = hashlib.sha256()
@@ -221,16 +223,16 @@ def fingerprint(model: nn.Module, method: Any) -> str:
             if parametrize.is_parametrized(m):
                 for pname in m.parametrizations:
                     add(f"effective.{mname}.{pname}", getattr(m, pname))
-        for name, t in _tensors(method.state_dict(), "method"):
+        for name, t in _tensors(method_state, "method"):
             add(name, t)
     return h.hexdigest()
 
 
-def consistent(model: nn.Module, method: Any, ctx: Context) -> bool:
+def consistent(model: nn.Module, method_state: dict[str, Any], ctx: Context) -> bool:
     """True when every process holds bit-identical weights (as used) and method state."""
     if not ctx.enabled:
         return True
-    mine = fingerprint(model, method)
+    mine = weights_digest(model, method_state)
     everyone: list[Any] = [None] * ctx.world
     dist.all_gather_object(everyone, mine, group=ctx.control)
     return all(f == mine for f in everyone)
@@ -287,7 +289,7 @@ def worker_logging(run_dir: Path, is_main: bool) -> None:
 
 
 class DataParallel:
-    """One process of a data-parallel run, as :class:`qexp.run.engine.Trainer` uses it: sharded batches,
+    """One process of a data-parallel run, as :class:`qexp.run.session.Trainer` uses it: sharded batches,
     the DDP-wrapped training forward, sums over processes, an agreed stop, and a final consistency check.
 
     The method keeps the full data (its finalize must agree on every process); only the trainer's loaders
@@ -313,6 +315,6 @@ class DataParallel:
     def agree(self, local: Callable[[], bool]) -> Callable[[], bool]:
         return agreed(local, self.ctx)
 
-    def summary(self, model: nn.Module, method: Any) -> dict[str, Any]:
+    def summary(self, model: nn.Module, method_state: dict[str, Any]) -> dict[str, Any]:
         """For metrics.json: the world size and whether every process ended bit-identical."""
-        return {"world_size": self.ctx.world, "ranks_consistent": consistent(model, method, self.ctx)}
+        return {"world_size": self.ctx.world, "ranks_consistent": consistent(model, method_state, self.ctx)}

@@ -1,4 +1,9 @@
-"""The training loop: the only caller of the method hooks; knows nothing about Hydra or method names."""
+"""The training loop: epochs, evaluation, checkpoints, callbacks, data parallelism.
+
+It knows nothing about Hydra nor about methods: what a method does inside a step or at an epoch's end
+comes through the hook points of :class:`Engine` (``_train_step``, ``_criterion``, ``_before_evaluate``,
+``_epoch_end``, ``_finalize``, ``_method_state``, ``_load_method_state``), which the run session
+(:class:`qexp.run.session.Trainer`) fills by calling the Method hooks in their documented order."""
 
 from __future__ import annotations
 
@@ -16,7 +21,6 @@ from torch import nn
 from tqdm import tqdm
 
 from qexp.data import DataBundle
-from qexp.methods.base import Method
 from qexp.run import checkpoint
 from qexp.run.compiled import CompileClock, Compiled
 from qexp.run.precision import MixedPrecision
@@ -57,39 +61,9 @@ class Outcome:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def train_step(model: nn.Module, method: Method, optimizer: torch.optim.Optimizer, x: torch.Tensor,
-               y: torch.Tensor, step: int, forward_model: nn.Module | None = None,
-               amp: MixedPrecision | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """One optimizer step with every per-step hook, in the engine's order; returns the (detached) loss
-    the method's criterion gave and the logits. ``forward_model`` runs the forward (the DDP wrapper);
-    the hooks see ``model``. ``amp``: conv/linear layers in 16 bits during the forward (and so their
-    backward); with float16 the loss is scaled and the gradients unscaled before the hooks see them."""
-    method.before_forward(model, step)
-    with amp.active() if amp is not None else contextlib.nullcontext():
-        out = (model if forward_model is None else forward_model)(x)
-    loss = method.criterion(out, y)
-    extra = method.extra_loss(model)
-    total = loss if extra is None else loss + extra
-    optimizer.zero_grad(set_to_none=True)
-    scaler = None if amp is None else amp.scaler
-    if scaler is None:
-        total.backward()
-    else:
-        scaler.scale(total).backward()
-        scaler.unscale_(optimizer)
-    method.after_backward(model)
-    if scaler is None:
-        optimizer.step()
-    else:
-        scaler.step(optimizer)  # skipped when a gradient overflowed float16
-        scaler.update()
-    method.after_step(model, optimizer)
-    return loss.detach(), out.detach()
-
-
-def batch_total(method: Method, loss: torch.Tensor, n: int) -> torch.Tensor:
+def batch_total(loss_is_sum: bool, loss: torch.Tensor, n: int) -> torch.Tensor:
     """A batch's loss summed over its examples (a sum loss already is one; the others are means)."""
-    return loss if method.loss_is_sum else loss * n
+    return loss if loss_is_sum else loss * n
 
 
 Reduce = Callable[[torch.Tensor], torch.Tensor]
@@ -104,11 +78,17 @@ def totals(values: tuple[torch.Tensor | float, ...], device: torch.device, reduc
     return reduce(t).tolist()
 
 
+Criterion = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+#: test loss and error of any model (what a method's ``finalize`` is handed)
+Evaluate = Callable[[nn.Module], dict[str, float]]
+
+
 @torch.no_grad()
-def evaluate(model: nn.Module, method: Method, loader: Any, device: torch.device,
+def measure(model: nn.Module, criterion: Criterion, loss_is_sum: bool, loader: Any, device: torch.device,
              reduce: Reduce | None = None) -> dict[str, float]:
-    """Mean loss (the method's criterion) and error in percent of ``model`` over ``loader``, in eval mode
-    (the model's mode is restored). ``reduce`` sums over data-parallel processes."""
+    """Mean loss (``criterion``: a batch sum when ``loss_is_sum``, else a batch mean) and error in percent
+    of ``model`` over ``loader``, in eval mode (the model's mode is restored). ``reduce`` sums over
+    data-parallel processes."""
     was_training = model.training
     model.eval()
     loss = torch.zeros((), device=device)
@@ -116,7 +96,7 @@ def evaluate(model: nn.Module, method: Method, loader: Any, device: torch.device
     n = 0
     for x, y in loader:
         out = model(x)
-        loss += batch_total(method, method.criterion(out, y), len(y))
+        loss += batch_total(loss_is_sum, criterion(out, y), len(y))
         wrong += (out.argmax(1) != y).sum()
         n += len(y)
     model.train(was_training)
@@ -128,17 +108,17 @@ class Callback:
     """Something that watches a run (writes its files, logs); every hook is optional. Called on the
     processes that were given it (the main one for files)."""
 
-    def on_start(self, trainer: Trainer) -> None:
+    def on_start(self, trainer: Engine) -> None:
         """Before the first step of :meth:`Trainer.fit` (after a resume's state was loaded)."""
 
-    def on_step(self, trainer: Trainer, loss: torch.Tensor) -> None:
+    def on_step(self, trainer: Engine, loss: torch.Tensor) -> None:
         """After every optimizer step (``loss``: the step's criterion value, on the device; reading it
         synchronises, so do it only every so many steps)."""
 
-    def on_epoch(self, trainer: Trainer, row: dict[str, float]) -> None:
+    def on_epoch(self, trainer: Engine, row: dict[str, float]) -> None:
         """After an epoch's row was added to the history and the checkpoint was saved."""
 
-    def on_end(self, trainer: Trainer, outcome: Outcome) -> None:
+    def on_end(self, trainer: Engine, outcome: Outcome) -> None:
         """When :meth:`Trainer.fit` returns (completed, diverged or interrupted)."""
 
 
@@ -153,11 +133,15 @@ class Parallel(Protocol):
 
     def agree(self, local: Callable[[], bool]) -> Callable[[], bool]: ...
 
-    def summary(self, model: nn.Module, method: Method) -> dict[str, Any]: ...
+    def summary(self, model: nn.Module, method_state: dict[str, Any]) -> dict[str, Any]: ...
 
 
-class Trainer:
-    """Runs epochs of :func:`train_step`, evaluates, checkpoints, and tells its callbacks.
+class Engine:
+    """Runs epochs of training steps, evaluates, checkpoints, and tells its callbacks.
+
+    The method's part is left to the hook points below (a subclass fills them: the run session's
+    :class:`~qexp.run.session.Trainer`); ``loss_is_sum`` says whether the training criterion sums over
+    the batch (totals and data-parallel gradients then add instead of averaging).
 
     ``parallel`` makes it one process of several: it trains on its shard of every batch through the
     wrapped model, sums counts over processes and stops when any process is asked to; the method and
@@ -172,7 +156,6 @@ class Trainer:
     def __init__(
         self,
         model: nn.Module,
-        method: Method,
         optimizer: torch.optim.Optimizer,
         scheduler: torch.optim.lr_scheduler.LRScheduler,
         data: DataBundle,
@@ -188,8 +171,11 @@ class Trainer:
         patience: int | None = None,
         compile: bool = False,
         precision: str = "32",
+        loss_is_sum: bool = False,
+        compile_ready: Callable[[], bool] | None = None,
     ) -> None:
-        self.model, self.method, self.optimizer, self.scheduler = model, method, optimizer, scheduler
+        self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
+        self.loss_is_sum = loss_is_sum
         self.device, self.epochs = device, epochs
         self.ckpt_path, self.progress_bar = ckpt_path, progress_bar
         self.callbacks = tuple(callbacks)
@@ -202,7 +188,7 @@ class Trainer:
             self._reduce: Reduce | None = None
         else:
             self.data = parallel.shard(data)
-            self.forward_model = parallel.wrap(model, optimizer, method.loss_is_sum)
+            self.forward_model = parallel.wrap(model, optimizer, loss_is_sum)
             self._reduce = parallel.reduce
             self.should_stop = parallel.agree(should_stop)
         self.amp: MixedPrecision | None = MixedPrecision(precision, device)
@@ -213,10 +199,38 @@ class Trainer:
         self.eval_model = model
         self.compile_clock: CompileClock | None = None
         if compile:
-            self.forward_model = Compiled(self.forward_model, device)
-            self.eval_model = self.forward_model if parallel is None else Compiled(model, device)
+            self.forward_model = Compiled(self.forward_model, device, compile_ready)
+            self.eval_model = self.forward_model if parallel is None else Compiled(model, device, compile_ready)
             self.compile_clock = CompileClock()
         self.progress = Progress()
+
+    # ---- the method's part (filled by the run session) -------------------------------------------------
+    def _train_step(self, x: torch.Tensor, y: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """One optimizer step on ``self.optimizer`` through ``self.forward_model`` (and ``self.amp``);
+        returns the detached training-criterion value and the detached logits."""
+        raise NotImplementedError
+
+    def _criterion(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """The evaluation loss of a batch (a sum when ``loss_is_sum``, else a mean)."""
+        raise NotImplementedError
+
+    def _before_evaluate(self) -> None:
+        """At the end of every training epoch, before its validation and test evaluation."""
+
+    def _epoch_end(self, epoch: int) -> dict[str, float]:
+        """After an epoch's evaluation: the method's diagnostics for the history (``method/<key>``)."""
+        return {}
+
+    def _finalize(self, evaluate: Evaluate) -> dict[str, Any]:
+        """After the last epoch of a completed run: keys merged into metrics.json."""
+        return {}
+
+    def _method_state(self) -> dict[str, Any]:
+        """The method's part of a checkpoint."""
+        return {}
+
+    def _load_method_state(self, state: dict[str, Any]) -> None:
+        """Restores :meth:`_method_state` on resume."""
 
     # ---- checkpoints -------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -224,7 +238,7 @@ class Trainer:
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
-            "method": self.method.state_dict(),
+            "method": self._method_state(),
             "progress": self.progress.state_dict(),
             "rng_cpu": torch.get_rng_state(),
             **self.extra_state,
@@ -239,7 +253,7 @@ class Trainer:
         self.model.load_state_dict(s["model"])
         self.optimizer.load_state_dict(s["optimizer"])
         self.scheduler.load_state_dict(s["scheduler"])
-        self.method.load_state_dict(s["method"])
+        self._load_method_state(s["method"])
         self.progress.load_state_dict(s["progress"])
         torch.set_rng_state(s["rng_cpu"])
         if "rng_cuda" in s and torch.cuda.is_available():
@@ -253,13 +267,13 @@ class Trainer:
 
     # ---- evaluation --------------------------------------------------------------------------------
     def evaluate(self, model: nn.Module | None = None, loader: Any = None) -> dict[str, float]:
-        """:func:`evaluate` of the run's model (or ``model``) on its test loader (or ``loader``)."""
+        """:func:`measure` of the run's model (or ``model``) on its test loader (or ``loader``)."""
         if model is not None:  # another model (finalize, PTQ): plain float32
-            return evaluate(model, self.method, self.data.test if loader is None else loader, self.device,
-                            self._reduce)
-        with self.amp.active() if self.amp is not None else contextlib.nullcontext():
-            return evaluate(self.eval_model, self.method, self.data.test if loader is None else loader,
+            return measure(model, self._criterion, self.loss_is_sum, self.data.test if loader is None else loader,
                             self.device, self._reduce)
+        with self.amp.active() if self.amp is not None else contextlib.nullcontext():
+            return measure(self.eval_model, self._criterion, self.loss_is_sum,
+                            self.data.test if loader is None else loader, self.device, self._reduce)
 
     def _sum(self, *values: torch.Tensor | float) -> list[float]:
         return totals(values, self.device, self._reduce)
@@ -283,7 +297,7 @@ class Trainer:
             log.info("compile=true: %.1f s compiling (not counted in images_per_s)%s", self.progress.compile_s,
                      "; fell back to eager" if self.forward_model.failed else "")
         if self.parallel is not None:  # bit-identical weights (as used) and method state on every process?
-            outcome.extra.update(self.parallel.summary(self.model, self.method))
+            outcome.extra.update(self.parallel.summary(self.model, self._method_state()))
         for cb in self.callbacks:
             cb.on_end(self, outcome)
         return outcome
@@ -311,7 +325,7 @@ class Trainer:
                 break
             if self.should_stop() and p.epoch < self.epochs:
                 return Outcome("interrupted", p)
-        extra = self.method.finalize(self.model, lambda m: self.evaluate(m))
+        extra = self._finalize(lambda m: self.evaluate(m))
         if early is not None:
             extra = {**extra, "early_stop": early}
         return Outcome("completed", p, extra)
@@ -329,7 +343,7 @@ class Trainer:
                 "patience": self.patience}
 
     def _train_epoch(self) -> str:
-        p, model, method, opt = self.progress, self.model, self.method, self.optimizer
+        p, model = self.progress, self.model
         loader = self.data.train
         loader.set_epoch(p.epoch)
         model.train()
@@ -348,13 +362,13 @@ class Trainer:
         c0 = self._compile_seconds()
         status = "ok"
         for i, (x, y) in enumerate(loader.iter_from(p.batch), start=p.batch):
-            loss, out = train_step(model, method, opt, x, y, p.step, self.forward_model, self.amp)
+            loss, out = self._train_step(x, y, p.step)
             for cb in self._step_callbacks:
                 cb.on_step(self, loss)
             p.step += 1
             p.batch = i + 1
             seen += len(y)
-            loss_sum += batch_total(method, loss, len(y))
+            loss_sum += batch_total(self.loss_is_sum, loss, len(y))
             correct += (out.argmax(1) == y).sum()
             bar.update(1)
             if p.step % SYNC_EVERY == 0 or p.batch == len(loader):
@@ -391,14 +405,13 @@ class Trainer:
             "lr": lr,
             "images_per_s": p.seen / max(p.train_time, 1e-9),
         }
-        self.method.before_evaluate(self.model)
+        self._before_evaluate()
         if self.data.val is not None:
             v = self.evaluate(loader=self.data.val)
             row.update(val_loss=v["loss"], val_error=v["error"])
         t = self.evaluate()
         row.update(test_loss=t["loss"], test_error=t["error"])
-        self.method.on_epoch_end(p.epoch)
-        row.update({f"method/{k}": float(v) for k, v in self.method.metrics().items()})
+        row.update({f"method/{k}": float(v) for k, v in self._epoch_end(p.epoch).items()})
         p.history.append(row)
         self.scheduler.step()
         p.epoch += 1

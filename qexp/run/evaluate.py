@@ -2,29 +2,29 @@
 checkpoint (checkpoint.pt), or with ``--best`` best.pt (the epoch with the lowest validation error; the
 last epoch when the run had no validation split).
 
-Options add post-hoc analyses that write their results into the run folder:
-``--integer`` (WAGE's integer-only inference check) and ``--ptq-bits`` (post-training quantization).
+Options add post-hoc analyses that write their results into the run folder: every method's
+``eval_analyses`` (:attr:`qexp.methods.base.Method.eval_analyses`), e.g. ``--ptq-bits``
+(post-training quantization of any run) and ``--integer`` (WAGE's integer-only inference check).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
 from qexp.errors import QexpError
-from qexp.methods.ptq import curve as ptq_curve
-from qexp.methods.wage import integer_eval
-from qexp.run import checkpoint
+from qexp.run import checkpoint, session
 from qexp.run.config import register
-from qexp.run.engine import evaluate
 
 if TYPE_CHECKING:
-    from qexp.run.train import Prepared
+    from qexp.run.session import Prepared
 
 
 @dataclass
@@ -39,9 +39,8 @@ class LoadedRun:
     @property
     def checkpoint_name(self) -> str:
         from qexp.run.callbacks import BEST
-        from qexp.run.train import CHECKPOINT
 
-        return BEST if self.which == "best" else CHECKPOINT
+        return BEST if self.which == "best" else session.CHECKPOINT
 
     def recorded_test_error(self) -> float | None:
         """The test error metrics.json recorded for the loaded checkpoint (what re-evaluating must give)."""
@@ -56,8 +55,8 @@ class LoadedRun:
     def evaluate(self, model: torch.nn.Module | None = None, loader: Any = None) -> dict[str, float]:
         """Test loss and error of the run's model (or ``model``) on its test set (or ``loader``)."""
         b = self.built
-        return evaluate(b.model if model is None else model, b.method,
-                        b.data.test if loader is None else loader, self.device)
+        return session.evaluate(b.model if model is None else model, b.method,
+                                b.data.test if loader is None else loader, self.device)
 
 
 def run_data_root(run_dir: Path, cfg: DictConfig, data_root: str | None) -> str:
@@ -95,8 +94,8 @@ def load_run(run_dir: str | Path, device: str = "auto", data_root: str | None = 
     The data are the run's own (:func:`run_data_root`), checked by their digest; other data only with
     ``other_data``."""
     from qexp.run.callbacks import BEST
-    from qexp.run.train import CHECKPOINT, prepare, resolve_device
 
+    CHECKPOINT = session.CHECKPOINT
     run_dir = Path(run_dir)
     cfg_file = run_dir / ".hydra" / "config.yaml"
     if not cfg_file.exists():
@@ -109,13 +108,12 @@ def load_run(run_dir: str | Path, device: str = "auto", data_root: str | None = 
     register()
     cfg = OmegaConf.load(cfg_file)
     cfg.data_root = run_data_root(run_dir, cfg, data_root)
-    dev = resolve_device(device)
+    dev = session.resolve_device(device)
     torch.manual_seed(int(cfg.seed))
-    built = prepare(cfg, dev)
+    built = session.assemble(cfg, dev)
     check_same_data(run_dir, str(cfg.data_root), built.data.sources, other_data)
     state = checkpoint.load(ckpt, map_location=dev)
-    built.model.load_state_dict(state["model"])
-    built.method.load_state_dict(state["method"])
+    session.restore(built, state)
     return LoadedRun(run_dir, cfg, built, dev, which, int(state.get("progress", {}).get("epoch", 0)))
 
 
@@ -125,6 +123,15 @@ def _method_name(run_dir: Path) -> str:
     if not cfg_file.exists():
         raise QexpError(f"{run_dir} is not a qexp run folder (no .hydra/config.yaml)")
     return str(OmegaConf.load(cfg_file).method.get("name"))
+
+
+def analyses() -> list[ModuleType]:
+    """The ``qexp eval`` analyses every registered method declares (``Method.eval_analyses``), once each,
+    in the order of the method options."""
+    from qexp.methods.base import registered_methods
+
+    names = dict.fromkeys(n for cls in registered_methods() for n in cls.eval_analyses)
+    return [importlib.import_module(n) for n in names]
 
 
 def main(argv: list[str]) -> int:
@@ -137,20 +144,20 @@ def main(argv: list[str]) -> int:
                          "must be the ones the run was trained on, unless --other-data)")
     ap.add_argument("--other-data", action="store_true",
                     help="evaluate on data that differ from the run's own (their digest differs)")
-    ptq_curve.add_arguments(ap)
-    integer_eval.add_arguments(ap)
+    extra = analyses()
+    for a in extra:
+        a.add_arguments(ap)
     ap.add_argument("--best", action="store_true",
                     help="evaluate best.pt (lowest validation error; the last epoch without a validation "
                          "split) instead of the last checkpoint")
     args = ap.parse_args(argv)
-    if args.best and (args.ptq_bits or args.integer):
-        raise QexpError("--best evaluates best.pt only; --ptq-bits and --integer analyse the last checkpoint")
-    integer_eval.check(_method_name(args.run_dir), args)
+    for a in extra:
+        a.check(_method_name(args.run_dir), args)
     run = load_run(args.run_dir, args.device, args.data_root, "best" if args.best else "last", args.other_data)
     res = run.evaluate()
     what = f" ({run.checkpoint_name}, epoch {run.epoch})" if args.best else ""
     print(f"{run.run_dir}{what}: test error {res['error']:.2f}% (accuracy {100 - res['error']:.2f}%), "
           f"test loss {res['loss']:.4f}")
-    ptq_curve.run(run, args, res)
-    integer_eval.run(run, args)
+    for a in extra:
+        a.run(run, args, res)
     return 0

@@ -249,30 +249,25 @@ def export_run(run_dir: Path, out: Path | None = None, best: bool = False, devic
         raise QexpError(f"--format {fmt}: choose one of {', '.join(FORMATS)}")
     if fold_bn and fmt != "onnx":
         raise QexpError("--fold-bn applies to --format onnx only")
+    from qexp.run import session
     from qexp.run.evaluate import load_run
-    from qexp.run.train import instantiate
 
     out = Path(out) if out is not None else run_dir / ("export-best" if best else "export")
     check_target(out, run_dir)  # before the (slow) load and evaluation
     run = load_run(run_dir, device, data_root, which="best" if best else "last")
-    model, method = run.built.model, run.built.method
-    model.eval()
-    manifest = method.manifest(model)
+    method = run.built.method
+    run.built.model.eval()
     if fmt == "qexp":
-        refuse_activation_quantization(method.name, manifest)
-    if hasattr(method, "quantized_copy"):  # PTQ: the deployed network is a k-bit copy of the float one
-        if best:
-            raise QexpError("method=ptq records the test error of its final quantized copy only; "
-                            "export the last checkpoint (without --best)")
-        deployed = method.quantized_copy(model)
-        manifest = method.manifest(model)  # now with each layer's lo/scale
-    else:
-        deployed = model
+        refuse_activation_quantization(method.name, session.manifest(run.built))
+    deployed, manifest, copied = session.deployment(run.built)  # PTQ: a k-bit copy of the float network
+    if copied and best:
+        raise QexpError(f"method={method.name} records the test error of its final deployable copy only; "
+                        "export the last checkpoint (without --best)")
     c, h, _ = run.built.data.in_shape
     arch = {"in_channels": c, "num_classes": run.built.data.num_classes, "image_size": h}
     conf = {**{k: v for k, v in OmegaConf.to_container(run.cfg.model, resolve=True).items()
                if k not in ("name", "tag")}, **arch}
-    fresh = instantiate(OmegaConf.create(conf))
+    fresh = session.instantiate(OmegaConf.create(conf))
     if fmt == "onnx":
         return _export_onnx(run, run_dir, out, deployed, manifest, fresh, conf, fold_bn)
     eval_float = manifest.get("test_weights") == "float"

@@ -2,7 +2,7 @@
 
 ``bits`` is the average per layer: the budget is ``T = bits * L`` over the ``L`` quantized conv/linear
 layers. Every training step draws an allocation with exactly ``T`` bits from a Gumbel-softmax over
-learned logits (see :mod:`qexp.methods.learned.precision`); each layer trains exactly as ``method=bc`` does at
+learned logits (see :mod:`qexp.methods.learned.allocation`); each layer trains exactly as ``method=bc`` does at
 ``bits >= 2`` (float shadow weights clipped to ``[-s, s]``, deterministic ``Q_d`` forward,
 straight-through backward, the same grid scale and per-layer LR scale) but at its drawn bit-width, so
 ``method=bc`` at the same ``bits`` is the uniform-precision baseline. The temperature anneals from
@@ -24,7 +24,7 @@ from torch import nn
 from qexp.errors import QexpError, check_choice, check_range
 from qexp.methods.base import Evaluate, Method, RunContext
 from qexp.methods.bc import LR_SCALES, layer_lr_scale, shadow_param_groups
-from qexp.methods.learned.precision import (
+from qexp.methods.learned.allocation import (
     BitSource,
     LearnedBitsQuantizer,
     allocation_string,
@@ -152,6 +152,10 @@ class LearnedPrecision(Method):
         assert self.logits is not None, "prepare() first"
         logits = {"params": [self.logits], "lr": self.logit_lr, "weight_decay": 0.0, "name": "logits"}
         return [*shadow_param_groups(model, self.layers, self.lr_scale), logits]
+
+    def compile_ready(self, model: nn.Module) -> bool:
+        """Eager until every quantized ReLU calibrated its alpha on the first batch."""
+        return all(q.is_calibrated for q in self.act_quantizers)
 
     # ---- per step ----------------------------------------------------------------------------------
     def before_forward(self, model: nn.Module, step: int) -> None:

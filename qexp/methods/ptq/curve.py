@@ -136,6 +136,12 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
                     help="percentile of --ptq-calib percentile (default 99.99)")
 
 
+def check(method_name: str, args: argparse.Namespace) -> None:
+    """Refuse ``--ptq-bits`` with ``--best`` before anything is loaded: the curve is of the last checkpoint."""
+    if args.ptq_bits and getattr(args, "best", False):
+        raise QexpError("--best evaluates best.pt only; --ptq-bits and --integer analyse the last checkpoint")
+
+
 def run(loaded: Any, args: argparse.Namespace, base: dict[str, float] | None = None) -> dict[str, Any] | None:
     """``qexp eval`` entry: do nothing unless ``--ptq-bits`` was given; else write and print the curve.
 

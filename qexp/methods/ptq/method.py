@@ -212,6 +212,8 @@ class PTQ(Method):
     """Float training, then k-bit affine weights (and optionally activations) after training."""
 
     bits_range = (2, 8)
+    #: ``qexp eval --ptq-bits``: the post-training curve (of any trained run, not only PTQ's)
+    eval_analyses = ("qexp.methods.ptq.curve",)
 
     def __init__(self, bits: int | None = None, loss: str = "ce", activations: bool = False,
                  act_bits: int = 8, calib_batches: int = 8, per_channel: bool = False, grid: str = "asymmetric",
@@ -232,10 +234,10 @@ class PTQ(Method):
         self._data = ctx.data
         return model
 
-    def tag(self) -> str:
+    def bits_label(self) -> str:
         return f"{self.bits}-{self.act_bits}" if self.activations else str(self.bits)
 
-    def quantized_copy(self, model: nn.Module) -> nn.Module:
+    def deployable_copy(self, model: nn.Module) -> nn.Module:
         """The deployed network: k-bit weights and, if asked, calibrated ``act_bits`` activations."""
         qmodel, self._codes = affine_weight_copy(model, self.bits, share=(self, self._data), scheme=self.scheme)
         self._sqnr = weight_sqnr(model, self._codes)
@@ -250,7 +252,7 @@ class PTQ(Method):
 
     def finalize(self, model: nn.Module, evaluate: Evaluate) -> dict[str, Any]:
         float_res = evaluate(model)
-        q_res = evaluate(self.quantized_copy(model))
+        q_res = evaluate(self.deployable_copy(model))
         mem = weight_memory(model, self.bits, self._codes)
         return {
             # test_error/test_acc describe the deployed (quantized) network; the float one is kept beside

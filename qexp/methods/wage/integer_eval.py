@@ -66,7 +66,7 @@ def compare(model: torch.nn.Module, loader: Any, limit: int | None = None) -> tu
     return res, net
 
 
-def run(loaded: Any, args: argparse.Namespace) -> dict[str, Any] | None:
+def run(loaded: Any, args: argparse.Namespace, base: dict[str, float] | None = None) -> dict[str, Any] | None:
     """The ``--integer`` analysis of a loaded run (``qexp.run.evaluate.LoadedRun``); None when not asked."""
     if not getattr(args, "integer", False):
         return None
@@ -87,7 +87,9 @@ def run(loaded: Any, args: argparse.Namespace) -> dict[str, Any] | None:
 
 
 def check(method_name: str, args: argparse.Namespace) -> None:
-    """Refuse ``--integer`` for a run that is not WAGE before anything is evaluated."""
+    """Refuse ``--integer`` for a run that is not WAGE (or with ``--best``) before anything is evaluated."""
+    if getattr(args, "integer", False) and getattr(args, "best", False):
+        raise QexpError("--best evaluates best.pt only; --ptq-bits and --integer analyse the last checkpoint")
     if getattr(args, "integer", False) and method_name != "wage":
         raise QexpError(f"--integer needs a method=wage run (integer-only inference of WAGE's power-of-two "
                         f"formats); this run is method={method_name}")

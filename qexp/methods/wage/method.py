@@ -96,6 +96,8 @@ def insert_activation_quantizers(model: nn.Module, bits_a: int, bits_e: int) -> 
 
 class Wage(Method):
     bits_range = (2, 8)  # k_W; 8 at most so that weights export to int8
+    #: ``qexp eval --integer``: integer-only inference of the trained run
+    eval_analyses = ("qexp.methods.wage.integer_eval",)
 
     def __init__(self, bits: int | None = None, loss: str = "sse", bits_a: int = 8, bits_g: int = 8,
                  bits_e: int = 8, bits_r: int = 16, beta: float = 1.5, qa_logits: bool = False) -> None:
@@ -115,7 +117,7 @@ class Wage(Method):
         self._grad_zero: list[torch.Tensor] = []
         self._updates = 0
 
-    def tag(self) -> str:
+    def bits_label(self) -> str:
         return f"{self.bits}-{self.bits_a}-{self.bits_g}-{self.bits_e}"
 
     # ---- set-up ----------------------------------------------------------------------------------
@@ -213,7 +215,7 @@ class Wage(Method):
             layers.append({"name": name, "type": type(layer).__name__, "shape": list(w.shape),
                            "bits": self.bits, "alpha": getattr(q, "alpha", 1.0), "fan_in": w[0].numel(),
                            "rounding": "nearest", "update": f"stochastic, {self.bits_g}-bit grid"})
-        return {"method": self.name, "bits": self.bits, "tag": self.tag(),
+        return {"method": self.name, "bits": self.bits, "tag": self.bits_label(),
                 "bits_a": self.bits_a, "bits_g": self.bits_g, "bits_e": self.bits_e, "bits_r": self.bits_r,
                 "layers": layers,
                 "activations": {"bits": self.bits_a, "rounding": "nearest", "sites": len(self.sites),

@@ -1,0 +1,418 @@
+"""One run's session: build the method once, assemble data and model, train (init_from, resume, fit,
+finalize), write the manifest, evaluate and hand a deployable network to export.
+
+This is the only module under ``qexp/run`` that calls :class:`~qexp.methods.base.Method` hooks, in the
+order :class:`~qexp.methods.base.Method` documents; the engine, the callbacks, data parallelism and
+export get plain callables and values from here. Imports flow one way: the entry
+(:mod:`qexp.run.train`: Hydra, run folder, lock, exit codes) -> this session -> engine, callbacks,
+checkpoint. Nothing here reads Hydra's global state: the entry hands over the composed config.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import hydra
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from qexp.data import DataBundle
+from qexp.errors import QexpError
+from qexp.methods.base import Method, RunContext, register_option, resolve_param_groups
+from qexp.quant import kernels
+from qexp.run import checkpoint, compiled, distributed, engine, identity, precision, preempt, record, resources, tune
+from qexp.run.callbacks import BestCheckpoint, RunRecord, TensorBoard, final_record
+from qexp.run.engine import Engine
+from qexp.run.precision import MixedPrecision
+from qexp.run.preempt import stop_on_signals
+
+log = logging.getLogger("qexp")
+
+CHECKPOINT = "checkpoint.pt"
+#: config keys that name the component but are not constructor arguments
+META_KEYS = ("name", "tag")
+#: torch.manual_seed takes a 64-bit signed seed
+MAX_SEED = 2**63 - 1
+
+
+def instantiate(node: DictConfig, **kwargs: Any) -> Any:
+    """``hydra.utils.instantiate`` minus the naming keys; constructor errors become user errors. A method
+    class kept outside qexp learns its ``name`` from the node (its YAML's ``method.name``)."""
+    conf = OmegaConf.to_container(node, resolve=True)
+    name = conf.get("name")
+    for k in META_KEYS:
+        conf.pop(k, None)
+    try:
+        factory = hydra.utils.instantiate(conf, _partial_=True)
+    except hydra.errors.InstantiationException as e:
+        raise QexpError(f"cannot build {conf.get('_target_')}: {e}") from None
+    cls = getattr(factory, "func", None)
+    if isinstance(cls, type) and issubclass(cls, Method) and name is not None:
+        register_option(cls, str(name), where=f"method={name}")
+    try:
+        return factory(**kwargs)
+    except (TypeError, ValueError) as e:  # a bad option value or name in the config
+        raise QexpError(f"cannot build {conf.get('_target_')}: {e}") from None
+
+
+def resolve_device(name: Any) -> torch.device:
+    """``auto`` | ``cpu`` | ``cuda`` | ``cuda:N`` -> a torch device; a GPU that is not there is a user error.
+
+    ``cuda:N`` also becomes the current CUDA device, so that kernels, generators and compiled code that
+    use "the" GPU (``device="cuda"``) land on the same one.
+    """
+    name = str(getattr(name, "value", name)).strip()
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    m = re.fullmatch(r"(cpu|cuda)(?::(\d+))?", name)
+    if m is None or (m[1] == "cpu" and m[2] is not None):
+        raise QexpError(f"device must be auto, cpu, cuda or cuda:N, got {name!r}")
+    if m[1] == "cpu":
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise QexpError(f"device={name} was asked for but no CUDA device is available; use device=auto or cpu")
+    count = torch.cuda.device_count()
+    if m[2] is not None and int(m[2]) >= count:
+        raise QexpError(f"device={name}: there is no GPU {m[2]}; {count} visible (cuda:0..cuda:{count - 1})")
+    device = torch.device(name)
+    if device.index is not None:
+        torch.cuda.set_device(device)
+    return device
+
+
+# ---- the method: built once per run (per process) ----------------------------------------------------
+def check_inputs(cfg: DictConfig) -> Method:
+    """Reject impossible top-level values and bits the method cannot use, before any folder exists;
+    return the run's method (built here, once: the caller passes it on to :func:`build`)."""
+    for key in ("epochs", "batch_size", "eval_batch_size"):
+        if int(cfg[key]) < 1:
+            raise QexpError(f"{key} must be at least 1, got {key}={cfg[key]}")
+    lr = float(cfg.lr)
+    if not math.isfinite(lr) or lr <= 0:
+        raise QexpError(f"lr must be a positive number, got lr={cfg.lr}")
+    if not 0 <= int(cfg.seed) <= MAX_SEED:
+        raise QexpError(f"seed must be in 0..{MAX_SEED} (torch's generator seed), got seed={cfg.seed}")
+    if str(cfg.lock) not in ("auto", "fail", "wait"):
+        raise QexpError(f"lock must be auto, fail or wait, got lock={cfg.lock}")
+    if int(cfg.tensorboard.step_every) < 0:
+        raise QexpError(f"tensorboard.step_every must be 0 (off) or a step count, got {cfg.tensorboard.step_every}")
+    if int(cfg.trainer.devices) < 1:
+        raise QexpError(f"trainer.devices must be at least 1, got {cfg.trainer.devices}")
+    device = resolve_device(cfg.device)  # device=cuda:N that is not there
+    precision.check(cfg.precision, device)  # 16-mixed off CUDA
+    if cfg.compile:
+        compiled.check_compiler(device)  # compile=true without a working compiler
+    return build_method(cfg)
+
+
+def build_method(cfg: DictConfig) -> Method:
+    """The run's method from ``cfg.method`` (it validates its bits and options: QexpError)."""
+    return instantiate(cfg.method)
+
+
+def ignored_knobs(method: Method) -> tuple[str, ...]:
+    """Config knobs the method does not use (:attr:`Method.ignored_knobs`): not part of the run's
+    identity (folder, resume check)."""
+    return tuple(method.ignored_knobs)
+
+
+def comparable_config(cfg: DictConfig, ignored: tuple[str, ...] = (), data: str | None = None) -> str:
+    """The run's fingerprint (:func:`qexp.run.identity.fingerprint`): what a resume must match."""
+    return identity.fingerprint(cfg, ignored, data)
+
+
+def run_meta(cfg: DictConfig, method: Method, overrides: str | None = None,
+             fingerprint: str | None = None, data: dict[str, Any] | None = None) -> dict[str, Any]:
+    """metrics.json's identifying fields; ``fingerprint`` and ``data`` (the resolved data root, the files
+    read and their digest) let a later launch, ``qexp eval`` and ``qexp table`` tell which configuration
+    and which data the result answers for."""
+    extra = {"fingerprint": fingerprint} if fingerprint is not None else {}
+    if data is not None:
+        extra["data"] = data
+    return {
+        "name": cfg.name,
+        "dataset": cfg.dataset.name,
+        "model": cfg.model.name,
+        "method": cfg.method.name,
+        "bits": method.bits,
+        "bits_tag": method.bits_label(),
+        "seed": cfg.seed,
+        "epochs": cfg.epochs * method.epoch_scale,
+        "overrides": overrides or "",
+        "optim": cfg.optim.name,
+        "lr": cfg.lr,
+        "batch_size": cfg.batch_size * method.batch_scale,
+        **extra,
+    }
+
+
+# ---- assembling a run --------------------------------------------------------------------------------
+@dataclass
+class Prepared:
+    """A run's method, data and model (prepared by the method): enough to evaluate."""
+
+    method: Method
+    data: DataBundle
+    model: torch.nn.Module
+
+
+@dataclass
+class Built(Prepared):
+    """:class:`Prepared` plus what training needs: the optimizer and the schedule."""
+
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+
+
+def assemble(cfg: DictConfig, device: torch.device, method: Method | None = None) -> Prepared:
+    """Data and model, prepared by the run's ``method`` (built from ``cfg`` when not given) on ``device``."""
+    method = build_method(cfg) if method is None else method
+    data = instantiate(cfg.dataset, root=cfg.data_root, batch_size=cfg.batch_size * method.batch_scale,
+                       eval_batch_size=cfg.eval_batch_size, seed=cfg.seed, device=str(device))
+    c, h, _ = data.in_shape
+    model = instantiate(cfg.model, in_channels=c, num_classes=data.num_classes, image_size=h)
+    ctx = RunContext(device=device, data=data, seed=int(cfg.seed))
+    model = method.prepare(model.to(device), ctx).to(device)
+    return Prepared(method, data, model)
+
+
+def build(cfg: DictConfig, device: torch.device, method: Method | None = None) -> Built:
+    """:func:`assemble`, ``init_from``, then the optimizer (over the method's parameter groups) and the
+    schedule."""
+    p = assemble(cfg, device, method)
+    if cfg.get("init_from"):  # a new run that starts from another run's weights (not a resume)
+        init_weights(p.model, Path(str(cfg.init_from)), device)
+    groups = resolve_param_groups(p.method.param_groups(p.model), cfg.lr)
+    optim_cfg = OmegaConf.masked_copy(cfg.optim, [k for k in cfg.optim if k != "lr"])
+    optimizer = instantiate(optim_cfg, params=groups, lr=cfg.lr)
+    scheduler = instantiate(cfg.sched, optimizer=optimizer, epochs=cfg.epochs * p.method.epoch_scale)
+    return Built(p.method, p.data, p.model, optimizer, scheduler)
+
+
+def init_weights(model: torch.nn.Module, run_dir: Path, device: torch.device) -> None:
+    """``init_from=RUN_DIR``: start from that run's model weights (its checkpoint), nothing else of it."""
+    ckpt = run_dir / CHECKPOINT
+    if not ckpt.is_file():
+        raise QexpError(f"init_from={run_dir}: no {CHECKPOINT} there (a qexp run folder that trained)")
+    state = checkpoint.load(ckpt, map_location=device)
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as e:
+        raise QexpError(f"init_from={run_dir}: its weights do not fit this model/method "
+                        f"({str(e).splitlines()[0][:200]})") from None
+
+
+def restore(p: Prepared, state: dict[str, Any]) -> None:
+    """A checkpoint's model and method state into an assembled run (``qexp eval``, ``qexp export``)."""
+    p.model.load_state_dict(state["model"])
+    p.method.load_state_dict(state["method"])
+
+
+# ---- the method's hooks in a training step and an evaluation -----------------------------------------
+def train_step(model: nn.Module, method: Method, optimizer: torch.optim.Optimizer, x: torch.Tensor,
+               y: torch.Tensor, step: int, forward_model: nn.Module | None = None,
+               amp: MixedPrecision | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimizer step with every per-step hook, in the documented order; returns the (detached) loss
+    the method's criterion gave and the logits. ``forward_model`` runs the forward (the DDP wrapper);
+    the hooks see ``model``. ``amp``: conv/linear layers in 16 bits during the forward (and so their
+    backward); with float16 the loss is scaled and the gradients unscaled before the hooks see them."""
+    method.before_forward(model, step)
+    with amp.active() if amp is not None else contextlib.nullcontext():
+        out = (model if forward_model is None else forward_model)(x)
+    loss = method.criterion(out, y)
+    extra = method.extra_loss(model)
+    total = loss if extra is None else loss + extra
+    optimizer.zero_grad(set_to_none=True)
+    scaler = None if amp is None else amp.scaler
+    if scaler is None:
+        total.backward()
+    else:
+        scaler.scale(total).backward()
+        scaler.unscale_(optimizer)
+    method.after_backward(model)
+    if scaler is None:
+        optimizer.step()
+    else:
+        scaler.step(optimizer)  # skipped when a gradient overflowed float16
+        scaler.update()
+    method.after_step(model, optimizer)
+    return loss.detach(), out.detach()
+
+
+def evaluate(model: nn.Module, method: Method, loader: Any, device: torch.device,
+             reduce: engine.Reduce | None = None) -> dict[str, float]:
+    """Mean loss (the method's criterion) and error in percent of ``model`` over ``loader``
+    (:func:`qexp.run.engine.measure`)."""
+    return engine.measure(model, method.criterion, method.loss_is_sum, loader, device, reduce)
+
+
+class Trainer(Engine):
+    """The engine (:class:`qexp.run.engine.Engine`) with the method's hooks at its hook points: the
+    per-step sequence of :func:`train_step`, ``before_evaluate``, ``on_epoch_end`` then ``metrics``,
+    ``finalize``, and the method's ``state_dict`` in every checkpoint."""
+
+    def __init__(self, model: nn.Module, method: Method, optimizer: torch.optim.Optimizer, scheduler: Any,
+                 data: DataBundle, device: torch.device, epochs: int, **kwargs: Any) -> None:
+        self.method = method
+        super().__init__(model, optimizer, scheduler, data, device, epochs, loss_is_sum=method.loss_is_sum,
+                         compile_ready=lambda: method.compile_ready(model), **kwargs)
+
+    def _train_step(self, x: torch.Tensor, y: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return train_step(self.model, self.method, self.optimizer, x, y, step, self.forward_model, self.amp)
+
+    def _criterion(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return self.method.criterion(logits, target)
+
+    def _before_evaluate(self) -> None:
+        self.method.before_evaluate(self.model)
+
+    def _epoch_end(self, epoch: int) -> dict[str, float]:
+        self.method.on_epoch_end(epoch)
+        return self.method.metrics()
+
+    def _finalize(self, evaluate: engine.Evaluate) -> dict[str, Any]:
+        return self.method.finalize(self.model, evaluate)
+
+    def _method_state(self) -> dict[str, Any]:
+        return self.method.state_dict()
+
+    def _load_method_state(self, state: dict[str, Any]) -> None:
+        self.method.load_state_dict(state)
+
+
+def manifest(p: Prepared) -> dict[str, Any]:
+    """The method's manifest of the run's model (quant.json)."""
+    return p.method.manifest(p.model)
+
+
+def deployment(p: Prepared) -> tuple[nn.Module, dict[str, Any], bool]:
+    """The network a deployment runs and its manifest: the method's deployable copy
+    (:meth:`Method.deployable_copy`, e.g. PTQ's k-bit copy; the manifest is read after it was made) or
+    the trained model itself. The flag says whether it is a copy."""
+    copy = p.method.deployable_copy(p.model)
+    return (p.model if copy is None else copy), p.method.manifest(p.model), copy is not None
+
+
+# ---- a run's result on disk --------------------------------------------------------------------------
+def stored_fingerprint(run_dir: Path, rec: dict[str, Any]) -> str | None:
+    """The fingerprint a run folder's result answers for: metrics.json's, else (a run from before
+    metrics.json kept it) its checkpoint's; None when neither can be read."""
+    if isinstance(rec.get("fingerprint"), str):
+        return rec["fingerprint"]
+    try:
+        return str(checkpoint.load(run_dir / CHECKPOINT).get("config"))
+    except (OSError, QexpError):
+        return None
+
+
+def data_record(cfg: DictConfig, sources: tuple[Path, ...]) -> dict[str, Any]:
+    """The resolved data root, the files read (relative, with their sha1) and their digest."""
+    from qexp.data.common import digest
+
+    return digest(str(cfg.data_root), sources)
+
+
+def finished_run(cfg: DictConfig, run_dir: Path, ignored: tuple[str, ...], quiet: bool = False,
+                 data: str | None = None) -> dict[str, Any] | None:
+    """The record of a completed or diverged run in ``run_dir`` (not retrained), else None.
+
+    Its stored fingerprint must be this run's: a finished run of another configuration (or of other data:
+    ``data`` is this run's data digest when the data are loaded already; before that, the files the
+    stored run read are hashed under this run's data root) is refused and kept, never reported as this
+    run's result nor replaced (``resume=false`` retrains only a run of the same configuration)."""
+    previous = record.read(run_dir)
+    if not previous or previous.get("status") not in record.FINISHED:
+        return None
+    stored = stored_fingerprint(run_dir, previous)
+    if stored is not None:
+        files = (previous.get("data") or {}).get("files") if isinstance(previous.get("data"), dict) else None
+        if data is None and files:
+            from qexp.data.common import same_files_under
+
+            data = same_files_under(str(cfg.data_root), files) or "missing"
+        diff = identity.differences(stored, comparable_config(cfg, ignored, data), ignored)
+        if diff:
+            raise QexpError(f"{run_dir} holds the finished run of another configuration ({'; '.join(diff[:8])}); "
+                            "it is kept: give this run its own place with name=NAME or out_root=DIR")
+    if not cfg.resume:
+        return None
+    if not quiet:
+        print(f"{run_dir}: already {previous['status']}, not retrained (resume=false retrains).\n"
+              f"  {record.summary_line(previous)}")
+    return previous
+
+
+# ---- training ----------------------------------------------------------------------------------------
+def train(cfg: DictConfig, run_dir: Path, ctx: distributed.Context = distributed.SINGLE,
+          overrides: str | None = None, built: Built | None = None,
+          method: Method | None = None) -> dict[str, Any] | None:
+    """Train (or resume, or skip) the run whose folder is ``run_dir``; return its metrics record.
+
+    With several processes (``ctx``) each trains on its share of every batch and only the main one
+    writes the run folder. None when a stop signal arrived before this run started (a sweep winding down).
+    ``built``: the run's objects when the caller already built them (after ``torch.manual_seed``);
+    else ``method``: the run's method when the caller built it already (it is built once per process).
+    """
+    main = ctx.is_main
+    if built is not None:
+        method = built.method
+    elif method is None:
+        method = build_method(cfg)
+    ignored = ignored_knobs(method)
+    previous = finished_run(cfg, run_dir, ignored, quiet=not main)
+    if previous is not None:
+        return previous
+    if preempt.requested():
+        if main:
+            print(f"{run_dir}: not started, this process was asked to stop")
+        return None
+
+    device = resolve_device(cfg.device)
+    device = distributed.rank_device(device, ctx.local_rank) if ctx.enabled else device
+    resources.log_threads()
+    if cfg.compile:
+        compiled.check_compiler(device)
+    kernels.use_fused(bool(cfg.compile), device, probe=False)  # per run: a sweep's runs may differ
+    if built is None:
+        torch.manual_seed(cfg.seed)
+    b = build(cfg, device, method) if built is None else built
+    ckpt = run_dir / CHECKPOINT
+    data = data_record(cfg, b.data.sources)
+    fingerprint = comparable_config(cfg, ignored, data["digest"])
+    meta = run_meta(cfg, b.method, overrides, fingerprint, data)
+    if b.data.val is None:
+        tune.check_patience(cfg)  # also refused before launch (tune.InputCheck); here for DDP workers
+    tb = cfg.tensorboard
+    callbacks = [RunRecord(run_dir, meta, lambda: manifest(b)), BestCheckpoint(run_dir),
+                 TensorBoard(run_dir, meta, tb.step_every, tb.histograms, b.method.images)] if main else []
+    parallel = (distributed.DataParallel(ctx, device, cfg.trainer.find_unused_parameters)
+                if ctx.enabled else None)
+    with stop_on_signals() as stop:
+        trainer = Trainer(b.model, b.method, b.optimizer, b.scheduler, b.data, device,
+                          cfg.epochs * b.method.epoch_scale, ckpt_path=ckpt if main else None,
+                          should_stop=stop.is_set, progress_bar=cfg.progress if main else False,
+                          callbacks=callbacks, parallel=parallel, extra_state={"config": fingerprint},
+                          patience=cfg.patience, compile=bool(cfg.compile),
+                          precision=str(cfg.precision))
+        if cfg.resume and ckpt.exists():
+            state = checkpoint.load(ckpt, map_location=device)
+            if not identity.same_run(str(state.get("config")), fingerprint, ignored):
+                diff = "; ".join(identity.differences(str(state.get("config")), fingerprint, ignored)[:8])
+                raise QexpError(f"{run_dir} holds an unfinished run with a different configuration ({diff}); "
+                                "it is kept: give this run its own place with name=NAME or out_root=DIR "
+                                "(resume=false would discard that run)")
+            trainer.load_state_dict(state)
+            log.info("resuming %s at epoch %d, batch %d", run_dir, trainer.progress.epoch,
+                     trainer.progress.batch)
+        outcome = trainer.fit()
+    rec = final_record(meta, outcome)
+    if main:
+        print(f"{run_dir}\n  {record.summary_line(rec)}")
+    return rec
