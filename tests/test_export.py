@@ -134,7 +134,7 @@ def test_export_refuses_activation_quantization_with_one_line(synthetic_runs: di
     run = synthetic_runs["ste"]
     assert qexp(["export", str(run)]) == 2
     assert capsys.readouterr().err.strip().splitlines() == [
-        "error: method=ste quantizes activations (activation_bits, activations): qexp export writes float "
+        "error: method=ste quantizes activations: qexp export writes float "
         "networks with quantized weights only (float, bc, sr, r, big_sr, learned and ptq without activation bits); "
         "--format onnx exports them"]
     assert not (run / "export").exists() and not list(run.glob(".export*"))

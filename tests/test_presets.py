@@ -292,7 +292,7 @@ def test_dorefa_pact_turn_bn_on_and_leave_the_last_layers_input_unquantized(meth
             assert all(m.bits == 2 for m in acts[:-1])
             assert len(torch.unique(acts[0](x * 5))) <= 4  # the hidden ones stay 2-bit
     rows = b.method.manifest(b.model)["activations"]
-    assert [r["bits"] for r in rows] == [2, 2, 32] and rows[-1]["levels"] is None
+    assert [r["bits"] for r in rows] == [2, 2, 32] and rows[-1]["kind"] == "float"
     # first_last_bits quantizes the last layer: then its input is quantized too
     _, q = _build([f"method={method}", "method.first_last_bits=4", *TINY_MNIST], data_root)
     assert [r["bits"] for r in q.method.manifest(q.model)["activations"]] == [2, 2, 2]

@@ -82,7 +82,7 @@ class BinaryConnect(Method):
     # ---- set-up ----------------------------------------------------------------------------------
     def prepare(self, model: nn.Module, ctx: RunContext) -> nn.Module:
         self.noise = Noise(self.seed, ctx.device) if self.stochastic else None
-        rounding = "stochastic-binary" if self.stochastic else ("sign" if self.bits == 1 else "nearest")
+        rounding = "stochastic" if self.stochastic else "nearest"  # 1 bit: nearest of {-s, +s} is the sign
 
         def make(q: QuantLayer) -> nn.Module:
             return WeightQuantizer(q.bits, q.scale, self.noise, self.eval_float)

@@ -25,7 +25,9 @@ from torch import nn
 
 from qexp.errors import QexpError
 from qexp.methods.base import Method, RunContext
-from qexp.quant.activation import QuantReLU, max_index
+from qexp.quant.activation import QuantReLU, max_index, relu_format
+from qexp.quant.format import LayerFormat, float_format, symmetric, uniform
+from qexp.quant.format import row as format_row
 from qexp.quant.inject import WEIGHT_LAYERS, attach_weight_quantizer, replace_modules, shadow_weight, weight_quantizer
 from qexp.quant.kernels import HALF, Noise
 from qexp.quant.layers import FLOAT_BITS, LayerPlan, check_bits, plan_layers
@@ -187,14 +189,23 @@ class DoReFa(Method):
         for p in self.plan:
             w = shadow_weight(p.module)
             q = weight_quantizer(p.module) is not None
-            rows.append({"name": p.name, "type": type(p.module).__name__, "shape": list(w.shape),
-                         "params": w.numel(), "bits": p.wbits if q else FLOAT_BITS,
-                         "weights": ("sign(w) E|w|" if p.wbits == 1 else "tanh-normalised, k-bit on [-1, 1]")
-                         if q else "float", "gradient_bits": self.gbits if q else None})
+            rows.append(format_row(self._weight_format(p.name, p.wbits, w) if q else float_format(p.name),
+                                   type=type(p.module).__name__, shape=list(w.shape), params=w.numel(),
+                                   weights=("sign(w) E|w|" if p.wbits == 1 else "tanh-normalised, k-bit on [-1, 1]")
+                                   if q else "float", gradient_bits=self.gbits if q else None))
             if q:
                 quantized.add(id(w))
                 q_bits += w.numel() * p.wbits
         return rows, quantized, q_bits
+
+    @staticmethod
+    def _weight_format(name: str, bits: int, w: torch.Tensor) -> LayerFormat:
+        """1 bit: ``+-E|w|`` (the mean the forward computes); else ``2 i/n - 1``: codes ``0..n``, step
+        ``2/n``, offset -1 (decodes to within float rounding of the forward's ``2 (i/n) - 1``)."""
+        if bits == 1:
+            return symmetric(name, 1, float(w.detach().abs().mean()))
+        n = max_index(bits)
+        return uniform(name, bits, 2.0 / n, 0, n, offset=-1.0)
 
     def manifest(self, model: nn.Module) -> dict[str, Any]:
         rows, quantized, q_bits = self._layer_rows()
@@ -202,17 +213,16 @@ class DoReFa(Method):
         other = sum(p.numel() for p in params if id(p) not in quantized)
         total = sum(p.numel() for p in params)
         weight_bytes = -(-q_bits // 8) + 4 * other
-        acts = [{"name": n, "bits": FLOAT_BITS if n == self.float_input else self.abits, **self._activation_row(m)}
-                for n, m in self.activations]
+        acts = [self._activation_row(n, m) for n, m in self.activations]
         return {"method": self.name, "bits": self.bits, "activation_bits": self.abits,
                 "gradient_bits": self.gbits, "first_last_bits": self.first_last_bits, "layers": rows,
                 "activations": acts, "quantized_params": total - other, "float_params": other,
                 "weight_bytes": weight_bytes, "float32_bytes": 4 * total,
                 "compression": 4 * total / max(weight_bytes, 1)}
 
-    def _activation_row(self, module: nn.Module) -> dict[str, Any]:
-        levels = None if isinstance(module, nn.Hardtanh) else max_index(self.abits) + 1  # type: ignore[arg-type]
-        return {"range": [0.0, 1.0], "levels": levels}
+    def _activation_row(self, name: str, module: nn.Module) -> dict[str, Any]:
+        fmt = float_format(name, "activation") if isinstance(module, nn.Hardtanh) else relu_format(name, module)
+        return format_row(fmt, range=[0.0, 1.0])
 
     def bits_label(self) -> str:
         g = f"g{self.gbits}" if self.gbits is not None else ""

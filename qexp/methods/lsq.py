@@ -26,6 +26,8 @@ from torch import nn
 
 from qexp.errors import QexpError
 from qexp.methods.base import Method, RunContext
+from qexp.quant.format import float_format, uniform
+from qexp.quant.format import row as format_row
 from qexp.quant.inject import attach_weight_quantizer, shadow_weight, weight_quantizer
 from qexp.quant.layers import FLOAT_BITS, LayerPlan, check_bits, plan_layers
 
@@ -240,30 +242,33 @@ class LSQ(Method):
         return out
 
     def manifest(self, model: nn.Module) -> dict[str, Any]:
-        rows, q_bits, quantized = [], 0, set()
+        rows, acts, q_bits, quantized = [], [], 0, set()
         for p in self.plan:
             w = shadow_weight(p.module)
-            row: dict[str, Any] = {"name": p.name, "type": type(p.module).__name__, "shape": list(w.shape),
-                                   "params": w.numel(), "bits": p.wbits, "input_bits": p.abits,
-                                   "rounding": "nearest, learned step (LSQ)"}
+            info: dict[str, Any] = {"type": type(p.module).__name__, "shape": list(w.shape), "params": w.numel(),
+                                    "input_bits": p.abits, "step_rule": "learned (LSQ)"}
             wq = weight_quantizer(p.module)
+            fmt = float_format(p.name)
             if wq is not None:
                 quantized.add(id(w))
                 q_bits += w.numel() * p.wbits + 32  # codes + the step
-                row.update(step=float(wq.step.detach()), q_n=wq.q_n, q_p=wq.q_p)
+                fmt = uniform(p.name, p.wbits, float(wq.step.detach()), -wq.q_n, wq.q_p)
+                info.update(q_n=wq.q_n, q_p=wq.q_p)
             if hasattr(p.module, "input_quantizer"):
                 iq = p.module.input_quantizer
                 q_n, q_p = qrange(p.abits, bool(iq.signed))
-                row.update(input_step=float(iq.step.detach()), input_signed=bool(iq.signed),
-                           input_q_n=q_n, input_q_p=q_p)
-            rows.append(row)
+                info.update(input_step=float(iq.step.detach()), input_signed=bool(iq.signed),
+                            input_q_n=q_n, input_q_p=q_p)
+                acts.append(format_row(uniform(p.name, p.abits, info["input_step"], -q_n, q_p, tensor="input")))
+            rows.append(format_row(fmt, **info))
         params = [p for p in model.parameters() if not _is_step(p, self)]
         other = sum(p.numel() for p in params if id(p) not in quantized)
         total = sum(p.numel() for p in params)
         weight_bytes = math.ceil(q_bits / 8) + 4 * other
         return {"method": self.name, "bits": self.bits, "activation_bits": self.abits,
                 "first_last_bits": self.first_last_bits, "grad_scale": self.grad_scale, "layers": rows,
-                "quantized_params": total - other, "float_params": other, "weight_bytes": weight_bytes,
+                "activations": acts, "quantized_params": total - other, "float_params": other,
+                "weight_bytes": weight_bytes,
                 "float32_bytes": 4 * total, "compression": 4 * total / max(weight_bytes, 1)}
 
     def bits_label(self) -> str:

@@ -19,6 +19,8 @@ from torch import nn
 from qexp.errors import QexpError
 from qexp.methods.dorefa import DoReFa
 from qexp.quant.activation import max_index
+from qexp.quant.format import float_format, uniform
+from qexp.quant.format import row as format_row
 from qexp.quant.layers import FLOAT_BITS
 
 
@@ -137,10 +139,11 @@ class PACT(DoReFa):
         """Each activation layer's clipping level ``alpha/<name>``."""
         return {f"alpha/{n}": float(m.alpha.detach()) for n, m in self.activations}
 
-    def _activation_row(self, module: nn.Module) -> dict[str, Any]:
-        a = float(module.alpha.detach())
-        levels = None if module.bits == FLOAT_BITS else max_index(module.bits) + 1
-        return {"range": [0.0, a], "alpha": a, "levels": levels}
+    def _activation_row(self, name: str, module: nn.Module) -> dict[str, Any]:
+        a, n = float(module.alpha.detach()), max_index(module.bits)
+        fmt = (float_format(name, "activation") if module.bits == FLOAT_BITS
+               else uniform(name, module.bits, a / n, 0, n, tensor="activation"))
+        return format_row(fmt, range=[0.0, a], alpha=a)
 
     def manifest(self, model: nn.Module) -> dict[str, Any]:
         return {**super().manifest(model), "alpha_l2": self.alpha_l2}

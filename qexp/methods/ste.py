@@ -27,7 +27,9 @@ from qexp.quant.activation import (
     lloyd_max_alpha,
     max_index,
     quantize_relus,
+    relu_format,
 )
+from qexp.quant.format import row as format_row
 
 LLOYD_MAX = "lloyd_max"
 
@@ -108,10 +110,10 @@ class STE(Layered):
 
     def manifest(self, model: nn.Module) -> dict[str, Any]:
         base = super().manifest(model)
-        acts = [{"name": n, "bits": self.bits, "alpha": float(q.alpha), "levels": max_index(self.bits) + 1,
-                 "top": float(q.alpha) * max_index(self.bits) if self.bits > 1 else float(q.alpha),
-                 "call_sites": int(q.sites), "shared_alpha": int(q.sites) > 1,
-                 "estimator": self.estimator, "learned_alpha": self.learn_alpha}
+        acts = [format_row(relu_format(n, q), alpha=float(q.alpha),
+                           top=float(q.alpha) * max_index(self.bits) if self.bits > 1 else float(q.alpha),
+                           call_sites=int(q.sites), shared_alpha=int(q.sites) > 1,
+                           estimator=self.estimator, learned_alpha=self.learn_alpha)
                 for n, q in self.quantizers]
         return {**base, "method": self.name, "bits": self.bits, "activation_bits": self.bits,
                 "weight_bits": self.inner.bits if self.inner is not None else 32,

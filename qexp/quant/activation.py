@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from qexp.errors import QexpError, check_choice
+from qexp.quant.format import LayerFormat, uniform
 from qexp.quant.inject import replace_modules
 
 ESTIMATORS = ("identity", "relu", "clipped_relu")
@@ -335,3 +336,11 @@ def quantize_relus(model: nn.Module, make: Callable[[str, nn.Module], QuantReLU]
     quantizers = [(n, model.get_submodule(n)) for n in names]
     model.register_forward_hook(_CloseCalibration([q for _, q in quantizers]))
     return quantizers
+
+
+def relu_format(name: str, q: QuantReLU) -> LayerFormat:
+    """The format record of a quantized ReLU's output: codes ``0..2^b - 1`` times alpha (1 bit and the
+    paper's staircase round up: ``ceil``)."""
+    rounding = "ceil" if q.bits == 1 or q.staircase == "ceil" else "nearest"
+    return uniform(name, q.bits, float(q.alpha.detach()), 0, max_index(q.bits), rounding=rounding,
+                   tensor="activation")

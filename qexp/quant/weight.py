@@ -18,6 +18,8 @@ import torch
 from torch import nn
 
 from qexp.errors import QexpError, check_choice, check_range
+from qexp.quant.format import row as format_row
+from qexp.quant.format import symmetric
 from qexp.quant.grid import SymmetricGrid, glorot_scale
 from qexp.quant.inject import attach_weight_quantizer, shadow_weight, weight_layers
 from qexp.quant.kernels import Noise, nearest, stochastic_round
@@ -86,7 +88,8 @@ def quantize_weights(model: nn.Module, bits: int, rounding: str, float_copy: boo
 
 def weight_manifest(model: nn.Module, layers: list[QuantLayer], method: str, bits: int,
                     **extra: Any) -> dict[str, Any]:
-    """quant.json: per quantized layer its name, shape, params, bits, grid, rounding, float copy; the
+    """quant.json: per quantized layer its format record (:mod:`qexp.quant.format`: the symmetric grid's
+    step and codes), shape, params, grid scale ``s`` and range, float copy; the
     model's weight memory at its precision (every other parameter counted as float32) vs all-float32.
     ``train_bytes`` adds the float shadows kept during training."""
     rows, quantized = [], set()
@@ -97,10 +100,10 @@ def weight_manifest(model: nn.Module, layers: list[QuantLayer], method: str, bit
         n = w.numel()
         q_bits += n * q.bits
         train_bytes += 4 * n if q.float_copy else math.ceil(n * q.bits / 8)
-        rows.append({"name": q.name, "type": type(q.module).__name__, "shape": list(w.shape), "params": n,
-                     "bits": q.bits, "scale": q.scale, "step": SymmetricGrid(q.bits, q.scale).step,
-                     "range": SymmetricGrid(q.bits, q.scale).limit, "rounding": q.rounding, "float_copy": q.float_copy,
-                     "bytes": math.ceil(n * q.bits / 8), "float32_bytes": 4 * n})
+        grid = SymmetricGrid(q.bits, q.scale)
+        rows.append(format_row(symmetric(q.name, q.bits, grid.step, q.rounding), type=type(q.module).__name__,
+                               shape=list(w.shape), params=n, scale=q.scale, range=grid.limit,
+                               float_copy=q.float_copy, bytes=math.ceil(n * q.bits / 8), float32_bytes=4 * n))
     params = list({id(p): p for p in model.parameters()}.values())
     total = sum(p.numel() for p in params)
     other = sum(p.numel() for p in params if id(p) not in quantized)

@@ -40,11 +40,8 @@ from torch.nn.utils import parametrize
 
 from qexp.errors import QexpError
 from qexp.jsonio import atomic_write_bytes, write_json, write_torch
+from qexp.quant.format import LayerFormat, parse_manifest, weight_formats
 from qexp.run import export_loader
-
-#: manifest keys that mean the method quantizes activations (ste, wage, learned, ptq, pact, dorefa; lsq's
-#: per-layer ``input_bits``); anything else that changes the modules is caught by the state_dict check
-ACTIVATION_KEYS = ("activation_bits", "act_bits", "bits_a", "activations")
 
 
 def plain_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -64,25 +61,24 @@ def plain_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def refuse_activation_quantization(method_name: str, manifest: dict[str, Any]) -> None:
-    acts = [k for k in ACTIVATION_KEYS if manifest.get(k) not in (None, False, [], 32)]
-    rows = manifest.get("layers", [])
-    if any(r.get("tensor") == "input" or r.get("input_bits") not in (None, 32) for r in rows):
-        acts.append("input quantizers")
+    """One line when the manifest's format records quantize any tensor besides weights."""
+    acts = sorted({f"{f.tensor}s" for f in parse_manifest(manifest) if f.tensor != "weight" and f.quantized})
     if acts:
-        raise QexpError(f"method={method_name} quantizes activations ({', '.join(acts)}): qexp export writes "
-                        "float networks with quantized weights only (float, bc, sr, r, big_sr, learned and ptq "
-                        "without activation bits); --format onnx exports them")
+        raise QexpError(f"method={method_name} quantizes {' and '.join(acts)}: qexp export writes float networks "
+                        "with quantized weights only (float, bc, sr, r, big_sr, learned and ptq without activation "
+                        "bits); --format onnx exports them")
 
 
-def grid_of(row: dict[str, Any]) -> tuple[float, float] | None:
-    """(scale, offset) of a quant.json layer row: the symmetric grid's step, or an affine grid's scale/lo."""
-    if row.get("tensor", "weight") != "weight" or int(row.get("bits", 32)) >= 32:
+def grid_of(fmt: LayerFormat) -> tuple[float, float] | None:
+    """(scale, offset) of a weight's format record: None for a float weight; a format the export cannot
+    store as ``codes * scale + offset`` (a level set, per-channel grids) is one clear error."""
+    if not fmt.quantized:
         return None
-    if "step" in row:
-        return float(row["step"]), 0.0
-    if "scale" in row and "lo" in row:
-        return float(row["scale"]), float(row["lo"])
-    return None
+    if not fmt.integer_codes or fmt.per_channel or isinstance(fmt.offset, tuple):
+        what = "a level set" if not fmt.integer_codes else "a per-channel grid"
+        raise QexpError(f"layer {fmt.name}: its {fmt.kind} {fmt.bits}-bit format is {what}, which qexp export "
+                        "cannot store as codes * scale + offset; nothing written")
+    return float(fmt.step), float(fmt.offset)  # type: ignore[arg-type]
 
 
 def to_codes(w: torch.Tensor, scale: float, offset: float) -> torch.Tensor | None:
@@ -112,14 +108,16 @@ def build_export(model: nn.Module, manifest: dict[str, Any], float_keys: set[str
         extra = sorted(set(state) - float_keys)[:3]
         raise QexpError(f"method={manifest.get('method')} changes the network's modules ({', '.join(extra)} ...): "
                         "qexp export writes float networks with quantized weights only")
-    rows = {r["name"]: r for r in manifest.get("layers", []) if r.get("tensor", "weight") == "weight"}
     tensors: dict[str, torch.Tensor] = {}
     layers, notes = [], []
-    for name, row in rows.items():
+    for name, fmt in weight_formats(manifest).items():
         key = f"{name}.weight"
-        grid = grid_of(row)
-        if grid is None or key not in state:
+        grid = grid_of(fmt)
+        if grid is None:
             continue
+        if key not in state:
+            raise QexpError(f"quant.json describes a quantized weight {key} that the network does not have; "
+                            "nothing written")
         if eval_float_weights:
             notes.append(f"{name}: the run evaluates with its float weights (stochastic BC's test rule), "
                          "stored as float32")
@@ -130,7 +128,7 @@ def build_export(model: nn.Module, manifest: dict[str, Any], float_keys: set[str
                             f"(scale {grid[0]:g}, offset {grid[1]:g}): cannot export it as integer codes")
         tensors[f"{key}.codes"] = codes.contiguous()
         layers.append({"name": name, "tensor": key, "codes": f"{key}.codes", "dtype": str(codes.dtype)[6:],
-                       "bits": int(row["bits"]), "scale": grid[0], "offset": grid[1],
+                       "bits": fmt.bits, "kind": fmt.kind, "scale": grid[0], "offset": grid[1],
                        "shape": list(codes.shape)})
     quantized = {r["tensor"] for r in layers}
     floats = [k for k in state if k not in quantized]
@@ -263,6 +261,8 @@ def export_run(run_dir: Path, out: Path | None = None, best: bool = False, devic
     if copied and best:
         raise QexpError(f"method={method.name} records the test error of its final deployable copy only; "
                         "export the last checkpoint (without --best)")
+    if fmt == "qexp" and copied:  # a deployable copy's input quantizers have a format once calibrated
+        refuse_activation_quantization(method.name, manifest)
     c, h, _ = run.built.data.in_shape
     arch = {"in_channels": c, "num_classes": run.built.data.num_classes, "image_size": h}
     conf = {**{k: v for k, v in OmegaConf.to_container(run.cfg.model, resolve=True).items()

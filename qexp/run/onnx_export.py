@@ -34,6 +34,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from qexp.errors import QexpError
+from qexp.quant.format import LayerFormat, weight_formats
 
 OPSET = 13
 ONNX_FILE = "model.onnx"
@@ -130,19 +131,18 @@ def _grid(w: torch.Tensor, bits: int, scale: torch.Tensor, offset: torch.Tensor 
     return None
 
 
-def weight_grid(w: torch.Tensor, row: dict[str, Any]) -> WeightGrid | None:
-    """The integer grid of an evaluated weight: from the manifest row (``step``: symmetric; ``scale`` and
-    ``lo``: affine, per tensor or per channel), else fitted to the weight's own levels (DoReFa's
-    ``(2q - n)/n``, ``+-E|w|``), which may decode to within float rounding of the weight (reported)."""
+def weight_grid(w: torch.Tensor, fmt: LayerFormat) -> WeightGrid | None:
+    """The integer grid of an evaluated weight: its format record's ``offset + code * step`` (per tensor or
+    per channel), exactly or else within float rounding (DoReFa's ``2 (i/n) - 1``, reported); failing that,
+    fitted to the weight's own levels. A level-set format (power_of_two, grid) has no such grid: None."""
+    if not fmt.integer_codes:
+        return None
     w = w.detach().float().cpu()
-    bits = int(row.get("bits", 32))
-    if "step" in row:
-        g = _grid(w, bits, torch.tensor(float(row["step"])), None, exact_only=True)
-        if g is not None:
-            return g
-    if "scale" in row and "lo" in row:
-        scale, lo = torch.tensor(row["scale"], dtype=torch.float32), torch.tensor(row["lo"], dtype=torch.float32)
-        g = _grid(w, bits, scale, lo, exact_only=True)
+    bits = fmt.bits
+    scale = torch.tensor(fmt.step, dtype=torch.float32)
+    offset = torch.tensor(fmt.offset, dtype=torch.float32) if any(torch.tensor(fmt.offset).flatten()) else None
+    for exact_only in (True, False):
+        g = _grid(w, bits, scale, offset, exact_only)
         if g is not None:
             return g
     levels = torch.unique(w.double())
@@ -281,7 +281,7 @@ def read_plan(method: Any, model: nn.Module, manifest: dict[str, Any]) -> Plan:
             raise QexpError(f"method={name}: module {lname or 'model'} ({cls.__name__}) is not one ONNX export "
                             "knows how to write; refused rather than exported approximately")
     plan = Plan()
-    rows = {r["name"]: r for r in manifest.get("layers", []) if r.get("tensor", "weight") == "weight"}
+    rows = weight_formats(manifest)
     test_float = manifest.get("test_weights") == "float"
     for lname, module in model.named_modules():
         if isinstance(module, QuantReLU):
@@ -311,7 +311,7 @@ def read_plan(method: Any, model: nn.Module, manifest: dict[str, Any]) -> Plan:
         if not isinstance(module, (nn.Conv2d, nn.Linear)) or lname not in rows:
             continue
         row = rows[lname]
-        if int(row.get("bits", 32)) >= 32:
+        if not row.quantized:
             continue
         if test_float:
             plan.float_weights.append(lname)
@@ -319,7 +319,7 @@ def read_plan(method: Any, model: nn.Module, manifest: dict[str, Any]) -> Plan:
         g = weight_grid(module.weight, row)
         if g is None:
             raise QexpError(f"method={name}: layer {lname}'s evaluated weights are not on an integer grid of "
-                            f"{row.get('bits')} bits that ONNX DequantizeLinear can decode; refused")
+                            f"{row.bits} bits ({row.kind}) that ONNX DequantizeLinear can decode; refused")
         plan.weights[lname] = g
     return plan
 

@@ -32,7 +32,8 @@ from qexp.methods.learned.allocation import (
     most_likely_counts,
     sample_counts,
 )
-from qexp.quant.activation import QuantReLU, quantize_relus
+from qexp.quant.activation import QuantReLU, quantize_relus, relu_format
+from qexp.quant.format import row as format_row
 from qexp.quant.weight import QuantLayer, quantize_weights, weight_manifest
 
 #: training batches that re-estimate BatchNorm statistics before a soft-phase evaluation
@@ -70,6 +71,7 @@ class LearnedPrecision(Method):
         self.layer_names: list[str] = []
         self.quantizers: list[LearnedBitsQuantizer] = []
         self.act_quantizers: list[QuantReLU] = []
+        self.act_names: list[str] = []
         self.logits: nn.Parameter | None = None
         self.generator: torch.Generator | None = None
         self.source = BitSource([])
@@ -145,6 +147,7 @@ class LearnedPrecision(Method):
         pairs = quantize_relus(model, lambda n, m: QuantReLU(self.act_bits, "clipped_relu"),
                                "method.activations=true")
         self.act_quantizers = [q for _, q in pairs]
+        self.act_names = [n for n, _ in pairs]
 
     def param_groups(self, model: nn.Module) -> list[dict[str, Any]]:
         """As ``method=bc``: unscaled float parameters, one group per quantized layer with its LR scale;
@@ -305,6 +308,8 @@ class LearnedPrecision(Method):
         }
         if self.act_quantizers:
             extra["activation_bits"] = self.act_bits
+            extra["activations"] = [format_row(relu_format(n, q))
+                                    for n, q in zip(self.act_names, self.act_quantizers)]
         m = weight_manifest(model, at_alloc, self.name, self.bits, **extra)
         for row, q in zip(m["layers"], self.layers):
             row["lr_scale"] = layer_lr_scale(q, self.lr_scale)

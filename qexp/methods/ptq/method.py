@@ -35,6 +35,8 @@ from torch.nn.utils import parametrize
 from qexp.errors import QexpError, check_choice, check_range
 from qexp.methods.base import Evaluate, Method, RunContext
 from qexp.methods.ptq import affine
+from qexp.quant.format import float_format, uniform
+from qexp.quant.format import row as format_row
 from qexp.quant.inject import weight_layers
 
 
@@ -273,25 +275,26 @@ class PTQ(Method):
     def manifest(self, model: nn.Module) -> dict[str, Any]:
         layers = []
         for name, layer in weight_layers(model):
-            row: dict[str, Any] = {"name": name, "tensor": "weight", "shape": list(_weight(layer).shape),
-                                   "bits": self.bits, "scheme": self.scheme.name, "storage": "uint8"}
+            # float until quantized_copy (training is float); then lo + code * scale, codes 0..max_code
+            fmt, info = float_format(name), {"shape": list(_weight(layer).shape), "scheme": self.scheme.name}
             if name in self._codes:
                 c = self._codes[name]
-                if isinstance(c.scale, torch.Tensor):
-                    row.update(lo=c.lo.tolist(), scale=c.scale.tolist())  # type: ignore[union-attr]
-                else:
-                    row.update(lo=c.lo, scale=c.scale)
-                row["sqnr_db"] = self._sqnr.get(name)
-            layers.append(row)
+                lo, scale = ((c.lo.tolist(), c.scale.tolist()) if isinstance(c.scale, torch.Tensor)  # type: ignore[union-attr]
+                             else (c.lo, c.scale))
+                fmt = uniform(name, self.bits, scale, 0, affine.max_code(self.bits, c.symmetric), offset=lo)
+                info.update(lo=lo, scale=scale, storage="uint8", sqnr_db=self._sqnr.get(name))
+            layers.append(format_row(fmt, **info))
             if self.activations:
-                act: dict[str, Any] = {"name": name, "tensor": "input", "bits": self.act_bits,
-                                       "scheme": self.scheme.act_name,
+                act: dict[str, Any] = {"scheme": self.scheme.act_name,
                                        "calibration": f"{self.scheme.calibration} over {self.calib_batches} "
                                                       "training batches"}
                 q = self._acts.get(name)
+                afmt = float_format(name, "input")
                 if q is not None and q.range is not None:
+                    lo, scale, top = q._grid
+                    afmt = uniform(name, self.act_bits, scale, 0, top, offset=lo, tensor="input")
                     act.update(lo=q.range[0], hi=q.range[1], sqnr_db=q.sqnr_db)
-                layers.append(act)
+                layers.append(format_row(afmt, **act))
         mem = weight_memory(model, self.bits, self._codes or None)
         act_bits = self.act_bits if self.activations else None
         return {"method": self.name, "bits": self.bits, "act_bits": act_bits,

@@ -37,6 +37,8 @@ from qexp.errors import QexpError, check_range
 from qexp.methods.base import Method, RunContext
 from qexp.methods.wage import formats as wage
 from qexp.methods.wage.layers import ShiftStats, WageActivation, WageNetwork, WageWeight
+from qexp.quant.format import row as format_row
+from qexp.quant.format import symmetric
 from qexp.quant.inject import attach_weight_quantizer, shadow_weight, weight_layers, weight_quantizer
 
 #: leaf modules a WAGE chain network may contain
@@ -111,6 +113,7 @@ class Wage(Method):
         self.qa_logits = bool(qa_logits)
         self.layers: list[tuple[str, nn.Module]] = []
         self.sites: list[tuple[str, ShiftStats]] = []
+        self.act_names: list[str] = []  # the WageActivation modules: their output's format
         self.generator: torch.Generator | None = None
         self._pending: list[tuple[int, nn.Parameter, torch.Tensor]] = []
         self._grad_shift: list[torch.Tensor] = []
@@ -134,6 +137,8 @@ class Wage(Method):
                 w.copy_(wage.C(wage.Q(w, self.bits), self.bits))  # official: quantize W once at start
                 attach_weight_quantizer(layer, WageWeight(self.bits, wage.weight_alpha(fan_in, self.bits, self.beta)))
         acts = insert_activation_quantizers(model, self.bits_a, self.bits_e)
+        ids = {id(a) for a in acts}
+        self.act_names = [n for n, m in model.named_modules() if id(m) in ids]
         net = WageNetwork(model, self.bits_a, self.bits_e, self.qa_logits)
         self.layers = [(n, m) for n, m in layers]
         # site i quantizes the error at the output of weight layer i (chain networks); else name by index
@@ -212,14 +217,16 @@ class Wage(Method):
             q = weight_quantizer(layer)
             w = shadow_weight(layer)
             n_params += w.numel()
-            layers.append({"name": name, "type": type(layer).__name__, "shape": list(w.shape),
-                           "bits": self.bits, "alpha": getattr(q, "alpha", 1.0), "fan_in": w[0].numel(),
-                           "rounding": "nearest", "update": f"stochastic, {self.bits_g}-bit grid"})
+            alpha = getattr(q, "alpha", 1.0)  # the forward weight: codes -(S-1)..S-1 times sigma(k_W) / alpha
+            layers.append(format_row(symmetric(name, self.bits, wage.sigma(self.bits) / alpha),
+                                     type=type(layer).__name__, shape=list(w.shape), alpha=alpha,
+                                     fan_in=w[0].numel(), update=f"stochastic, {self.bits_g}-bit grid"))
         return {"method": self.name, "bits": self.bits, "tag": self.bits_label(),
                 "bits_a": self.bits_a, "bits_g": self.bits_g, "bits_e": self.bits_e, "bits_r": self.bits_r,
                 "layers": layers,
-                "activations": {"bits": self.bits_a, "rounding": "nearest", "sites": len(self.sites),
-                                "logits": self.qa_logits},
+                "activations": [format_row(symmetric(n, self.bits_a, wage.sigma(self.bits_a), tensor="activation"))
+                                for n in self.act_names],
+                "logits_quantized": self.qa_logits,
                 "errors": {"bits": self.bits_e, "rounding": "nearest", "scale": "Shift(max|e|) per tensor",
                            "sites": [n for n, _ in self.sites]},
                 "weight_bytes": (n_params * self.bits + 7) // 8, "float32_bytes": 4 * n_params}
