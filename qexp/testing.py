@@ -416,17 +416,11 @@ def _check_manifest(manifest: Any, loaded: Any, rec: dict[str, Any]) -> int:
             f"weight_bytes {wb!r} and float32_bytes {fb!r} must be integers with 0 < weight_bytes <= float32_bytes")
     rows = manifest["layers"]
     _expect(isinstance(rows, list), part, "layers is not a list")
-    if any("kind" in r for r in rows if isinstance(r, dict)):  # rows of the typed record (qexp.quant.format)
-        try:
-            formats = fmt.parse_manifest(manifest)
-        except fmt.FormatError as e:
-            raise ContractError(f"{part}: {e}") from e
-        quantized = sum(f.quantized for f in formats)
-    else:  # rows written before the typed record: name and bits
-        bad = [i for i, r in enumerate(rows) if not (isinstance(r, dict) and isinstance(r.get("name"), str)
-                                                     and isinstance(r.get("bits"), int))]
-        _expect(not bad, part, f"layers[{bad[0] if bad else 0}] lacks a name or integer bits")
-        quantized = sum(int(r["bits"]) < 32 for r in rows)
+    try:  # every row is a typed format record (qexp.quant.format), read by export, eval and tables alike
+        formats = fmt.parse_manifest(manifest)
+    except fmt.FormatError as e:
+        raise ContractError(f"{part}: {e}") from e
+    quantized = sum(f.quantized for f in formats)
     model, method = loaded.built.model, loaded.built.method
     before = (_snapshot(model.state_dict()), _snapshot(method.state_dict()))
     first = json.dumps(method.manifest(model), sort_keys=True)
@@ -487,11 +481,7 @@ def _check_export(run: Path, out: Path, manifest: dict[str, Any], data_root: Pat
         return f"refused: {msg}"
     except Exception as e:
         raise ContractError(f"{part}: qexp export failed with {type(e).__name__}: {e}") from e
-    rows = manifest["layers"]
-    if any("kind" in r for r in rows):
-        wanted = {f.name for f in fmt.parse_manifest(manifest) if f.tensor == "weight" and f.quantized}
-    else:
-        wanted = {r["name"] for r in rows if r.get("tensor", "weight") == "weight" and int(r["bits"]) < 32}
+    wanted = {f.name for f in fmt.parse_manifest(manifest) if f.tensor == "weight" and f.quantized}
     stored = {r["name"] for r in doc.get("layers", [])}
     noted = {n for n in wanted if any(note.startswith(f"{n}:") for note in doc.get("notes", []))}
     lost = sorted(wanted - stored - noted)

@@ -21,6 +21,11 @@ class SymmetricGrid:
     bits: int
     scale: float = 1.0
 
+    def __post_init__(self) -> None:
+        # a caller's bug, not user input: a method's ``bits_range`` refuses bad ``bits`` in one line first
+        if int(self.bits) != self.bits or self.bits < 1:
+            raise ValueError(f"a symmetric grid needs an integer bits >= 1, got {self.bits!r}")
+
     @property
     def step(self) -> float:
         """Grid spacing: ``scale * 2^(1-bits)`` (for 1 bit, the distance from 0 to a level)."""

@@ -50,11 +50,6 @@ class QuantLayer:
         return w[0].numel(), w.shape[0] * receptive
 
 
-def check_weight_bits(bits: int, lo: int = 1, hi: int = 8) -> int:
-    """A weight grid's bits as an int in ``lo..hi`` (QexpError otherwise); the primitives' own guard."""
-    return check_range("weight bits", int(bits), lo, hi)
-
-
 def layer_scale(weight: torch.Tensor, scale: str | float) -> float:
     """The grid scale ``s``: ``"glorot"`` (sqrt(6/(fan_in+fan_out)), the default) or a number."""
     if isinstance(scale, str):
@@ -71,9 +66,9 @@ def quantize_weights(model: nn.Module, bits: int, rounding: str, float_copy: boo
     ``make(layer)`` builds the quantizer module attached as a parametrization: ``layer.weight`` then
     returns the quantized tensor and the optimizer updates the float shadow (BinaryConnect, learned
     precision, STE ``wbits``). Without ``make`` nothing is attached: the method keeps the stored weights
-    on the grid itself (SR/R). Raises :class:`QexpError` for bits outside 1..8 or an empty selection.
+    on the grid itself (SR/R). ``bits`` was checked once, by the method's ``bits_range``; an empty
+    selection is a :class:`QexpError`.
     """
-    bits = check_weight_bits(bits)
     picked = weight_layers(model, skip_first=skip_first, skip_last=skip_last)
     if not picked:
         raise QexpError("no conv/linear layer left to quantize (check skip_first/skip_last)")

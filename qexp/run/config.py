@@ -1,4 +1,5 @@
-"""The typed schema of the top-level training config (Hydra structured config).
+"""The typed schema of the top-level training config (Hydra structured config), and the one declaration
+of each top-level default: ``configs/train.yaml`` holds only the defaults list and Hydra's settings.
 
 Groups (dataset, model, method, optim, sched) stay free-form: their YAML files are the registry and
 their ``_target_`` callables type-check their own arguments.
@@ -16,7 +17,7 @@ from omegaconf import MISSING
 class TrainerConfig:
     """How a run is executed, not what it computes (so not part of the run folder or resume check)."""
 
-    devices: int = 1  # >1: DistributedDataParallel over this many processes (one per GPU, or CPU/gloo)
+    devices: int = 1  # >1: DDP over this many processes (nccl on GPUs, gloo on CPU); or launch with torchrun
     backend: str = "auto"  # auto: nccl on CUDA, gloo on CPU
     find_unused_parameters: bool = False  # DDP option for methods with parameters unused by forward
 
@@ -49,18 +50,21 @@ class TrainConfig:
     epochs: int = 1
     batch_size: int = 64
     eval_batch_size: int = 1000
-    lr: float = MISSING  # defaults to ${optim.lr}
+    lr: float = "${optim.lr}"  # type: ignore[assignment]  # the optimizer option's rate unless set
     device: str = "auto"  # auto | cpu | cuda | cuda:N (checked when the run starts)
-    data_root: str = "./data"
+    data_root: str = "${oc.env:QEXP_DATA,./data}"
     out_root: str = "outputs"
     resume: bool = True
-    lock: str = "auto"  # when another live process trains the same run folder: fail | wait | auto
+    # when another live process trains the same run folder: fail | wait | auto (fail; wait in a sweep)
+    lock: str = "auto"
     progress: Any = None  # null: a progress bar when stderr is a terminal; true/false to force
-    patience: int | None = None  # stop once the validation error has not improved for this many epochs
+    # early stopping: epochs without a lower validation error (needs dataset.val_size)
+    patience: int | None = None
     tensorboard: TensorBoardConfig = field(default_factory=TensorBoardConfig)
-    objective: str = "best_val_error"  # what an Optuna search minimises (qexp.run.tune): a validation error
+    # what hydra/sweeper=optuna minimises (qexp.run.tune): best_val_error | val_error (never test)
+    objective: str = "best_val_error"
     precision: str = "32"  # 32 | bf16-mixed | 16-mixed (CUDA): conv/linear math in 16 bits (qexp.run.precision)
-    compile: bool = False  # torch.compile the training/eval forward and backward (qexp.run.compiled)
+    compile: bool = False  # torch.compile the step's forward/backward with the method's quantizers
     threads: int | None = None  # torch math threads; null: all cores, or cores // n_jobs in a local parallel sweep
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
 
