@@ -38,15 +38,12 @@ def data_root() -> Path:
     return root
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads the groups
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Markers that say what a test needs:
 
     * ``real_data``: every test that reads the real datasets (through the ``data_root`` fixture, directly
       or not), so ``-m "not real_data"`` is the suite without ``$QEXP_DATA``;
-    * ``cuda``: skipped where no CUDA device is visible;
-    * ``xdist_group``: a test file runs in one worker (its module fixtures are computed once), unless its
-      tests name a group of their own (``--dist loadgroup`` in pyproject's addopts).
+    * ``cuda``: skipped where no CUDA device is visible.
     """
     no_cuda = pytest.mark.skip(reason="needs a CUDA device") if not torch.cuda.is_available() else None
     for item in items:
@@ -54,8 +51,6 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(pytest.mark.real_data)
         if no_cuda is not None and item.get_closest_marker("cuda"):
             item.add_marker(no_cuda)
-        if not item.get_closest_marker("xdist_group"):
-            item.add_marker(pytest.mark.xdist_group(item.nodeid.split("::")[0]))
 
 
 def run_qexp(args: list[str], cwd: Path | None = None, env: dict[str, str] | None = None,
