@@ -8,7 +8,17 @@ import torch
 
 from qexp.quant import kernels
 from qexp.quant.grid import SymmetricGrid, on_grid, quantize_nearest, quantize_stochastic
-from qexp.quant.kernels import Noise, nearest, nearest_round_, stochastic_round, stochastic_round_
+from qexp.quant.kernels import (
+    COLS,
+    Noise,
+    nearest,
+    nearest_all,
+    nearest_round_,
+    nearest_round_all_,
+    stochastic_round,
+    stochastic_round_,
+    stochastic_round_all_,
+)
 from qexp.quant.straight_through import straight_through
 from qexp.quant.weight import WeightQuantizer
 
@@ -239,3 +249,44 @@ def test_check_range_and_choice_are_one_line_errors() -> None:
         check_range("a", 0, 0, strict_lo=True, why="why")
     with pytest.raises(QexpError, match=r"^c='z' is not allowed; choose from: a, b$"):
         check_choice("c", "z", ("a", "b"))
+
+
+# ---- many tensors at once (one multi-tensor call per pass) ----------------------------------------------
+LAYER_SHAPES = [(6, 1, 5, 5), (16, 6, 5, 5), (120, 400), (84, 120), (10, 84), (3,), (COLS + 1,), (2 * COLS,)]
+LAYER_SCALES = [0.1, 0.2, 0.3, 0.05, 1.0, 0.7, 0.4, 0.25]
+
+
+def _layers() -> list[torch.Tensor]:
+    """A network's worth of weights (small, and larger than one noise row), with signed zeros and exact
+    ties among them."""
+    torch.manual_seed(5)
+    xs = [torch.randn(s) * 0.3 for s in LAYER_SHAPES]
+    xs[0].view(-1)[:6] = torch.tensor([0.0, -0.0, 0.05, -0.05, 0.1, -0.1])
+    return xs
+
+
+def _same_bits(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
+    """Equal as bit patterns (so -0.0 and +0.0 differ)."""
+    return all(torch.equal(x.view(torch.int32), y.view(torch.int32)) for x, y in zip(a, b, strict=True))
+
+
+@pytest.mark.parametrize("bits", BITS)
+def test_rounding_many_tensors_at_once_is_rounding_each(bits):
+    """The multi-tensor functions the methods call (one launch per pass for all layers on CUDA) give the
+    bit patterns of the one-tensor functions, and SR draws the same noise as rounding layer by layer in
+    order (three steps in a row: the generators stay in step)."""
+    xs = _layers()
+    assert _same_bits(nearest_all(xs, bits, LAYER_SCALES), [nearest(x, bits, s) for x, s in zip(xs, LAYER_SCALES)])
+    each, together = _layers(), _layers()
+    for x, s in zip(each, LAYER_SCALES):
+        nearest_round_(x, bits, s)
+    nearest_round_all_(together, bits, LAYER_SCALES)
+    assert _same_bits(each, together)
+    each, together = _layers(), _layers()
+    one, many = Noise(3), Noise(3)
+    for _ in range(3):
+        for x, s in zip(each, LAYER_SCALES):
+            stochastic_round_(x, bits, s, one)
+        stochastic_round_all_(together, bits, LAYER_SCALES, many)
+        assert _same_bits(each, together)
+    assert not _same_bits(each, _layers())  # it did round

@@ -225,3 +225,46 @@ def test_bad_options_are_user_errors():
         BigSR(budget="forever")
     with pytest.raises(QexpError, match="scale"):
         make(METHODS["sr"], extra=("method.scale=-1",))
+
+
+@pytest.mark.parametrize("bits", [1, 2])
+def test_bc_quantized_ahead_trains_as_layer_by_layer(bits, monkeypatch):
+    """BinaryConnect computes every layer's Q_d(W) before the forward in a few multi-tensor calls; the
+    forward takes those values and the run is bit-identical to one quantizing layer by layer."""
+    args = dict(model=["model=lenet5"], bits=bits, samples=16, extra=("method.scale=0.05",))
+    b, t = make(METHODS["bc"], **args)
+    taken = []
+    real_forward = type(b.method.quantizers[0]).forward
+
+    def forward(self, w):
+        taken.append(self.ahead is not None)
+        return real_forward(self, w)
+
+    monkeypatch.setattr(type(b.method.quantizers[0]), "forward", forward)
+    t.fit()
+    assert sum(taken) == 4 * len(b.method.layers)  # 4 steps: every layer took its value computed ahead
+    assert all(q.ahead is None and q.ahead_misses == 0 for q in b.method.quantizers)
+    monkeypatch.setattr("qexp.methods.bc.quantize_ahead", lambda *a: None)
+    b2, t2 = make(METHODS["bc"], **args)
+    t2.fit()
+    for (n, p), p2 in zip(b.model.state_dict().items(), b2.model.state_dict().values()):
+        assert torch.equal(p, p2), n
+    assert t.progress.history[-1]["train_loss"] == t2.progress.history[-1]["train_loss"]
+
+
+def test_bc_value_computed_ahead_is_not_used_for_a_changed_shadow():
+    """An in-place change to a shadow after the values were computed (it bumps the tensor's version):
+    the forward quantizes the new shadow; a forward that never takes them (a compiled one) stops them."""
+    b, _ = make(METHODS["bc"], bits=2)
+    m, layer = b.method, b.method.layers[0]
+    b.model.train()
+    m.before_forward(b.model, 0)
+    with torch.no_grad():
+        layer.weight.mul_(-1)
+    assert torch.equal(layer.module.weight, nearest(layer.weight.detach(), 2, layer.scale))
+    for _ in range(3):  # no forward takes them
+        m.after_backward(b.model)
+        m.before_forward(b.model, 0)
+    m.after_backward(b.model)
+    m.before_forward(b.model, 0)
+    assert all(q.ahead is None and q.ahead_misses == 3 for q in m.quantizers[1:])

@@ -18,7 +18,14 @@ from qexp.errors import QexpError, check_choice
 from qexp.methods.base import Method, RunContext
 from qexp.methods.diagnostics import FlipTracker
 from qexp.quant.kernels import Noise, nearest
-from qexp.quant.weight import QuantLayer, WeightQuantizer, quantize_weights, weight_manifest
+from qexp.quant.weight import (
+    QuantLayer,
+    WeightQuantizer,
+    quantize_ahead,
+    quantize_weights,
+    release_ahead,
+    weight_manifest,
+)
 
 LR_SCALES = ("glorot", "none")
 EVAL_WEIGHTS = ("auto", "float", "quantized")
@@ -76,6 +83,8 @@ class BinaryConnect(Method):
         self.init_uniform, self.skip_first, self.skip_last, self.seed = init_uniform, skip_first, skip_last, seed
         self.clip = bool(clip)
         self.layers: list[QuantLayer] = []
+        self.quantizers: list[WeightQuantizer] = []
+        self._scales: list[float] = []
         self.noise: Noise | None = None
         self.flips = FlipTracker()
 
@@ -83,9 +92,11 @@ class BinaryConnect(Method):
     def prepare(self, model: nn.Module, ctx: RunContext) -> nn.Module:
         self.noise = Noise(self.seed, ctx.device) if self.stochastic else None
         rounding = "stochastic" if self.stochastic else "nearest"  # 1 bit: nearest of {-s, +s} is the sign
+        self.quantizers = []
 
         def make(q: QuantLayer) -> nn.Module:
-            return WeightQuantizer(q.bits, q.scale, self.noise, self.eval_float)
+            self.quantizers.append(WeightQuantizer(q.bits, q.scale, self.noise, self.eval_float))
+            return self.quantizers[-1]
 
         self.layers = quantize_weights(model, self.bits, rounding, float_copy=True, scale=self.scale,
                                        skip_first=self.skip_first, skip_last=self.skip_last, make=make)
@@ -95,6 +106,7 @@ class BinaryConnect(Method):
                     q.weight.uniform_(-q.scale, q.scale)
                 if self.clip:
                     q.weight.clamp_(-q.scale, q.scale)
+        self._scales = [q.scale for q in self.layers]
         self.flips.start(self._indices())
         return model
 
@@ -103,12 +115,20 @@ class BinaryConnect(Method):
         return shadow_param_groups(model, self.layers, self.lr_scale)
 
     # ---- per step --------------------------------------------------------------------------------
+    def before_forward(self, model: nn.Module, step: int) -> None:
+        """Every layer's ``Q_d(W)`` for this step's forward in a few multi-tensor launches."""
+        quantize_ahead(self.quantizers, [q.weight for q in self.layers])
+
+    def after_backward(self, model: nn.Module) -> None:
+        release_ahead(self.quantizers)
+
     @torch.no_grad()
     def after_step(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
         if not self.clip:
             return
-        for q in self.layers:
-            q.weight.clamp_(-q.scale, q.scale)
+        ws = [q.weight for q in self.layers]  # clamp(-H, H), every layer in two multi-tensor calls
+        torch._foreach_clamp_min_(ws, [-s for s in self._scales])
+        torch._foreach_clamp_max_(ws, self._scales)
 
     # ---- per epoch -------------------------------------------------------------------------------
     def _indices(self) -> list[torch.Tensor]:

@@ -226,8 +226,9 @@ class LSQ(Method):
     # ---- per step ------------------------------------------------------------------------------------
     @torch.no_grad()
     def after_step(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
-        for s in self.steps():
-            s.clamp_(min=MIN_STEP)
+        steps = self.steps()
+        if steps:  # every step size in one multi-tensor call
+            torch._foreach_clamp_min_(steps, MIN_STEP)
 
     # ---- reporting -----------------------------------------------------------------------------------
     def metrics(self) -> dict[str, float]:

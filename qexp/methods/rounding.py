@@ -16,7 +16,7 @@ from torch import nn
 from qexp.errors import check_choice, check_range
 from qexp.methods.base import Method, RunContext
 from qexp.methods.diagnostics import FlipTracker
-from qexp.quant.kernels import Noise, nearest_round_, stochastic_round_
+from qexp.quant.kernels import Noise, nearest_round_all_, stochastic_round_all_
 from qexp.quant.weight import QuantLayer, quantize_weights, weight_manifest
 
 
@@ -44,6 +44,7 @@ class Rounding(Method):
         self._step = 0
         self._before: list[torch.Tensor] | None = None
         self._acc = torch.zeros(4, dtype=torch.float64)  # moved, rounded away, err^2, norm^2
+        self._scales: list[float] = []
 
     @property
     def rounding(self) -> str:
@@ -54,17 +55,21 @@ class Rounding(Method):
         self._acc = self._acc.to(ctx.device)
         self.layers = quantize_weights(model, self.bits, self.rounding, float_copy=False, scale=self.scale,
                                        skip_first=self.skip_first, skip_last=self.skip_last)
+        self._scales = [q.scale for q in self.layers]
         with torch.no_grad():  # the stored weights live on the grid from the start
-            for q in self.layers:
-                self._round(q)
+            self._round()
         self.flips.start(self._indices())
         return model
 
-    def _round(self, q: QuantLayer) -> None:
+    def _round(self) -> None:
+        """Every layer's stored weights back onto the grid: one multi-tensor pass per operation (same
+        values as rounding layer by layer, the noise drawn in layer order)."""
+        ws = [q.weight.data for q in self.layers]
         if self.stochastic:
-            stochastic_round_(q.weight.data, q.bits, q.scale, self.noise)
+            assert self.noise is not None
+            stochastic_round_all_(ws, self.bits, self._scales, self.noise)
         else:
-            nearest_round_(q.weight.data, q.bits, q.scale)
+            nearest_round_all_(ws, self.bits, self._scales)
 
     # ---- per step --------------------------------------------------------------------------------
     def before_forward(self, model: nn.Module, step: int) -> None:
@@ -79,16 +84,16 @@ class Rounding(Method):
     @torch.no_grad()
     def after_step(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
         before = self._before
-        for i, q in enumerate(self.layers):
-            if before is None:
-                self._round(q)
-                continue
+        if before is None:
+            self._round()
+            return
+        xs = [q.weight.detach().clone() for q in self.layers]
+        self._round()
+        for q, b, x in zip(self.layers, before, xs):
             w = q.weight.data
-            x = w.clone()
-            self._round(q)
-            moved = x != before[i]
+            moved = x != b
             self._acc[0] += moved.sum()
-            self._acc[1] += (moved & (w == before[i])).sum()
+            self._acc[1] += (moved & (w == b)).sum()
             self._acc[2] += (w - x).pow(2).sum()
             self._acc[3] += x.pow(2).sum()
         self._before = None

@@ -89,10 +89,9 @@ class STE(Layered):
             q.track = track
 
     def after_step(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
-        if self.learn_alpha:
-            with torch.no_grad():
-                for _, q in self.quantizers:
-                    q.alpha.clamp_(min=1e-6)  # a resolution must stay positive
+        if self.learn_alpha and self.quantizers:
+            with torch.no_grad():  # a resolution must stay positive (all alphas in one multi-tensor call)
+                torch._foreach_clamp_min_([q.alpha for _, q in self.quantizers], 1e-6)
         super().after_step(model, optimizer)
 
     # ---- reporting -----------------------------------------------------------------------------------

@@ -78,6 +78,27 @@ class Noise:
         ws.bitwise_xor_(c.unfold(0, COLS, 1))
         return self._ws[:n]
 
+    def int16_each(self, sizes: list[int]) -> list[torch.Tensor]:
+        """Flat int16 noise for several tensors: the values that one :meth:`int16` call per size, in
+        order, would give (same draws from the generator), each in its own memory (one workspace)."""
+        big = [n for n in sizes if n > COLS]
+        total = sum(-(-n // COLS) * COLS for n in big)
+        ws = torch.empty(total, dtype=torch.int16, device=self.device) if total else None
+        out, at = [], 0
+        for n in sizes:
+            if n <= COLS:
+                out.append(self._draw(n))
+                continue
+            a, b, c = self.vectors(n)
+            rows = len(a)
+            assert ws is not None
+            block = ws[at: at + rows * COLS].view(rows, COLS)
+            torch.bitwise_xor(a.view(rows, 1), b.view(1, COLS), out=block)
+            block.bitwise_xor_(c.unfold(0, COLS, 1))
+            out.append(ws[at: at + n])
+            at += rows * COLS
+        return out
+
     def _draw(self, k: int) -> torch.Tensor:
         return torch.randint(-HALF, HALF, (k,), dtype=torch.int16, generator=self.generator, device=self.device)
 
@@ -141,6 +162,70 @@ def _grid_(k: torch.Tensor, bits: int, scale: float) -> torch.Tensor:
     ``max_index`` (``2^(k-1) - 1``)."""
     g = SymmetricGrid(bits, scale)
     return k.round_().clamp_(-g.max_index, g.max_index).mul_(g.step)
+
+
+# ---- many tensors at once -------------------------------------------------------------------------------
+# A network's layers are rounded together: each pass over the weights is one multi-tensor call
+# (``torch._foreach_*``) over every layer instead of one small kernel per layer and pass. On CUDA that
+# is a few launches per step instead of a few per layer (small networks on a GPU are bound by launches);
+# on CPU a foreach call loops over the tensors with the same per-tensor kernels. Same float operations
+# in the same order as the one-tensor functions above, so the same values (tests/test_quant_grid.py).
+
+def nearest_all(xs: list[torch.Tensor], bits: int, scales: list[float]) -> list[torch.Tensor]:
+    """``[Q_d(x) for x in xs]`` as new tensors, ``x`` on the grid of its own scale; see :func:`nearest`."""
+    if bits == 1:
+        return _binary_all_(torch._foreach_sign(xs), scales, presigned=True)
+    return _grid_all_(torch._foreach_mul(xs, [1.0 / SymmetricGrid(bits, s).step for s in scales]), bits, scales)
+
+
+def nearest_round_all_(xs: list[torch.Tensor], bits: int, scales: list[float]) -> None:
+    """``x <- Q_d(x)`` in place for every ``x`` of ``xs``; see :func:`nearest_round_`."""
+    if bits == 1:
+        _binary_all_(xs, scales)
+        return
+    torch._foreach_mul_(xs, [1.0 / SymmetricGrid(bits, s).step for s in scales])
+    _grid_all_(xs, bits, scales)
+
+
+def stochastic_round_all_(xs: list[torch.Tensor], bits: int, scales: list[float], noise: Noise) -> None:
+    """``x <- Q_s(x)`` in place for every ``x`` of ``xs``, drawing the noise :func:`stochastic_round_`
+    would draw for them one after another (so a run rounds the same whichever path it takes). With the
+    fused kernel on (``compile=true``) each tensor goes through it (one pass each)."""
+    if _FUSED.on:
+        for x, s in zip(xs, scales):
+            stochastic_round_(x, bits, s, noise)
+        return
+    ts = [t.view(x.shape) for x, t in zip(xs, noise.int16_each([x.numel() for x in xs]))]
+    if bits == 1:  # the threshold's scale differs per tensor: one add each (alpha is per call)
+        for x, t, s in zip(xs, ts, scales):
+            x.add_(t, alpha=-s / HALF)
+        _binary_all_(xs, scales, strict=True)
+        return
+    torch._foreach_mul_(xs, [1.0 / SymmetricGrid(bits, s).step for s in scales])
+    torch._foreach_add_(xs, ts, alpha=1.0 / (2 * HALF))
+    _grid_all_(xs, bits, scales)
+
+
+def _binary_all_(xs: list[torch.Tensor], scales: list[float], strict: bool = False,
+                 presigned: bool = False) -> list[torch.Tensor]:
+    """:func:`_binary_` for many tensors: ``sign(sign(x) ± 1/2)·s`` is ``+s`` for ``x >= 0`` (``x > 0``
+    when ``strict``) and ``-s`` otherwise, exactly (``sign`` gives -1, 0 or 1; ``±1·s`` is exact)."""
+    if not presigned:
+        torch._foreach_sign_(xs)
+    torch._foreach_add_(xs, -0.5 if strict else 0.5)
+    torch._foreach_sign_(xs)
+    torch._foreach_mul_(xs, scales)
+    return xs
+
+
+def _grid_all_(ks: list[torch.Tensor], bits: int, scales: list[float]) -> list[torch.Tensor]:
+    """:func:`_grid_` for many tensors (``clamp(k, -L, L)`` is ``min(max(k, -L), L)``, two calls)."""
+    top = SymmetricGrid(bits, 1.0).max_index
+    torch._foreach_round_(ks)
+    torch._foreach_clamp_min_(ks, -top)
+    torch._foreach_clamp_max_(ks, top)
+    torch._foreach_mul_(ks, [SymmetricGrid(bits, s).step for s in scales])
+    return ks
 
 
 # ---- the fused kernel ----------------------------------------------------------------------------------

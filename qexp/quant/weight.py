@@ -22,7 +22,7 @@ from qexp.quant.format import row as format_row
 from qexp.quant.format import symmetric
 from qexp.quant.grid import SymmetricGrid, glorot_scale
 from qexp.quant.inject import attach_weight_quantizer, shadow_weight, weight_layers
-from qexp.quant.kernels import Noise, nearest, stochastic_round
+from qexp.quant.kernels import Noise, nearest, nearest_all, stochastic_round
 from qexp.quant.straight_through import straight_through
 
 
@@ -121,6 +121,9 @@ class WeightQuantizer(nn.Module):
     def __init__(self, bits: int, scale: float, noise: Noise | None = None, eval_float: bool = False) -> None:
         super().__init__()
         self.bits, self.scale, self.noise, self.eval_float = bits, scale, noise, eval_float
+        #: ``(shadow version, Q(shadow))`` computed ahead for the next training forward (:func:`quantize_ahead`)
+        self.ahead: tuple[int, torch.Tensor] | None = None
+        self.ahead_misses = 0  # steps in a row whose value computed ahead no forward took (compiled forward)
 
     def quantize(self, w: torch.Tensor) -> torch.Tensor:
         """The quantized value (no autograd) the forward pass would use in the current mode."""
@@ -132,8 +135,40 @@ class WeightQuantizer(nn.Module):
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         if not self.training and self.eval_float:
             return w
+        ahead = self.ahead
+        # the value computed ahead is used only while the shadow is the one it was computed from (any
+        # in-place change bumps ``_version``); a compiled forward computes (and fuses) its own
+        if (ahead is not None and self.training and not torch.compiler.is_compiling()
+                and ahead[0] == w._version):
+            self.ahead, self.ahead_misses = None, 0
+            return straight_through(w, ahead[1])
         return straight_through(w, self.quantize(w))
 
     def extra_repr(self) -> str:
         kind = "stochastic" if self.noise is not None else "nearest"
         return f"bits={self.bits}, scale={self.scale:.4g}, {kind}"
+
+
+def quantize_ahead(quantizers: list[WeightQuantizer], shadows: list[torch.Tensor]) -> None:
+    """Before a training forward: every layer's deterministic ``Q_d(shadow)`` in one multi-tensor pass
+    per operation (:func:`qexp.quant.kernels.nearest_all`), handed to the quantizers, which would
+    otherwise compute them one layer at a time (the same values). Stochastic quantizers draw in the
+    forward's order and are left alone, and so is a layer whose value the forward has not taken three
+    steps in a row (a compiled forward computes its own); :func:`release_ahead` drops what is left."""
+    picked = [(q, w) for q, w in zip(quantizers, shadows) if q.noise is None and q.ahead_misses < 3]
+    if not picked or not picked[0][0].training:
+        return
+    bits = picked[0][0].bits
+    if any(q.bits != bits for q, _ in picked):  # one grid per call; mixed bit-widths: layer by layer
+        return
+    with torch.no_grad():
+        values = nearest_all([w.detach() for _, w in picked], bits, [q.scale for q, _ in picked])
+    for (q, w), v in zip(picked, values):
+        q.ahead = (w._version, v)
+
+
+def release_ahead(quantizers: list[WeightQuantizer]) -> None:
+    """After the backward: drop values no forward took (and count the miss)."""
+    for q in quantizers:
+        if q.ahead is not None:
+            q.ahead, q.ahead_misses = None, q.ahead_misses + 1
