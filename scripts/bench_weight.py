@@ -8,6 +8,9 @@ random tensors, Adam, the engine's own ``train_step`` (every hook in its order).
 times a few steps of each in turn, and the median over rounds is reported, so machine load (shared
 CPU) hits all of them alike. Targets: bc <= 1.10x, sr and r <= 1.15x float.
 
+``bc per layer`` / ``sr per layer`` / ``r per layer``: the same methods quantizing one layer at a time
+(qexp before the multi-tensor path, same values), side by side with it.
+
 SR kernel: ``qexp.quant.kernels.stochastic_round_`` (in place, 8 bits, Δ = 2^-7) on 4M float32 values,
 eager and fused (``kernels.use_fused()``: one torch.compile'd pass; its compile time is printed apart),
 versus QPyTorch ``fixed_point_quantize(x, wl=8, fl=7, rounding="stochastic")`` (the same grid; CPU;
@@ -33,14 +36,45 @@ from qexp.models.lenet import LeNet5
 from qexp.models.resnet import CifarResNet
 from qexp.quant import kernels
 from qexp.quant.grid import quantize_stochastic
-from qexp.quant.kernels import Noise, stochastic_round_
+from qexp.quant.kernels import Noise, nearest_round_, stochastic_round_
 from qexp.run.session import train_step
+
+
+class LayerByLayerBC(BinaryConnect):
+    """BinaryConnect quantizing in the forward one layer at a time and clipping layer by layer (qexp
+    before the multi-tensor path): the side-by-side reference for it."""
+
+    def before_forward(self, model: torch.nn.Module, step: int) -> None:
+        pass
+
+    @torch.no_grad()
+    def after_step(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        for q in self.layers:
+            q.weight.clamp_(-q.scale, q.scale)
+
+
+def layer_by_layer(cls: type[Rounding]) -> type[Rounding]:
+    """SR / R rounding one layer at a time (same values: tests/test_quant_grid.py)."""
+
+    class LayerByLayer(cls):  # type: ignore[misc, valid-type]
+        def _round(self) -> None:
+            for q in self.layers:
+                if self.stochastic:
+                    stochastic_round_(q.weight.data, q.bits, q.scale, self.noise)
+                else:
+                    nearest_round_(q.weight.data, q.bits, q.scale)
+
+    return LayerByLayer
+
 
 METHODS: dict[str, Callable[[], Method]] = {
     "float": Float,
     "bc": lambda: BinaryConnect(bits=1),
     "sr": lambda: StochasticRounding(bits=1),
     "r": lambda: Rounding(bits=1),
+    "bc per layer": lambda: LayerByLayerBC(bits=1),
+    "sr per layer": lambda: layer_by_layer(StochasticRounding)(bits=1),
+    "r per layer": lambda: layer_by_layer(Rounding)(bits=1),
 }
 SETUPS = {
     "LeNet-5 / MNIST (batch 64)": (lambda: LeNet5(1, 10, 28), (64, 1, 28, 28)),
