@@ -65,6 +65,20 @@ def main() -> None:
         loss.backward()
         opt.step()
 
+    # exactness first: one step of each from the same start (copies), then the largest parameter difference
+    start_loop = [copy.deepcopy(m.state_dict()) for m in loop_models]
+    start_vec = {n: t.detach().clone() for n, t in params.items()}
+    looped()
+    vectorised()
+    diff = max((params[n][i] - p.detach()).abs().max().item()
+               for i, m in enumerate(loop_models) for n, p in m.named_parameters())
+    with torch.no_grad():
+        for m, sd in zip(loop_models, start_loop):
+            m.load_state_dict(sd)
+        for n, t in params.items():
+            t.copy_(start_vec[n])
+    print(f"after one Adam step from the same start: largest |vectorised - looped| parameter difference "
+          f"{diff:.3g} ({'bit-identical' if diff == 0 else 'not bit-identical'})")
     med = side_by_side({"looped": looped, "vectorised": vectorised}, device, args.rounds, args.steps, warmup=1)
     a, b = med["looped"], med["vectorised"]
     print(f"{device}, {torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.1f}: K={k} LeNet-5 steps: "
