@@ -12,7 +12,8 @@ CPU) hits all of them alike. Targets: bc <= 1.10x, sr and r <= 1.15x float.
 (qexp before the multi-tensor path, same values), side by side with it.
 
 SR kernel: ``qexp.quant.kernels.stochastic_round_`` (in place, 8 bits, Δ = 2^-7) on 4M float32 values,
-eager and fused (``kernels.use_fused()``: one torch.compile'd pass; its compile time is printed apart),
+eager, Triton (CUDA only: ``qexp.quant.triton_sr``, the default there) and fused
+(``kernels.use_fused()``: one torch.compile'd pass; its compile time is printed apart),
 versus QPyTorch ``fixed_point_quantize(x, wl=8, fl=7, rounding="stochastic")`` (the same grid; CPU;
 ``pip install qtorch ninja``, its C++ extension is compiled on first import) and a plain
 ``y.copy_(x)``. Targets (issue 15): fused <= 2x the copy and >= 30x faster than QPyTorch.
@@ -168,12 +169,25 @@ def bench_kernel(device: torch.device, rounds: int, n: int = 4 * 1024 * 1024) ->
         stochastic_round_(xf, 8, 1.0, noise_f)
         kernels._FUSED.on = False
 
+    def eager() -> None:
+        kernels._TRITON.on = False
+        stochastic_round_(x, 8, 1.0, noise)
+        kernels._TRITON.on = None
+
     fns: dict[str, Callable[[], object]] = {
         "copy (y.copy_(x))": lambda: y.copy_(src),
-        "qexp stochastic_round_ eager (in place)": lambda: stochastic_round_(x, 8, 1.0, noise),
+        "qexp stochastic_round_ eager (in place)": eager,
         "qexp stochastic_round_ fused (in place)": fused,
         "torch.rand reference (grid.quantize_stochastic)": lambda: quantize_stochastic(src, 8, 1.0, gen),
     }
+    kinds = ["eager", "fused"]
+    if device.type == "cuda":  # the Triton kernel (CUDA's default for tensors over 4096 elements)
+        xt, noise_t = src.clone(), Noise(0, device)
+        kernels.use_triton(True)
+        stochastic_round_(xt, 8, 1.0, noise_t)  # compile and check against the eager passes, untimed
+        if kernels._TRITON.on:
+            fns["qexp stochastic_round_ triton (in place)"] = lambda: stochastic_round_(xt, 8, 1.0, noise_t)
+            kinds.append("triton")
     q = qtorch_sr() if device.type == "cpu" else "QPyTorch compared on CPU only"
     if callable(q):
         fns["QPyTorch fixed_point_quantize (stochastic)"] = lambda: q(src)
@@ -185,7 +199,7 @@ def bench_kernel(device: torch.device, rounds: int, n: int = 4 * 1024 * 1024) ->
         print(f"| {k} | {1e3 * v:.2f} | {v / base:.2f} | {8 * n / v / 1e9:.1f} |")
     print(f"\nfused kernel {'compiled' if fused_ok else 'UNAVAILABLE (eager timed)'} in {compile_s:.1f} s "
           "(all shape families, once per process; not in the timings)")
-    for kind in ("eager", "fused"):
+    for kind in kinds:
         ours = t[f"qexp stochastic_round_ {kind} (in place)"]
         vs = (f"{t['QPyTorch fixed_point_quantize (stochastic)'] / ours:.1f}x faster than QPyTorch, "
               if callable(q) else f"QPyTorch unavailable ({q}), ")

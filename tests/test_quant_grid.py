@@ -3,6 +3,10 @@ binarization, straight-through gradients, seeded reproducibility."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -290,3 +294,79 @@ def test_rounding_many_tensors_at_once_is_rounding_each(bits):
         stochastic_round_all_(together, bits, LAYER_SCALES, many)
         assert _same_bits(each, together)
     assert not _same_bits(each, _layers())  # it did round
+
+
+# ---- the Triton SR kernel (CUDA; here through Triton's CPU interpreter) -----------------------------------
+TRITON_CHECK = r"""
+import torch
+from qexp.quant import kernels
+from qexp.quant.kernels import COLS, Noise, stochastic_round_, stochastic_round_all_
+
+def bits_of(ts):
+    return [t.view(torch.int32) for t in ts]
+
+for bits in (1, 2, 4, 8):
+    for n in (COLS + 1, 3 * COLS + 5, 100_003):
+        torch.manual_seed(n + bits)
+        x = torch.randn(n) * 0.3
+        x[:6] = torch.tensor([0.0, -0.0, 0.05, -0.05, 0.1, -0.1])  # signed zeros, ties at 2 bits
+        kernels.use_triton(False)
+        eager = stochastic_round_(x.clone(), bits, 0.4, Noise(9))
+        kernels.use_triton(True, interpret=True)
+        fast = stochastic_round_(x.clone(), bits, 0.4, Noise(9))
+        assert kernels._TRITON.on, "the kernel switched itself off"
+        assert torch.equal(eager.view(torch.int32), fast.view(torch.int32)), (bits, n)
+    # a network: small layers stay eager (their own noise scheme), large ones take the kernel, same draws
+    shapes, scales = [(6, 25), (120, 400), (84, 120), (10, 84)], [0.3, 0.1, 0.2, 0.4]
+    torch.manual_seed(bits)
+    layers = [torch.randn(s) * 0.2 for s in shapes]
+    kernels.use_triton(False)
+    eager = [t.clone() for t in layers]
+    stochastic_round_all_(eager, bits, scales, Noise(3))
+    kernels.use_triton(True, interpret=True)
+    fast = [t.clone() for t in layers]
+    stochastic_round_all_(fast, bits, scales, Noise(3))
+    assert all(torch.equal(a, b) for a, b in zip(bits_of(eager), bits_of(fast))), bits
+print("identical")
+"""
+
+
+def test_triton_sr_kernel_is_bit_identical_to_the_eager_passes():
+    """The one-launch CUDA kernel forms the same thresholds in registers and rounds with the same float
+    operations: bit for bit the eager result (run by Triton's interpreter on CPU tensors)."""
+    pytest.importorskip("triton")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    p = subprocess.run([sys.executable, "-c", TRITON_CHECK], env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0 and p.stdout.strip() == "identical", p.stdout + p.stderr[-3000:]
+
+
+def test_triton_sr_kernel_that_fails_or_differs_is_switched_off(monkeypatch, caplog):
+    """A kernel that does not compile, or rounds one probe value differently from the eager passes, is
+    found on first use: one warning, the kernel off, and the tensor rounded by the eager passes."""
+    pytest.importorskip("triton")
+    from qexp.quant import triton_sr
+
+    def broken(x, *args):
+        raise RuntimeError("no compiler\nmore lines")
+
+    def off_by_one(x, bits, scale, inv_step, top, step, a, b, c, cols):
+        """The eager grid rounding from the same thresholds, one value a grid step off."""
+        t = (a.view(-1, 1) ^ b.view(1, cols) ^ c.unfold(0, cols, 1)).view(-1)[: x.numel()]
+        x.mul_(inv_step).add_(t, alpha=2.0**-16).round_().clamp_(-top, top).mul_(step)
+        x[123] += step
+
+    x = torch.randn(3 * COLS + 1) * 0.3
+    expected = stochastic_round_(x.clone(), 2, 0.4, Noise(1))
+    cases = ((broken, "RuntimeError: no compiler"),
+             (off_by_one, "1 of 12365 probe values differ from the eager kernel"))
+    for fake, why in cases:
+        monkeypatch.setattr(triton_sr, "sr_", fake)
+        kernels.use_triton(True, interpret=True)
+        caplog.clear()
+        try:
+            got = stochastic_round_(x.clone(), 2, 0.4, Noise(1))
+        finally:
+            kernels.use_triton(False)
+        assert torch.equal(got, expected)
+        assert [r.getMessage() for r in caplog.records] == [
+            f"Triton SR kernel unavailable ({why}); using the eager kernel"]

@@ -15,7 +15,7 @@ compiler can vectorise, unlike a modulo.)
 Resolution: the threshold has 16 bits, so ``E[Q_s(x)] = x`` up to a one-sided bias below ``Δ·2^-16``
 (``torch.rand``'s float32 has 24 bits; both are far below float32 weight precision relative to Δ).
 
-Two implementations, bit-identical (same thresholds, same float operations):
+Three implementations, bit-identical (same thresholds, same float operations):
 
 * eager (default, portable, no compiler): the thresholds in an ``int16`` workspace (two broadcast XOR
   passes), then scale, add, round, clamp, rescale in place: five more cheap passes over the weights
@@ -25,12 +25,16 @@ Two implementations, bit-identical (same thresholds, same float operations):
   reads a weight, forms its threshold from the three short vectors, adds, rounds, clamps, rescales and
   writes it back: one pass over memory, like a copy. Inductor generates C++/OpenMP on CPU (needs a C++
   compiler at run time, only when switched on) and Triton on CUDA. Compiled once per process and shape
-  family (dynamic shapes); if compiling fails, one warning and the eager kernel.
+  family (dynamic shapes); if compiling fails, one warning and the eager kernel;
+* Triton (:mod:`qexp.quant.triton_sr`, CUDA tensors of more than COLS elements, the default where Triton
+  is installed): the same one pass as a hand-written kernel, called without Dynamo's guards; checked
+  against the eager passes on first use.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable
 
 import torch
@@ -135,6 +139,8 @@ def stochastic_round_(x: torch.Tensor, bits: int, scale: float, noise: Noise) ->
     ``u < p`` is ``x - scale·t/2^15 > 0``.
     """
     n = x.numel()
+    if n > COLS and _TRITON.wanted(x) and _triton_sr_(x, bits, scale, noise):
+        return x
     if _FUSED.on and n >= FUSED_MIN and x.is_contiguous() and x.dtype == torch.float32:
         _fused_sr_(x, bits, scale, noise)
         return x
@@ -195,7 +201,17 @@ def stochastic_round_all_(xs: list[torch.Tensor], bits: int, scales: list[float]
         for x, s in zip(xs, scales):
             stochastic_round_(x, bits, s, noise)
         return
-    ts = [t.view(x.shape) for x, t in zip(xs, noise.int16_each([x.numel() for x in xs]))]
+    if xs and _TRITON.wanted(xs[0]):  # CUDA: a large tensor in one kernel as it comes; the rest below
+        rest = []
+        for x, s in zip(xs, scales):
+            if not (x.numel() > COLS and _triton_sr_(x, bits, s, noise)):
+                rest.append((x, s, noise.int16_each([x.numel()])[0]))
+        xs, scales = [x for x, _, _ in rest], [s for _, s, _ in rest]
+        ts = [t.view(x.shape) for x, _, t in rest]
+        if not xs:
+            return
+    else:
+        ts = [t.view(x.shape) for x, t in zip(xs, noise.int16_each([x.numel() for x in xs]))]
     if bits == 1:  # the threshold's scale differs per tensor: one add each (alpha is per call)
         for x, t, s in zip(xs, ts, scales):
             x.add_(t, alpha=-s / HALF)
@@ -226,6 +242,94 @@ def _grid_all_(ks: list[torch.Tensor], bits: int, scales: list[float]) -> list[t
     torch._foreach_clamp_max_(ks, top)
     torch._foreach_mul_(ks, [SymmetricGrid(bits, s).step for s in scales])
     return ks
+
+
+# ---- one Triton kernel (CUDA) ------------------------------------------------------------------------
+
+class _Triton:
+    """Whether CUDA tensors go through :mod:`qexp.quant.triton_sr` (default: where Triton is there);
+    ``interpret``: also CPU tensors, through Triton's interpreter (tests)."""
+
+    def __init__(self) -> None:
+        self.on: bool | None = None  # None: decided on first use
+        self.interpret = False
+        self.checked: set[tuple[int, str]] = set()  # (bits, device type) checked against the eager passes
+
+    def wanted(self, x: torch.Tensor) -> bool:
+        if not (x.is_cuda or self.interpret) or x.dtype != torch.float32 or not x.is_contiguous():
+            return False
+        if self.on is None:
+            self.on = _triton_available()
+        return self.on
+
+
+def _triton_available() -> bool:
+    """Triton importable (CUDA builds of torch ship it), or its CPU interpreter switched on."""
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return True
+    try:
+        from torch.utils._triton import has_triton
+    except ImportError:
+        return False
+    return bool(has_triton())
+
+
+_TRITON = _Triton()
+
+
+def use_triton(on: bool = True, interpret: bool = False) -> None:
+    """Switch the Triton SR kernel on or off for this process (``interpret``: CPU tensors too, through
+    ``TRITON_INTERPRET=1``, set before Triton is imported). Off, CUDA tensors take the eager passes."""
+    _TRITON.on, _TRITON.interpret = bool(on), bool(interpret)
+    _TRITON.checked.clear()
+
+
+def _triton_sr_(x: torch.Tensor, bits: int, scale: float, noise: Noise) -> bool:
+    """``stochastic_round_`` of a tensor of more than COLS elements in one Triton kernel; False (nothing
+    drawn, nothing written) when the kernel is off or failed its check, so the caller rounds eagerly."""
+    from qexp.quant import triton_sr
+
+    family = (bits, x.device.type)
+    if family not in _TRITON.checked and not _triton_matches_eager(bits, x.device):
+        return False
+    a, b, c = noise.vectors(x.numel())
+    g = SymmetricGrid(bits, scale)
+    triton_sr.sr_(x.view(-1), bits, scale, 1.0 / g.step, float(g.max_index), g.step, a, b, c, COLS)
+    return True
+
+
+def _triton_matches_eager(bits: int, device: torch.device) -> bool:
+    """First use of a family in this process: the kernel and the eager passes round one probe tensor
+    (three noise rows and a partial one, ties and zeros among its values) to the same bits; else one
+    warning and the kernel is switched off."""
+    from qexp.quant import triton_sr
+
+    probe = torch.linspace(-1.3, 1.3, 3 * COLS + 77, device=device)
+    probe[:4] = torch.tensor([0.0, -0.0, 0.5, -0.5], device=device)
+    eager = probe.clone()
+    t = Noise(7, device).int16(eager.numel())
+    if bits == 1:
+        _binary_(eager.add_(t, alpha=-1.0 / HALF), 1.0, strict=True)
+    else:
+        g = SymmetricGrid(bits, 1.0)
+        _grid_(eager.mul_(1.0 / g.step).add_(t, alpha=1.0 / (2 * HALF)), bits, 1.0)
+    fast = probe.clone()
+    a, b, c = Noise(7, device).vectors(fast.numel())
+    g = SymmetricGrid(bits, 1.0)
+    why = ""
+    try:
+        triton_sr.sr_(fast, bits, 1.0, 1.0 / g.step, float(g.max_index), g.step, a, b, c, COLS)
+        if not torch.equal(fast.view(torch.int32), eager.view(torch.int32)):
+            why = f"{int((fast != eager).sum())} of {fast.numel()} probe values differ from the eager kernel"
+    except Exception as e:  # no working Triton/compiler for this device
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+        why = f"{type(e).__name__}: {first}"
+    if why:
+        _TRITON.on = False
+        log.warning("Triton SR kernel unavailable (%s); using the eager kernel", why)
+        return False
+    _TRITON.checked.add((bits, device.type))
+    return True
 
 
 # ---- the fused kernel ----------------------------------------------------------------------------------
