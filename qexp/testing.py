@@ -76,7 +76,7 @@ class Report:
 def check_method(method: str | Path | type[Method], *, options: dict[str, Any] | None = None,
                  overrides: tuple[str, ...] | list[str] = (), data_root: str | Path | None = None,
                  steps_per_epoch: int = 3, epochs: int = 2, stop_at: int | None = None, batch_size: int = 16,
-                 workdir: str | Path | None = None) -> Report:
+                 workdir: str | Path | None = None, device: str = "cpu") -> Report:
     """Check the method contract for ``method`` and return a :class:`Report`; raise
     :class:`ContractError` (an ``AssertionError``) naming the failing part.
 
@@ -85,8 +85,10 @@ def check_method(method: str | Path | type[Method], *, options: dict[str, Any] |
     (shipped, or importable by its module path: a YAML is then written for it, ``options`` as its keys).
     ``options`` become ``method.KEY=VALUE`` overrides, ``overrides`` are passed on as typed (``bits=3``).
     ``data_root`` (default ``$QEXP_DATA``): real MNIST when it holds ``MNIST/raw``, else synthetic images.
-    The runs are written under ``workdir`` (default: a temporary folder, removed afterwards). Runs on the
-    CPU, in the main thread (the interruption is the SIGTERM path).
+    The runs are written under ``workdir`` (default: a temporary folder, removed afterwards). Runs on
+    ``device`` (default the CPU; on a GPU exact resume also needs deterministic kernels:
+    ``torch.use_deterministic_algorithms(True)``), in the main thread (the interruption is the SIGTERM
+    path).
     """
     if threading.current_thread() is not threading.main_thread():
         raise RuntimeError("check_method runs in the main thread: it stops a run as SIGTERM does")
@@ -109,7 +111,7 @@ def check_method(method: str | Path | type[Method], *, options: dict[str, Any] |
         if _group_choice(cfg, "dataset") not in ("mnist", "synthetic"):
             data = []  # the option (a preset) chose its own dataset: leave it
         common = [*(["--config-dir", str(config_dir)] if config_dir else []), *base, *data,
-                  f"epochs={epochs}", f"batch_size={batch_size}", "eval_batch_size=1000", "device=cpu",
+                  f"epochs={epochs}", f"batch_size={batch_size}", "eval_batch_size=1000", f"device={device}",
                   "progress=false", "threads=1", "lock=fail"]
         steps = epochs * steps_per_epoch
         stop_at = steps_per_epoch + 1 if stop_at is None else stop_at
@@ -119,7 +121,7 @@ def check_method(method: str | Path | type[Method], *, options: dict[str, Any] |
         passed: list[str] = []
         straight = _train(common, work / "straight", "train")
         rec = _read_json(straight / "metrics.json")
-        _check_train(straight, rec, common, config_dir, steps)
+        _check_train(straight, rec, common, config_dir, steps, device)
         passed.append("train")
 
         resumed_out = work / "resumed"
@@ -134,12 +136,12 @@ def check_method(method: str | Path | type[Method], *, options: dict[str, Any] |
                 f"uninterrupted one: {'; '.join(diffs[:6])}")
         passed.append("resume")
 
-        loaded = _load(straight)
+        loaded = _load(straight, device)
         manifest = _read_json(straight / "quant.json")
         quantized = _check_manifest(manifest, loaded, rec)
         passed.append("manifest")
 
-        _check_state_dict(straight, loaded)
+        _check_state_dict(straight, loaded, device)
         passed.append("state_dict")
 
         export = _check_export(straight, work / "export", manifest, root if real else None)
@@ -314,7 +316,8 @@ def _expect(ok: bool, part: str, message: str) -> None:
 
 
 # ---- the parts ---------------------------------------------------------------------------------------
-def _check_train(run: Path, rec: dict[str, Any], args: list[str], config_dir: Path | None, steps: int) -> None:
+def _check_train(run: Path, rec: dict[str, Any], args: list[str], config_dir: Path | None, steps: int,
+                 device: str) -> None:
     _expect(rec.get("status") == "completed", "train", f"status {rec.get('status')!r} ({rec.get('error')})")
     losses = [row.get("train_loss") for row in rec.get("history", [])]
     _expect(bool(losses) and all(isinstance(v, float) and math.isfinite(v) for v in losses), "train",
@@ -322,7 +325,7 @@ def _check_train(run: Path, rec: dict[str, Any], args: list[str], config_dir: Pa
     state = _checkpoint(run)
     _expect(int(state["progress"]["step"]) == steps, "train",
             f"{state['progress']['step']} optimizer steps, expected {steps}")
-    initial = _initial_model(run)
+    initial = _initial_model(run, device)
     moved = [k for k, v in state["model"].items()
              if v.is_floating_point() and k in initial and not torch.equal(v, initial[k])]
     _expect(bool(moved), "train", f"no weight changed in {steps} steps")
@@ -334,7 +337,7 @@ def _checkpoint(run: Path) -> dict[str, Any]:
     return checkpoint.load(run / "checkpoint.pt")
 
 
-def _built(run: Path) -> Any:
+def _built(run: Path, device: str) -> Any:
     """The run's data, model and method as a fresh run builds them (seeded, not trained)."""
     from omegaconf import OmegaConf
 
@@ -344,19 +347,19 @@ def _built(run: Path) -> Any:
     register()
     cfg = OmegaConf.load(run / ".hydra" / "config.yaml")
     torch.manual_seed(int(cfg.seed))
-    return assemble(cfg, torch.device("cpu"))
+    return assemble(cfg, torch.device(device))
 
 
-def _initial_model(run: Path) -> dict[str, torch.Tensor]:
-    return {k: v.clone() for k, v in _built(run).model.state_dict().items()}
+def _initial_model(run: Path, device: str) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().clone() for k, v in _built(run, device).model.state_dict().items()}
 
 
-def _load(run: Path) -> Any:
+def _load(run: Path, device: str) -> Any:
     """The run as ``qexp eval`` and ``qexp export`` load it (model and method state from checkpoint.pt)."""
     from qexp.run.evaluate import load_run
 
     try:
-        return load_run(run, "cpu")
+        return load_run(run, device)
     except QexpError as e:
         raise ContractError(f"state_dict: the trained run cannot be loaded back: {e}") from e
 
@@ -365,7 +368,7 @@ def _tree_diffs(a: Any, b: Any, path: str) -> list[str]:
     """Where two state trees differ (tensors bit for bit, dtype and shape included)."""
     if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
         same = isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.dtype == b.dtype \
-            and a.shape == b.shape and torch.equal(a, b)
+            and a.shape == b.shape and torch.equal(a.cpu(), b.cpu())
         return [] if same else [path]
     if isinstance(a, dict) and isinstance(b, dict):
         if set(a) != set(b):
@@ -442,7 +445,7 @@ def _snapshot(state: Any) -> Any:
     return state
 
 
-def _check_state_dict(run: Path, loaded: Any) -> None:
+def _check_state_dict(run: Path, loaded: Any, device: str) -> None:
     """Loaded from the checkpoint, the method gives its state back unchanged; that state and the model's
     load into a freshly built run, which then computes the same outputs and holds the same state."""
     part = "state_dict"
@@ -450,7 +453,7 @@ def _check_state_dict(run: Path, loaded: Any) -> None:
     model, method = loaded.built.model, loaded.built.method
     diffs = _tree_diffs(saved, method.state_dict(), "method")
     _expect(not diffs, part, f"load_state_dict then state_dict() changes {', '.join(diffs[:4])}")
-    fresh = _built(run)
+    fresh = _built(run, device)
     try:
         fresh.model.load_state_dict(model.state_dict())
         fresh.method.load_state_dict(_snapshot(method.state_dict()))
@@ -462,7 +465,7 @@ def _check_state_dict(run: Path, loaded: Any) -> None:
     model.eval()
     fresh.model.eval()
     with torch.no_grad():
-        same = torch.equal(model(x), fresh.model(x))
+        same = torch.equal(model(x.to(device)), fresh.model(x.to(device)))
     _expect(same, part, "a freshly built run loaded with the model's and method's state computes other outputs")
 
 

@@ -185,6 +185,23 @@ def test_noise_state_round_trip_resumes_the_sequence():
     assert torch.equal(n2.int16(5000), expected)
 
 
+def test_noise_state_from_a_gpu_generator_seeds_a_cpu_one(caplog):
+    """A CUDA generator's state (16 bytes: Philox seed and offset) cannot continue on a CPU generator (a
+    GPU run evaluated or resumed on a CPU): the generator is seeded from those bytes, the same way every
+    time, with one warning; a CPU state still resumes its exact sequence."""
+    cuda_state = {"generator": torch.arange(16, dtype=torch.uint8)}
+    draws = []
+    for _ in range(2):
+        n = Noise(0)
+        caplog.clear()
+        n.load_state_dict(cuda_state)
+        draws.append(n.int16(100).clone())
+        assert [r.getMessage() for r in caplog.records] == [
+            "a random generator state saved on another device type (16 bytes) was loaded into a cpu generator: "
+            "seeded from it instead; its draws differ from an uninterrupted run's"]
+    assert torch.equal(draws[0], draws[1]) and not torch.equal(draws[0], Noise(0).int16(100))
+
+
 def test_noise_is_uniform_and_pairwise_independent():
     """Thresholds: mean 1/2, variance 1/12; neighbours along rows and columns uncorrelated."""
     u = Noise(2).uniform(4096 * 64).double().view(64, 4096)

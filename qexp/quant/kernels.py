@@ -33,6 +33,7 @@ Three implementations, bit-identical (same thresholds, same float operations):
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 from collections.abc import Callable
@@ -114,7 +115,22 @@ class Noise:
         return {"generator": self.generator.get_state()}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        self.generator.set_state(state["generator"].cpu())
+        restore_generator(self.generator, state["generator"])
+
+
+def restore_generator(generator: torch.Generator, state: torch.Tensor) -> None:
+    """``generator.set_state(state)``; a state saved by another kind of generator (a run trained on a GPU,
+    resumed or evaluated on a CPU, or back) cannot continue that stream: the generator is then seeded from
+    the saved bytes, with one warning (draws from here on differ from the saved stream's)."""
+    state = state.detach().cpu()
+    try:
+        generator.set_state(state)
+    except RuntimeError:
+        seed = int.from_bytes(hashlib.sha256(state.numpy().tobytes()).digest()[:8], "little")
+        generator.manual_seed(seed)
+        log.warning("a random generator state saved on another device type (%d bytes) was loaded into a %s "
+                    "generator: seeded from it instead; its draws differ from an uninterrupted run's",
+                    state.numel(), generator.device.type)
 
 
 def nearest(x: torch.Tensor, bits: int, scale: float) -> torch.Tensor:

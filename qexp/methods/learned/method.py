@@ -34,6 +34,7 @@ from qexp.methods.learned.allocation import (
 )
 from qexp.quant.activation import QuantReLU, quantize_relus, relu_format
 from qexp.quant.format import row as format_row
+from qexp.quant.kernels import restore_generator
 from qexp.quant.weight import QuantLayer, quantize_weights, weight_manifest
 
 #: training batches that re-estimate BatchNorm statistics before a soft-phase evaluation
@@ -334,7 +335,7 @@ class LearnedPrecision(Method):
         self.tau, self.frozen = float(state["tau"]), bool(state["frozen"])
         self.frozen_bits = [int(b) for b in state["frozen_bits"]]
         self.history = list(state["history"])
-        self.generator.set_state(state["generator"].cpu())
+        restore_generator(self.generator, state["generator"])
         self._sum, self._draws = [int(s) for s in state["sum"]], int(state["draws"])
         self._report = dict(state["report"])
         if self.frozen:

@@ -40,6 +40,7 @@ from qexp.methods.wage.layers import ShiftStats, WageActivation, WageNetwork, Wa
 from qexp.quant.format import row as format_row
 from qexp.quant.format import symmetric
 from qexp.quant.inject import attach_weight_quantizer, shadow_weight, weight_layers, weight_quantizer
+from qexp.quant.kernels import restore_generator
 
 #: leaf modules a WAGE chain network may contain
 LEAVES = (nn.Conv2d, nn.Linear, nn.ReLU, nn.MaxPool2d, nn.Flatten, nn.Identity, nn.Dropout)
@@ -241,7 +242,7 @@ class Wage(Method):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("generator") is not None and self.generator is not None:
-            self.generator.set_state(state["generator"].cpu())
+            restore_generator(self.generator, state["generator"])
         for (_, st), s in zip(self.sites, state.get("sites", [])):
             st.load(s)
         for dst, src in zip(self._grad_shift, state.get("grad_shift", [])):
