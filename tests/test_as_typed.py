@@ -16,6 +16,8 @@ ABOVE_CONSTANT instead: it still fails a dead network, which is what "works as t
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from tests.conftest import REPO, find_runs, read_metrics, run_qexp, seed_floor
@@ -66,15 +68,25 @@ def floor(method: str) -> float:
 def test_every_method_as_typed_learns(tmp_path, data_root) -> None:
     """One sweep over every method option, two runs at a time; each run is found by its folder's method
     level (``bc_li-1b`` beside ``bc-1b``: the option, not the method's name)."""
+    check_learned(sweep_as_typed(tmp_path / "all", data_root))
+
+
+def sweep_as_typed(out: Path, data_root: Path, extra: tuple[str, ...] = ()) -> dict[str, dict]:
+    """Every method option as typed (plus ``extra``, e.g. ``device=cuda``), two at a time: metrics.json
+    by option."""
     methods = method_options()
-    out = tmp_path / "all"
     run_qexp([*COMMAND, f"method={','.join(methods)}", "hydra/launcher=local_parallel", f"out_root={out}",
-              f"data_root={data_root}"], timeout=900)
+              f"data_root={data_root}", *extra], timeout=900)
     runs = {}
     for d in find_runs(out):
         option = d.relative_to(out).parts[3].split("-", 1)[0]  # runs/<dataset>/<model>/<option>-<bits>/...
         runs[option] = read_metrics(d)
     assert sorted(runs) == methods
+    return runs
+
+
+def check_learned(runs: dict[str, dict]) -> None:
+    """Each run completed and reached its method's floor; R (frozen weights) is checked by its diagnostics."""
     for method, m in runs.items():
         assert m["status"] == "completed", (method, m.get("error"))
         if method == FROZEN:

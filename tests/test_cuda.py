@@ -1,0 +1,154 @@
+"""qexp on a GPU. Every test here is marked ``cuda`` (skipped where no CUDA device is visible); the rest
+of the suite computes on the CPU whatever the machine (tests/conftest.py sets ``QEXP_DEVICE=cpu``: its
+exact numbers and floors were measured there), so these tests ask for ``device=cuda`` themselves.
+
+- every method option as typed learns on ``device=cuda`` (the CPU-measured floors of test_as_typed);
+- ``precision=16-mixed`` / ``bf16-mixed`` and ``compile=true`` train; ``device=cuda:N`` runs on GPU N;
+- the method contract (train, stop + resume bit-identical, manifest, state round trip, export) holds on
+  the GPU for bc and sr, with deterministic kernels;
+- the multi-tensor rounding and the Triton SR kernel give the eager kernels' bits on CUDA tensors;
+- no per-step hook of bc, sr, r, ste or lsq synchronises with the host.
+
+``scripts/device/gpu_check.sh`` runs this file first, then the whole suite, on the GPU machine.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from qexp.quant import kernels
+from qexp.quant.kernels import (
+    Noise,
+    nearest,
+    nearest_all,
+    nearest_round_,
+    nearest_round_all_,
+    stochastic_round_,
+    stochastic_round_all_,
+)
+from qexp.testing import check_method
+from tests.conftest import compose_train, find_runs, read_metrics, run_qexp
+from tests.test_as_typed import ABOVE_CONSTANT, COMMAND, check_learned, sweep_as_typed
+from tests.test_quant_grid import LAYER_SCALES, _layers, _same_bits
+
+pytestmark = pytest.mark.cuda
+
+# cuBLAS reads this when its first handle is made (after collection): deterministic matrix products
+os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+
+
+def test_every_method_as_typed_learns_on_cuda(tmp_path: Path, data_root: Path) -> None:
+    runs = sweep_as_typed(tmp_path / "all", data_root, ("device=cuda",))
+    assert {m["device"] for m in runs.values()} == {"cuda:0"}
+    check_learned(runs)
+
+
+def test_precisions_and_compile_train_on_cuda(tmp_path: Path, data_root: Path) -> None:
+    """16-bit math (float16 with a loss scaler, bfloat16) and torch.compile (Triton) on the GPU: each run
+    completes and learns (above what a constant answer scores; no floor was measured on a GPU)."""
+    common = [*COMMAND, "device=cuda", f"data_root={data_root}"]
+    run_qexp([*common, "method=float,bc,sr", "precision=16-mixed,bf16-mixed", f"out_root={tmp_path / 'amp'}"],
+             timeout=900)
+    run_qexp([*common, "method=float,bc,sr", "compile=true", f"out_root={tmp_path / 'compiled'}"], timeout=900)
+    for name, expected in (("amp", 6), ("compiled", 3)):
+        runs = [read_metrics(d) for d in find_runs(tmp_path / name)]
+        assert len(runs) == expected
+        for m in runs:
+            assert m["status"] == "completed" and m["device"] == "cuda:0", m.get("error")
+            assert m["test_acc"] >= ABOVE_CONSTANT, (name, m["method"], m["test_acc"])
+
+
+def test_cuda_index_runs_on_that_gpu(tmp_path: Path) -> None:
+    last = torch.cuda.device_count() - 1
+    run_qexp(["train", "dataset=synthetic", "dataset.train_samples=64", "dataset.test_samples=32", "epochs=1",
+              "progress=false", "method=sr", f"device=cuda:{last}", f"out_root={tmp_path}"])
+    (run,) = find_runs(tmp_path)
+    assert read_metrics(run)["device"] == f"cuda:{last}"
+
+
+@pytest.fixture
+def deterministic():
+    """Deterministic GPU kernels (a stopped and resumed run can only equal an uninterrupted one with
+    them); ops without such a kernel warn (LeNet-5's pooling windows do not overlap)."""
+    was = torch.are_deterministic_algorithms_enabled()
+    bench, det = torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = False, True
+    yield
+    torch.use_deterministic_algorithms(was)
+    torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = bench, det
+
+
+@pytest.mark.parametrize("option", ["bc", "sr"])
+def test_method_contract_holds_on_cuda(option: str, tmp_path: Path, deterministic) -> None:
+    report = check_method(option, workdir=tmp_path, device="cuda")
+    assert report.passed == ["train", "resume", "manifest", "state_dict", "export"]
+
+
+@pytest.mark.parametrize("bits", [1, 2, 4, 8])
+def test_rounding_kernels_give_the_eager_bits_on_cuda(bits: int) -> None:
+    """Multi-tensor rounding (foreach kernels) vs one tensor at a time, and the Triton SR kernel vs the
+    eager passes, on CUDA tensors: the same bits (CPU: tests/test_quant_grid.py)."""
+    cuda = torch.device("cuda")
+    xs = [x.to(cuda) for x in _layers()]
+    assert _same_bits(nearest_all(xs, bits, LAYER_SCALES), [nearest(x, bits, s) for x, s in zip(xs, LAYER_SCALES)])
+    each, together = [x.clone() for x in xs], [x.clone() for x in xs]
+    for x, s in zip(each, LAYER_SCALES):
+        nearest_round_(x, bits, s)
+    nearest_round_all_(together, bits, LAYER_SCALES)
+    assert _same_bits(each, together)
+    big = torch.randn(300_001, device=xs[0].device) * 0.3
+    results = []
+    try:
+        for on in (False, True):
+            kernels.use_triton(on)
+            each, together = [x.clone() for x in xs], [x.clone() for x in xs]
+            one, many = Noise(3, cuda), Noise(3, cuda)
+            for x, s in zip(each, LAYER_SCALES):
+                stochastic_round_(x, bits, s, one)
+            stochastic_round_all_(together, bits, LAYER_SCALES, many)
+            assert _same_bits(each, together)
+            results.append([*together, stochastic_round_(big.clone(), bits, 0.4, Noise(5, cuda))])
+        assert kernels._TRITON.on, "the Triton kernel switched itself off (see the warning)"
+    finally:
+        kernels.use_triton(True)
+        kernels._TRITON.on = None  # back to the default: decided on first use
+    assert _same_bits(results[0], results[1])
+
+
+@pytest.mark.parametrize("method", [["method=bc"], ["method=sr"], ["method=r"], ["method=ste", "method.wbits=2"],
+                                    ["method=lsq"]], ids=lambda m: m[0].split("=")[1])
+def test_step_hooks_do_not_synchronise(method: list[str]) -> None:
+    """``before_forward``, ``after_backward`` and ``after_step`` queue GPU work and read no device value
+    on the host (``torch.cuda.set_sync_debug_mode('error')`` raises on any synchronising call). The
+    first step, a warm-up (one-off calibration and the Triton kernel's check), is not watched."""
+    from qexp.run.session import build, train_step
+
+    cuda = torch.device("cuda")
+    cfg = compose_train(["dataset=synthetic", "dataset.train_samples=64", "dataset.test_samples=8", "device=cuda",
+                         *method])
+    torch.manual_seed(0)
+    b = build(cfg, cuda)
+    model, m = b.model.train(), b.method
+    x, y = next(iter(b.data.train))
+    x, y = x.to(cuda), y.to(cuda)
+
+    def watched(fn):
+        def call(*args, **kwargs):
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                torch.cuda.set_sync_debug_mode(0)
+        return call
+
+    train_step(model, m, b.optimizer, x, y, 0)
+    for hook in ("before_forward", "after_backward", "after_step"):
+        setattr(m, hook, watched(getattr(m, hook)))
+    for step in range(1, 12):  # sr/r sample their diagnostics every 10th step: one such step included
+        train_step(model, m, b.optimizer, x, y, step)
+    torch.cuda.synchronize()
