@@ -220,7 +220,7 @@ def stochastic_round_all_(xs: list[torch.Tensor], bits: int, scales: list[float]
     if xs and _TRITON.wanted(xs[0]):  # CUDA: a large tensor in one kernel as it comes; the rest below
         rest = []
         for x, s in zip(xs, scales):
-            if not (x.numel() > COLS and _triton_sr_(x, bits, s, noise)):
+            if not (x.numel() > COLS and _TRITON.wanted(x) and _triton_sr_(x, bits, s, noise)):
                 rest.append((x, s, noise.int16_each([x.numel()])[0]))
         xs, scales = [x for x, _, _ in rest], [s for _, s, _ in rest]
         ts = [t.view(x.shape) for x, _, t in rest]
@@ -316,28 +316,27 @@ def _triton_sr_(x: torch.Tensor, bits: int, scale: float, noise: Noise) -> bool:
 
 def _triton_matches_eager(bits: int, device: torch.device) -> bool:
     """First use of a family in this process: the kernel and the eager passes round one probe tensor
-    (three noise rows and a partial one, ties and zeros among its values) to the same bits; else one
-    warning and the kernel is switched off."""
-    from qexp.quant import triton_sr
-
+    (three noise rows and a partial one, ties and signed zeros among its values) to the same bits; else
+    one warning and the kernel is switched off."""
     probe = torch.linspace(-1.3, 1.3, 3 * COLS + 77, device=device)
     probe[:4] = torch.tensor([0.0, -0.0, 0.5, -0.5], device=device)
-    eager = probe.clone()
-    t = Noise(7, device).int16(eager.numel())
-    if bits == 1:
-        _binary_(eager.add_(t, alpha=-1.0 / HALF), 1.0, strict=True)
-    else:
-        g = SymmetricGrid(bits, 1.0)
-        _grid_(eager.mul_(1.0 / g.step).add_(t, alpha=1.0 / (2 * HALF)), bits, 1.0)
-    fast = probe.clone()
-    a, b, c = Noise(7, device).vectors(fast.numel())
     g = SymmetricGrid(bits, 1.0)
     why = ""
     try:
+        from qexp.quant import triton_sr
+
+        fast = probe.clone()
+        a, b, c = Noise(7, device).vectors(fast.numel())
         triton_sr.sr_(fast, bits, 1.0, 1.0 / g.step, float(g.max_index), g.step, a, b, c, COLS)
-        if not torch.equal(fast.view(torch.int32), eager.view(torch.int32)):
-            why = f"{int((fast != eager).sum())} of {fast.numel()} probe values differ from the eager kernel"
-    except Exception as e:  # no working Triton/compiler for this device
+        on, _TRITON.on = _TRITON.on, False
+        try:
+            eager = stochastic_round_(probe.clone(), bits, 1.0, Noise(7, device))
+        finally:
+            _TRITON.on = on
+        differ = int((fast.view(torch.int32) != eager.view(torch.int32)).sum())
+        if differ:
+            why = f"{differ} of {fast.numel()} probe values differ from the eager kernel"
+    except Exception as e:  # no Triton, or no working compiler for this device
         first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
         why = f"{type(e).__name__}: {first}"
     if why:
