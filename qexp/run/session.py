@@ -387,8 +387,10 @@ def train(cfg: DictConfig, run_dir: Path, ctx: distributed.Context = distributed
     data = data_record(cfg, b.data.sources)
     fingerprint = comparable_config(cfg, ignored, data["digest"])
     meta = run_meta(cfg, b.method, overrides, fingerprint, data)
-    # where it ran (not part of the identity; images_per_s depends on it): cpu, cuda:0, ...
-    meta.update(device=str(device), torch=torch.__version__)
+    # where it ran (not part of the identity; images_per_s depends on it): cpu, cuda:0, ... (plain "cuda"
+    # is the current GPU: its index is recorded)
+    where = torch.device("cuda", torch.cuda.current_device()) if str(device) == "cuda" else device
+    meta.update(device=str(where), torch=torch.__version__)
     if b.data.val is None:
         tune.check_patience(cfg)  # also refused before launch (tune.InputCheck); here for DDP workers
     tb = cfg.tensorboard
