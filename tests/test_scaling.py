@@ -200,6 +200,31 @@ def test_compiled_lenet5_is_one_graph_and_matches_eager(one_thread, method: str)
     assert torch.allclose(out, eager_out, rtol=1e-4, atol=1e-4)
 
 
+def test_compiled_bc_forward_compiles_once_and_stops_quantizing_ahead(one_thread):
+    """BinaryConnect computes every layer's Q_d(W) before an eager forward (quant.weight.quantize_ahead);
+    the compiled forward computes its own without reading those values (no guard on them: one graph, no
+    recompilation as they change every step), so after three untaken steps bc stops computing them."""
+    from conftest import compose_train
+    from torch._dynamo.utils import counters
+
+    from qexp.run.compiled import Compiled
+    from qexp.run.session import build, train_step
+
+    torch._dynamo.reset()
+    cfg = compose_train(["dataset=synthetic", "model=lenet5", "method=bc", "bits=2", "dataset.train_samples=640",
+                         "dataset.test_samples=64", "device=cpu"])
+    torch.manual_seed(0)
+    b = build(cfg, torch.device("cpu"))
+    fwd = Compiled(b.model, ready=functools.partial(b.method.compile_ready, b.model))
+    counters.clear()
+    for i, (x, y) in enumerate(b.data.train):
+        train_step(b.model, b.method, b.optimizer, x, y, i, fwd)
+    assert not fwd.failed and i == 9
+    assert counters["stats"]["unique_graphs"] == 1 and not counters["recompiles"]
+    assert [q.ahead_misses for q in b.method.quantizers] == [3] * len(b.method.layers)
+    assert all(q.ahead is None for q in b.method.quantizers)
+
+
 @pytest.mark.slow
 def test_compiled_ddp_two_processes(one_thread, tmp_path: Path):
     """compile=true with trainer.devices=2 (gloo): completes, weights identical on both processes."""

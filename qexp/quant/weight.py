@@ -135,11 +135,12 @@ class WeightQuantizer(nn.Module):
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         if not self.training and self.eval_float:
             return w
+        if torch.compiler.is_compiling():  # a compiled forward computes (and fuses) its own; read nothing
+            return straight_through(w, self.quantize(w))  # else, so Dynamo guards on nothing that changes
         ahead = self.ahead
         # the value computed ahead is used only while the shadow is the one it was computed from (any
-        # in-place change bumps ``_version``); a compiled forward computes (and fuses) its own
-        if (ahead is not None and self.training and not torch.compiler.is_compiling()
-                and ahead[0] == w._version):
+        # in-place change bumps ``_version``)
+        if ahead is not None and self.training and ahead[0] == w._version:
             self.ahead, self.ahead_misses = None, 0
             return straight_through(w, ahead[1])
         return straight_through(w, self.quantize(w))
