@@ -11,7 +11,8 @@ Same values as the eager passes, operation for operation: ``x·(1/Δ)`` rounded,
 ``t·2^-16`` (an exact product), clamped to ``[-L, L]`` (clamping before rounding gives the same integer
 for an integer ``L``), rounded half to even with the ``(y + 1.5·2^23) - 1.5·2^23`` identity (exact for
 ``|y| <= 2^22``; a zero keeps ``y``'s sign, as ``torch.round`` does), times ``Δ``; 1 bit: the sign of
-``fma(t, -s/2^15, x)`` (the eager ``add_(t, alpha)`` is a fused multiply-add), ``±s``. Compiled with
+``fma(t, -s/2^15, x)`` (as the eager ``add_(t, alpha)`` computes it on CPU; the check on first use
+confirms the GPU's), ``±s``. Compiled with
 floating-point contraction off, so no other multiply-add is fused. Checked against the eager kernel on
 first use in a process (a mismatch or a failure to compile: one warning, and the eager kernel).
 
@@ -27,8 +28,6 @@ import torch
 import triton
 import triton.language as tl
 
-#: 1.5·2^23: adding and subtracting it rounds a float32 of magnitude <= 2^22 to an integer, ties to even
-MAGIC = 12582912.0
 BLOCK = 1024
 
 
@@ -51,7 +50,7 @@ def _sr_grid(x_ptr, a_ptr, b_ptr, c_ptr, n, inv_step, top, step, COLS: tl.conste
     y = x * inv_step
     y = y + t * (1.0 / 65536.0)
     y = tl.minimum(tl.maximum(y, -top), top)
-    r = (y + 12582912.0) - 12582912.0  # MAGIC
+    r = (y + 12582912.0) - 12582912.0  # 1.5·2^23: to an integer, ties to even (|y| <= 2^22)
     r = tl.where(r == 0.0, y * 0.0, r)
     tl.store(x_ptr + offs, r * step, mask=mask)
 
