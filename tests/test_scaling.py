@@ -63,6 +63,23 @@ def test_device_names():
             resolve_device(bad)
 
 
+def test_qexp_device_sets_the_default_device_of_train_and_eval(monkeypatch):
+    """``QEXP_DEVICE`` (the suite sets cpu) is the default of the config's ``device`` and of ``qexp eval``
+    and ``load_run``; unset or empty, ``auto``."""
+    from qexp.run.session import default_device
+    from tests.conftest import compose_train
+
+    assert default_device() == "cpu" and compose_train([]).device == "cpu"
+    monkeypatch.setenv("QEXP_DEVICE", "cuda:1")
+    assert default_device() == "cuda:1" and compose_train([]).device == "cuda:1"
+    for unset in (monkeypatch.delenv, lambda k: monkeypatch.setenv(k, "")):
+        unset("QEXP_DEVICE")
+        assert default_device() == "auto"
+    monkeypatch.delenv("QEXP_DEVICE")
+    assert compose_train([]).device == "auto"
+    assert resolve_device("") == resolve_device("auto")
+
+
 def test_cuda_index_that_does_not_exist_is_one_line(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)

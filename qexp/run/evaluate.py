@@ -86,13 +86,13 @@ def check_same_data(run_dir: Path, root: str, sources: tuple[Path, ...], other_d
                         f"(trained on {stored.get('root')}); pass --other-data to evaluate on these anyway")
 
 
-def load_run(run_dir: str | Path, device: str = "auto", data_root: str | None = None,
+def load_run(run_dir: str | Path, device: str | None = None, data_root: str | None = None,
              which: str = "last", other_data: bool = False) -> LoadedRun:
     """Rebuild a run's data, model and method from its folder and load their state from its checkpoint
     (``which``: ``last``, checkpoint.pt, or ``best``, best.pt; no optimizer: evaluating needs none).
 
     The data are the run's own (:func:`run_data_root`), checked by their digest; other data only with
-    ``other_data``."""
+    ``other_data``. ``device``: default :func:`qexp.run.session.default_device`."""
     from qexp.run.callbacks import BEST
 
     CHECKPOINT = session.CHECKPOINT
@@ -108,7 +108,7 @@ def load_run(run_dir: str | Path, device: str = "auto", data_root: str | None = 
     register()
     cfg = OmegaConf.load(cfg_file)
     cfg.data_root = run_data_root(run_dir, cfg, data_root)
-    dev = session.resolve_device(device)
+    dev = session.resolve_device(session.default_device() if device is None else device)
     torch.manual_seed(int(cfg.seed))
     built = session.assemble(cfg, dev)
     check_same_data(run_dir, str(cfg.data_root), built.data.sources, other_data)
@@ -138,7 +138,7 @@ def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(prog="qexp eval", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("run_dir", type=Path, help="a run folder (holds .hydra/ and checkpoint.pt)")
-    ap.add_argument("--device", default="auto", help="auto | cpu | cuda (default auto)")
+    ap.add_argument("--device", default=None, help="auto | cpu | cuda | cuda:N (default: $QEXP_DEVICE, else auto)")
     ap.add_argument("--data-root", default=None,
                     help="read the data from this folder instead of the run's own data root (the files "
                          "must be the ones the run was trained on, unless --other-data)")

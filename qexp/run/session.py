@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,6 +63,12 @@ def instantiate(node: DictConfig, **kwargs: Any) -> Any:
         raise QexpError(f"cannot build {conf.get('_target_')}: {e}") from None
 
 
+def default_device() -> str:
+    """``$QEXP_DEVICE``, else ``auto``: the device of a run (config ``device``) and of ``qexp eval`` when
+    none is given (the test suite sets ``cpu``)."""
+    return os.environ.get("QEXP_DEVICE") or "auto"
+
+
 def resolve_device(name: Any) -> torch.device:
     """``auto`` | ``cpu`` | ``cuda`` | ``cuda:N`` -> a torch device; a GPU that is not there is a user error.
 
@@ -69,7 +76,7 @@ def resolve_device(name: Any) -> torch.device:
     use "the" GPU (``device="cuda"``) land on the same one.
     """
     name = str(getattr(name, "value", name)).strip()
-    if name == "auto":
+    if name in ("auto", ""):  # "": an empty $QEXP_DEVICE, as unset
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     m = re.fullmatch(r"(cpu|cuda)(?::(\d+))?", name)
     if m is None or (m[1] == "cpu" and m[2] is not None):
