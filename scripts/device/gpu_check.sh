@@ -7,10 +7,17 @@
 #
 # Run scripts/device/prepare.sh first (it fills .gpu/, carried with carry: [".gpu"]). Each stage writes its
 # log to a scratch folder and $OUT/gpu_check-<what>.tar.gz is re-packed after every stage, so a call cut
-# short still returns what finished. GPU_CHECK_DEVICE=cpu rehearses the same stages on a CPU.
+# short still returns what finished (a running stage's log is re-packed every 20 s too).
+#
+# BUDGET (seconds, default 580) is the time this call may take: each stage's limit is cut to what is left of
+# it, so a stage ends under its own `timeout` (and its log is packed) before the device tool kills the call.
+# Set it from the run's limit, e.g. the second call with less device time left than 600 s:
+#   BUDGET=$((budget_left_s - 20)) bash scripts/device/gpu_check.sh suite
+# GPU_CHECK_DEVICE=cpu rehearses the same stages on a CPU.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 WHAT=${1:-bench}
+BUDGET=${BUDGET:-580}
 DEVICE=${GPU_CHECK_DEVICE:-cuda}
 PY=${PY:-python3}
 OUT=${OUT:-/tmp/gpu_check_out}
@@ -19,14 +26,31 @@ SCRATCH=$(mktemp -d)
 LOGS=$SCRATCH/logs
 mkdir -p "$LOGS"
 
-pack() { tar -czf "$OUT/gpu_check-$WHAT.tar.gz" -C "$SCRATCH" logs; }
+pack() {  # into the scratch folder first, then one move: $OUT never holds a half-written tarball
+  tar -czf "$SCRATCH/pack.$BASHPID.tar.gz" -C "$SCRATCH" logs && mv -f "$SCRATCH/pack.$BASHPID.tar.gz" "$OUT/gpu_check-$WHAT.tar.gz"
+}
 
-stage() {  # stage NAME LIMIT_S COMMAND...: run it under a time limit, log it, pack the logs
-  local name=$1 limit=$2 t0=$SECONDS rc
+stage() {  # stage NAME LIMIT_S COMMAND...: run it under a time limit (cut to what BUDGET leaves), log it, pack
+  local name=$1 limit=$2 t0=$SECONDS rc packer left
   shift 2
+  left=$((BUDGET - SECONDS - 15))  # SECONDS: since the script started; 15 s for timeout's kill-after and a pack
+  if [ "$left" -lt 10 ]; then
+    echo "== $name: skipped, ${left} s left of BUDGET=$BUDGET" | tee -a "$LOGS/stages.txt"
+    pack
+    return
+  fi
+  [ "$left" -lt "$limit" ] && limit=$left
   echo "== $name (limit ${limit} s): $*" | tee -a "$LOGS/stages.txt"
+  (  # re-pack every 20 s; TERM stops it between packs, never half-way through one
+    s=''
+    trap '[ -n "$s" ] && kill "$s" 2>/dev/null; exit 0' TERM
+    while :; do sleep 20 & s=$!; wait "$s"; pack; done
+  ) &
+  packer=$!
   timeout --kill-after=10 "$limit" "$@" > "$LOGS/$name.log" 2>&1
   rc=$?
+  kill "$packer" 2>/dev/null
+  wait "$packer" 2>/dev/null
   echo "== $name: exit $rc after $((SECONDS - t0)) s" | tee -a "$LOGS/stages.txt"
   tail -n 25 "$LOGS/$name.log"
   pack
@@ -38,7 +62,10 @@ if ! "$PY" -c "import hydra, omegaconf" 2>/dev/null; then
 fi
 export PYTHONPATH=$PWD:/tmp/site${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 export QEXP_DATA=${QEXP_DATA:-$PWD/.gpu/data} QEXP_CACHE=$SCRATCH/cache
-[ -e qexp/configs ] || ln -s ../configs qexp/configs   # what the wheel's package-dir mapping does
+if [ ! -e qexp/configs ]; then  # what the wheel's package-dir mapping does; removed on exit (a rehearsal's
+  ln -s ../configs qexp/configs  # checkout stays clean)
+  trap 'rm -f qexp/configs' EXIT
+fi
 mkdir -p /tmp/site/bin
 printf '#!/bin/sh\nexec %s -m qexp.cli "$@"\n' "$PY" > /tmp/site/bin/qexp
 chmod +x /tmp/site/bin/qexp
