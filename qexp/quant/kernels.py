@@ -74,35 +74,34 @@ class Noise:
         """A flat view of ``n`` uniform int16 values (valid until the next call)."""
         if n <= COLS:  # one independent draw per element
             return self._draw(n)
-        a, b, c = self.vectors(n)
-        rows = len(a)
+        rows = -(-n // COLS)
         if self._ws.numel() < rows * COLS:
             self._ws = torch.empty(rows * COLS, dtype=torch.int16, device=self.device)
-        ws = self._ws[: rows * COLS].view(rows, COLS)
-        torch.bitwise_xor(a.view(rows, 1), b.view(1, COLS), out=ws)
-        ws.bitwise_xor_(c.unfold(0, COLS, 1))
-        return self._ws[:n]
+        return self._xor_rows(n, self._ws)
 
     def int16_each(self, sizes: list[int]) -> list[torch.Tensor]:
         """Flat int16 noise for several tensors: the values that one :meth:`int16` call per size, in
         order, would give (same draws from the generator), each in its own memory (one workspace)."""
-        big = [n for n in sizes if n > COLS]
-        total = sum(-(-n // COLS) * COLS for n in big)
-        ws = torch.empty(total, dtype=torch.int16, device=self.device) if total else None
+        total = sum(-(-n // COLS) * COLS for n in sizes if n > COLS)
+        ws = torch.empty(total, dtype=torch.int16, device=self.device)
         out, at = [], 0
         for n in sizes:
             if n <= COLS:
                 out.append(self._draw(n))
                 continue
-            a, b, c = self.vectors(n)
-            rows = len(a)
-            assert ws is not None
-            block = ws[at: at + rows * COLS].view(rows, COLS)
-            torch.bitwise_xor(a.view(rows, 1), b.view(1, COLS), out=block)
-            block.bitwise_xor_(c.unfold(0, COLS, 1))
-            out.append(ws[at: at + n])
-            at += rows * COLS
+            out.append(self._xor_rows(n, ws[at:]))
+            at += -(-n // COLS) * COLS
         return out
+
+    def _xor_rows(self, n: int, ws: torch.Tensor) -> torch.Tensor:
+        """Fresh :meth:`vectors` for ``n > COLS`` XORed into the start of ``ws`` (flat, rows x COLS long):
+        ``t[r, k] = a[r] ^ b[k] ^ c[r + k]``; the first ``n`` values."""
+        a, b, c = self.vectors(n)
+        rows = len(a)
+        block = ws[: rows * COLS].view(rows, COLS)
+        torch.bitwise_xor(a.view(rows, 1), b.view(1, COLS), out=block)
+        block.bitwise_xor_(c.unfold(0, COLS, 1))
+        return ws[:n]
 
     def _draw(self, k: int) -> torch.Tensor:
         return torch.randint(-HALF, HALF, (k,), dtype=torch.int16, generator=self.generator, device=self.device)
