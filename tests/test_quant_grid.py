@@ -366,11 +366,12 @@ def test_triton_sr_kernel_that_fails_or_differs_is_switched_off(monkeypatch, cap
     def broken(x, *args):
         raise RuntimeError("no compiler\nmore lines")
 
-    def off_by_one(x, bits, scale, inv_step, top, step, a, b, c, cols):
+    def off_by_one(x, bits, scale, a, b, c):
         """The eager grid rounding from the same thresholds, one value a grid step off."""
-        t = (a.view(-1, 1) ^ b.view(1, cols) ^ c.unfold(0, cols, 1)).view(-1)[: x.numel()]
-        x.mul_(inv_step).add_(t, alpha=2.0**-16).round_().clamp_(-top, top).mul_(step)
-        x[123] += step
+        g = SymmetricGrid(bits, scale)
+        t = (a.view(-1, 1) ^ b.view(1, COLS) ^ c.unfold(0, COLS, 1)).view(-1)[: x.numel()]
+        x.mul_(1.0 / g.step).add_(t, alpha=2.0**-16).round_().clamp_(-g.max_index, g.max_index).mul_(g.step)
+        x[123] += g.step
 
     x = torch.randn(3 * COLS + 1) * 0.3
     expected = stochastic_round_(x.clone(), 2, 0.4, Noise(1))

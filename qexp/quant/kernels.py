@@ -307,9 +307,7 @@ def _triton_sr_(x: torch.Tensor, bits: int, scale: float, noise: Noise) -> bool:
     family = (bits, x.device.type)
     if family not in _TRITON.checked and not _triton_matches_eager(bits, x.device):
         return False
-    a, b, c = noise.vectors(x.numel())
-    g = SymmetricGrid(bits, scale)
-    triton_sr.sr_(x.view(-1), bits, scale, 1.0 / g.step, float(g.max_index), g.step, a, b, c, COLS)
+    triton_sr.sr_(x.view(-1), bits, scale, *noise.vectors(x.numel()))
     return True
 
 
@@ -319,14 +317,12 @@ def _triton_matches_eager(bits: int, device: torch.device) -> bool:
     one warning and the kernel is switched off."""
     probe = torch.linspace(-1.3, 1.3, 3 * COLS + 77, device=device)
     probe[:4] = torch.tensor([0.0, -0.0, 0.5, -0.5], device=device)
-    g = SymmetricGrid(bits, 1.0)
     why = ""
     try:
         from qexp.quant import triton_sr
 
         fast = probe.clone()
-        a, b, c = Noise(7, device).vectors(fast.numel())
-        triton_sr.sr_(fast, bits, 1.0, 1.0 / g.step, float(g.max_index), g.step, a, b, c, COLS)
+        triton_sr.sr_(fast, bits, 1.0, *Noise(7, device).vectors(fast.numel()))
         on, _TRITON.on = _TRITON.on, False
         try:
             eager = stochastic_round_(probe.clone(), bits, 1.0, Noise(7, device))

@@ -28,6 +28,9 @@ import torch
 import triton
 import triton.language as tl
 
+from qexp.quant.grid import SymmetricGrid
+from qexp.quant.kernels import COLS
+
 BLOCK = 1024
 
 
@@ -65,15 +68,16 @@ def _sr_binary(x_ptr, a_ptr, b_ptr, c_ptr, n, alpha, scale, COLS: tl.constexpr, 
     tl.store(x_ptr + offs, tl.where(k > 0.0, scale, -scale), mask=mask)
 
 
-def sr_(x: torch.Tensor, bits: int, scale: float, inv_step: float, top: float, step: float,
-        a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, cols: int) -> None:
-    """Round the contiguous float32 ``x`` in place with the thresholds of ``a``, ``b``, ``c`` (int16)."""
+def sr_(x: torch.Tensor, bits: int, scale: float, a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> None:
+    """Round the contiguous float32 ``x`` in place on the ``bits``-bit grid of ``scale`` with the
+    thresholds of :meth:`qexp.quant.kernels.Noise.vectors` ``a``, ``b``, ``c`` (int16)."""
     n = x.numel()
     grid = (triton.cdiv(n, BLOCK),)
-    opts = {"COLS": cols, "BLOCK": BLOCK}
+    opts = {"COLS": COLS, "BLOCK": BLOCK}
     if os.environ.get("TRITON_INTERPRET") != "1":
         opts["enable_fp_fusion"] = False
     if bits == 1:
         _sr_binary[grid](x, a, b, c, n, -scale / (1 << 15), scale, **opts)
     else:
-        _sr_grid[grid](x, a, b, c, n, inv_step, top, step, **opts)
+        g = SymmetricGrid(bits, scale)
+        _sr_grid[grid](x, a, b, c, n, 1.0 / g.step, float(g.max_index), g.step, **opts)
