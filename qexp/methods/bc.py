@@ -84,7 +84,6 @@ class BinaryConnect(Method):
         self.clip = bool(clip)
         self.layers: list[QuantLayer] = []
         self.quantizers: list[WeightQuantizer] = []
-        self._scales: list[float] = []
         self.noise: Noise | None = None
         self.flips = FlipTracker()
 
@@ -106,7 +105,6 @@ class BinaryConnect(Method):
                     q.weight.uniform_(-q.scale, q.scale)
                 if self.clip:
                     q.weight.clamp_(-q.scale, q.scale)
-        self._scales = [q.scale for q in self.layers]
         self.flips.start(self._indices())
         return model
 
@@ -127,8 +125,8 @@ class BinaryConnect(Method):
         if not self.clip:
             return
         ws = [q.weight for q in self.layers]  # clamp(-H, H), every layer in two multi-tensor calls
-        torch._foreach_clamp_min_(ws, [-s for s in self._scales])
-        torch._foreach_clamp_max_(ws, self._scales)
+        torch._foreach_clamp_min_(ws, [-q.scale for q in self.layers])
+        torch._foreach_clamp_max_(ws, [q.scale for q in self.layers])
 
     # ---- per epoch -------------------------------------------------------------------------------
     def _indices(self) -> list[torch.Tensor]:

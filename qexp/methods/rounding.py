@@ -44,7 +44,6 @@ class Rounding(Method):
         self._step = 0
         self._before: list[torch.Tensor] | None = None
         self._acc = torch.zeros(4, dtype=torch.float64)  # moved, rounded away, err^2, norm^2
-        self._scales: list[float] = []
 
     @property
     def rounding(self) -> str:
@@ -55,7 +54,6 @@ class Rounding(Method):
         self._acc = self._acc.to(ctx.device)
         self.layers = quantize_weights(model, self.bits, self.rounding, float_copy=False, scale=self.scale,
                                        skip_first=self.skip_first, skip_last=self.skip_last)
-        self._scales = [q.scale for q in self.layers]
         with torch.no_grad():  # the stored weights live on the grid from the start
             self._round()
         self.flips.start(self._indices())
@@ -64,12 +62,12 @@ class Rounding(Method):
     def _round(self) -> None:
         """Every layer's stored weights back onto the grid: one multi-tensor pass per operation (same
         values as rounding layer by layer, the noise drawn in layer order)."""
-        ws = [q.weight.data for q in self.layers]
+        ws, scales = [q.weight.data for q in self.layers], [q.scale for q in self.layers]
         if self.stochastic:
             assert self.noise is not None
-            stochastic_round_all_(ws, self.bits, self._scales, self.noise)
+            stochastic_round_all_(ws, self.bits, scales, self.noise)
         else:
-            nearest_round_all_(ws, self.bits, self._scales)
+            nearest_round_all_(ws, self.bits, scales)
 
     # ---- per step --------------------------------------------------------------------------------
     def before_forward(self, model: nn.Module, step: int) -> None:
