@@ -1,7 +1,7 @@
 """Benchmark: one VGG-BC CIFAR-10 training epoch through qexp (the ``bc2015_cifar10`` preset: BinaryConnect's
 VGG-9 with its binary weights, squared hinge loss, Adam, batch 50) versus a bare PyTorch loop of the same
 network in float (plain forward, loss, backward, Adam step) over the same batches, and qexp's float
-method on the same network; images per second and ratios, interleaved rounds (ABBA) in one process.
+method on the same network; images per second and ratios, interleaved rounds (bench_weight.side_by_side) in one process.
 
     QEXP_DATA=/path/to/data python scripts/bench_vgg.py --device cuda            # real CIFAR-10 (JPEG copy)
     python scripts/bench_vgg.py --data synthetic --images 500 --rounds 2         # random CIFAR-shaped images
@@ -15,11 +15,10 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
-import time
 from collections.abc import Callable
 
 import torch
+from bench_weight import side_by_side  # scripts/ is on the path when run as a script
 from hydra import compose, initialize_config_module
 
 from qexp.methods.float import Float
@@ -39,46 +38,34 @@ def config(data: str, images: int) -> object:
         return compose("train", overrides=over)
 
 
-def qexp_epoch(cfg: object, device: torch.device, float_method: bool = False) -> Callable[[], float]:
-    """Seconds for one training epoch of the preset's run (build untimed); ``float_method``: the same run
-    with ``method=float`` (same loss)."""
-    def run() -> float:
-        torch.manual_seed(0)
-        b = build(cfg, device, Float(loss=cfg.method.loss) if float_method else None)
+def qexp_epoch(cfg: object, device: torch.device, float_method: bool = False) -> Callable[[], None]:
+    """One training epoch of the preset's run (built once, untimed; each call trains one more epoch);
+    ``float_method``: the same run with ``method=float`` (same loss)."""
+    torch.manual_seed(0)
+    b = build(cfg, device, Float(loss=cfg.method.loss) if float_method else None)
+
+    def run() -> None:
         trainer = Trainer(b.model, b.method, b.optimizer, b.scheduler, b.data, device, 1, progress_bar=False)
-        trainer.progress.epoch = 0
-        sync(device)
-        t0 = time.perf_counter()
         assert trainer._train_epoch() == "ok"
-        sync(device)
-        return time.perf_counter() - t0
     return run
 
 
-def bare_epoch(cfg: object, device: torch.device) -> Callable[[], float]:
-    """The same network in float, a hand-written loop over the same loader: forward, loss, backward, step."""
-    b = build(cfg, device, Float())  # for its loader
+def bare_epoch(cfg: object, device: torch.device) -> Callable[[], None]:
+    """The same network in float (built once, untimed), a hand-written loop over the same loader: forward,
+    loss, backward, step."""
+    torch.manual_seed(0)
+    b = build(cfg, device, Float())  # the plain network (float: no quantizer) and its loader
+    model = b.model.train()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     loss_fn = torch.nn.functional.cross_entropy
 
-    def run() -> float:
-        torch.manual_seed(0)
-        model = build(cfg, device, Float()).model.train()  # the plain network (float: no quantizer)
-        opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-        sync(device)
-        t0 = time.perf_counter()
+    def run() -> None:
         for x, y in b.data.train:
             loss = loss_fn(model(x), y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-        sync(device)
-        return time.perf_counter() - t0
     return run
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def main() -> None:
@@ -92,13 +79,8 @@ def main() -> None:
     bc = config(args.data, args.images)
     fns = {"bare float loop": bare_epoch(bc, device), "qexp float": qexp_epoch(bc, device, float_method=True),
            "qexp bc (VGG-BC preset)": qexp_epoch(bc, device)}
-    for f in fns.values():  # warm-up: allocator, cuDNN algorithm choice, the Triton kernel's check
-        f()
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for r in range(args.rounds):
-        for k in (list(fns) if r % 2 == 0 else list(reversed(fns))):
-            times[k].append(fns[k]())
-    med = {k: statistics.median(v) for k, v in times.items()}
+    # a warm-up epoch each (allocator, cuDNN algorithm choice, the Triton kernel's check), then ABBA rounds
+    med = side_by_side(fns, device, args.rounds, per_round=1, warmup=1)
     n = bc.dataset.get("train_subset") or bc.dataset.get("train_samples") or args.images
     base = med["bare float loop"]
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
