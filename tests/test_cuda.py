@@ -6,10 +6,11 @@ exact numbers and floors were measured there), so these tests ask for ``device=c
 - ``precision=16-mixed`` / ``bf16-mixed`` and ``compile=true`` train; ``device=cuda:N`` runs on GPU N;
 - the method contract (train, stop + resume bit-identical, manifest, state round trip, export) holds on
   the GPU for bc and sr, with deterministic kernels;
-- the multi-tensor rounding and the Triton SR kernel give the eager kernels' bits on CUDA tensors;
+- the Triton SR kernel gives the eager kernel's bits on CUDA tensors (the multi-tensor rounding is
+  checked on CUDA by tests/test_quant_grid.py's cuda case);
 - no per-step hook of bc, sr, r, ste or lsq synchronises with the host.
 
-``scripts/device/gpu_check.sh`` runs this file first, then the whole suite, on the GPU machine.
+``scripts/device/gpu_check.sh suite`` runs the whole suite, this file included, on the GPU machine.
 """
 
 from __future__ import annotations
@@ -21,15 +22,7 @@ import pytest
 import torch
 
 from qexp.quant import kernels
-from qexp.quant.kernels import (
-    Noise,
-    nearest,
-    nearest_all,
-    nearest_round_,
-    nearest_round_all_,
-    stochastic_round_,
-    stochastic_round_all_,
-)
+from qexp.quant.kernels import Noise, stochastic_round_, stochastic_round_all_
 from qexp.testing import check_method
 from tests.conftest import compose_train, find_runs, read_metrics, run_qexp
 from tests.test_as_typed import ABOVE_CONSTANT, COMMAND, check_learned, sweep_as_typed
@@ -90,29 +83,19 @@ def test_method_contract_holds_on_cuda(option: str, tmp_path: Path, deterministi
 
 
 @pytest.mark.parametrize("bits", [1, 2, 4, 8])
-def test_rounding_kernels_give_the_eager_bits_on_cuda(bits: int) -> None:
-    """Multi-tensor rounding (foreach kernels) vs one tensor at a time, and the Triton SR kernel vs the
-    eager passes, on CUDA tensors: the same bits (CPU: tests/test_quant_grid.py)."""
+def test_triton_sr_kernel_gives_the_eager_bits_on_cuda(bits: int) -> None:
+    """The Triton SR kernel vs the eager passes on CUDA tensors, for one large tensor and for a network's
+    layers (the multi-tensor path): the same bits (CPU: Triton's interpreter, tests/test_quant_grid.py,
+    which also compares the multi-tensor path with rounding layer by layer on CUDA)."""
     cuda = torch.device("cuda")
-    xs = [x.to(cuda) for x in _layers()]
-    assert _same_bits(nearest_all(xs, bits, LAYER_SCALES), [nearest(x, bits, s) for x, s in zip(xs, LAYER_SCALES)])
-    each, together = [x.clone() for x in xs], [x.clone() for x in xs]
-    for x, s in zip(each, LAYER_SCALES):
-        nearest_round_(x, bits, s)
-    nearest_round_all_(together, bits, LAYER_SCALES)
-    assert _same_bits(each, together)
-    big = torch.randn(300_001, device=xs[0].device) * 0.3
+    xs, big = _layers("cuda"), torch.randn(300_001, device=cuda) * 0.3
     results = []
     try:
         for on in (False, True):
             kernels.use_triton(on)
-            each, together = [x.clone() for x in xs], [x.clone() for x in xs]
-            one, many = Noise(3, cuda), Noise(3, cuda)
-            for x, s in zip(each, LAYER_SCALES):
-                stochastic_round_(x, bits, s, one)
-            stochastic_round_all_(together, bits, LAYER_SCALES, many)
-            assert _same_bits(each, together)
-            results.append([*together, stochastic_round_(big.clone(), bits, 0.4, Noise(5, cuda))])
+            layers = [x.clone() for x in xs]
+            stochastic_round_all_(layers, bits, LAYER_SCALES, Noise(3, cuda))
+            results.append([*layers, stochastic_round_(big.clone(), bits, 0.4, Noise(5, cuda))])
         assert kernels._TRITON.on, "the Triton kernel switched itself off (see the warning)"
     finally:
         kernels.use_triton(True)

@@ -277,13 +277,13 @@ LAYER_SHAPES = [(6, 1, 5, 5), (16, 6, 5, 5), (120, 400), (84, 120), (10, 84), (3
 LAYER_SCALES = [0.1, 0.2, 0.3, 0.05, 1.0, 0.7, 0.4, 0.25]
 
 
-def _layers() -> list[torch.Tensor]:
+def _layers(device: str = "cpu") -> list[torch.Tensor]:
     """A network's worth of weights (small, and larger than one noise row), with signed zeros and exact
     ties among them."""
     torch.manual_seed(5)
     xs = [torch.randn(s) * 0.3 for s in LAYER_SHAPES]
     xs[0].view(-1)[:6] = torch.tensor([0.0, -0.0, 0.05, -0.05, 0.1, -0.1])
-    return xs
+    return [x.to(device) for x in xs]
 
 
 def _same_bits(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
@@ -291,26 +291,27 @@ def _same_bits(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
     return all(torch.equal(x.view(torch.int32), y.view(torch.int32)) for x, y in zip(a, b, strict=True))
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
 @pytest.mark.parametrize("bits", BITS)
-def test_rounding_many_tensors_at_once_is_rounding_each(bits):
+def test_rounding_many_tensors_at_once_is_rounding_each(bits, device):
     """The multi-tensor functions the methods call (one launch per pass for all layers on CUDA) give the
     bit patterns of the one-tensor functions, and SR draws the same noise as rounding layer by layer in
     order (three steps in a row: the generators stay in step)."""
-    xs = _layers()
+    xs = _layers(device)
     assert _same_bits(nearest_all(xs, bits, LAYER_SCALES), [nearest(x, bits, s) for x, s in zip(xs, LAYER_SCALES)])
-    each, together = _layers(), _layers()
+    each, together = _layers(device), _layers(device)
     for x, s in zip(each, LAYER_SCALES):
         nearest_round_(x, bits, s)
     nearest_round_all_(together, bits, LAYER_SCALES)
     assert _same_bits(each, together)
-    each, together = _layers(), _layers()
-    one, many = Noise(3), Noise(3)
+    each, together = _layers(device), _layers(device)
+    one, many = Noise(3, device), Noise(3, device)
     for _ in range(3):
         for x, s in zip(each, LAYER_SCALES):
             stochastic_round_(x, bits, s, one)
         stochastic_round_all_(together, bits, LAYER_SCALES, many)
         assert _same_bits(each, together)
-    assert not _same_bits(each, _layers())  # it did round
+    assert not _same_bits(each, _layers(device))  # it did round
 
 
 # ---- the Triton SR kernel (CUDA; here through Triton's CPU interpreter) -----------------------------------
