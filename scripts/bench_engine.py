@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from qexp.data.mnist import build as build_mnist
 from qexp.methods.float import Float
 from qexp.models.lenet import LeNet5
+from qexp.run.engine import drive
 from qexp.run.sched import constant
 from qexp.run.session import Trainer
 
@@ -48,7 +49,7 @@ def qexp_epoch(data, seed, epoch) -> float:
                       progress_bar=False)
     trainer.progress.epoch = 0
     t0 = time.perf_counter()
-    status = trainer._train_epoch()
+    status = drive(trainer._train_epoch(), trainer._train_step)
     assert status == "ok"
     return time.perf_counter() - t0
 

@@ -23,6 +23,7 @@ from hydra import compose, initialize_config_module
 
 from qexp.methods.float import Float
 from qexp.run.config import register
+from qexp.run.engine import drive
 from qexp.run.session import Trainer, build
 
 
@@ -46,7 +47,7 @@ def qexp_epoch(cfg: object, device: torch.device, float_method: bool = False) ->
 
     def run() -> None:
         trainer = Trainer(b.model, b.method, b.optimizer, b.scheduler, b.data, device, 1, progress_bar=False)
-        assert trainer._train_epoch() == "ok"
+        assert drive(trainer._train_epoch(), trainer._train_step) == "ok"
     return run
 
 

@@ -9,11 +9,18 @@ import torch
 
 class _StraightThrough(torch.autograd.Function):
     """Forward ``q`` (already computed), backward the upstream gradient unchanged: one pass, no
-    ``x + (q - x).detach()`` arithmetic."""
+    ``x + (q - x).detach()`` arithmetic. Written in the ``setup_context`` style with a generated vmap
+    rule so that it also runs under ``torch.func.vmap`` (seeds stacked in one model)."""
+
+    generate_vmap_rule = True
 
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    def forward(x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
         return q
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[torch.Tensor, torch.Tensor], output: torch.Tensor) -> None:
+        pass
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:

@@ -11,10 +11,10 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import torch
 from torch import nn
@@ -76,6 +76,27 @@ def totals(values: tuple[torch.Tensor | float, ...], device: torch.device, reduc
         return [float(v) for v in values]
     t = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=device) for v in values])
     return reduce(t).tolist()
+
+
+#: what a training step is given (a batch and the step number) and what it gives back (the detached loss
+#: and logits): :meth:`Engine.steps` yields the first and is sent the second
+StepRequest = tuple[torch.Tensor, torch.Tensor, int]
+StepResult = tuple[torch.Tensor, torch.Tensor]
+
+
+T = TypeVar("T")
+
+
+def drive(steps: Generator[StepRequest, StepResult, T],
+          take: Callable[[torch.Tensor, torch.Tensor, int], StepResult]) -> T:
+    """Run ``steps`` (:meth:`Engine.steps`, or one epoch of it) to its end, each step taken by
+    ``take(x, y, step)``; return what it returns."""
+    try:
+        request = next(steps)
+        while True:
+            request = steps.send(take(*request))
+    except StopIteration as end:
+        return end.value
 
 
 Criterion = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -280,6 +301,14 @@ class Engine:
 
     # ---- training ----------------------------------------------------------------------------------
     def fit(self) -> Outcome:
+        """Train to the end (or a stop): :meth:`steps`, each step taken by :meth:`_train_step`."""
+        return drive(self.steps(), self._train_step)
+
+    def steps(self) -> Generator[StepRequest, StepResult, Outcome]:
+        """The whole of :meth:`fit` as a generator that hands out its training steps: it yields
+        ``(x, y, step)`` for every batch and is sent back what :meth:`_train_step` returns for it; it
+        returns the :class:`Outcome`. :func:`drive` takes the steps one by one; several engines driven
+        in lockstep (seeds stacked in one model, :mod:`qexp.run.seeds`) take them together."""
         for cb in self.callbacks:
             cb.on_start(self)
         clock = self.compile_clock
@@ -287,7 +316,7 @@ class Engine:
         if clock is not None:
             clock.start()
         try:
-            outcome = self._fit()
+            outcome = yield from self._fit()
         finally:
             if clock is not None:
                 clock.stop()
@@ -302,13 +331,13 @@ class Engine:
             cb.on_end(self, outcome)
         return outcome
 
-    def _fit(self) -> Outcome:
+    def _fit(self) -> Generator[StepRequest, StepResult, Outcome]:
         p = self.progress
         start = time.perf_counter() - p.wall_s
         self._session = (time.perf_counter(), p.epoch, p.batch)  # where this process started: the ETA's base
         early: dict[str, Any] | None = None
         while p.epoch < self.epochs:
-            status = self._train_epoch()
+            status = yield from self._train_epoch()
             p.wall_s = time.perf_counter() - start
             if status != "ok":
                 self.save()
@@ -342,7 +371,7 @@ class Engine:
         return {"epoch": int(history[-1]["epoch"]), "best_epoch": int(history[best]["epoch"]),
                 "patience": self.patience}
 
-    def _train_epoch(self) -> str:
+    def _train_epoch(self) -> Generator[StepRequest, StepResult, str]:
         p, model = self.progress, self.model
         loader = self.data.train
         loader.set_epoch(p.epoch)
@@ -362,7 +391,7 @@ class Engine:
         c0 = self._compile_seconds()
         status = "ok"
         for i, (x, y) in enumerate(loader.iter_from(p.batch), start=p.batch):
-            loss, out = self._train_step(x, y, p.step)
+            loss, out = yield x, y, p.step
             for cb in self._step_callbacks:
                 cb.on_step(self, loss)
             p.step += 1
