@@ -115,9 +115,9 @@ def launch(argv: list[str], kill: tuple[str, int] | None = None, log: Path | Non
     return "exit", os.WEXITSTATUS(status)
 
 
-def run_folder(out: Path) -> Path:
-    (found,) = {p.parent for p in out.rglob("metrics.json")}
-    return found
+def run_folders(out: Path) -> list[Path]:
+    """Every run folder below ``out`` (several: the seeds of a ``trainer.seeds_per_process`` group)."""
+    return sorted({p.parent for p in out.rglob("metrics.json")})
 
 
 def numbers(run_dir: Path) -> dict[str, Any]:
@@ -174,18 +174,22 @@ def run_case(out: Path, overrides: list[str], scenarios: list[str]) -> dict[str,
     report: dict[str, Any] = {}
     ref_out = out / "ref"
     report["ref"] = launch([*overrides, f"out_root={ref_out}"])
-    ref = run_folder(ref_out)
+    refs = run_folders(ref_out)
     for sc in scenarios:
         kind, n = sc.split(":")
         where = out / sc.replace(":", "_")
         args = [*overrides, f"out_root={where}"]
         first = launch(args, (kind, int(n)))
-        status_after_kill = json.loads((run_folder(where) / "metrics.json").read_text())["status"]
+        status_after_kill = json.loads((run_folders(where)[0] / "metrics.json").read_text())["status"]
         second = launch(args)
-        run = run_folder(where)
-        leftovers = sorted(p.name for p in run.iterdir() if p.name.endswith(".tmp") or p.name == ".lock")
+        runs = run_folders(where)
+        diffs = [] if len(runs) == len(refs) else [f"{len(runs)} run folders, not {len(refs)}"]
+        diffs += [d for ref, run in zip(refs, runs) for d in compare(ref, run)]
+        leftovers = sorted(p.name for run in runs for p in run.iterdir()
+                           if p.name.endswith(".tmp") or p.name in (".lock", "checkpoint.prev.pt"))
         report[sc] = {"first": first, "status_after_first": status_after_kill, "second": second,
-                      "diffs": compare(ref, run), "leftovers": leftovers}
+                      "diffs": diffs, "leftovers": leftovers}
+    ref = refs[0]
     report["control"] = control(ref, out / "control")
     return report
 

@@ -218,6 +218,11 @@ class Method:
     #: ``check(method_name, args)`` (refuse before loading) and ``run(loaded, args, base)`` (None when not
     #: asked). ``qexp eval`` offers the analyses of every registered method.
     eval_analyses: tuple[str, ...] = ()
+    #: whether K seeds of this method can train stacked in one vectorised model
+    #: (``trainer.seeds_per_process``, :mod:`qexp.run.seeds`): its hooks only change the model's tensors
+    #: in place, its forward is the model's (or goes through elementwise weight parametrizations whose
+    #: settings all seeds share), it adds no loss term and draws no noise inside the forward
+    vectorizable: bool = False
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)

@@ -82,6 +82,8 @@ class BinaryConnect(Method):
         self.eval_float = eval_weights == "float" or (eval_weights == "auto" and self.stochastic)
         self.init_uniform, self.skip_first, self.skip_last, self.seed = init_uniform, skip_first, skip_last, seed
         self.clip = bool(clip)
+        #: deterministic BC stacks (Q_d is elementwise); stochastic BC draws its noise in the forward
+        self.vectorizable = not self.stochastic
         self.layers: list[QuantLayer] = []
         self.quantizers: list[WeightQuantizer] = []
         self.noise: Noise | None = None

@@ -11,6 +11,7 @@ class Float(Method):
     #: config knobs this method does not use: not part of the run's identity (folder, resume check), so a
     #: `method=float,bc bits=1,2` grid trains float once (qexp.run.identity)
     ignored_knobs = ("bits",)
+    vectorizable = True
 
     def __init__(self, bits: int | None = None, loss: str = "ce") -> None:
         super().__init__(bits, loss)

@@ -31,6 +31,7 @@ class Rounding(Method):
 
     bits_range = (1, 8)
     stochastic = False
+    vectorizable = True  # the stored weights are rounded in place after the step, per seed
 
     def __init__(self, bits: int | None = None, loss: str = "ce", scale: str | float = "glorot",
                  skip_first: bool = False, skip_last: bool = False, seed: int = 0, diag_every: int = 10) -> None:

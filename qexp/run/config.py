@@ -20,6 +20,9 @@ class TrainerConfig:
     devices: int = 1  # >1: DDP over this many processes (nccl on GPUs, gloo on CPU); or launch with torchrun
     backend: str = "auto"  # auto: nccl on CUDA, gloo on CPU
     find_unused_parameters: bool = False  # DDP option for methods with parameters unused by forward
+    # K > 1: seeds seed..seed+K-1 trained in this process as one vectorised model (qexp.run.seeds), each
+    # in its own seed's folder; pays on a GPU (fewer kernel launches), not on a CPU
+    seeds_per_process: int = 1
 
 
 @dataclass

@@ -172,6 +172,9 @@ class Engine:
     shared history. ``precision``: ``32``, ``bf16-mixed`` or ``16-mixed`` (:mod:`qexp.run.precision`).
     ``compile``: the training and evaluation forward (and so the backward) through
     ``torch.compile`` (:mod:`qexp.run.compiled`); compile time is counted apart, in ``compile_s``.
+    ``before_save(path)`` runs before every checkpoint write (a seed of a stacked group keeps its previous
+    checkpoint: :mod:`qexp.run.seeds`). ``train_clock`` times the training steps (``images_per_s``); a
+    stacked group's counts only the time of its shared steps.
     """
 
     def __init__(
@@ -194,6 +197,8 @@ class Engine:
         precision: str = "32",
         loss_is_sum: bool = False,
         compile_ready: Callable[[], bool] | None = None,
+        before_save: Callable[[Path], None] | None = None,
+        train_clock: Callable[[], float] = time.perf_counter,
     ) -> None:
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
         self.loss_is_sum = loss_is_sum
@@ -203,6 +208,7 @@ class Engine:
         self.parallel = parallel
         self.extra_state = dict(extra_state or {})
         self.patience = patience
+        self.before_save, self.train_clock = before_save, train_clock
         self._step_callbacks = [cb for cb in self.callbacks if type(cb).on_step is not Callback.on_step]
         if parallel is None:
             self.data, self.forward_model, self.should_stop = data, model, should_stop
@@ -256,7 +262,7 @@ class Engine:
     # ---- checkpoints -------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         s = {
-            "model": self.model.state_dict(),
+            "model": {k: _own_storage(v) for k, v in self.model.state_dict().items()},
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "method": self._method_state(),
@@ -284,6 +290,8 @@ class Engine:
 
     def save(self) -> None:
         if self.ckpt_path is not None:
+            if self.before_save is not None:
+                self.before_save(self.ckpt_path)
             checkpoint.save(self.ckpt_path, self.state_dict())
 
     # ---- evaluation --------------------------------------------------------------------------------
@@ -387,7 +395,7 @@ class Engine:
         show = _isatty() if self.progress_bar is None else self.progress_bar
         bar = tqdm(total=len(loader), initial=p.batch, desc=f"epoch {p.epoch + 1}/{self.epochs}",
                    disable=not show, leave=False, dynamic_ncols=True)
-        t0 = time.perf_counter()
+        t0 = self.train_clock()
         c0 = self._compile_seconds()
         status = "ok"
         for i, (x, y) in enumerate(loader.iter_from(p.batch), start=p.batch):
@@ -411,7 +419,7 @@ class Engine:
                 status = "interrupted"
                 break
         bar.close()
-        p.train_time += time.perf_counter() - t0 - (self._compile_seconds() - c0)
+        p.train_time += self.train_clock() - t0 - (self._compile_seconds() - c0)
         totals_ = self._sum(loss_sum, correct, seen)
         p.loss_sum, p.correct, p.seen = (b + t for b, t in zip(base, totals_))
         p.seen = int(p.seen)
@@ -463,6 +471,14 @@ class Engine:
             return None
         left = (self.epochs - p.epoch) * per_epoch - p.batch
         return (time.perf_counter() - t0) / done * max(left, 0)
+
+
+def _own_storage(t: Any) -> Any:
+    """A tensor that is a view into a larger storage (seeds stacked in one model) as a copy of its own:
+    ``torch.save`` writes a view's whole storage."""
+    if isinstance(t, torch.Tensor) and t.untyped_storage().nbytes() > t.numel() * t.element_size():
+        return t.clone()
+    return t
 
 
 def _isatty() -> bool:

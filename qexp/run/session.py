@@ -28,7 +28,19 @@ from qexp.data import DataBundle
 from qexp.errors import QexpError
 from qexp.methods.base import Method, RunContext, register_option, resolve_param_groups
 from qexp.quant import kernels
-from qexp.run import checkpoint, compiled, distributed, engine, identity, precision, preempt, record, resources, tune
+from qexp.run import (
+    checkpoint,
+    compiled,
+    distributed,
+    engine,
+    identity,
+    precision,
+    preempt,
+    record,
+    resources,
+    seeds,
+    tune,
+)
 from qexp.run.callbacks import BestCheckpoint, RunRecord, TensorBoard, final_record
 from qexp.run.engine import Engine
 from qexp.run.precision import MixedPrecision
@@ -391,6 +403,30 @@ def train(cfg: DictConfig, run_dir: Path, ctx: distributed.Context = distributed
         torch.manual_seed(cfg.seed)
     b = build(cfg, device, method) if built is None else built
     ckpt = run_dir / CHECKPOINT
+    fingerprint, meta = _identify(cfg, b, overrides, ignored, device)
+    parallel = (distributed.DataParallel(ctx, device, cfg.trainer.find_unused_parameters)
+                if ctx.enabled else None)
+    with stop_on_signals() as stop:
+        trainer = Trainer(b.model, b.method, b.optimizer, b.scheduler, b.data, device,
+                          cfg.epochs * b.method.epoch_scale, ckpt_path=ckpt if main else None,
+                          should_stop=stop.is_set, progress_bar=cfg.progress if main else False,
+                          callbacks=_callbacks(cfg, run_dir, meta, b) if main else [], parallel=parallel,
+                          extra_state={"config": fingerprint}, patience=cfg.patience, compile=bool(cfg.compile),
+                          precision=str(cfg.precision))
+        if cfg.resume and ckpt.exists():
+            _resume(trainer, checkpoint.load(ckpt, map_location=device), run_dir, fingerprint, ignored)
+        outcome = trainer.fit()
+    rec = final_record(meta, outcome)
+    if main:
+        if outcome.status != "interrupted":  # a seed of a stacked group finished alone: its kept one is stale
+            (run_dir / seeds.PREVIOUS).unlink(missing_ok=True)
+        print(f"{run_dir}\n  {record.summary_line(rec)}")
+    return rec
+
+
+def _identify(cfg: DictConfig, b: Built, overrides: str | None, ignored: tuple[str, ...],
+              device: torch.device) -> tuple[str, dict[str, Any]]:
+    """The run's fingerprint and metrics.json's identifying fields (with where it ran)."""
     data = data_record(cfg, b.data.sources)
     fingerprint = comparable_config(cfg, ignored, data["digest"])
     meta = run_meta(cfg, b.method, overrides, fingerprint, data)
@@ -400,30 +436,114 @@ def train(cfg: DictConfig, run_dir: Path, ctx: distributed.Context = distributed
     meta.update(device=str(where), torch=torch.__version__)
     if b.data.val is None:
         tune.check_patience(cfg)  # also refused before launch (tune.InputCheck); here for DDP workers
+    return fingerprint, meta
+
+
+def _callbacks(cfg: DictConfig, run_dir: Path, meta: dict[str, Any], b: Built) -> list[Any]:
+    """What the main process writes: metrics.json and quant.json, best.pt, TensorBoard."""
     tb = cfg.tensorboard
-    callbacks = [RunRecord(run_dir, meta, lambda: manifest(b)), BestCheckpoint(run_dir),
-                 TensorBoard(run_dir, meta, tb.step_every, tb.histograms, b.method.images)] if main else []
-    parallel = (distributed.DataParallel(ctx, device, cfg.trainer.find_unused_parameters)
-                if ctx.enabled else None)
+    return [RunRecord(run_dir, meta, lambda: manifest(b)), BestCheckpoint(run_dir),
+            TensorBoard(run_dir, meta, tb.step_every, tb.histograms, b.method.images)]
+
+
+def _resume(trainer: Trainer, state: dict[str, Any], run_dir: Path, fingerprint: str,
+            ignored: tuple[str, ...]) -> None:
+    """Load an unfinished run's checkpoint into ``trainer``, if it is this configuration's."""
+    if not identity.same_run(str(state.get("config")), fingerprint, ignored):
+        diff = "; ".join(identity.differences(str(state.get("config")), fingerprint, ignored)[:8])
+        raise QexpError(f"{run_dir} holds an unfinished run with a different configuration ({diff}); "
+                        "it is kept: give this run its own place with name=NAME or out_root=DIR "
+                        "(resume=false would discard that run)")
+    trainer.load_state_dict(state)
+    log.info("resuming %s at epoch %d, batch %d", run_dir, trainer.progress.epoch, trainer.progress.batch)
+
+
+# ---- K seeds in one process (trainer.seeds_per_process) ----------------------------------------------
+def check_seeds(cfg: DictConfig, method: Method) -> int:
+    """``trainer.seeds_per_process`` as K after checking what it cannot go with (one line each)."""
+    k = cfg.trainer.get("seeds_per_process", 1)
+    if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+        raise QexpError(f"trainer.seeds_per_process must be a whole number of at least 1, got {k}")
+    if k == 1:
+        return 1
+    why = ("trainer.devices > 1 (data parallelism)" if int(cfg.trainer.devices) > 1 or distributed.env_ranks()
+           else "compile=true" if cfg.compile
+           else f"precision={cfg.precision} (it needs precision=32)" if str(cfg.precision) != "32"
+           else f"method={method.name} (its seeds cannot be stacked into one vectorised model; see docs/scaling.md)"
+           if not method.vectorizable
+           else None)
+    if why is not None:
+        raise QexpError(f"trainer.seeds_per_process={k} cannot go with {why}")
+    if int(cfg.seed) + k - 1 > MAX_SEED:
+        raise QexpError(f"trainer.seeds_per_process={k} from seed={cfg.seed} goes past seed {MAX_SEED}")
+    return k
+
+
+def stack_seeds(builts: list[Built]) -> seeds.Stack:
+    """The seeds' models stacked (:class:`qexp.run.seeds.Stack`), checked on one batch of each seed."""
+    stack = seeds.Stack([b.model for b in builts])
+    xs = torch.stack([next(iter(b.data.train.iter_from(0)))[0][:2] for b in builts])
+    stack.check(xs)
+    return stack
+
+
+def group_train_step(stack: seeds.Stack, builts: list[Built], requests: list[Any], active: list[int]
+                     ) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    """One optimizer step of every active seed of a stacked group, with every per-step hook in the order
+    of :func:`train_step`: each seed's hooks on its own model, one forward and one backward for all.
+    A seed that has finished (None) is fed an active seed's batch and left out of the loss."""
+    step = requests[active[0]][2]
+    xs = torch.stack([requests[i if requests[i] is not None else active[0]][0] for i in range(len(builts))])
+    for i in active:
+        builts[i].method.before_forward(builts[i].model, step)
+    out = stack.forward(xs)
+    losses = [builts[i].method.criterion(out[i], requests[i][1]) for i in active]
+    for i in active:
+        builts[i].optimizer.zero_grad(set_to_none=True)
+    stack.zero_grad()
+    torch.stack(losses).sum().backward()
+    stack.hand_out_grads()
+    for i in active:
+        b = builts[i]
+        b.method.after_backward(b.model)
+        b.optimizer.step()
+        b.method.after_step(b.model, b.optimizer)
+    return {i: (loss.detach(), out[i].detach()) for i, loss in zip(active, losses)}
+
+
+def train_group(cfgs: list[DictConfig], run_dirs: list[Path], builts: list[Built], stack: seeds.Stack,
+                overrides: list[str]) -> list[dict[str, Any]]:
+    """Train K seeds of one configuration (``cfgs``, unfinished, folders open and locked, ``builts`` made
+    after ``torch.manual_seed`` of each seed) as one stacked model; return their metrics records.
+
+    Each seed writes its own folder as a separate run would; metrics.json adds ``seeds_per_process``
+    (how many seeds trained together). A group resumes together; a seed also resumes on its own."""
+    first = cfgs[0]
+    device = resolve_device(first.device)
+    resources.log_threads()
+    kernels.use_fused(False, device, probe=False)
+    ignored = ignored_knobs(builts[0].method)
+    identities = [_identify(c, b, o, ignored, device) for c, b, o in zip(cfgs, builts, overrides)]
+    states = seeds.agree(run_dirs, CHECKPOINT, device) if first.resume else [None] * len(cfgs)
+    clock = seeds.StepClock()
     with stop_on_signals() as stop:
-        trainer = Trainer(b.model, b.method, b.optimizer, b.scheduler, b.data, device,
-                          cfg.epochs * b.method.epoch_scale, ckpt_path=ckpt if main else None,
-                          should_stop=stop.is_set, progress_bar=cfg.progress if main else False,
-                          callbacks=callbacks, parallel=parallel, extra_state={"config": fingerprint},
-                          patience=cfg.patience, compile=bool(cfg.compile),
-                          precision=str(cfg.precision))
-        if cfg.resume and ckpt.exists():
-            state = checkpoint.load(ckpt, map_location=device)
-            if not identity.same_run(str(state.get("config")), fingerprint, ignored):
-                diff = "; ".join(identity.differences(str(state.get("config")), fingerprint, ignored)[:8])
-                raise QexpError(f"{run_dir} holds an unfinished run with a different configuration ({diff}); "
-                                "it is kept: give this run its own place with name=NAME or out_root=DIR "
-                                "(resume=false would discard that run)")
-            trainer.load_state_dict(state)
-            log.info("resuming %s at epoch %d, batch %d", run_dir, trainer.progress.epoch,
-                     trainer.progress.batch)
-        outcome = trainer.fit()
-    rec = final_record(meta, outcome)
-    if main:
-        print(f"{run_dir}\n  {record.summary_line(rec)}")
-    return rec
+        trainers = []
+        for j, (c, d, b, (fingerprint, meta)) in enumerate(zip(cfgs, run_dirs, builts, identities)):
+            meta["seeds_per_process"] = len(cfgs)
+            t = Trainer(b.model, b.method, b.optimizer, b.scheduler, b.data, device, c.epochs * b.method.epoch_scale,
+                        ckpt_path=d / CHECKPOINT, should_stop=stop.is_set, progress_bar=c.progress if j == 0 else False,
+                        callbacks=_callbacks(c, d, meta, b), extra_state={"config": fingerprint},
+                        patience=c.patience, before_save=seeds.keep_previous, train_clock=clock)
+            if states[j] is not None:
+                _resume(t, states[j], d, fingerprint, ignored)
+            trainers.append(t)
+        outcomes = seeds.drive(trainers, lambda requests, active: group_train_step(stack, builts, requests, active),
+                               clock)
+    recs = []
+    for d, (_, meta), outcome in zip(run_dirs, identities, outcomes):
+        rec = final_record(meta, outcome)
+        if outcome.status != "interrupted":
+            (d / seeds.PREVIOUS).unlink(missing_ok=True)
+        print(f"{d}\n  {record.summary_line(rec)}")
+        recs.append(rec)
+    return recs

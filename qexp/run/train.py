@@ -33,7 +33,19 @@ from qexp.jsonio import atomic_write_bytes
 from qexp.methods.base import Method, register_config_dir
 from qexp.run import distributed, identity, lock, preempt, record, resources, sweep, tune
 from qexp.run.config import register
-from qexp.run.session import build, check_inputs, data_record, finished_run, ignored_knobs, resolve_device, train
+from qexp.run.session import (
+    build,
+    build_method,
+    check_inputs,
+    check_seeds,
+    data_record,
+    finished_run,
+    ignored_knobs,
+    resolve_device,
+    stack_seeds,
+    train,
+    train_group,
+)
 
 log = logging.getLogger("qexp")
 
@@ -76,9 +88,10 @@ def run(cfg: DictConfig) -> dict[str, Any] | None:
         identity.check_types(cfg, defaults.baseline)  # method.stochastic=off: refused, not read as true
         identity.check_place(cfg)
         method = check_inputs(cfg)  # the run's method, built once in this process
+        group = check_seeds(cfg, method) > 1  # trainer.seeds_per_process: checked before any folder
         ignored = ignored_knobs(method)
         run_dir, level = identity.locate(cfg, defaults, ignored)
-        if finished_run(cfg, run_dir, ignored, quiet=not main) is not None:
+        if not group and finished_run(cfg, run_dir, ignored, quiet=not main) is not None:
             done("skipped")
             return record.read(run_dir)
         if preempt.requested():
@@ -95,6 +108,8 @@ def run(cfg: DictConfig) -> dict[str, Any] | None:
             elif cfg.trainer.devices > 1:
                 opened = _open_run(stack, cfg, run_dir, level, sweeping)
                 rec = _spawn_ranks(cfg, run_dir, level)
+            elif group:
+                rec, run_dir, opened = _train_seeds(stack, cfg, defaults, sweeping, main)
             else:
                 torch.manual_seed(cfg.seed)
                 built = build(cfg, resolve_device(cfg.device), method)  # bad data options fail here: no folder
@@ -140,6 +155,45 @@ def run(cfg: DictConfig) -> dict[str, Any] | None:
     return None
 
 
+def _train_seeds(stack: ExitStack, cfg: DictConfig, defaults: Any, sweeping: bool, main: bool,
+                 ) -> tuple[dict[str, Any] | None, Path, bool]:
+    """``trainer.seeds_per_process=K``: seeds ``seed .. seed+K-1`` of this configuration, each in the
+    folder its own ``seed=`` run would use, the unfinished ones trained together as one stacked model
+    (:func:`qexp.run.session.train_group`). Returns the first seed's record (the worst status when
+    one did not complete), the first seed's folder and whether folders were opened."""
+    k = check_seeds(cfg, build_method(cfg))
+    device = resolve_device(cfg.device)
+    cfgs, dirs, levels, records = [], [], [], {}
+    for j in range(k):
+        c = cfg.copy()
+        c.seed = int(cfg.seed) + j
+        method = build_method(c)
+        d, level = identity.locate(c, defaults, ignored_knobs(method))
+        done = finished_run(c, d, ignored_knobs(method), quiet=not main)
+        if done is not None:
+            records[j] = done
+            continue
+        cfgs.append(c)
+        dirs.append(d)
+        levels.append(level)
+    first_dir = dirs[0] if dirs else identity.locate(cfg, defaults, ignored_knobs(build_method(cfg)))[0]
+    if not cfgs:
+        return record.read(first_dir), first_dir, False
+    builts = []
+    for c in cfgs:
+        torch.manual_seed(c.seed)
+        builts.append(build(c, device, build_method(c)))  # bad data options fail here: no folder
+    group = stack_seeds(builts) if len(builts) > 1 else None  # a model vmap cannot batch: no folder
+    for c, d, level in zip(cfgs, dirs, levels):
+        _open_run(stack, c, d, level, sweeping, other_seed=c.seed != cfg.seed)
+    if group is None:  # one seed left: a plain run
+        return train(cfgs[0], dirs[0], overrides=levels[0], built=builts[0]), dirs[0], True
+    recs = train_group(cfgs, dirs, builts, group, levels)
+    order = ("failed", "diverged", "interrupted", "completed")
+    worst = min(recs, key=lambda r: order.index(r["status"]) if r["status"] in order else 0)
+    return worst, dirs[0], True
+
+
 def _bug(cfg: DictConfig, run_dir: Path | None, e: BaseException, sweeping: bool, done: Any) -> None:
     """An unexpected exception: recorded in the run folder (if it is ours), traceback kept."""
     if run_dir is not None:
@@ -151,8 +205,10 @@ def _bug(cfg: DictConfig, run_dir: Path | None, e: BaseException, sweeping: bool
     return None
 
 
-def _open_run(stack: ExitStack, cfg: DictConfig, run_dir: Path, level: str, sweeping: bool) -> bool:
-    """Create the run folder, take its lock (released by ``stack``), write .hydra/ and start train.log."""
+def _open_run(stack: ExitStack, cfg: DictConfig, run_dir: Path, level: str, sweeping: bool,
+              other_seed: bool = False) -> bool:
+    """Create the run folder, take its lock (released by ``stack``), write .hydra/ and start train.log
+    (``other_seed``: :func:`_write_hydra`)."""
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -167,7 +223,7 @@ def _open_run(stack: ExitStack, cfg: DictConfig, run_dir: Path, level: str, swee
     stack.callback(held.release)
     for tmp in run_dir.glob(".*.tmp"):  # left by a writer killed mid-write (we hold the lock: none is live)
         tmp.unlink(missing_ok=True)
-    _write_hydra(cfg, run_dir, level)
+    _write_hydra(cfg, run_dir, level, other_seed)
     handler = logging.FileHandler(run_dir / "train.log")
     handler.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"))
     logging.getLogger().addHandler(handler)
@@ -180,8 +236,9 @@ def _open_run(stack: ExitStack, cfg: DictConfig, run_dir: Path, level: str, swee
     return True
 
 
-def _write_hydra(cfg: DictConfig, run_dir: Path, level: str) -> None:
-    """What Hydra writes into a job's folder (config.yaml, hydra.yaml, overrides.yaml), atomically."""
+def _write_hydra(cfg: DictConfig, run_dir: Path, level: str, other_seed: bool = False) -> None:
+    """What Hydra writes into a job's folder (config.yaml, hydra.yaml, overrides.yaml), atomically;
+    ``other_seed``: the folder of a group's later seed, whose overrides name its own seed."""
     hydra_dir = run_dir / ".hydra"
     atomic_write_bytes(hydra_dir / "config.yaml", OmegaConf.to_yaml(cfg).encode())
     if HydraConfig.initialized():
@@ -190,7 +247,12 @@ def _write_hydra(cfg: DictConfig, run_dir: Path, level: str) -> None:
         hc.hydra.job.override_dirname = level  # the identity level, as qexp report reads it
         hc.hydra.runtime.output_dir = str(run_dir.resolve())
         atomic_write_bytes(hydra_dir / "hydra.yaml", OmegaConf.to_yaml(hc).encode())
-        overrides = OmegaConf.create(identity.task_overrides(HydraConfig.get()))
+        typed = identity.task_overrides(HydraConfig.get())
+        if other_seed:  # a later seed of a group (trainer.seeds_per_process): its seed, as typed alone
+            seed = f"seed={cfg.seed}"
+            typed = ([seed if o.startswith("seed=") else o for o in typed] if any(o.startswith("seed=") for o in typed)
+                     else [*typed, seed])
+        overrides = OmegaConf.create(typed)
         atomic_write_bytes(hydra_dir / "overrides.yaml", OmegaConf.to_yaml(overrides).encode())
 
 
