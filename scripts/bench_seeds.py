@@ -1,88 +1,102 @@
-"""Feasibility of ``seeds_per_process=K``: K seeds of LeNet-5 as one vectorised model vs K models stepped
-one after another, in one process (what K separate processes would each do).
+"""Benchmark ``trainer.seeds_per_process=K``: one training epoch of K seeds of LeNet-5 on MNIST through
+qexp, as K separate runs (K engines one after another: what K runs queued on one device cost) and as one
+stacked group (:mod:`qexp.run.seeds`: one vectorised forward and backward, each seed's hooks and
+optimizer on its slice); the group's images per second over the separate runs'. Interleaved rounds
+(bench_weight.side_by_side) in one process; each call trains one more epoch of the same models.
 
-    OMP_NUM_THREADS=1 python scripts/bench_seeds.py --k 4 --rounds 6
+    QEXP_DATA=/path/to/data python scripts/bench_seeds.py --device cuda --k 8       # real MNIST
+    python scripts/bench_seeds.py --data synthetic --k 2 --images 512 --rounds 2    # random MNIST-shaped images
 
-Vectorised: ``torch.func.stack_module_state`` + ``vmap(functional_call)`` over the K parameter sets, each
-seed with its own batch (its own data order), one backward for all, one Adam over the stacked
-parameters (Adam is elementwise, so per-seed state is exact). Looped: K ordinary models and optimizers.
-Both on fixed synthetic MNIST-shaped batches (batch 64 per seed), ABBA rounds, ratio of medians.
+Goal (issue 25): at least 2.5x at K=8 on a GPU. On a CPU the group is slower (the batched convolutions
+cost more than the launches they save); ``seeds_per_process`` is not the default anywhere.
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import os
+from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 from bench_weight import side_by_side  # scripts/ is on the path when run as a script
-from torch.func import functional_call, stack_module_state
+from hydra import compose, initialize_config_module
 
-from qexp.models.lenet import LeNet5
+from qexp.run import seeds
+from qexp.run.config import register
+from qexp.run.engine import drive
+from qexp.run.session import Built, Trainer, build, group_step, stack_seeds
+
+
+def configs(data: str, images: int, method: list[str], k: int) -> list[object]:
+    register()
+    over = ["model=lenet5", "epochs=1", "progress=false", *method]
+    if data == "synthetic":
+        over += ["dataset=synthetic", f"dataset.train_subset={min(images, 512)}"]
+    else:
+        over += [f"dataset={data}", f"dataset.train_subset={images}"]
+    with initialize_config_module(config_module="qexp.configs", version_base="1.3"):
+        return [compose("train", overrides=[*over, f"seed={s}"]) for s in range(k)]
+
+
+def built(cfgs: list[object], device: torch.device) -> list[Built]:
+    out = []
+    for c in cfgs:
+        torch.manual_seed(c.seed)
+        out.append(build(c, device))
+    return out
+
+
+def trainers(bs: list[Built], device: torch.device, clock: Callable[[], float] | None = None) -> list[Trainer]:
+    return [Trainer(b.model, b.method, b.optimizer, b.scheduler, b.data, device, 1, progress_bar=False,
+                    **({} if clock is None else {"train_clock": clock})) for b in bs]
+
+
+def separate(cfgs: list[object], device: torch.device) -> Callable[[], None]:
+    ts = trainers(built(cfgs, device), device)
+
+    def run() -> None:
+        for t in ts:
+            t.progress.batch = 0  # one more epoch (the epoch's end, evaluation included, is not run)
+            assert drive(t._train_epoch(), t._train_step) == "ok"
+    return run
+
+
+def group(cfgs: list[object], device: torch.device) -> Callable[[], None]:
+    bs = built(cfgs, device)
+    stack = stack_seeds(bs)
+    ts = trainers(bs, device, seeds.StepClock())
+    take = group_step(stack, bs)
+
+    def run() -> None:
+        for t in ts:
+            t.progress.batch = 0
+        assert seeds.drive([t._train_epoch() for t in ts], take) == ["ok"] * len(ts)
+    return run
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--k", type=int, default=4)
-    ap.add_argument("--rounds", type=int, default=6)
-    ap.add_argument("--steps", type=int, default=5)
-    ap.add_argument("--device", default="cpu", help="cpu | cuda (a GPU is where this could pay off)")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--data", default="mnist", help="mnist | synthetic")
+    ap.add_argument("--k", type=int, default=8)
+    ap.add_argument("--images", type=int, default=10000, help="training images per seed and epoch")
+    ap.add_argument("--rounds", type=int, default=4)
+    ap.add_argument("--methods", default="float,sr", help="comma-separated: float, sr, r, bc, big_sr")
     args = ap.parse_args()
-    k, device = args.k, torch.device(args.device)
-    models = []
-    for seed in range(k):
-        torch.manual_seed(seed)
-        models.append(LeNet5(1, 10, 28).to(device))
-    xs = torch.randn(k, 64, 1, 28, 28, device=device)
-    ys = torch.randint(0, 10, (k, 64), device=device)
-
-    loop_models = [copy.deepcopy(m) for m in models]
-    loop_opts = [torch.optim.Adam(m.parameters(), lr=1e-3) for m in loop_models]
-
-    def looped() -> None:
-        for m, o, x, y in zip(loop_models, loop_opts, xs, ys):
-            loss = F.cross_entropy(m(x), y)
-            o.zero_grad(set_to_none=True)
-            loss.backward()
-            o.step()
-
-    params, buffers = stack_module_state(models)
-    params = {n: p.detach().requires_grad_() for n, p in params.items()}
-    base = copy.deepcopy(models[0]).to("meta")
-    opt = torch.optim.Adam(params.values(), lr=1e-3)
-
-    def one(p: dict, b: dict, x: torch.Tensor) -> torch.Tensor:
-        return functional_call(base, (p, b), (x,))
-
-    fwd = torch.func.vmap(one)
-
-    def vectorised() -> None:
-        out = fwd(params, buffers, xs)  # (k, 64, 10)
-        loss = F.cross_entropy(out.flatten(0, 1), ys.flatten(), reduction="sum") / 64  # sum of K means
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-
-    # exactness first: one step of each from the same start (copies), then the largest parameter difference
-    start_loop = [copy.deepcopy(m.state_dict()) for m in loop_models]
-    start_vec = {n: t.detach().clone() for n, t in params.items()}
-    looped()
-    vectorised()
-    diff = max((params[n][i] - p.detach()).abs().max().item()
-               for i, m in enumerate(loop_models) for n, p in m.named_parameters())
-    with torch.no_grad():
-        for m, sd in zip(loop_models, start_loop):
-            m.load_state_dict(sd)
-        for n, t in params.items():
-            t.copy_(start_vec[n])
-    print(f"after one Adam step from the same start: largest |vectorised - looped| parameter difference "
-          f"{diff:.3g} ({'bit-identical' if diff == 0 else 'not bit-identical'})")
-    med = side_by_side({"looped": looped, "vectorised": vectorised}, device, args.rounds, args.steps, warmup=1)
-    a, b = med["looped"], med["vectorised"]
-    print(f"{device}, {torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.1f}: K={k} LeNet-5 steps: "
-          f"looped {1e3 * a:.1f} ms, vectorised {1e3 * b:.1f} ms, speed-up {a / b:.2f}x")
+    device = torch.device(args.device)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    print(f"K={args.k} seeds of LeNet-5, {args.data}, {args.images} images per seed, batch 64, {name}, torch "
+          f"{torch.__version__}, load average {os.getloadavg()[0]:.1f}, median of {args.rounds} rounds\n")
+    print("| method | K separate runs, s / epoch | stacked group, s / epoch | group images/s | "
+          "group vs separate |")
+    print("|---|---:|---:|---:|---:|")
+    for m in args.methods.split(","):
+        cfgs = configs(args.data, args.images, [f"method={m}"], args.k)
+        med = side_by_side({"separate": separate(cfgs, device), "group": group(cfgs, device)}, device,
+                           args.rounds, per_round=1, warmup=1)
+        n = args.k * int(cfgs[0].dataset.train_subset)
+        print(f"| {m} | {med['separate']:.3f} | {med['group']:.3f} | {n / med['group']:.0f} | "
+              f"{med['separate'] / med['group']:.2f}x |", flush=True)
 
 
 if __name__ == "__main__":

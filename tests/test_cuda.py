@@ -8,7 +8,8 @@ exact numbers and floors were measured there), so these tests ask for ``device=c
   the GPU for bc and sr, with deterministic kernels;
 - the Triton SR kernel gives the eager kernel's bits on CUDA tensors (the multi-tensor rounding is
   checked on CUDA by tests/test_quant_grid.py's cuda case);
-- no per-step hook of bc, sr, r, ste or lsq synchronises with the host.
+- no per-step hook of bc, sr, r, ste or lsq synchronises with the host;
+- seeds stacked in one model (``trainer.seeds_per_process``) learn on the GPU.
 
 ``scripts/device/gpu_check.sh suite`` runs the whole suite, this file included, on the GPU machine.
 """
@@ -53,6 +54,17 @@ def test_precisions_and_compile_train_on_cuda(tmp_path: Path, data_root: Path) -
         for m in runs:
             assert m["status"] == "completed" and m["device"] == "cuda:0", m.get("error")
             assert m["test_acc"] >= ABOVE_CONSTANT, (name, m["method"], m["test_acc"])
+
+
+def test_stacked_seeds_learn_on_cuda(tmp_path: Path, data_root: Path) -> None:
+    """``trainer.seeds_per_process=4`` on the GPU: four seed folders, each completed and learning."""
+    run_qexp([*COMMAND, "device=cuda", f"data_root={data_root}", "method=float,sr,bc",
+              "trainer.seeds_per_process=4", f"out_root={tmp_path}"], timeout=900)
+    runs = [read_metrics(d) for d in find_runs(tmp_path)]
+    assert len(runs) == 12
+    for m in runs:
+        assert m["status"] == "completed" and m["device"] == "cuda:0" and m["seeds_per_process"] == 4
+        assert m["test_acc"] >= ABOVE_CONSTANT, (m["method"], m["seed"], m["test_acc"])
 
 
 def test_cuda_index_runs_on_that_gpu(tmp_path: Path) -> None:

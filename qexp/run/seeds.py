@@ -24,9 +24,9 @@ import copy
 import os
 import shutil
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Generator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
@@ -35,7 +35,7 @@ from torch.nn.utils import parametrize
 
 from qexp.errors import QexpError
 from qexp.run import checkpoint
-from qexp.run.engine import Engine, Outcome, StepRequest, StepResult
+from qexp.run.engine import StepRequest, StepResult
 
 #: the checkpoint a seed of a group kept from its previous save point (see :func:`agree`)
 PREVIOUS = "checkpoint.prev.pt"
@@ -163,6 +163,8 @@ class Stack:
                 b.copy_(saved[n])
 
 
+T = TypeVar("T")
+
 #: the vectorised step of a group: the K requests (None for a seed that has finished) and the indices of
 #: the seeds still training -> each active seed's step result
 GroupStep = Callable[[list[StepRequest | None], list[int]], dict[int, StepResult]]
@@ -179,13 +181,14 @@ class StepClock:
         return self.seconds
 
 
-def drive(engines: Sequence[Engine], take: GroupStep, clock: StepClock | None = None) -> list[Outcome]:
-    """Run the engines' :meth:`~qexp.run.engine.Engine.steps` in lockstep to their ends; each round's
-    steps are taken together by ``take`` (timed on ``clock``). A seed that ends early (diverged, stopped
-    early by ``patience``) drops out; the others go on."""
-    gens = [e.steps() for e in engines]
+def drive(gens: Sequence[Generator[StepRequest, StepResult, T]], take: GroupStep,
+          clock: StepClock | None = None) -> list[T]:
+    """Run step generators (the engines' :meth:`~qexp.run.engine.Engine.steps`, or one epoch of them) in
+    lockstep to their ends and return what each returns; each round's steps are taken together by
+    ``take`` (timed on ``clock``). A seed that ends early (diverged, stopped early by ``patience``)
+    drops out; the others go on."""
     requests: list[StepRequest | None] = [None] * len(gens)
-    outcomes: list[Outcome | None] = [None] * len(gens)
+    outcomes: list[T | None] = [None] * len(gens)
 
     def advance(i: int, result: StepResult | None) -> None:
         try:

@@ -511,6 +511,11 @@ def group_train_step(stack: seeds.Stack, builts: list[Built], requests: list[Any
     return {i: (loss.detach(), out[i].detach()) for i, loss in zip(active, losses)}
 
 
+def group_step(stack: seeds.Stack, builts: list[Built]) -> seeds.GroupStep:
+    """:func:`group_train_step` of this group, as :func:`qexp.run.seeds.drive` takes it."""
+    return lambda requests, active: group_train_step(stack, builts, requests, active)
+
+
 def train_group(cfgs: list[DictConfig], run_dirs: list[Path], builts: list[Built], stack: seeds.Stack,
                 overrides: list[str]) -> list[dict[str, Any]]:
     """Train K seeds of one configuration (``cfgs``, unfinished, folders open and locked, ``builts`` made
@@ -537,8 +542,7 @@ def train_group(cfgs: list[DictConfig], run_dirs: list[Path], builts: list[Built
             if states[j] is not None:
                 _resume(t, states[j], d, fingerprint, ignored)
             trainers.append(t)
-        outcomes = seeds.drive(trainers, lambda requests, active: group_train_step(stack, builts, requests, active),
-                               clock)
+        outcomes = seeds.drive([t.steps() for t in trainers], group_step(stack, builts), clock)
     recs = []
     for d, (_, meta), outcome in zip(run_dirs, identities, outcomes):
         rec = final_record(meta, outcome)

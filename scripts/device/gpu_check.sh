@@ -77,7 +77,7 @@ case $WHAT in
   bench)
     stage bench_weight 170 "$PY" scripts/bench_weight.py --device "$DEVICE" --rounds 7
     stage bench_vgg 170 "$PY" scripts/bench_vgg.py --device "$DEVICE" --images "${VGG_IMAGES:-10000}" --rounds 4
-    stage bench_seeds 90 "$PY" scripts/bench_seeds.py --device "$DEVICE" --k 8 --rounds 6
+    stage bench_seeds 120 "$PY" scripts/bench_seeds.py --device "$DEVICE" --k 8 --images 10000 --rounds 3
     ;;
   suite)  # tests/test_cuda.py and the rest (pinned to the CPU by tests/conftest.py) in one run
     stage suite "${SUITE_LIMIT:-520}" "$PY" -m pytest -p no:cacheprovider -n "${WORKERS:-14}" -v --tb=short -rfE \
