@@ -18,12 +18,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from qexp.errors import QexpError
 from qexp.methods.base import RunContext
 from qexp.methods.bc import BinaryConnect
 from qexp.models.lenet import LeNet5
 from qexp.models.resnet import CifarResNet
 from qexp.run import checkpoint, seeds
-from tests.conftest import REPO, find_runs, read_metrics, run_drivers, run_qexp
+from qexp.run.session import build_method, check_seeds
+from tests.conftest import REPO, compose_train, find_runs, read_metrics, run_drivers, run_qexp
 from tests.test_kill_matrix import TINY
 
 K = 3
@@ -184,16 +186,24 @@ def test_a_seed_of_a_group_resumes_alone(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("extra, message", [
     (["trainer.seeds_per_process=0"], "at least 1"),
-    (["trainer.seeds_per_process=2", "method=ste"], "method=ste"),
     (["trainer.seeds_per_process=2", "method=bc", "method.stochastic=true"], "method=bc"),
     (["trainer.seeds_per_process=2", "trainer.devices=2"], "trainer.devices"),
     (["trainer.seeds_per_process=2", "compile=true"], "compile=true"),
     (["trainer.seeds_per_process=2", "precision=bf16-mixed"], "precision=bf16-mixed"),
+    (["trainer.seeds_per_process=2", "seed=9223372036854775807"], "goes past seed"),
 ])
-def test_bad_input_is_one_line(tmp_path: Path, extra: list[str], message: str) -> None:
-    proc = run_qexp(["train", *TINY, *extra, f"out_root={tmp_path / 'out'}"], check=False)
+def test_what_cannot_be_stacked_is_refused(extra: list[str], message: str) -> None:
+    cfg = compose_train([*TINY, *extra])
+    with pytest.raises(QexpError, match=message):
+        check_seeds(cfg, build_method(cfg))
+
+
+def test_bad_input_is_one_line(tmp_path: Path) -> None:
+    """Through the command: one line, exit 2, no folder."""
+    proc = run_qexp(["train", *TINY, "trainer.seeds_per_process=2", "method=ste", f"out_root={tmp_path / 'out'}"],
+                    check=False)
     lines = proc.stderr.strip().splitlines()
-    assert proc.returncode == 2 and len(lines) == 1 and message in lines[0], proc.stderr[-2000:]
+    assert proc.returncode == 2 and len(lines) == 1 and "method=ste" in lines[0], proc.stderr[-2000:]
     assert not (tmp_path / "out").exists()
 
 

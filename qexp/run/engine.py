@@ -262,8 +262,8 @@ class Engine:
     # ---- checkpoints -------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         s = {
-            "model": {k: _own_storage(v) for k, v in self.model.state_dict().items()},
-            "optimizer": self.optimizer.state_dict(),
+            "model": _own_storage(self.model.state_dict()),
+            "optimizer": _own_storage(self.optimizer.state_dict()),
             "scheduler": self.scheduler.state_dict(),
             "method": self._method_state(),
             "progress": self.progress.state_dict(),
@@ -473,12 +473,16 @@ class Engine:
         return (time.perf_counter() - t0) / done * max(left, 0)
 
 
-def _own_storage(t: Any) -> Any:
-    """A tensor that is a view into a larger storage (seeds stacked in one model) as a copy of its own:
-    ``torch.save`` writes a view's whole storage."""
-    if isinstance(t, torch.Tensor) and t.untyped_storage().nbytes() > t.numel() * t.element_size():
-        return t.clone()
-    return t
+def _own_storage(obj: Any) -> Any:
+    """Tensors (in dicts and lists) that are views into a larger storage (seeds stacked in one model)
+    as copies of their own: ``torch.save`` writes a view's whole storage."""
+    if isinstance(obj, torch.Tensor):
+        return obj.clone() if obj.untyped_storage().nbytes() > obj.numel() * obj.element_size() else obj
+    if isinstance(obj, dict):
+        return {k: _own_storage(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_own_storage(v) for v in obj]
+    return obj
 
 
 def _isatty() -> bool:

@@ -6,6 +6,8 @@ model, each with its own run folder and records, written as K separate runs woul
   evaluation then work on it as on a model of its own, while one forward and one backward
   (``torch.func.vmap`` over ``functional_call``) serve all K: on a GPU, where small networks are bound by
   kernel launches, that is K times fewer launches for the forward and backward.
+* :class:`SharedOptimizer` takes the K seeds' optimizer steps as one step over the stacked parameters;
+  each seed's own optimizer keeps its hyper-parameters and views of its slice of the state.
 * :func:`drive` steps K engines (:meth:`qexp.run.engine.Engine.steps`) in lockstep: they ask for their
   steps together and each is sent its own slice of the stacked step.
 * :func:`keep_previous` and :func:`agree` make a killed group resumable: a kill between the K
@@ -96,6 +98,8 @@ class Stack:
         # every model's parameters in the order of self.params: where each one's gradient slice goes
         self._own = [[_tensor(m, name) for name in self.params] for m in self.models]
         self._forward = vmap(self._one, randomness="different")
+        #: whether the seeds' criterion runs under vmap (None: not tried yet; the run session decides)
+        self.batched_criterion: bool | None = None
 
     def __len__(self) -> int:
         return len(self.models)
@@ -164,6 +168,68 @@ class Stack:
 
 
 T = TypeVar("T")
+
+class SharedOptimizer:
+    """One optimizer over the stacked parameters that takes the K seeds' optimizer steps in one go.
+
+    Each seed keeps its own optimizer: its schedule sets the hyper-parameters (copied here before every
+    step; a group's seeds share them) and, once the state exists, its state holds views of the seed's
+    slices of the stacked state, so its ``state_dict`` is what a separate run's would be and a resume
+    loads into it (stacked here before the next step). The optimizer's update is elementwise, so each
+    slice gets its seed's own update (foreach kernels may round a last bit differently from the
+    per-seed lists; the group's resume is exact either way)."""
+
+    def __init__(self, stack: Stack, optimizers: Sequence[torch.optim.Optimizer]) -> None:
+        self.stack, self.optimizers = stack, list(optimizers)
+        names = list(stack.params)
+        #: per seed: its parameter object -> the stacked parameter's name
+        self._names = [{id(p): n for n, p in zip(names, own)} for own in stack._own]
+        groups = []
+        for g in self.optimizers[0].param_groups:
+            if any(id(p) not in self._names[0] for p in g["params"]):
+                raise QexpError("trainer.seeds_per_process: the optimizer holds tensors outside the model")
+            groups.append({**{k: v for k, v in g.items() if k != "params"},
+                           "params": [stack.params[self._names[0][id(p)]] for p in g["params"]]})
+        self.shared = type(self.optimizers[0])(groups)
+        self._linked = False
+
+    def _seed_params(self, i: int) -> dict[str, torch.Tensor]:
+        return {self._names[i][id(p)]: p for g in self.optimizers[i].param_groups for p in g["params"]}
+
+    def _adopt(self) -> None:
+        """The seeds' optimizer states (loaded by a resume) stacked into the shared optimizer's."""
+        seeds = [self._seed_params(i) for i in range(len(self.optimizers))]
+        for name, stacked in self.stack.params.items():
+            states = [opt.state.get(params[name]) for opt, params in zip(self.optimizers, seeds)]
+            if not states[0]:
+                continue
+            own = seeds[0][name]
+            self.shared.state[stacked] = {
+                k: torch.stack([s[k] for s in states]) if torch.is_tensor(v) and v.shape == own.shape else
+                (v.clone() if torch.is_tensor(v) else v) for k, v in states[0].items()}
+
+    def _link(self) -> None:
+        """Each seed's optimizer state as views of its slices of the shared state."""
+        for i, opt in enumerate(self.optimizers):
+            for name, p in self._seed_params(i).items():
+                state = self.shared.state.get(self.stack.params[name])
+                if state:
+                    opt.state[p] = {k: v[i] if torch.is_tensor(v) and v.dim() == p.dim() + 1 else v
+                                    for k, v in state.items()}
+        self._linked = True
+
+    def step(self, active: Sequence[int]) -> None:
+        """The optimizer step of every seed (those in ``active`` own the hyper-parameters)."""
+        if not self._linked:
+            self._adopt()
+        for shared, own in zip(self.shared.param_groups, self.optimizers[active[0]].param_groups):
+            for k, v in own.items():
+                if k != "params":
+                    shared[k] = v
+        self.shared.step()
+        if not self._linked:
+            self._link()
+
 
 #: the vectorised step of a group: the K requests (None for a seed that has finished) and the indices of
 #: the seeds still training -> each active seed's step result

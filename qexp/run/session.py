@@ -487,33 +487,55 @@ def stack_seeds(builts: list[Built]) -> seeds.Stack:
     return stack
 
 
-def group_train_step(stack: seeds.Stack, builts: list[Built], requests: list[Any], active: list[int]
-                     ) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+def group_train_step(stack: seeds.Stack, builts: list[Built], optimizer: seeds.SharedOptimizer,
+                     requests: list[Any], active: list[int]) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
     """One optimizer step of every active seed of a stacked group, with every per-step hook in the order
-    of :func:`train_step`: each seed's hooks on its own model, one forward and one backward for all.
+    of :func:`train_step`: each seed's hooks on its own model; one forward, one loss (the criterion
+    under ``vmap`` where it batches, else seed by seed), one backward and one optimizer step for all.
     A seed that has finished (None) is fed an active seed's batch and left out of the loss."""
     step = requests[active[0]][2]
     xs = torch.stack([requests[i if requests[i] is not None else active[0]][0] for i in range(len(builts))])
     for i in active:
         builts[i].method.before_forward(builts[i].model, step)
     out = stack.forward(xs)
-    losses = [builts[i].method.criterion(out[i], requests[i][1]) for i in active]
+    losses = _group_losses(stack, builts, out, requests, active)
     for i in active:
         builts[i].optimizer.zero_grad(set_to_none=True)
     stack.zero_grad()
-    torch.stack(losses).sum().backward()
+    losses.sum().backward()
     stack.hand_out_grads()
     for i in active:
-        b = builts[i]
-        b.method.after_backward(b.model)
-        b.optimizer.step()
-        b.method.after_step(b.model, b.optimizer)
-    return {i: (loss.detach(), out[i].detach()) for i, loss in zip(active, losses)}
+        builts[i].method.after_backward(builts[i].model)
+    optimizer.step(active)
+    for i in active:
+        builts[i].method.after_step(builts[i].model, builts[i].optimizer)
+    return {i: (losses[j].detach(), out[i].detach()) for j, i in enumerate(active)}
+
+
+def _group_losses(stack: seeds.Stack, builts: list[Built], out: torch.Tensor, requests: list[Any],
+                  active: list[int]) -> torch.Tensor:
+    """Each active seed's criterion value: one batched call when the criterion runs under ``vmap`` (the
+    seeds' methods are one configuration), else one call per seed (decided on the first step)."""
+    if stack.batched_criterion is not False:
+        index = torch.tensor(active, device=out.device) if len(active) < len(builts) else None
+        logits = out if index is None else out.index_select(0, index)
+        ys = torch.stack([requests[i][1] for i in active])
+        try:
+            losses = torch.func.vmap(builts[active[0]].method.criterion)(logits, ys)
+            stack.batched_criterion = True
+            return losses
+        except Exception:  # an operation without a batching rule (one_hot of a hinge loss, ...)
+            if stack.batched_criterion:
+                raise
+            stack.batched_criterion = False
+    return torch.stack([builts[i].method.criterion(out[i], requests[i][1]) for i in active])
 
 
 def group_step(stack: seeds.Stack, builts: list[Built]) -> seeds.GroupStep:
-    """:func:`group_train_step` of this group, as :func:`qexp.run.seeds.drive` takes it."""
-    return lambda requests, active: group_train_step(stack, builts, requests, active)
+    """:func:`group_train_step` of this group (with its :class:`~qexp.run.seeds.SharedOptimizer`), as
+    :func:`qexp.run.seeds.drive` takes it."""
+    optimizer = seeds.SharedOptimizer(stack, [b.optimizer for b in builts])
+    return lambda requests, active: group_train_step(stack, builts, optimizer, requests, active)
 
 
 def train_group(cfgs: list[DictConfig], run_dirs: list[Path], builts: list[Built], stack: seeds.Stack,
