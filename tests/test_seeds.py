@@ -137,6 +137,7 @@ def test_group_writes_what_separate_runs_write(tmp_path: Path, method: list[str]
             assert torch.allclose(sg["model"][k].float(), v.float(), atol=5e-3), k
         assert len(sg["optimizer"]["state"]) == len(sa["optimizer"]["state"])
         assert (g / "checkpoint.pt").stat().st_size == pytest.approx((a / "checkpoint.pt").stat().st_size, rel=0.01)
+        assert (g / "train.log").read_text().count(" - epoch ") == 3  # its own epochs, not the other seed's
         overrides = (g / ".hydra" / "overrides.yaml").read_text()
         assert ("- seed=1" in overrides) == (g.name == "seed1")
 

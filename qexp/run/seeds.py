@@ -22,11 +22,14 @@ checkpoint is a separate run's checkpoint: a seed can be resumed on its own.
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import logging
 import os
 import shutil
 import time
-from collections.abc import Callable, Generator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -247,18 +250,38 @@ class StepClock:
         return self.seconds
 
 
+#: the run folder of the seed whose engine is running now (None: no seed's, or not a group)
+_TURN: ContextVar[Path | None] = ContextVar("qexp_seed_turn", default=None)
+
+
+@contextlib.contextmanager
+def turn(run_dir: Path | None) -> Iterator[None]:
+    """While a seed's engine runs: log records go to that seed's train.log only (:func:`log_filter`)."""
+    token = _TURN.set(run_dir)
+    try:
+        yield
+    finally:
+        _TURN.reset(token)
+
+
+def log_filter(run_dir: Path) -> Callable[[logging.LogRecord], bool]:
+    """For a run folder's train.log handler: records made while another seed's engine runs stay out."""
+    return lambda record: _TURN.get() in (None, run_dir)
+
+
 def drive(gens: Sequence[Generator[StepRequest, StepResult, T]], take: GroupStep,
-          clock: StepClock | None = None) -> list[T]:
+          clock: StepClock | None = None, run_dirs: Sequence[Path] | None = None) -> list[T]:
     """Run step generators (the engines' :meth:`~qexp.run.engine.Engine.steps`, or one epoch of them) in
     lockstep to their ends and return what each returns; each round's steps are taken together by
     ``take`` (timed on ``clock``). A seed that ends early (diverged, stopped early by ``patience``)
-    drops out; the others go on."""
+    drops out; the others go on. ``run_dirs``: each generator's run folder, whose log gets what it logs."""
     requests: list[StepRequest | None] = [None] * len(gens)
     outcomes: list[T | None] = [None] * len(gens)
 
     def advance(i: int, result: StepResult | None) -> None:
         try:
-            requests[i] = next(gens[i]) if result is None else gens[i].send(result)
+            with turn(None if run_dirs is None else run_dirs[i]):
+                requests[i] = next(gens[i]) if result is None else gens[i].send(result)
         except StopIteration as end:
             requests[i], outcomes[i] = None, end.value
 

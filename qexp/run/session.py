@@ -562,9 +562,10 @@ def train_group(cfgs: list[DictConfig], run_dirs: list[Path], builts: list[Built
                         callbacks=_callbacks(c, d, meta, b), extra_state={"config": fingerprint},
                         patience=c.patience, before_save=seeds.keep_previous, train_clock=clock)
             if states[j] is not None:
-                _resume(t, states[j], d, fingerprint, ignored)
+                with seeds.turn(d):
+                    _resume(t, states[j], d, fingerprint, ignored)
             trainers.append(t)
-        outcomes = seeds.drive([t.steps() for t in trainers], group_step(stack, builts), clock)
+        outcomes = seeds.drive([t.steps() for t in trainers], group_step(stack, builts), clock, run_dirs)
     recs = []
     for d, (_, meta), outcome in zip(run_dirs, identities, outcomes):
         rec = final_record(meta, outcome)

@@ -31,7 +31,7 @@ from omegaconf.errors import OmegaConfBaseException
 from qexp.errors import QexpError
 from qexp.jsonio import atomic_write_bytes
 from qexp.methods.base import Method, register_config_dir
-from qexp.run import distributed, identity, lock, preempt, record, resources, sweep, tune
+from qexp.run import distributed, identity, lock, preempt, record, resources, seeds, sweep, tune
 from qexp.run.config import register
 from qexp.run.session import (
     build,
@@ -226,6 +226,7 @@ def _open_run(stack: ExitStack, cfg: DictConfig, run_dir: Path, level: str, swee
     _write_hydra(cfg, run_dir, level, other_seed)
     handler = logging.FileHandler(run_dir / "train.log")
     handler.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"))
+    handler.addFilter(seeds.log_filter(run_dir))  # a seed of a group: its own engine's lines
     logging.getLogger().addHandler(handler)
 
     def detach() -> None:
