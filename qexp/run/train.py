@@ -88,10 +88,10 @@ def run(cfg: DictConfig) -> dict[str, Any] | None:
         identity.check_types(cfg, defaults.baseline)  # method.stochastic=off: refused, not read as true
         identity.check_place(cfg)
         method = check_inputs(cfg)  # the run's method, built once in this process
-        group = check_seeds(cfg, method) > 1  # trainer.seeds_per_process: checked before any folder
+        seeds_per_process = check_seeds(cfg, method)  # checked before any folder
         ignored = ignored_knobs(method)
         run_dir, level = identity.locate(cfg, defaults, ignored)
-        if not group and finished_run(cfg, run_dir, ignored, quiet=not main) is not None:
+        if seeds_per_process == 1 and finished_run(cfg, run_dir, ignored, quiet=not main) is not None:
             done("skipped")
             return record.read(run_dir)
         if preempt.requested():
@@ -108,8 +108,8 @@ def run(cfg: DictConfig) -> dict[str, Any] | None:
             elif cfg.trainer.devices > 1:
                 opened = _open_run(stack, cfg, run_dir, level, sweeping)
                 rec = _spawn_ranks(cfg, run_dir, level)
-            elif group:
-                rec, run_dir, opened = _train_seeds(stack, cfg, defaults, sweeping, main)
+            elif seeds_per_process > 1:
+                rec, run_dir, opened = _train_seeds(stack, cfg, defaults, seeds_per_process, sweeping, main)
             else:
                 torch.manual_seed(cfg.seed)
                 built = build(cfg, resolve_device(cfg.device), method)  # bad data options fail here: no folder
@@ -155,43 +155,41 @@ def run(cfg: DictConfig) -> dict[str, Any] | None:
     return None
 
 
-def _train_seeds(stack: ExitStack, cfg: DictConfig, defaults: Any, sweeping: bool, main: bool,
+def _train_seeds(stack: ExitStack, cfg: DictConfig, defaults: Any, k: int, sweeping: bool, main: bool,
                  ) -> tuple[dict[str, Any] | None, Path, bool]:
     """``trainer.seeds_per_process=K``: seeds ``seed .. seed+K-1`` of this configuration, each in the
     folder its own ``seed=`` run would use, the unfinished ones trained together as one stacked model
-    (:func:`qexp.run.session.train_group`). Returns the first seed's record (the worst status when
-    one did not complete), the first seed's folder and whether folders were opened."""
-    k = check_seeds(cfg, build_method(cfg))
+    (:func:`qexp.run.session.train_group`; a last one left alone as a plain run). Returns the worst
+    record (the first seed's when all are finished), the first seed's folder and whether folders were
+    opened."""
     device = resolve_device(cfg.device)
-    cfgs, dirs, levels, records = [], [], [], {}
+    first_dir: Path | None = None
+    todo: list[tuple[DictConfig, Path, str, Method]] = []
     for j in range(k):
         c = cfg.copy()
         c.seed = int(cfg.seed) + j
-        method = build_method(c)
+        method = build_method(c)  # each seed its own method (its generators follow its seed)
         d, level = identity.locate(c, defaults, ignored_knobs(method))
-        done = finished_run(c, d, ignored_knobs(method), quiet=not main)
-        if done is not None:
-            records[j] = done
-            continue
-        cfgs.append(c)
-        dirs.append(d)
-        levels.append(level)
-    first_dir = dirs[0] if dirs else identity.locate(cfg, defaults, ignored_knobs(build_method(cfg)))[0]
-    if not cfgs:
+        first_dir = first_dir or d
+        if finished_run(c, d, ignored_knobs(method), quiet=not main) is None:
+            todo.append((c, d, level, method))
+    assert first_dir is not None
+    if not todo:
         return record.read(first_dir), first_dir, False
     builts = []
-    for c in cfgs:
+    for c, _, _, method in todo:
         torch.manual_seed(c.seed)
-        builts.append(build(c, device, build_method(c)))  # bad data options fail here: no folder
+        builts.append(build(c, device, method))  # bad data options fail here: no folder
     group = stack_seeds(builts) if len(builts) > 1 else None  # a model vmap cannot batch: no folder
-    for c, d, level in zip(cfgs, dirs, levels):
+    for c, d, level, _ in todo:
         _open_run(stack, c, d, level, sweeping, other_seed=c.seed != cfg.seed)
+    cfgs, dirs, levels = ([t[i] for t in todo] for i in range(3))
     if group is None:  # one seed left: a plain run
-        return train(cfgs[0], dirs[0], overrides=levels[0], built=builts[0]), dirs[0], True
+        return train(cfgs[0], dirs[0], overrides=levels[0], built=builts[0]), first_dir, True
     recs = train_group(cfgs, dirs, builts, group, levels)
     order = ("failed", "diverged", "interrupted", "completed")
     worst = min(recs, key=lambda r: order.index(r["status"]) if r["status"] in order else 0)
-    return worst, dirs[0], True
+    return worst, first_dir, True
 
 
 def _bug(cfg: DictConfig, run_dir: Path | None, e: BaseException, sweeping: bool, done: Any) -> None:
