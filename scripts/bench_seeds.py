@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import time
 from collections.abc import Callable
 
 import torch
@@ -46,9 +47,9 @@ def built(cfgs: list[object], device: torch.device) -> list[Built]:
     return out
 
 
-def trainers(bs: list[Built], device: torch.device, clock: Callable[[], float] | None = None) -> list[Trainer]:
+def trainers(bs: list[Built], device: torch.device, clock: Callable[[], float] = time.perf_counter) -> list[Trainer]:
     return [Trainer(b.model, b.method, b.optimizer, b.scheduler, b.data, device, 1, progress_bar=False,
-                    **({} if clock is None else {"train_clock": clock})) for b in bs]
+                    train_clock=clock) for b in bs]
 
 
 def separate(cfgs: list[object], device: torch.device) -> Callable[[], None]:

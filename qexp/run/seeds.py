@@ -86,26 +86,21 @@ class Stack:
                 self.parametrized[original] = (f"{prefix}.{tensor_name}".lstrip("."), list(plist))
             parent, _, child = prefix.rpartition(".")
             setattr(self.base.get_submodule(parent) if parent else self.base, child, _plain(module))
-        self.params: dict[str, nn.Parameter] = {}
-        for name, p in first.named_parameters():
-            stacked = torch.stack([_tensor(m, name).detach() for m in self.models])
-            self.params[name] = nn.Parameter(stacked, requires_grad=p.requires_grad)
-            for m, view in zip(self.models, stacked):
-                _tensor(m, name).data = view
-        self.buffers: dict[str, torch.Tensor] = {}
-        for name, _ in first.named_buffers():
-            stacked = torch.stack([_tensor(m, name) for m in self.models])
-            self.buffers[name] = stacked
-            for m, view in zip(self.models, stacked):
-                _tensor(m, name).data = view
-        # every model's parameters in the order of self.params: where each one's gradient slice goes
-        self._own = [[_tensor(m, name) for name in self.params] for m in self.models]
+        self.params = {name: nn.Parameter(self._stack(name), requires_grad=p.requires_grad)
+                       for name, p in first.named_parameters()}
+        self.buffers = {name: self._stack(name) for name, _ in first.named_buffers()}
+        #: every model's parameters in the order of ``params``: where each one's gradient slice goes
+        self.model_params = [[_tensor(m, name) for name in self.params] for m in self.models]
         self._forward = vmap(self._one, randomness="different")
         #: whether the seeds' criterion runs under vmap (None: not tried yet; the run session decides)
         self.batched_criterion: bool | None = None
 
-    def __len__(self) -> int:
-        return len(self.models)
+    def _stack(self, name: str) -> torch.Tensor:
+        """The models' tensor ``name`` stacked; each model's tensor becomes a view of its slice."""
+        stacked = torch.stack([_tensor(m, name).detach() for m in self.models])
+        for m, view in zip(self.models, stacked):
+            _tensor(m, name).data = view
+        return stacked
 
     def _one(self, tensors: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor],
              x: torch.Tensor) -> torch.Tensor:
@@ -141,7 +136,7 @@ class Stack:
         """Each model's parameters get their slice of the stacked gradients (views: what a method's
         ``after_backward`` changes in place, the optimizer sees)."""
         grads = [p.grad for p in self.params.values()]
-        for i, own in enumerate(self._own):
+        for i, own in enumerate(self.model_params):
             for p, g in zip(own, grads):
                 p.grad = None if g is None else g[i]
 
@@ -170,8 +165,6 @@ class Stack:
                 b.copy_(saved[n])
 
 
-T = TypeVar("T")
-
 class SharedOptimizer:
     """One optimizer over the stacked parameters that takes the K seeds' optimizer steps in one go.
 
@@ -186,7 +179,7 @@ class SharedOptimizer:
         self.stack, self.optimizers = stack, list(optimizers)
         names = list(stack.params)
         #: per seed: its parameter object -> the stacked parameter's name
-        self._names = [{id(p): n for n, p in zip(names, own)} for own in stack._own]
+        self._names = [{id(p): n for n, p in zip(names, own)} for own in stack.model_params]
         groups = []
         for g in self.optimizers[0].param_groups:
             if any(id(p) not in self._names[0] for p in g["params"]):
@@ -233,6 +226,8 @@ class SharedOptimizer:
         if not self._linked:
             self._link()
 
+
+T = TypeVar("T")
 
 #: the vectorised step of a group: the K requests (None for a seed that has finished) and the indices of
 #: the seeds still training -> each active seed's step result
@@ -300,6 +295,12 @@ def drive(gens: Sequence[Generator[StepRequest, StepResult, T]], take: GroupStep
         for i in active:
             advance(i, results[i])
     return outcomes  # type: ignore[return-value]
+
+
+def forget_previous(run_dir: Path, status: str) -> None:
+    """A seed that has finished (by the group or alone) no longer needs the checkpoint it kept."""
+    if status != "interrupted":
+        (run_dir / PREVIOUS).unlink(missing_ok=True)
 
 
 def keep_previous(path: Path) -> None:

@@ -418,8 +418,7 @@ def train(cfg: DictConfig, run_dir: Path, ctx: distributed.Context = distributed
         outcome = trainer.fit()
     rec = final_record(meta, outcome)
     if main:
-        if outcome.status != "interrupted":  # a seed of a stacked group finished alone: its kept one is stale
-            (run_dir / seeds.PREVIOUS).unlink(missing_ok=True)
+        seeds.forget_previous(run_dir, outcome.status)  # a seed of a stacked group finished alone
         print(f"{run_dir}\n  {record.summary_line(rec)}")
     return rec
 
@@ -569,8 +568,7 @@ def train_group(cfgs: list[DictConfig], run_dirs: list[Path], builts: list[Built
     recs = []
     for d, (_, meta), outcome in zip(run_dirs, identities, outcomes):
         rec = final_record(meta, outcome)
-        if outcome.status != "interrupted":
-            (d / seeds.PREVIOUS).unlink(missing_ok=True)
+        seeds.forget_previous(d, outcome.status)
         print(f"{d}\n  {record.summary_line(rec)}")
         recs.append(rec)
     return recs
