@@ -34,6 +34,7 @@ from qexp.run import (
     distributed,
     engine,
     identity,
+    optim,
     precision,
     preempt,
     record,
@@ -203,14 +204,14 @@ def assemble(cfg: DictConfig, device: torch.device, method: Method | None = None
 
 
 def build(cfg: DictConfig, device: torch.device, method: Method | None = None) -> Built:
-    """:func:`assemble`, ``init_from``, then the optimizer (over the method's parameter groups) and the
-    schedule."""
+    """:func:`assemble`, ``init_from``, then the optimizer (over the method's parameter groups; Adam's groups
+    share its multi-tensor calls where torch takes them: :mod:`qexp.run.optim`) and the schedule."""
     p = assemble(cfg, device, method)
     if cfg.get("init_from"):  # a new run that starts from another run's weights (not a resume)
         init_weights(p.model, Path(str(cfg.init_from)), device)
     groups = resolve_param_groups(p.method.param_groups(p.model), cfg.lr)
     optim_cfg = OmegaConf.masked_copy(cfg.optim, [k for k in cfg.optim if k != "lr"])
-    optimizer = instantiate(optim_cfg, params=groups, lr=cfg.lr)
+    optimizer = optim.grouped(instantiate(optim_cfg, params=groups, lr=cfg.lr))
     scheduler = instantiate(cfg.sched, optimizer=optimizer, epochs=cfg.epochs * p.method.epoch_scale)
     return Built(p.method, p.data, p.model, optimizer, scheduler)
 
