@@ -2,11 +2,20 @@
 
     python scripts/bench_weight.py                 # both parts, Markdown tables on stdout
     python scripts/bench_weight.py --part kernel   # only the 4M-element SR kernel
+    python scripts/bench_weight.py --part launches # kernels launched per step (exact counts, any machine)
 
 Step time: LeNet-5 on MNIST-shaped data (batch 64) and ResNet-20 on CIFAR-shaped data (batch 128),
 random tensors, Adam, the engine's own ``train_step`` (every hook in its order). Methods run side by side: every round
 times a few steps of each in turn, and the median over rounds is reported, so machine load (shared
-CPU) hits all of them alike. Targets: bc <= 1.10x, sr and r <= 1.15x float.
+CPU) hits all of them alike. Targets: bc <= 1.10x, sr and r <= 1.15x float (issue 25: bc, sr, r, ste and
+lsq at most 1.15x float on a GPU). ``ste`` and ``lsq`` are the activation quantizers as typed (2-bit
+ReLUs; LSQ W2/A2), beside the weight-only methods.
+
+Launches (``--part launches``): the kernels one regular training step launches (no diagnostics step),
+counted from the ATen operators it dispatches (:mod:`qexp.run.launches`) with Adam's multi-tensor path,
+which torch takes on a GPU: a small network on a GPU is bound by its launches, so the ratio to float is
+the step-time ratio to expect there. ``bc, Adam per group`` is bc with ``torch.optim.Adam`` as it is
+(one set of multi-tensor calls per parameter group) instead of qexp's :class:`~qexp.run.optim.GroupedAdam`.
 
 ``bc per layer`` / ``sr per layer`` / ``r per layer``: the same methods quantizing one layer at a time
 (qexp before the multi-tensor path, same values), side by side with it.
@@ -32,12 +41,16 @@ import torch
 from qexp.methods.base import Method, RunContext, resolve_param_groups
 from qexp.methods.bc import BinaryConnect
 from qexp.methods.float import Float
+from qexp.methods.lsq import LSQ
 from qexp.methods.rounding import Rounding, StochasticRounding
+from qexp.methods.ste import STE
 from qexp.models.lenet import LeNet5
 from qexp.models.resnet import CifarResNet
 from qexp.quant import kernels
 from qexp.quant.grid import quantize_stochastic
 from qexp.quant.kernels import Noise, nearest_round_, stochastic_round_
+from qexp.run.launches import LaunchCounter
+from qexp.run.optim import grouped
 from qexp.run.session import train_step
 
 
@@ -76,6 +89,8 @@ METHODS: dict[str, Callable[[], Method]] = {
     "bc per layer": lambda: LayerByLayerBC(bits=1),
     "sr per layer": lambda: layer_by_layer(StochasticRounding)(bits=1),
     "r per layer": lambda: layer_by_layer(Rounding)(bits=1),
+    "ste": lambda: STE(bits=2),
+    "lsq": lambda: LSQ(bits=2, abits=2),
 }
 SETUPS = {
     "LeNet-5 / MNIST (batch 64)": (lambda: LeNet5(1, 10, 28), (64, 1, 28, 28)),
@@ -85,13 +100,19 @@ SETUPS = {
 
 def make_step(method: Method, make_model: Callable[[], torch.nn.Module], shape: tuple[int, ...],
               device: torch.device, lr: float = 1e-3, sgd: bool = False,
-              uniform_input: bool = False) -> Callable[[], None]:
-    """One training step of ``method`` on its own model copy and optimizer (Adam, or SGD), with every
-    hook in the engine's order (``engine.train_step``), on a fixed random batch of ``shape``."""
+              uniform_input: bool = False, foreach: bool | None = None,
+              group_adam: bool = True) -> Callable[[], None]:
+    """One training step of ``method`` on its own model copy and optimizer (Adam as qexp builds it, or
+    SGD), with every hook in the engine's order (``engine.train_step``), on a fixed random batch of
+    ``shape``. ``foreach``: the optimizer's multi-tensor switch (None: torch's default for the device)."""
     torch.manual_seed(0)
     model = method.prepare(make_model().to(device), RunContext(device)).to(device).train()
     groups = resolve_param_groups(method.param_groups(model), lr)
-    opt = torch.optim.SGD(groups, lr=lr) if sgd else torch.optim.Adam(groups, lr=lr)
+    if sgd:
+        opt = torch.optim.SGD(groups, lr=lr, foreach=foreach)
+    else:
+        adam = torch.optim.Adam(groups, lr=lr, foreach=foreach)
+        opt = grouped(adam) if group_adam else adam
     x = torch.rand(shape, device=device) * 2 - 1 if uniform_input else torch.randn(shape, device=device)
     y = torch.randint(0, 10, (shape[0],), device=device)
     state = {"step": 0}
@@ -139,6 +160,26 @@ def bench_steps(device: torch.device, rounds: int) -> None:
         ms = " | ".join(f"{1e3 * t[m]:.2f}" for m in METHODS)
         ratios = " | ".join(f"{t[m] / t['float']:.3f}x" for m in METHODS if m != "float")
         print(f"| {label} | {ms} | {ratios} |", flush=True)
+
+
+def bench_launches() -> None:
+    print("\n### Kernels launched per training step (Adam's multi-tensor path, as on a GPU)\n")
+    variants = {**METHODS, "bc, Adam per group": METHODS["bc"]}
+    print("| model / data | " + " | ".join(variants) + " |")
+    print("|---" * (len(variants) + 1) + "|")
+    for label, (make_model, shape) in SETUPS.items():
+        counts = {}
+        for m, factory in variants.items():
+            step = make_step(factory(), make_model, shape, torch.device("cpu"), foreach=True,
+                             group_adam=m != "bc, Adam per group")
+            for _ in range(2):  # state and one-off calibrations
+                step()
+            with LaunchCounter() as c:
+                step()  # step 2: not a diagnostics step (every 10th)
+            counts[m] = sum(c.ops.values())
+        cells = [str(counts["float"])] + [f"{counts[m]} ({counts[m] / counts['float']:.2f}x)"
+                                          for m in variants if m != "float"]
+        print(f"| {label} | " + " | ".join(cells) + " |", flush=True)
 
 
 def qtorch_sr() -> Callable[[torch.Tensor], torch.Tensor] | str:
@@ -208,7 +249,7 @@ def bench_kernel(device: torch.device, rounds: int, n: int = 4 * 1024 * 1024) ->
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--part", choices=["all", "steps", "kernel"], default="all")
+    ap.add_argument("--part", choices=["all", "steps", "kernel", "launches"], default="all")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--rounds", type=int, default=15)
     args = ap.parse_args()
@@ -216,6 +257,8 @@ def main() -> None:
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(f"torch {torch.__version__}, device {device}, {torch.get_num_threads()} threads, "
           f"{os.cpu_count()} CPUs, load average {load:.1f}")
+    if args.part in ("all", "launches"):
+        bench_launches()
     if args.part in ("all", "steps"):
         bench_steps(device, args.rounds)
     if args.part in ("all", "kernel"):

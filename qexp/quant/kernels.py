@@ -67,8 +67,23 @@ class Noise:
 
     def vectors(self, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Fresh ``a`` (one per row), ``b`` (one per column), ``c`` (one per diagonal) for ``n > COLS``."""
-        rows = -(-n // COLS)
-        return self._draw(rows), self._draw(COLS), self._draw(rows + COLS - 1)
+        a, b, c = self.vectors_each([n])[0]
+        return a, b, c
+
+    def vectors_each(self, sizes: list[int]) -> list[tuple[torch.Tensor, ...]]:
+        """The noise of several tensors in one draw from the generator: per size, ``(t,)`` (one value per
+        element) up to COLS elements, else its ``(a, b, c)``; each a view of the one draw.
+
+        One draw of the concatenated vectors: on CPU the same values as one draw per vector, one after
+        another (the generator's stream concatenates), so a tensor rounds alike alone or with others; on
+        CUDA (Philox offsets advance per call) it is its own stream, as seeded and resumable."""
+        lengths = []
+        for n in sizes:
+            rows = -(-n // COLS)
+            lengths.append([n] if n <= COLS else [rows, COLS, rows + COLS - 1])
+        flat = self._draw(sum(sum(parts) for parts in lengths))
+        pieces = iter(flat.split([k for parts in lengths for k in parts]))
+        return [tuple(next(pieces) for _ in parts) for parts in lengths]
 
     def int16(self, n: int) -> torch.Tensor:
         """A flat view of ``n`` uniform int16 values (valid until the next call)."""
@@ -77,31 +92,12 @@ class Noise:
         rows = -(-n // COLS)
         if self._ws.numel() < rows * COLS:
             self._ws = torch.empty(rows * COLS, dtype=torch.int16, device=self.device)
-        return self._xor_rows(n, self._ws)
+        return xor_rows(n, self.vectors(n), self._ws)
 
     def int16_each(self, sizes: list[int]) -> list[torch.Tensor]:
-        """Flat int16 noise for several tensors: the values that one :meth:`int16` call per size, in
-        order, would give (same draws from the generator), each in its own memory (one workspace)."""
-        total = sum(-(-n // COLS) * COLS for n in sizes if n > COLS)
-        ws = torch.empty(total, dtype=torch.int16, device=self.device)
-        out, at = [], 0
-        for n in sizes:
-            if n <= COLS:
-                out.append(self._draw(n))
-                continue
-            out.append(self._xor_rows(n, ws[at:]))
-            at += -(-n // COLS) * COLS
-        return out
-
-    def _xor_rows(self, n: int, ws: torch.Tensor) -> torch.Tensor:
-        """Fresh :meth:`vectors` for ``n > COLS`` XORed into the start of ``ws`` (flat, rows x COLS long):
-        ``t[r, k] = a[r] ^ b[k] ^ c[r + k]``; the first ``n`` values."""
-        a, b, c = self.vectors(n)
-        rows = len(a)
-        block = ws[: rows * COLS].view(rows, COLS)
-        torch.bitwise_xor(a.view(rows, 1), b.view(1, COLS), out=block)
-        block.bitwise_xor_(c.unfold(0, COLS, 1))
-        return ws[:n]
+        """Flat int16 noise for several tensors, from one draw (:meth:`vectors_each`), each in its own
+        memory (one workspace)."""
+        return thresholds(sizes, self.vectors_each(sizes), self.device)
 
     def _draw(self, k: int) -> torch.Tensor:
         return torch.randint(-HALF, HALF, (k,), dtype=torch.int16, generator=self.generator, device=self.device)
@@ -115,6 +111,31 @@ class Noise:
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         restore_generator(self.generator, state["generator"])
+
+
+def xor_rows(n: int, vectors: tuple[torch.Tensor, ...], ws: torch.Tensor) -> torch.Tensor:
+    """A tensor's ``(a, b, c)`` (``n > COLS``) XORed into the start of ``ws`` (flat, rows x COLS long):
+    ``t[r, k] = a[r] ^ b[k] ^ c[r + k]``; the first ``n`` values."""
+    a, b, c = vectors
+    rows = len(a)
+    block = ws[: rows * COLS].view(rows, COLS)
+    torch.bitwise_xor(a.view(rows, 1), b.view(1, COLS), out=block)
+    block.bitwise_xor_(c.unfold(0, COLS, 1))
+    return ws[:n]
+
+
+def thresholds(sizes: list[int], vectors: list[tuple[torch.Tensor, ...]], device: torch.device) -> list[torch.Tensor]:
+    """Each tensor's flat int16 thresholds from its :meth:`Noise.vectors_each` entry (one workspace for all
+    that need XOR)."""
+    ws = torch.empty(sum(-(-n // COLS) * COLS for n in sizes if n > COLS), dtype=torch.int16, device=device)
+    out, at = [], 0
+    for n, v in zip(sizes, vectors):
+        if n <= COLS:
+            out.append(v[0])
+            continue
+        out.append(xor_rows(n, v, ws[at:]))
+        at += -(-n // COLS) * COLS
+    return out
 
 
 def restore_generator(generator: torch.Generator, state: torch.Tensor) -> None:
@@ -154,7 +175,7 @@ def stochastic_round_(x: torch.Tensor, bits: int, scale: float, noise: Noise) ->
     ``u < p`` is ``x - scale·t/2^15 > 0``.
     """
     n = x.numel()
-    if n > COLS and _TRITON.wanted(x) and _triton_sr_(x, bits, scale, noise):
+    if n > COLS and _triton_ready(x, bits) and _triton_kernel_(x, bits, scale, noise.vectors(n)):
         return x
     if _FUSED.on and n >= FUSED_MIN and x.is_contiguous() and x.dtype == torch.float32:
         _fused_sr_(x, bits, scale, noise)
@@ -209,24 +230,24 @@ def nearest_round_all_(xs: list[torch.Tensor], bits: int, scales: list[float]) -
 
 
 def stochastic_round_all_(xs: list[torch.Tensor], bits: int, scales: list[float], noise: Noise) -> None:
-    """``x <- Q_s(x)`` in place for every ``x`` of ``xs``, drawing the noise :func:`stochastic_round_`
-    would draw for them one after another (so a run rounds the same whichever path it takes). With the
-    fused kernel on (``compile=true``) each tensor goes through it (one pass each)."""
+    """``x <- Q_s(x)`` in place for every ``x`` of ``xs``, with the noise of all of them in one draw
+    (:meth:`Noise.vectors_each`; on CPU the values :func:`stochastic_round_` would draw for them one after
+    another, so a run rounds the same whichever path it takes). With the fused kernel on
+    (``compile=true``) each tensor goes through it (one pass each)."""
+    if not xs:
+        return
     if _FUSED.on:
         for x, s in zip(xs, scales):
             stochastic_round_(x, bits, s, noise)
         return
-    if xs and _TRITON.wanted(xs[0]):  # CUDA: a large tensor in one kernel as it comes; the rest below
-        rest = []
-        for x, s in zip(xs, scales):
-            if not (x.numel() > COLS and _TRITON.wanted(x) and _triton_sr_(x, bits, s, noise)):
-                rest.append((x, s, noise.int16_each([x.numel()])[0]))
-        xs, scales = [x for x, _, _ in rest], [s for _, s, _ in rest]
-        ts = [t.view(x.shape) for x, _, t in rest]
+    vectors = noise.vectors_each([x.numel() for x in xs])  # the noise of all tensors: one launch
+    if _TRITON.wanted(xs[0]):  # CUDA: a large tensor in one kernel with its vectors; the rest below
+        rest = [(x, s, v) for x, s, v in zip(xs, scales, vectors)
+                if not (x.numel() > COLS and _triton_ready(x, bits) and _triton_kernel_(x, bits, s, v))]
+        xs, scales, vectors = [x for x, _, _ in rest], [s for _, s, _ in rest], [v for _, _, v in rest]
         if not xs:
             return
-    else:
-        ts = [t.view(x.shape) for x, t in zip(xs, noise.int16_each([x.numel() for x in xs]))]
+    ts = [t.view(x.shape) for x, t in zip(xs, thresholds([x.numel() for x in xs], vectors, xs[0].device))]
     if bits == 1:  # the threshold's scale differs per tensor: one add each (alpha is per call)
         for x, t, s in zip(xs, ts, scales):
             x.add_(t, alpha=-s / HALF)
@@ -299,15 +320,17 @@ def use_triton(on: bool = True, interpret: bool = False) -> None:
     _TRITON.checked.clear()
 
 
-def _triton_sr_(x: torch.Tensor, bits: int, scale: float, noise: Noise) -> bool:
-    """``stochastic_round_`` of a tensor of more than COLS elements in one Triton kernel; False (nothing
-    drawn, nothing written) when the kernel is off or failed its check, so the caller rounds eagerly."""
+def _triton_ready(x: torch.Tensor, bits: int) -> bool:
+    """Whether ``x`` goes through the Triton kernel: wanted for it and, on first use of its family in this
+    process, checked against the eager passes (else switched off: the caller rounds eagerly)."""
+    return _TRITON.wanted(x) and ((bits, x.device.type) in _TRITON.checked or _triton_matches_eager(bits, x.device))
+
+
+def _triton_kernel_(x: torch.Tensor, bits: int, scale: float, vectors: tuple[torch.Tensor, ...]) -> bool:
+    """``stochastic_round_`` of a tensor of more than COLS elements in one Triton kernel, with its noise."""
     from qexp.quant import triton_sr
 
-    family = (bits, x.device.type)
-    if family not in _TRITON.checked and not _triton_matches_eager(bits, x.device):
-        return False
-    triton_sr.sr_(x.view(-1), bits, scale, *noise.vectors(x.numel()))
+    triton_sr.sr_(x.view(-1), bits, scale, *vectors)
     return True
 
 

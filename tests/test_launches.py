@@ -1,0 +1,86 @@
+"""Kernel launches per training step (qexp.run.launches): what a small network pays on a GPU, held here.
+
+A step of a small network on a GPU costs about its number of kernel launches, so a quantizer must add a
+fixed handful per step, not a few per layer. The counts are exact and machine-independent (the ATen
+operators a step dispatches; Adam on its multi-tensor path, as torch runs it on a GPU), so these tests
+compare them exactly: LeNet-5 (5 quantized layers) against ResNet-20 (20).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+import torch
+
+from qexp.run.launches import LaunchCounter, count_launches
+from tests.conftest import compose_train
+
+MODELS = {"lenet5": ["model=lenet5"],
+          "resnet20": ["model=resnet20", "dataset.channels=3", "dataset.image_size=32"]}
+
+
+def step_launches(model: str, method: list[str], step: int = 2) -> tuple[Counter[str], int]:
+    """Launches of training step ``step`` (after two warm-up steps: state, calibrations) and the host reads
+    in the method's per-step hooks."""
+    from qexp.run.session import build, train_step
+
+    cfg = compose_train(["dataset=synthetic", "dataset.train_samples=32", "dataset.test_samples=8",
+                         "batch_size=16", "+optim.foreach=true", *MODELS[model], *method])
+    torch.manual_seed(0)
+    b = build(cfg, torch.device("cpu"))
+    x, y = next(iter(b.data.train))
+    reads = [0]
+
+    def watched(fn):
+        def call(*args, **kwargs):
+            with LaunchCounter() as c:
+                out = fn(*args, **kwargs)
+            reads[0] += c.host_reads
+            return out
+        return call
+
+    for hook in ("before_forward", "after_backward", "after_step"):
+        setattr(b.method, hook, watched(getattr(b.method, hook)))
+    for i in range(step):
+        train_step(b.model.train(), b.method, b.optimizer, x, y, i)
+    reads[0] = 0
+    ops = count_launches(train_step, b.model, b.method, b.optimizer, x, y, step)
+    return ops, reads[0]
+
+
+def extra(model: str, method: list[str]) -> int:
+    return sum(step_launches(model, method)[0].values()) - sum(step_launches(model, ["method=float"])[0].values())
+
+
+@pytest.mark.parametrize("method", [["method=bc"], ["method=r", "bits=4"], ["method=r", "bits=1"]],
+                         ids=["bc", "r4", "r1"])
+def test_weight_quantization_adds_the_same_launches_whatever_the_depth(method: list[str]) -> None:
+    """Every layer's weights in one multi-tensor call per pass, and BinaryConnect's per-layer learning
+    rates in Adam's one set of calls (qexp.run.optim): as many launches for 20 layers as for 5."""
+    assert extra("lenet5", method) == extra("resnet20", method) <= 8
+
+
+def test_adam_groups_share_their_launches() -> None:
+    """bc gives each quantized layer its own Adam group (its Glorot learning-rate scale): the optimizer
+    still launches what float's one group does."""
+    def adam(method: str) -> int:
+        ops = step_launches("resnet20", [f"method={method}"])[0]
+        return sum(v for k, v in ops.items() if k.startswith("_foreach_") and k not in
+                   ("_foreach_sign", "_foreach_sign_", "_foreach_clamp_min_", "_foreach_clamp_max_"))
+
+    assert adam("bc") - adam("float") <= 3  # bc's own multi-tensor passes (add, mul), not Adam's
+
+
+def test_stochastic_rounding_draws_all_its_noise_in_one_launch() -> None:
+    for model in MODELS:
+        ops, _ = step_launches(model, ["method=sr", "bits=4"])
+        assert ops["randint"] == 1, (model, ops["randint"])
+
+
+@pytest.mark.parametrize("method", [["method=bc"], ["method=sr", "bits=4"], ["method=r", "bits=4"],
+                                    ["method=ste"], ["method=lsq"]], ids=lambda m: m[0].split("=")[1])
+def test_step_hooks_read_no_device_value(method: list[str]) -> None:
+    """The per-step hooks queue work and read nothing back (on a GPU, a read is a synchronisation;
+    tests/test_cuda.py checks the same there with CUDA's own sync detector)."""
+    assert step_launches("lenet5", method)[1] == 0
