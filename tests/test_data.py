@@ -100,3 +100,27 @@ def test_missing_data_message_names_the_files(tmp_path):
     with pytest.raises(QexpError) as e:
         mnist.load_arrays("mnist", tmp_path, download=False)
     assert "train-images-idx3-ubyte.gz" in str(e.value) and str(tmp_path) in str(e.value)
+
+
+def test_deferred_batches_gather_to_the_same_values() -> None:
+    """Seeds stacked in one process gather their batches together (``TensorLoader.defer``): the same
+    images and labels, in each seed's own order, as the batches each loader yields itself."""
+    from qexp.data.loader import Normalize, Rows, TensorLoader, same_data, stack_batches
+
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (50, 3, 4, 4), dtype=torch.uint8, generator=g)
+    labels = torch.randint(0, 10, (50,), generator=g)
+    norm = Normalize((0.1, 0.2, 0.3), (0.5, 0.6, 0.7))
+    loaders = [TensorLoader(images.clone(), labels, 16, norm, shuffle=True, seed=s) for s in range(3)]
+    assert same_data(loaders[0], loaders[1])
+    plain = [list(ld) for ld in loaders]
+    for ld in loaders:
+        ld.defer = True
+    deferred = [list(ld) for ld in loaders]
+    assert isinstance(deferred[0][0][0], Rows) and len(deferred[0][-1][0]) == 2
+    for b in range(4):
+        xs, ys = stack_batches([deferred[s][b] for s in range(3)])
+        assert torch.equal(xs, torch.stack([plain[s][b][0] for s in range(3)]))
+        assert torch.equal(ys, torch.stack([plain[s][b][1] for s in range(3)]))
+    other = TensorLoader(images.flip(0), labels, 16, norm, shuffle=True)
+    assert not same_data(loaders[0], other)

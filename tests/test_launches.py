@@ -84,3 +84,38 @@ def test_step_hooks_read_no_device_value(method: list[str]) -> None:
     """The per-step hooks queue work and read nothing back (on a GPU, a read is a synchronisation;
     tests/test_cuda.py checks the same there with CUDA's own sync detector)."""
     assert step_launches("lenet5", method)[1] == 0
+
+
+def group_launches_per_batch(k: int) -> float:
+    """Launches per batch of one epoch of ``k`` float LeNet-5 seeds stacked in one group (synthetic
+    data, 4 batches): its shared forward, backward and optimizer step, and each seed's own bookkeeping."""
+    from qexp.run import seeds
+    from qexp.run.session import Trainer, build, group_step, stack_seeds
+
+    cpu = torch.device("cpu")
+    builts = []
+    for s in range(k):
+        cfg = compose_train(["dataset=synthetic", "dataset.train_samples=64", "dataset.test_samples=8",
+                             "batch_size=16", "+optim.foreach=true", "model=lenet5", "method=float", f"seed={s}"])
+        torch.manual_seed(s)
+        builts.append(build(cfg, cpu))
+    take = group_step(stack_seeds(builts), builts)
+    trainers = [Trainer(b.model, b.method, b.optimizer, b.scheduler, b.data, cpu, 1, progress_bar=False,
+                        train_clock=seeds.StepClock()) for b in builts]
+
+    def epoch() -> None:
+        for t in trainers:
+            t.progress.batch = 0
+        assert seeds.drive([t._train_epoch() for t in trainers], take) == ["ok"] * k
+
+    epoch()
+    with LaunchCounter() as c:
+        epoch()
+    return sum(c.ops.values()) / 4
+
+
+def test_a_stacked_seed_costs_a_few_launches_more() -> None:
+    """``trainer.seeds_per_process``: the seeds' batches are gathered, normalised and tallied together, so
+    that each seed adds its two running sums to the group's step and its shuffle once an epoch (2.25 per
+    batch here; each seed cost ~12 before)."""
+    assert group_launches_per_batch(4) - group_launches_per_batch(2) <= 2 * 3

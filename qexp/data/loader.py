@@ -74,6 +74,9 @@ class TensorLoader:
         self.epoch = 0
         # data-parallel share (see shard()): this process takes positions rank::world of every batch
         self.rank, self.world, self.equal = 0, 1, False
+        #: yield shuffled batches as :class:`Rows` (their indices), gathered later by :func:`stack_batches`
+        #: together with other runs' batches of the same images (seeds stacked in one process)
+        self.defer = False
 
     def __len__(self) -> int:
         n, b = len(self.labels), self.batch_size
@@ -113,6 +116,10 @@ class TensorLoader:
         for b in range(start_batch, len(self)):
             lo, hi = b * self.batch_size, min(n, (b + 1) * self.batch_size)
             idx = order[lo:hi] if order is not None else slice(lo, hi)
+            if self.defer and order is not None and not self.augment and self.world == 1:
+                rows = Rows(self, idx)
+                yield rows, rows
+                continue
             x, y = self.images[idx], self.labels[idx]
             if self.augment:
                 x = crop_flip(x, _seeded(self.seed, self.epoch, b))
@@ -122,6 +129,43 @@ class TensorLoader:
                 if len(y) == 0:
                     continue
             yield self.normalize(x), y
+
+
+class Rows:
+    """A batch not yet gathered: its loader and row indices (a deferred loader's batch, both its images
+    and its labels); ``len`` is its number of examples."""
+
+    def __init__(self, loader: TensorLoader, idx: torch.Tensor) -> None:
+        self.loader, self.idx = loader, idx
+
+    def __len__(self) -> int:
+        return len(self.idx)
+
+    def gather(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.loader.normalize(self.loader.images[self.idx]), self.loader.labels[self.idx]
+
+
+def same_data(a: TensorLoader, b: TensorLoader) -> bool:
+    """Whether two loaders hold the same images, labels and normalisation (one gather may serve both)."""
+    def same(u: torch.Tensor, v: torch.Tensor) -> bool:
+        return u is v or (u.shape == v.shape and u.device == v.device and bool(torch.equal(u, v)))
+
+    return same(a.images, b.images) and same(a.labels, b.labels) and a.normalize == b.normalize
+
+
+def stack_batches(batches: list[tuple[object, object]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """K batches of one size as ``(K, B, ...)`` images and ``(K, B)`` labels. Deferred batches
+    (:class:`Rows`) of one loader's data are gathered and normalised in one go (a few kernels for all
+    K instead of a few each: the same values, the operations being per element)."""
+    rows = [x for x, _ in batches]
+    if all(isinstance(r, Rows) for r in rows):
+        first = rows[0].loader  # type: ignore[union-attr]
+        k, n = len(rows), len(rows[0])  # type: ignore[arg-type]
+        idx = torch.cat([r.idx for r in rows])  # type: ignore[union-attr]
+        x, y = first.normalize(first.images[idx]), first.labels[idx]
+        return x.view(k, n, *x.shape[1:]), y.view(k, n)
+    pairs = [x.gather() if isinstance(x, Rows) else (x, y) for x, y in batches]
+    return torch.stack([x for x, _ in pairs]), torch.stack([y for _, y in pairs])  # type: ignore[misc]
 
 
 def crop_flip(x: torch.Tensor, gen: torch.Generator, pad: int = 4) -> torch.Tensor:

@@ -79,9 +79,11 @@ def totals(values: tuple[torch.Tensor | float, ...], device: torch.device, reduc
 
 
 #: what a training step is given (a batch and the step number) and what it gives back (the detached loss
-#: and logits): :meth:`Engine.steps` yields the first and is sent the second
+#: and logits, optionally followed by the batch's summed loss and its number of correct predictions,
+#: when the step computed them for several runs at once): :meth:`Engine.steps` yields the first and is
+#: sent the second
 StepRequest = tuple[torch.Tensor, torch.Tensor, int]
-StepResult = tuple[torch.Tensor, torch.Tensor]
+StepResult = tuple[torch.Tensor, ...]
 
 
 T = TypeVar("T")
@@ -399,14 +401,18 @@ class Engine:
         c0 = self._compile_seconds()
         status = "ok"
         for i, (x, y) in enumerate(loader.iter_from(p.batch), start=p.batch):
-            loss, out = yield x, y, p.step
+            loss, out, *tally = yield x, y, p.step
             for cb in self._step_callbacks:
                 cb.on_step(self, loss)
             p.step += 1
             p.batch = i + 1
             seen += len(y)
-            loss_sum += batch_total(self.loss_is_sum, loss, len(y))
-            correct += (out.argmax(1) == y).sum()
+            if tally:  # computed for a whole group of seeds in one go (qexp.run.seeds)
+                loss_sum += tally[0]
+                correct += tally[1]
+            else:
+                loss_sum += batch_total(self.loss_is_sum, loss, len(y))
+                correct += (out.argmax(1) == y).sum()
             bar.update(1)
             if p.step % SYNC_EVERY == 0 or p.batch == len(loader):
                 total_loss, total_seen = self._sum(loss_sum, seen)

@@ -6,9 +6,10 @@ operators a step dispatches is the same on a CPU, so counting them here says how
 will be asked to launch, without one, and a test can hold that number (tests/test_launches.py).
 
 Counted: every operator that computes (one launch each; a ``_foreach_*`` call over many tensors is one
-launch, as CUDA's multi-tensor kernels take ~100 tensors per launch). Not counted: views, allocations
-(``empty*``), profiler markers, and ``_local_scalar_dense`` (a host read of a device value: a synchronisation on a GPU),
-which is counted apart as ``host_reads``. A proxy: a cuDNN convolution may launch a few kernels, and a
+launch, as CUDA's multi-tensor kernels take ~100 tensors per launch). Not counted: views
+(``_unsafe_view`` too), allocations (``empty*``), profiler markers, and ``_local_scalar_dense`` (a host
+read of a device value: a synchronisation on a GPU), which is counted apart as ``host_reads``. A proxy:
+a cuDNN convolution may launch a few kernels, and a
 path taken only on CUDA (a Triton kernel) is not seen on CPU.
 """
 
@@ -22,7 +23,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 #: operators that allocate or read back, launching no kernel
 _NO_KERNEL = frozenset({"empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "lift_fresh",
-                        "set_", "resize_", "_local_scalar_dense"})
+                        "set_", "resize_", "_local_scalar_dense", "_unsafe_view", "_reshape_alias"})
 
 
 class LaunchCounter(TorchDispatchMode):

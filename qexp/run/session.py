@@ -25,6 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from qexp.data import DataBundle
+from qexp.data.loader import same_data, stack_batches
 from qexp.errors import QexpError
 from qexp.methods.base import Method, RunContext, register_option, resolve_param_groups
 from qexp.quant import kernels
@@ -488,17 +489,19 @@ def stack_seeds(builts: list[Built]) -> seeds.Stack:
 
 
 def group_train_step(stack: seeds.Stack, builts: list[Built], optimizer: seeds.SharedOptimizer,
-                     requests: list[Any], active: list[int]) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+                     requests: list[Any], active: list[int]) -> dict[int, tuple[torch.Tensor, ...]]:
     """One optimizer step of every active seed of a stacked group, with every per-step hook in the order
     of :func:`train_step`: each seed's hooks on its own model; one forward, one loss (the criterion
     under ``vmap`` where it batches, else seed by seed), one backward and one optimizer step for all.
-    A seed that has finished (None) is fed an active seed's batch and left out of the loss."""
+    A seed that has finished (None) is fed an active seed's batch and left out of the loss. Each seed's
+    summed loss and correct count are computed for all seeds at once (its engine adds them to its sums)."""
     step = requests[active[0]][2]
-    xs = torch.stack([requests[i if requests[i] is not None else active[0]][0] for i in range(len(builts))])
+    fed = [i if requests[i] is not None else active[0] for i in range(len(builts))]
+    xs, ys = stack_batches([requests[i][:2] for i in fed])
     for i in active:
         builts[i].method.before_forward(builts[i].model, step)
     out = stack.forward(xs)
-    losses = _group_losses(stack, builts, out, requests, active)
+    losses = _group_losses(stack, builts, out, ys, active)
     for i in active:
         builts[i].optimizer.zero_grad(set_to_none=True)
     stack.zero_grad()
@@ -509,32 +512,39 @@ def group_train_step(stack: seeds.Stack, builts: list[Built], optimizer: seeds.S
     optimizer.step(active)
     for i in active:
         builts[i].method.after_step(builts[i].model, builts[i].optimizer)
-    return {i: (losses[j].detach(), out[i].detach()) for j, i in enumerate(active)}
+    with torch.no_grad():
+        losses, out = losses.detach(), out.detach()
+        sums = engine.batch_total(builts[active[0]].method.loss_is_sum, losses, ys.shape[1])
+        correct = (out.argmax(2) == ys).sum(1)
+    return {i: (losses[j], out[i], sums[j], correct[i]) for j, i in enumerate(active)}
 
 
-def _group_losses(stack: seeds.Stack, builts: list[Built], out: torch.Tensor, requests: list[Any],
+def _group_losses(stack: seeds.Stack, builts: list[Built], out: torch.Tensor, ys: torch.Tensor,
                   active: list[int]) -> torch.Tensor:
     """Each active seed's criterion value: one batched call when the criterion runs under ``vmap`` (the
     seeds' methods are one configuration), else one call per seed (decided on the first step)."""
     if stack.batched_criterion is not False:
         index = torch.tensor(active, device=out.device) if len(active) < len(builts) else None
-        logits = out if index is None else out.index_select(0, index)
-        ys = torch.stack([requests[i][1] for i in active])
+        logits, labels = (out, ys) if index is None else (out.index_select(0, index), ys.index_select(0, index))
         try:
-            losses = torch.func.vmap(builts[active[0]].method.criterion)(logits, ys)
+            losses = torch.func.vmap(builts[active[0]].method.criterion)(logits, labels)
             stack.batched_criterion = True
             return losses
         except Exception:  # an operation without a batching rule (one_hot of a hinge loss, ...)
             if stack.batched_criterion:
                 raise
             stack.batched_criterion = False
-    return torch.stack([builts[i].method.criterion(out[i], requests[i][1]) for i in active])
+    return torch.stack([builts[i].method.criterion(out[i], ys[i]) for i in active])
 
 
 def group_step(stack: seeds.Stack, builts: list[Built]) -> seeds.GroupStep:
     """:func:`group_train_step` of this group (with its :class:`~qexp.run.seeds.SharedOptimizer`), as
     :func:`qexp.run.seeds.drive` takes it."""
     optimizer = seeds.SharedOptimizer(stack, [b.optimizer for b in builts])
+    first = builts[0].data.train
+    if all(same_data(first, b.data.train) for b in builts[1:]):  # one gather of all seeds' batches
+        for b in builts:
+            b.data.train.defer = True
     return lambda requests, active: group_train_step(stack, builts, optimizer, requests, active)
 
 
