@@ -98,7 +98,7 @@ def test_method_contract_holds_on_cuda(option: str, tmp_path: Path, deterministi
 def test_triton_sr_kernel_gives_the_eager_bits_on_cuda(bits: int) -> None:
     """The Triton SR kernel vs the eager passes on CUDA tensors, for one large tensor and for a network's
     layers (the multi-tensor path): the same bits (CPU: Triton's interpreter, tests/test_quant_grid.py,
-    which also compares the multi-tensor path with rounding layer by layer on CUDA)."""
+    which also compares the multi-tensor path with the eager passes on the same noise on CUDA)."""
     cuda = torch.device("cuda")
     xs, big = _layers("cuda"), torch.randn(300_001, device=cuda) * 0.3
     results = []

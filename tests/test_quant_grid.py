@@ -22,6 +22,8 @@ from qexp.quant.kernels import (
     stochastic_round,
     stochastic_round_,
     stochastic_round_all_,
+    stochastic_round_with_,
+    thresholds,
 )
 from qexp.quant.straight_through import straight_through
 from qexp.quant.weight import WeightQuantizer
@@ -295,8 +297,8 @@ def _same_bits(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
 @pytest.mark.parametrize("bits", BITS)
 def test_rounding_many_tensors_at_once_is_rounding_each(bits, device):
     """The multi-tensor functions the methods call (one launch per pass for all layers on CUDA) give the
-    bit patterns of the one-tensor functions, and SR draws the same noise as rounding layer by layer in
-    order (three steps in a row: the generators stay in step)."""
+    bit patterns of the one-tensor functions with the same noise (one draw for all layers; three steps
+    in a row: the generators stay in step); on CPU that noise is what rounding layer by layer draws."""
     xs = _layers(device)
     assert _same_bits(nearest_all(xs, bits, LAYER_SCALES), [nearest(x, bits, s) for x, s in zip(xs, LAYER_SCALES)])
     each, together = _layers(device), _layers(device)
@@ -304,14 +306,20 @@ def test_rounding_many_tensors_at_once_is_rounding_each(bits, device):
         nearest_round_(x, bits, s)
     nearest_round_all_(together, bits, LAYER_SCALES)
     assert _same_bits(each, together)
-    each, together = _layers(device), _layers(device)
-    one, many = Noise(3, device), Noise(3, device)
+    each, together, given = _layers(device), _layers(device), _layers(device)
+    one, many, ref = Noise(3, device), Noise(3, device), Noise(3, device)
+    sizes = [x.numel() for x in given]
     for _ in range(3):
-        for x, s in zip(each, LAYER_SCALES):
-            stochastic_round_(x, bits, s, one)
+        if device == "cpu":  # CPU's generator stream concatenates: one draw for all is one per layer
+            for x, s in zip(each, LAYER_SCALES):
+                stochastic_round_(x, bits, s, one)
         stochastic_round_all_(together, bits, LAYER_SCALES, many)
-        assert _same_bits(each, together)
-    assert not _same_bits(each, _layers(device))  # it did round
+        for x, t, s in zip(given, thresholds(sizes, ref.vectors_each(sizes), given[0].device), LAYER_SCALES):
+            stochastic_round_with_(x, t.view(x.shape), bits, s)  # each layer's eager passes, same noise
+        assert _same_bits(given, together)
+        if device == "cpu":
+            assert _same_bits(each, together)
+    assert not _same_bits(given, _layers(device))  # it did round
 
 
 # ---- the Triton SR kernel (CUDA; here through Triton's CPU interpreter) -----------------------------------

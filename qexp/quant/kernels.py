@@ -180,7 +180,11 @@ def stochastic_round_(x: torch.Tensor, bits: int, scale: float, noise: Noise) ->
     if _FUSED.on and n >= FUSED_MIN and x.is_contiguous() and x.dtype == torch.float32:
         _fused_sr_(x, bits, scale, noise)
         return x
-    t = noise.int16(n).view(x.shape)
+    return stochastic_round_with_(x, noise.int16(n).view(x.shape), bits, scale)
+
+
+def stochastic_round_with_(x: torch.Tensor, t: torch.Tensor, bits: int, scale: float) -> torch.Tensor:
+    """``x <- Q_s(x)`` in place with the given int16 thresholds ``t`` (shaped like ``x``): the eager passes."""
     if bits == 1:
         return _binary_(x.add_(t, alpha=-scale / HALF), scale, strict=True)
     d = SymmetricGrid(bits, scale).step
