@@ -119,3 +119,18 @@ def test_a_stacked_seed_costs_a_few_launches_more() -> None:
     that each seed adds its two running sums to the group's step and its shuffle once an epoch (2.25 per
     batch here; each seed cost ~12 before)."""
     assert group_launches_per_batch(4) - group_launches_per_batch(2) <= 2 * 3
+
+
+def test_lsq_quantizer_on_a_device_is_nine_launches_and_reads_nothing(monkeypatch) -> None:
+    """LSQ's fake quantizer as it runs on a GPU (its step kept on the device): 4 launches forward, 5
+    backward (the inside test one kernel on the kept v/s, the step gradient two dot products and two
+    scalar ops), no host read of the step. It was 16 when the backward rebuilt the inside test from v."""
+    import qexp.methods.lsq as lsq
+
+    monkeypatch.setattr(lsq, "host_scalars", lambda t: False)
+    torch.manual_seed(0)
+    v, s = torch.randn(64, 16, requires_grad=True), torch.tensor(0.3, requires_grad=True)
+    grad = torch.randn(64, 16)
+    with LaunchCounter() as c:
+        lsq.lsq_quantize(v, s, 2, 1, 0.1).backward(grad)
+    assert sum(c.ops.values()) == 9 and c.host_reads == 0, c.ops
