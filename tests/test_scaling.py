@@ -132,7 +132,29 @@ def test_compile_failure_falls_back_to_eager_with_one_warning(caplog):
     assert list(wrapped.state_dict()) == ["module.weight", "module.bias"]  # the eager module's own tensors
 
 
-def _fit(method: list[str], epochs: int, compile: bool, ckpt: Path | None = None, stop_after: int | None = None):
+def test_cuda_graphs_refusals_are_one_line(tmp_path: Path):
+    """``cuda_graphs=true`` needs ``compile=true`` and a CUDA device, and refuses data parallelism: one
+    line each, before anything is written (in process), and exit 2 from the command."""
+    from conftest import compose_train
+
+    from qexp.errors import QexpError
+    from qexp.run.compiled import check
+    from qexp.run.session import check_inputs
+
+    for extra, why in ((["compile=false"], "add compile=true"), (["compile=true"], "needs a CUDA device")):
+        with pytest.raises(QexpError, match=why):
+            check_inputs(compose_train([*TINY, "device=cpu", "cuda_graphs=true", *extra]))
+    with pytest.raises(QexpError, match=r"cuda_graphs=true: trainer.devices > 1"):
+        check(torch.device("cuda"), True, True, data_parallel=True)
+    check(torch.device("cuda"), False, False, data_parallel=True)  # nothing asked: nothing refused
+    p = run_qexp(["train", f"out_root={tmp_path}", *TINY, "cuda_graphs=true"], check=False)
+    assert p.returncode == 2 and p.stderr.strip() == (
+        "error: cuda_graphs=true: it works through torch.compile: add compile=true"), p.stderr
+    assert not any(tmp_path.iterdir())
+
+
+def _fit(method: list[str], epochs: int, compile: bool, ckpt: Path | None = None, stop_after: int | None = None,
+         cuda_graphs: bool = False):
     """A tiny MLP run in-process (the engine as `qexp train` builds it)."""
     from conftest import compose_train
 
@@ -149,7 +171,7 @@ def _fit(method: list[str], epochs: int, compile: bool, ckpt: Path | None = None
         return stop_after is not None and steps["n"] >= stop_after
 
     t = Trainer(b.model, b.method, b.optimizer, b.scheduler, b.data, torch.device("cpu"), epochs, ckpt_path=ckpt,
-                should_stop=stop, progress_bar=False, compile=compile)
+                should_stop=stop, progress_bar=False, compile=compile, cuda_graphs=cuda_graphs)
     if ckpt is not None and ckpt.exists():
         t.load_state_dict(checkpoint.load(ckpt))
     return t, t.fit()
@@ -177,6 +199,33 @@ def test_compiled_training_matches_eager_and_resumes(one_thread, tmp_path: Path,
     _, resumed = _fit(method, 2, compile=True, ckpt=ckpt)
     assert resumed.status == "completed"
     for a, b in zip(straight.progress.history, resumed.progress.history):
+        assert {k: a[k] for k in EXACT} == {k: b[k] for k in EXACT}
+
+
+def test_each_compiled_run_compiles_its_own_graphs(one_thread):
+    """A sequential sweep runs its jobs in one process: a run's forward must not count against what
+    earlier runs compiled, or past Dynamo's recompile limit (8 graph variants; 1 here) the later runs
+    train eagerly while saying compile=true."""
+    with torch._dynamo.config.patch(recompile_limit=1):
+        for method in ("float", "bc"):
+            t, out = _fit([f"method={method}"], 1, compile=True)
+            assert out.extra["compile_s"] > 0 and not t.forward_model.failed, method
+
+
+def test_cuda_graphs_mode_reports_the_graphs_it_could_not_record(one_thread, caplog):
+    """The ``reduce-overhead`` path rehearsed on a CPU, where no graph can be a CUDA graph: training goes
+    through it to the numbers of plain ``compile=true`` (the same generated code), and the skipped
+    graphs are counted in the outcome (metrics.json) and said in one warning. On a GPU
+    tests/test_cuda.py asks for no skip."""
+    method = ["method=bc"]
+    _, plain = _fit(method, 1, compile=True)
+    with caplog.at_level("WARNING", logger="qexp"):
+        t, graphs = _fit(method, 1, compile=True, cuda_graphs=True)
+    assert graphs.status == "completed" and not t.forward_model.failed
+    assert graphs.extra["cuda_graph_skips"] >= 1 and "cuda_graph_skips" not in plain.extra
+    (warning,) = [r.getMessage() for r in caplog.records if "cuda_graphs" in r.getMessage()]
+    assert f"{graphs.extra['cuda_graph_skips']} compiled graph(s) ran without CUDA graphs" in warning
+    for a, b in zip(plain.progress.history, graphs.progress.history):
         assert {k: a[k] for k in EXACT} == {k: b[k] for k in EXACT}
 
 

@@ -6,6 +6,12 @@ compiled is how the run is executed, like ``trainer.devices`` (so ``compile`` is
 folder or resume check). The method's per-step hooks (rounding after the optimizer step, WAGE's update)
 stay eager; the fused SR kernel (:func:`qexp.quant.kernels.use_fused`) is switched on with it.
 
+``cuda_graphs=true`` (with ``compile=true``, on CUDA) compiles in torch.compile's ``reduce-overhead``
+mode: the compiled forward and backward are recorded once per shape as CUDA graphs and replayed, one
+launch each instead of one per kernel, which is what a small network's step is bound by on a GPU. A
+graph the compiler cannot record (it reports why under ``TORCH_LOGS=perf_hints``) runs as plain
+compiled code; the run says how many in one warning and in metrics.json (``cuda_graph_skips``).
+
 A platform without a working compiler (no C++ compiler for Inductor on CPU, no Triton on CUDA) is a user
 error found before training starts. A model the compiler cannot handle falls back to eager with one
 warning. Compilation is lazy (first step, and again for a new batch shape or eval mode); its time is
@@ -26,6 +32,25 @@ from torch import nn
 from qexp.errors import QexpError
 
 log = logging.getLogger("qexp")
+
+
+def check(device: torch.device, compile: bool, cuda_graphs: bool, data_parallel: bool) -> None:
+    """The one-line refusals of ``compile`` / ``cuda_graphs`` before any folder is made (exit 2)."""
+    if cuda_graphs:
+        why = ("it works through torch.compile: add compile=true" if not compile
+               else f"it needs a CUDA device (device={device})" if device.type != "cuda"
+               else "trainer.devices > 1 (data parallelism)" if data_parallel else None)
+        if why is not None:
+            raise QexpError(f"cuda_graphs=true: {why}")
+    if compile:
+        check_compiler(device)
+
+
+def graph_skips() -> int:
+    """How many compiled graphs torch.compile has run without CUDA graphs in this process so far."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["inductor"]["cudagraph_skips"])
 
 
 def check_compiler(device: torch.device) -> None:
@@ -164,18 +189,31 @@ class Compiled(nn.Module):
     :meth:`~qexp.methods.base.Method.compile_ready`, handed over by the run session) keeps the whole
     forward eager while it is false (a one-off warm-up such as a calibration on the first batch); once
     true it is not asked again.
+
+    ``cuda_graphs``: the ``reduce-overhead`` mode (module doc). Every call then starts a new CUDA-graph
+    generation (``cudagraph_mark_step_begin``): the previous call's outputs, which live in the graphs'
+    memory pool, may be overwritten from then on, so a caller reads its logits before the next forward
+    (the engine does). :meth:`graph_skips` counts the graphs run without CUDA graphs since construction.
     """
 
     def __init__(self, module: nn.Module, device: torch.device | str = "cpu",
-                 ready: Callable[[], bool] | None = None) -> None:
+                 ready: Callable[[], bool] | None = None, cuda_graphs: bool = False) -> None:
         super().__init__()
         if torch.device(device).type == "cpu":
             max_pools_as_aten_ops(module)
         self.module = module
         # a plain attribute, not a child module: state_dict/parameters stay the module's own
-        object.__setattr__(self, "_compiled", torch.compile(module))
+        mode = "reduce-overhead" if cuda_graphs else None
+        object.__setattr__(self, "_compiled", torch.compile(module, mode=mode))
         self.failed = False
         self._ready = ready
+        self.cuda_graphs = cuda_graphs
+        self._skips0 = graph_skips()
+
+    def graph_skips(self) -> int:
+        """Compiled graphs (forward, backward, eval: each shape) run without CUDA graphs since this wrapper
+        was made (0 without ``cuda_graphs``)."""
+        return graph_skips() - self._skips0 if self.cuda_graphs else 0
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         if self._ready is not None and self._ready():
@@ -183,6 +221,8 @@ class Compiled(nn.Module):
         if self.failed or self._ready is not None:
             return self.module(*args, **kwargs)
         try:
+            if self.cuda_graphs:
+                torch.compiler.cudagraph_mark_step_begin()
             return self._compiled(*args, **kwargs)
         except Exception as e:  # the compiler could not handle this model: eager from now on
             self.failed = True

@@ -70,13 +70,14 @@ class TrainConfig:
     objective: str = "best_val_error"
     precision: str = "32"  # 32 | bf16-mixed | 16-mixed (CUDA): conv/linear math in 16 bits (qexp.run.precision)
     compile: bool = False  # torch.compile the step's forward/backward with the method's quantizers
+    cuda_graphs: bool = False  # with compile=true on CUDA: replay the compiled graphs as CUDA graphs
     threads: int | None = None  # torch math threads; null: all cores, or cores // n_jobs in a local parallel sweep
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
 
 
 #: keys that do not change a run's result, so neither its folder nor its resume check depends on them
 VOLATILE_KEYS = ("resume", "lock", "device", "data_root", "out_root", "progress", "threads", "compile",
-                 "trainer", "objective", "tensorboard")
+                 "cuda_graphs", "trainer", "objective", "tensorboard")
 
 
 #: top-level knobs read only through interpolations (``method.bits: ${bits}``, ``method.scale:

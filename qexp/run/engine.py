@@ -174,6 +174,8 @@ class Engine:
     shared history. ``precision``: ``32``, ``bf16-mixed`` or ``16-mixed`` (:mod:`qexp.run.precision`).
     ``compile``: the training and evaluation forward (and so the backward) through
     ``torch.compile`` (:mod:`qexp.run.compiled`); compile time is counted apart, in ``compile_s``.
+    ``cuda_graphs`` (with ``compile``): compiled graphs replayed as CUDA graphs; ``cuda_graph_skips``
+    counts those that could not be.
     ``before_save(path)`` runs before every checkpoint write (a seed of a stacked group keeps its previous
     checkpoint: :mod:`qexp.run.seeds`). ``train_clock`` times the training steps (``images_per_s``); a
     stacked group's counts only the time of its shared steps.
@@ -196,6 +198,7 @@ class Engine:
         extra_state: dict[str, Any] | None = None,
         patience: int | None = None,
         compile: bool = False,
+        cuda_graphs: bool = False,
         precision: str = "32",
         loss_is_sum: bool = False,
         compile_ready: Callable[[], bool] | None = None,
@@ -228,8 +231,12 @@ class Engine:
         self.eval_model = model
         self.compile_clock: CompileClock | None = None
         if compile:
-            self.forward_model = Compiled(self.forward_model, device, compile_ready)
-            self.eval_model = self.forward_model if parallel is None else Compiled(model, device, compile_ready)
+            # a run compiles its own graphs: what earlier runs of this process (a sequential sweep)
+            # compiled would count towards Dynamo's recompile limit (8), past which it runs eagerly
+            torch._dynamo.reset()
+            self.forward_model = Compiled(self.forward_model, device, compile_ready, cuda_graphs)
+            self.eval_model = (self.forward_model if parallel is None
+                               else Compiled(model, device, compile_ready, cuda_graphs))
             self.compile_clock = CompileClock()
         self.progress = Progress()
 
@@ -335,6 +342,12 @@ class Engine:
             outcome.extra["compile_s"] = round(self.progress.compile_s, 3)
             log.info("compile=true: %.1f s compiling (not counted in images_per_s)%s", self.progress.compile_s,
                      "; fell back to eager" if self.forward_model.failed else "")
+            if self.forward_model.cuda_graphs:
+                skips = self.forward_model.graph_skips()
+                outcome.extra["cuda_graph_skips"] = skips
+                if skips:
+                    log.warning("cuda_graphs=true: %d compiled graph(s) ran without CUDA graphs "
+                                "(TORCH_LOGS=perf_hints says why)", skips)
         if self.parallel is not None:  # bit-identical weights (as used) and method state on every process?
             outcome.extra.update(self.parallel.summary(self.model, self._method_state()))
         for cb in self.callbacks:

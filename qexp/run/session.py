@@ -128,9 +128,14 @@ def check_inputs(cfg: DictConfig) -> Method:
         raise QexpError(f"trainer.devices must be at least 1, got {cfg.trainer.devices}")
     device = resolve_device(cfg.device)  # device=cuda:N that is not there
     precision.check(cfg.precision, device)  # 16-mixed off CUDA
-    if cfg.compile:
-        compiled.check_compiler(device)  # compile=true without a working compiler
+    # compile=true without a working compiler, cuda_graphs=true off CUDA or without compile=true
+    compiled.check(device, bool(cfg.compile), bool(cfg.cuda_graphs), _data_parallel(cfg))
     return build_method(cfg)
+
+
+def _data_parallel(cfg: DictConfig) -> bool:
+    """Whether the run is one process of several (``trainer.devices > 1``, or launched by torchrun)."""
+    return int(cfg.trainer.devices) > 1 or bool(distributed.env_ranks())
 
 
 def build_method(cfg: DictConfig) -> Method:
@@ -398,8 +403,7 @@ def train(cfg: DictConfig, run_dir: Path, ctx: distributed.Context = distributed
     device = resolve_device(cfg.device)
     device = distributed.rank_device(device, ctx.local_rank) if ctx.enabled else device
     resources.log_threads()
-    if cfg.compile:
-        compiled.check_compiler(device)
+    compiled.check(device, bool(cfg.compile), bool(cfg.cuda_graphs), ctx.enabled)
     kernels.use_fused(bool(cfg.compile), device, probe=False)  # per run: a sweep's runs may differ
     if built is None:
         torch.manual_seed(cfg.seed)
@@ -414,6 +418,7 @@ def train(cfg: DictConfig, run_dir: Path, ctx: distributed.Context = distributed
                           should_stop=stop.is_set, progress_bar=cfg.progress if main else False,
                           callbacks=_callbacks(cfg, run_dir, meta, b) if main else [], parallel=parallel,
                           extra_state={"config": fingerprint}, patience=cfg.patience, compile=bool(cfg.compile),
+                          cuda_graphs=bool(cfg.cuda_graphs),
                           precision=str(cfg.precision))
         if cfg.resume and ckpt.exists():
             _resume(trainer, checkpoint.load(ckpt, map_location=device), run_dir, fingerprint, ignored)
@@ -467,7 +472,7 @@ def check_seeds(cfg: DictConfig, method: Method) -> int:
         raise QexpError(f"trainer.seeds_per_process must be a whole number of at least 1, got {k}")
     if k == 1:
         return 1
-    why = ("trainer.devices > 1 (data parallelism)" if int(cfg.trainer.devices) > 1 or distributed.env_ranks()
+    why = ("trainer.devices > 1 (data parallelism)" if _data_parallel(cfg)
            else "compile=true" if cfg.compile
            else f"precision={cfg.precision} (it needs precision=32)" if str(cfg.precision) != "32"
            else f"method={method.name} (its seeds cannot be stacked into one vectorised model; see docs/scaling.md)"
