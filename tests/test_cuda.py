@@ -3,8 +3,8 @@ of the suite computes on the CPU whatever the machine (tests/conftest.py sets ``
 exact numbers and floors were measured there), so these tests ask for ``device=cuda`` themselves.
 
 - every method option as typed learns on ``device=cuda`` (the CPU-measured floors of test_as_typed);
-- ``precision=16-mixed`` / ``bf16-mixed`` and ``compile=true`` train; ``device=cuda:N`` runs on GPU N;
-- ``cuda_graphs=true`` trains the step-goal methods with every compiled graph recorded as a CUDA graph;
+- ``device=cuda:N`` runs on GPU N (the precisions, ``compile=true`` and ``cuda_graphs=true``:
+  tests/test_cuda_compile.py, a file of its own so that the GPU suite's workers run the two at once);
 - the method contract (train, stop + resume bit-identical, manifest, state round trip, export) holds on
   the GPU for bc and sr, with deterministic kernels;
 - the Triton SR kernel gives the eager kernel's bits on CUDA tensors (the multi-tensor rounding is
@@ -40,36 +40,6 @@ def test_every_method_as_typed_learns_on_cuda(tmp_path: Path, data_root: Path) -
     runs = sweep_as_typed(tmp_path / "all", data_root, ("device=cuda",))
     assert {m["device"] for m in runs.values()} == {"cuda:0"}
     check_learned(runs)
-
-
-def test_precisions_and_compile_train_on_cuda(tmp_path: Path, data_root: Path) -> None:
-    """16-bit math (float16 with a loss scaler, bfloat16) and torch.compile (Triton) on the GPU: each run
-    completes and learns (above what a constant answer scores; no floor was measured on a GPU)."""
-    common = [*COMMAND, "device=cuda", f"data_root={data_root}"]
-    run_qexp([*common, "method=float,bc,sr", "precision=16-mixed,bf16-mixed", f"out_root={tmp_path / 'amp'}"],
-             timeout=900)
-    run_qexp([*common, "method=float,bc,sr", "compile=true", f"out_root={tmp_path / 'compiled'}"], timeout=900)
-    for name, expected in (("amp", 6), ("compiled", 3)):
-        runs = [read_metrics(d) for d in find_runs(tmp_path / name)]
-        assert len(runs) == expected
-        for m in runs:
-            assert m["status"] == "completed" and m["device"] == "cuda:0", m.get("error")
-            assert m["test_acc"] >= ABOVE_CONSTANT, (name, m["method"], m["test_acc"])
-
-
-def test_cuda_graphs_train_every_weight_and_activation_method(tmp_path: Path, data_root: Path) -> None:
-    """``compile=true cuda_graphs=true``: LeNet-5 steps replayed as CUDA graphs for float and the methods
-    of the GPU step goal (bc, sr, r, ste, lsq): every run completes and learns, and no compiled graph
-    (training forward and backward, evaluation) ran without CUDA graphs."""
-    run_qexp([*COMMAND, "device=cuda", f"data_root={data_root}", "method=float,bc,sr,r,ste,lsq", "compile=true",
-              "cuda_graphs=true", "hydra/launcher=local_parallel", f"out_root={tmp_path}"], timeout=900)
-    runs = [read_metrics(d) for d in find_runs(tmp_path)]
-    assert len(runs) == 6
-    for m in runs:
-        assert m["status"] == "completed" and m["device"] == "cuda:0", m.get("error")
-        assert m["cuda_graph_skips"] == 0, (m["method"], m["cuda_graph_skips"])
-        if m["method"] != "r":  # R as typed does not learn on 2000 images (test_as_typed's FROZEN)
-            assert m["test_acc"] >= ABOVE_CONSTANT, (m["method"], m["test_acc"])
 
 
 def test_stacked_seeds_learn_on_cuda(tmp_path: Path, data_root: Path) -> None:

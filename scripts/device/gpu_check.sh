@@ -3,7 +3,7 @@
 # within the machine's idle window so it stays warm):
 #
 #   bash scripts/device/gpu_check.sh bench    # environment, bench_weight, bench_compile, bench_seeds, bench_vgg (~9 min)
-#   bash scripts/device/gpu_check.sh suite    # the whole test suite with tests/test_cuda.py (~9 min)
+#   bash scripts/device/gpu_check.sh suite    # the whole test suite with tests/test_cuda*.py (~9 min)
 #
 # Run scripts/device/prepare.sh first (it fills .gpu/, carried with carry: [".gpu"]). Each stage writes its
 # log to a scratch folder and $OUT/gpu_check-<what>.tar.gz is re-packed after every stage, so a call cut
@@ -84,7 +84,7 @@ case $WHAT in
     stage bench_seeds 100 "$PY" scripts/bench_seeds.py --device "$DEVICE" --k 8 --images 10000 --rounds 3
     stage bench_vgg 120 "$PY" scripts/bench_vgg.py --device "$DEVICE" --images "${VGG_IMAGES:-10000}" --rounds 4
     ;;
-  suite)  # tests/test_cuda.py and the rest (pinned to the CPU by tests/conftest.py) in one run
+  suite)  # tests/test_cuda*.py and the rest (pinned to the CPU by tests/conftest.py) in one run
     stage suite "${SUITE_LIMIT:-520}" "$PY" -m pytest -p no:cacheprovider -n "${WORKERS:-14}" -v --tb=short -rfE \
       -k "not fashion_mnist" ${SUITE_ARGS:-}
     ;;
