@@ -229,12 +229,16 @@ def test_cuda_graphs_mode_reports_the_graphs_it_could_not_record(one_thread, cap
         assert {k: a[k] for k in EXACT} == {k: b[k] for k in EXACT}
 
 
-@pytest.mark.parametrize("method", ["ste", "wage"])
+@pytest.mark.parametrize("method", ["ste", "wage", "lsq"])
 def test_compiled_lenet5_is_one_graph_and_matches_eager(one_thread, method: str):
     """LeNet-5 compiled: STE's first-batch calibration runs eagerly, then the compiled forward takes over
     without falling back (it once failed inside Dynamo and trained eagerly with only a warning) and,
-    for STE, without graph breaks (max-pooling is an opaque ATen op, not a break that made Dynamo
-    compile every later layer apart); logits and the step's loss agree with eager."""
+    for STE and LSQ, without graph breaks (max-pooling is an opaque ATen op, not a break that made Dynamo
+    compile every later layer apart; LSQ's step is not read as a host number under compile, which broke
+    the graph at every quantizer and recompiled each per shape); the compiled logits agree with the eager
+    forward of the same weights, and the training losses with an eager run's. LSQ's losses only to 1e-2:
+    its 2-bit quantizers turn float-level differences of the compiled BatchNorm and reductions into
+    whole-step differences of a few weights after the first update (its first-step loss is held tight)."""
     from conftest import compose_train
     from torch._dynamo.utils import counters
 
@@ -256,13 +260,15 @@ def test_compiled_lenet5_is_one_graph_and_matches_eager(one_thread, method: str)
         b.model.train()
         x = next(iter(b.data.train))[0]
         with torch.no_grad():
-            out = (fwd or b.model)(x)
-        runs.append((losses, out, fwd, dict(counters["graph_break"])))
-    (eager_losses, eager_out, _, _), (losses, out, fwd, breaks) = runs
+            out, eager_out = (fwd or b.model)(x), b.model(x)
+        runs.append((losses, out, eager_out, fwd, dict(counters["graph_break"])))
+    eager_losses = runs[0][0]
+    losses, out, eager_out, fwd, breaks = runs[1]
     assert not fwd.failed
-    if method == "ste":
+    if method != "wage":
         assert not breaks, breaks
-    assert losses == pytest.approx(eager_losses, rel=1e-4, abs=1e-5)
+    assert losses[0] == pytest.approx(eager_losses[0], rel=1e-5)
+    assert losses == pytest.approx(eager_losses, rel=1e-2 if method == "lsq" else 1e-4, abs=1e-5)
     assert torch.allclose(out, eager_out, rtol=1e-4, atol=1e-4)
 
 

@@ -29,6 +29,7 @@ from qexp.methods.base import Method, RunContext
 from qexp.quant.format import float_format, uniform
 from qexp.quant.format import row as format_row
 from qexp.quant.inject import attach_weight_quantizer, shadow_weight, weight_quantizer
+from qexp.quant.kernels import host_scalars
 from qexp.quant.layers import FLOAT_BITS, LayerPlan, check_bits, plan_layers
 
 #: steps are kept above this after every optimizer step (a step must stay positive)
@@ -47,26 +48,24 @@ def init_step(v: torch.Tensor, q_p: int) -> float:
     return max(2.0 * float(v.detach().abs().mean()) / math.sqrt(q_p), MIN_STEP)
 
 
-def host_scalars(t: torch.Tensor) -> bool:
-    """Whether the backward may read the step as a host number (free on CPU, a device sync elsewhere)."""
-    return t.device.type == "cpu"
-
-
 class LSQFunction(torch.autograd.Function):
     """``v_hat`` forward; straight-through ``dv`` and the scaled step gradient in one backward.
 
     The step gradient ``g * sum(grad * (q - (v/s) 1{inside}))`` with ``q = v_hat / s`` is computed as
-    ``g * (<grad, v_hat> - <grad_v, v>) / s`` on a CPU (host bounds, one-pass kernels) and as
-    ``g * (<grad, v_hat> / s - <grad_v, v/s>)`` on a device, where ``v/s`` is kept from the forward so
-    that the inside test is one kernel against constant bounds: two dot products, no per-element factor
-    tensor, and no host read of ``s`` (9 launches a quantizer, forward and backward, instead of 16).
+    ``g * (<grad, v_hat> - <grad_v, v>) / s`` on the host path (a CPU in eager mode: ``s`` read as a host
+    number, one-pass kernels with scalar bounds) and as ``g * (<grad, v_hat> / s - <grad_v, v/s>)`` on
+    the device path (a GPU, or any device under torch.compile: :func:`qexp.quant.kernels.host_scalars`),
+    where ``v/s`` is kept from the forward so that the inside test is one kernel against constant
+    bounds: two dot products, no per-element factor tensor, no host read of ``s`` (9 launches a
+    quantizer, forward and backward, instead of 16). The forward records which path it took.
     """
 
     @staticmethod
     def forward(ctx: Any, v: torch.Tensor, s: torch.Tensor, q_n: int, q_p: int,  # type: ignore[override]
                 g: float) -> torch.Tensor:
         ctx.q_n, ctx.q_p, ctx.g = q_n, q_p, g
-        if host_scalars(v):  # scalar arithmetic: several times faster than 0-dim tensor broadcasts on CPU
+        ctx.host = host_scalars(v)
+        if ctx.host:  # scalar arithmetic: several times faster than 0-dim tensor broadcasts on CPU
             sf = float(s)
             out = v.mul(1.0 / sf).round_().clamp_(-q_n, q_p).mul_(sf)
             ctx.save_for_backward(v, s, out)
@@ -78,8 +77,8 @@ class LSQFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor):  # type: ignore[override]
-        t, s, out = ctx.saved_tensors  # t: v on a CPU, v/s on a device
-        host = host_scalars(t)
+        t, s, out = ctx.saved_tensors  # t: v on the host path, v/s on the device path
+        host = ctx.host
         if host:  # one-pass kernel with host bounds
             sf = float(s)
             grad_v = torch.ops.aten.hardtanh_backward(grad, t, -ctx.q_n * sf, ctx.q_p * sf)

@@ -21,12 +21,8 @@ from qexp.methods.dorefa import DoReFa
 from qexp.quant.activation import max_index
 from qexp.quant.format import float_format, uniform
 from qexp.quant.format import row as format_row
+from qexp.quant.kernels import host_scalars
 from qexp.quant.layers import FLOAT_BITS
-
-
-def host_scalars(t: torch.Tensor) -> bool:
-    """Whether alpha may be read as a host number (free on CPU, a device sync elsewhere)."""
-    return t.device.type == "cpu"
 
 
 class PACTFunction(torch.autograd.Function):

@@ -22,6 +22,7 @@ from torch import nn
 from qexp.errors import QexpError, check_choice
 from qexp.quant.format import LayerFormat, uniform
 from qexp.quant.inject import replace_modules
+from qexp.quant.kernels import host_scalars
 
 ESTIMATORS = ("identity", "relu", "clipped_relu")
 STAIRCASES = ("ceil", "round")
@@ -162,7 +163,7 @@ class LearnedQuantReLUFunction(torch.autograd.Function):
         g_inside = None
         if bits > 1 and (ctx.needs_input_grad[1] or estimator == "clipped_relu"):
             hi = alpha * max_index(bits)
-            if x.device.type == "cpu":  # a host scalar costs nothing here and allows the one-pass kernel
+            if host_scalars(x):  # a host scalar costs nothing here and allows the one-pass kernel
                 g_inside = torch.ops.aten.hardtanh_backward(grad, x, 0.0, float(hi))
             else:  # on a GPU, keep alpha on the device (no sync): mask and multiply
                 g_inside = grad * ((x > 0) & (x < hi))

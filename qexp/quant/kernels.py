@@ -317,6 +317,14 @@ def _triton_available() -> bool:
 _TRITON = _Triton()
 
 
+def host_scalars(t: torch.Tensor) -> bool:
+    """Whether a learned 0-dim parameter used with ``t`` (LSQ's step, PACT's and STE's alpha) may be read
+    as a host number, for the one-pass kernels that take scalar bounds: on a CPU in eager mode only. On
+    a GPU a read is a device synchronisation; under ``torch.compile`` it is a graph break (every
+    quantizer its own frame, recompiled per shape until Dynamo's limit, then eager)."""
+    return t.device.type == "cpu" and not torch.compiler.is_compiling()
+
+
 def use_triton(on: bool = True, interpret: bool = False) -> None:
     """Switch the Triton SR kernel on or off for this process (``interpret``: CPU tensors too, through
     ``TRITON_INTERPRET=1``, set before Triton is imported). Off, CUDA tensors take the eager passes."""
