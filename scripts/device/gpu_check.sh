@@ -2,7 +2,7 @@
 # The GPU checks of issue 25 as two prepared calls of the device tool (each under 600 s; run the second
 # within the machine's idle window so it stays warm):
 #
-#   bash scripts/device/gpu_check.sh bench    # environment, bench_weight, bench_compile, bench_seeds, bench_vgg (~9 min)
+#   bash scripts/device/gpu_check.sh bench    # environment, bench_weight, bench_compile, bench_seeds, bench_vgg (<= 6 min)
 #   bash scripts/device/gpu_check.sh suite    # the whole test suite with tests/test_cuda*.py (~9 min)
 #
 # Run scripts/device/prepare.sh first (it fills .gpu/, carried with carry: [".gpu"]). Each stage writes its
@@ -76,13 +76,13 @@ stage env 60 bash -c "date -u; nvidia-smi || true; $PY -c 'import torch, triton;
 case $WHAT in
   bench)
     # eager step ratios and the SR kernel (the launch counts are the same on any machine: not re-run here)
-    stage bench_weight 140 "$PY" scripts/bench_weight.py --part steps --device "$DEVICE" --rounds 7
-    stage bench_kernel 40 "$PY" scripts/bench_weight.py --part kernel --device "$DEVICE" --rounds 7
+    stage bench_weight 90 "$PY" scripts/bench_weight.py --part steps --device "$DEVICE" --rounds 7
+    stage bench_kernel 30 "$PY" scripts/bench_weight.py --part kernel --device "$DEVICE" --rounds 7
     # compile=true cuda_graphs=true step ratios (the route for ste and lsq), LeNet-5 first
-    stage bench_graphs 150 "$PY" scripts/bench_compile.py --device "$DEVICE" --modes eager,graphs \
+    stage bench_graphs 120 "$PY" scripts/bench_compile.py --device "$DEVICE" --modes eager,graphs \
       --methods float,bc,sr,r,ste,lsq --models lenet5,resnet20 --rounds 5
-    stage bench_seeds 100 "$PY" scripts/bench_seeds.py --device "$DEVICE" --k 8 --images 10000 --rounds 3
-    stage bench_vgg 120 "$PY" scripts/bench_vgg.py --device "$DEVICE" --images "${VGG_IMAGES:-10000}" --rounds 4
+    stage bench_seeds 60 "$PY" scripts/bench_seeds.py --device "$DEVICE" --k 8 --images 10000 --rounds 3
+    stage bench_vgg 60 "$PY" scripts/bench_vgg.py --device "$DEVICE" --images "${VGG_IMAGES:-10000}" --rounds 4
     ;;
   suite)  # tests/test_cuda*.py and the rest (pinned to the CPU by tests/conftest.py) in one run
     stage suite "${SUITE_LIMIT:-520}" "$PY" -m pytest -p no:cacheprovider -n "${WORKERS:-14}" -v --tb=short -rfE \
