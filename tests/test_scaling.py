@@ -236,9 +236,9 @@ def test_compiled_lenet5_is_one_graph_and_matches_eager(one_thread, method: str)
     for STE and LSQ, without graph breaks (max-pooling is an opaque ATen op, not a break that made Dynamo
     compile every later layer apart; LSQ's step is not read as a host number under compile, which broke
     the graph at every quantizer and recompiled each per shape); the compiled logits agree with the eager
-    forward of the same weights, and the training losses with an eager run's. LSQ's losses only to 1e-2:
-    its 2-bit quantizers turn float-level differences of the compiled BatchNorm and reductions into
-    whole-step differences of a few weights after the first update (its first-step loss is held tight)."""
+    forward of the same weights, and the training losses with an eager run's. LSQ's losses only to 1e-2
+    after the first update (the first step's loss is held tight): its compiled gradients are off (the
+    Inductor layout issue of the xfail test below)."""
     from conftest import compose_train
     from torch._dynamo.utils import counters
 
@@ -270,6 +270,34 @@ def test_compiled_lenet5_is_one_graph_and_matches_eager(one_thread, method: str)
     assert losses[0] == pytest.approx(eager_losses[0], rel=1e-5)
     assert losses == pytest.approx(eager_losses, rel=1e-2 if method == "lsq" else 1e-4, abs=1e-5)
     assert torch.allclose(out, eager_out, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.xfail(strict=True, reason="torch 2.14.1 Inductor on CPU: with its channels-last layout optimisation "
+                   "the compiled backward of LeNet-5 with quantized convs (lsq, bc) gives conv weight gradients "
+                   "5-12% off eager's (aot_eager and layout_optimization=False match); not fixed yet")
+def test_compiled_lsq_lenet5_gradients_are_eager_ones(one_thread):
+    """The first step's gradients of compiled LeNet-5 LSQ are eager's, to float reassociation."""
+    from conftest import compose_train
+
+    from qexp.run.compiled import Compiled
+    from qexp.run.session import build
+
+    cfg = compose_train(["dataset=synthetic", "model=lenet5", "method=lsq", "dataset.train_samples=64",
+                         "dataset.test_samples=64", "device=cpu"])
+    grads = []
+    for compiled in (False, True):
+        torch._dynamo.reset()
+        torch.manual_seed(0)
+        b = build(cfg, torch.device("cpu"))
+        x, y = next(iter(b.data.train))
+        b.model.train()
+        fwd = Compiled(b.model, ready=functools.partial(b.method.compile_ready, b.model)) if compiled else b.model
+        b.method.criterion(fwd(x), y).backward()
+        assert not compiled or not fwd.failed
+        grads.append({n: p.grad for n, p in b.model.named_parameters() if p.grad is not None})
+    eager, comp = grads
+    for n, g in eager.items():
+        assert (g - comp[n]).abs().max() <= 5e-3 * g.abs().max(), n  # a step's: ~5e-4 (two dot products)
 
 
 def test_compiled_bc_forward_compiles_once_and_stops_quantizing_ahead(one_thread):
