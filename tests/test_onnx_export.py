@@ -73,13 +73,7 @@ def _initializers(model) -> dict[str, int]:
     return {i.name: i.data_type for i in model.graph.initializer}
 
 
-DOREFA_OFF_GRID = ("DoReFa evaluates with straight-through weights u + (q/n - u), off its grid by float rounding; "
-                   "the ONNX codes decode to the grid itself, and with BatchNorm and 2-bit activations that moved "
-                   "8 of 10,000 answers (19.01% vs the run's 19.09%): the export refuses, nothing written")
-
-
-@pytest.mark.parametrize("label", [pytest.param(m, marks=pytest.mark.xfail(strict=False, reason=DOREFA_OFF_GRID))
-                                   if m == "dorefa" else m for m in WEIGHT_ONLY + WITH_ACTIVATIONS])
+@pytest.mark.parametrize("label", WEIGHT_ONLY + WITH_ACTIVATIONS)
 def test_onnx_round_trip_reproduces_the_test_error(runs: dict[str, Path], label: str, tmp_path: Path) -> None:
     from qexp.run.export import export_run
 
@@ -104,9 +98,9 @@ def test_onnx_round_trip_reproduces_the_test_error(runs: dict[str, Path], label:
     else:
         assert abs(got - expected) <= 0.05 and same >= 0.99
         assert "QuantizeLinear" in ops and quant["activations"]
-        for a in quant["activations"]:  # PACT's float last-layer input is a clip alone
+        for a in quant["activations"]:  # PACT's and DoReFa's float last-layer input is a clip alone
             if a["rounding"] == "clip":
-                assert label == "pact" and a["bits"] == 32 and a["storage"] == "float32"
+                assert label in ("pact", "dorefa") and a["bits"] == 32 and a["storage"] == "float32"
             else:
                 assert a["storage"] in ("uint8", "int8") and 1 <= a["bits"] <= 8
     if label in ("float", "ste"):  # float weights (ste quantizes activations only, by default)
@@ -170,3 +164,21 @@ def test_onnx_refuses_wage_in_one_line(runs: dict[str, Path], tmp_path: Path, ca
 def test_export_help_lists_the_formats() -> None:
     out = run_qexp(["export", "--help"]).stdout
     assert "--format {qexp,onnx}" in out and "--fold-bn" in out
+
+
+def test_a_module_swap_the_plan_does_not_write_is_refused() -> None:
+    """The deployed network is the plain architecture plus the plan: a module the method swapped in that
+    the plan does not cover (DoReFa's clip once went out as the architecture's ReLU) is refused."""
+    from torch import nn
+
+    from qexp.errors import QexpError
+    from qexp.run.onnx_export import ActGrid, Plan, check_module_swaps
+
+    fresh = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+    run_model = nn.Sequential(nn.Linear(4, 4), nn.Hardtanh(0.0, 1.0), nn.Linear(4, 2))
+    with pytest.raises(QexpError, match="module 1 is a Hardtanh in the run but a ReLU"):
+        check_module_swaps(run_model, fresh, Plan())
+    plan = Plan()
+    plan.relus["1"] = ActGrid(1.0, 0, 1, 32, "clip")
+    check_module_swaps(run_model, fresh, plan)
+    check_module_swaps(fresh, fresh, Plan())

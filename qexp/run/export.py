@@ -316,6 +316,7 @@ def _export_onnx(run: Any, run_dir: Path, out: Path, deployed: nn.Module, manife
                         "pip install 'qexp[export]'") from e
     method = run.built.method
     plan = ox.read_plan(method, deployed, manifest)
+    ox.check_module_swaps(deployed, fresh, plan)
     keys = set(fresh.state_dict())
     full = plain_state_dict(deployed)
     if not keys <= set(full):

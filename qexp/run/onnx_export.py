@@ -35,6 +35,7 @@ from torch.nn.utils import parametrize
 
 from qexp.errors import QexpError
 from qexp.quant.format import LayerFormat, weight_formats
+from qexp.quant.layers import FLOAT_BITS
 
 OPSET = 13
 ONNX_FILE = "model.onnx"
@@ -294,6 +295,8 @@ def read_plan(method: Any, model: nn.Module, manifest: dict[str, Any]) -> Plan:
             else:  # pact_quantize: clamp(x, 0, a) * (n / a), rounded, times a / n
                 n = max_index(module.bits)
                 plan.relus[lname] = ActGrid(a / n, 0, n, module.bits, multiply=n / a)
+        elif isinstance(module, nn.Hardtanh) and module.min_val == 0:  # DoReFa's float last-layer input
+            plan.relus[lname] = ActGrid(float(module.max_val), 0, 1, FLOAT_BITS, "clip")
         elif type(module).__name__ == "LSQInput":
             from qexp.methods.lsq import qrange
 
@@ -322,6 +325,21 @@ def read_plan(method: Any, model: nn.Module, manifest: dict[str, Any]) -> Plan:
                             f"{row.bits} bits ({row.kind}) that ONNX DequantizeLinear can decode; refused")
         plan.weights[lname] = g
     return plan
+
+
+def check_module_swaps(model: nn.Module, fresh: nn.Module, plan: Plan) -> None:
+    """Every module the method swapped in (a ReLU that became a quantizer or a clip) is one the plan
+    writes: the deployed network is the plain architecture plus the plan, so a swap the plan does not
+    cover would be exported as the architecture's original module (DoReFa's clipped last input once
+    went out as a ReLU). Refused in one line rather than exported approximately."""
+    original = dict(fresh.named_modules())
+    for lname, module in model.named_modules():
+        kind = parametrize.type_before_parametrizations(module)
+        was = original.get(lname)
+        if was is not None and kind is not type(was) and lname not in plan.relus:
+            raise QexpError(f"module {lname} is a {kind.__name__} in the run but a {type(was).__name__} in the "
+                            "plain architecture, and ONNX export does not know how to write it; refused rather "
+                            "than exported approximately")
 
 
 # ---- building the deployed float-architecture model -------------------------------------------------
