@@ -63,3 +63,18 @@ def test_parallel_search_reruns_skip_finished_trials_and_table_shows_them(tmp_pa
     assert lines[0].startswith("| lr | method.lr_scale | best_val_error |")
     assert len(lines) == 1 + 2 and "**" in lines[1]  # the best trial first, in bold
     assert f"best configuration: lr={best['best_params']['lr']}" in table
+
+
+@pytest.mark.slow
+def test_an_unseeded_search_reruns_the_same_trials(tmp_path: Path) -> None:
+    """A search of one's own (no preset) with the plugin's unseeded sampler: the sampler takes the run's
+    seed, so a rerun proposes the same trials and retrains none (it used to draw new ones)."""
+    out = tmp_path / "out"
+    args = ["train", "--multirun", "hydra/sweeper=optuna", "lr=interval(0.0001, 0.03)",
+            "hydra.sweeper.n_trials=2", "hydra.sweeper.n_jobs=1", *SMALL, f"out_root={out}", "seed=3"]
+    first = run_qexp(args, env={"OMP_NUM_THREADS": "1"})
+    runs = find_runs(out)
+    assert len(runs) == 2, first.stdout + first.stderr
+    again = run_qexp(args, env={"OMP_NUM_THREADS": "1"})
+    assert find_runs(out) == runs and again.stdout.count("not retrained") == 2, again.stdout + again.stderr
+    assert "Optuna sampler seed 3 (the run's seed" in first.stdout + first.stderr

@@ -7,21 +7,24 @@ epoch). Test metrics are never an objective, and a search without a validation s
 (``dataset.val_size=0``) is refused before any job starts (:class:`InputCheck`, a Hydra callback run in
 the launching process), with one line and exit status 2.
 
-A rerun of the same command skips the finished trials: the sampler is seeded, so it proposes the same
-configurations, whose run folders are complete and are not retrained (their recorded objective is
-returned again).
+A rerun of the same command skips the finished trials: the sampler is seeded (an unseeded one takes
+the run's ``seed``: :func:`seed_sampler`), so it proposes the same configurations, whose run folders are
+complete and are not retrained (their recorded objective is returned again).
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import sys
 from typing import Any
 
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig
+from omegaconf import DictConfig, open_dict, read_write
 
 from qexp.errors import QexpError
+
+log = logging.getLogger(__name__)
 
 #: what an Optuna search may minimise: validation errors, never a test metric
 OBJECTIVES = ("best_val_error", "val_error")
@@ -93,3 +96,17 @@ class InputCheck(Callback):
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         self._refuse(config, search=True)
+        if is_optuna(config.hydra):
+            seed_sampler(config)
+
+
+def seed_sampler(config: DictConfig) -> None:
+    """An Optuna sampler left unseeded (the plugin's default) takes the run's ``seed``, so that a rerun of
+    the same command proposes the same trials and skips the finished ones instead of drawing new ones.
+    Called before Hydra instantiates the sweeper from this config; a seed given (presets give 0) is kept."""
+    sampler = config.hydra.sweeper.get("sampler")
+    if sampler is None or "seed" not in sampler or sampler.seed is not None:
+        return
+    with read_write(config), open_dict(config):
+        sampler.seed = int(config.get("seed") or 0)
+    log.info("Optuna sampler seed %d (the run's seed; hydra.sweeper.sampler.seed=N sets another)", sampler.seed)
