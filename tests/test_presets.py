@@ -342,5 +342,6 @@ def test_bc2015_mnist_is_the_official_mnist_script() -> None:
     opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=cfg.lr)
     sched = exp(opt, epochs=cfg.epochs, final_ratio=cfg.sched.final_ratio)
     for _ in range(cfg.epochs - 1):
+        opt.step()  # no gradient: nothing moves; the order torch expects (no warning)
         sched.step()
     assert opt.param_groups[0]["lr"] == pytest.approx(3e-6, rel=1e-6)  # LR_fin at the last epoch
