@@ -21,7 +21,8 @@ T = ["dataset=synthetic", "model=mlp", "model.width=16", "model.depth=1", "model
 BAD = {"epochs": "epochs=0", "batch_size": "batch_size=0", "eval_batch_size": "eval_batch_size=0",
        "bits": "bits=0", "lr": "lr=-1", "subset": "dataset.train_subset=99999", "bc_bits": "bits=9",
        "lock": "lock=sometimes", "type": "epochs=abc", "key": "methd=sr", "option": "method=nonexist",
-       "interpolation": "lr=${foo}"}
+       "interpolation": "lr=${foo}", "cosine_ratio": "sched=cosine sched.final_ratio=-1",
+       "exp_ratio": "sched=exp sched.final_ratio=0"}
 
 
 def runs(root: Path) -> list[Path]:
@@ -36,7 +37,7 @@ def launched(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
         "explicit": {"argv": [*T, "epochs=1", "optim=adam", "lr=0.001", "sched=constant", f"out_root={out}/id"]},
         "differs": {"argv": [*T, "epochs=2", f"out_root={out}/id"]},
         "grid": {"argv": ["--multirun", *T, "method=float,bc", "bits=1,2", f"out_root={out}/grid"]},
-        **{f"bad_{k}": {"argv": [*T, *(["method=bc"] if k == "bc_bits" else []), v, f"out_root={out}/bad"]}
+        **{f"bad_{k}": {"argv": [*T, *(["method=bc"] if k == "bc_bits" else []), *v.split(), f"out_root={out}/bad"]}
            for k, v in BAD.items()},
         "failed_sweep": {"argv": ["--multirun", *T, "dataset.train_subset=32,99999", f"out_root={out}/sweep"]},
         "umask": {"argv": [*T, f"out_root={out}/modes"], "umask": 0o027},

@@ -22,6 +22,11 @@ def step(optimizer: Optimizer, epochs: int, milestones: Sequence[int] = (), gamm
 
 
 def cosine(optimizer: Optimizer, epochs: int, final_ratio: float = 0.0) -> LambdaLR:
+    """Cosine annealing from the base LR to ``final_ratio`` times it at the last epoch."""
+    if not 0 <= final_ratio <= 1:  # a negative LR would train uphill in the last epochs
+        raise ValueError(f"sched.final_ratio must be in [0, 1] (the last epoch's LR over the base LR), "
+                         f"got {final_ratio}")
+
     def f(e: int) -> float:
         return final_ratio + (1 - final_ratio) * 0.5 * (1 + math.cos(math.pi * min(e, epochs) / max(epochs, 1)))
 
@@ -30,5 +35,8 @@ def cosine(optimizer: Optimizer, epochs: int, final_ratio: float = 0.0) -> Lambd
 
 def exp(optimizer: Optimizer, epochs: int, final_ratio: float = 2e-6 / 3e-3) -> LambdaLR:
     """BinaryConnect's decay: the same factor every epoch, reaching ``final_ratio`` at the last epoch."""
+    if not 0 < final_ratio <= 1:  # 0 stops training after one epoch; a negative ratio has no real root
+        raise ValueError(f"sched.final_ratio must be in (0, 1] (the last epoch's LR over the base LR), "
+                         f"got {final_ratio}")
     gamma = final_ratio ** (1.0 / max(epochs - 1, 1))
     return LambdaLR(optimizer, lambda e: gamma**e)
