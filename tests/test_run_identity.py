@@ -22,7 +22,8 @@ BAD = {"epochs": "epochs=0", "batch_size": "batch_size=0", "eval_batch_size": "e
        "bits": "bits=0", "lr": "lr=-1", "subset": "dataset.train_subset=99999", "bc_bits": "bits=9",
        "lock": "lock=sometimes", "type": "epochs=abc", "key": "methd=sr", "option": "method=nonexist",
        "interpolation": "lr=${foo}", "cosine_ratio": "sched=cosine sched.final_ratio=-1",
-       "exp_ratio": "sched=exp sched.final_ratio=0"}
+       "exp_ratio": "sched=exp sched.final_ratio=0", "width": "model.width=0", "test_samples": "dataset.test_samples=0",
+       "method_seed": "method=r method.seed=-4"}
 
 
 def runs(root: Path) -> list[Path]:

@@ -6,6 +6,7 @@ import torch
 
 from qexp.data import DataBundle
 from qexp.data.common import in_memory_bundle, make_normalize
+from qexp.errors import check_range
 
 
 def make(n: int, shape: tuple[int, int, int], num_classes: int,
@@ -34,6 +35,9 @@ def build(
     normalize: str = "standard",
     root: str = "",  # accepted for a uniform builder signature; nothing is read from disk
 ) -> DataBundle:
+    for key, value, lo in (("channels", channels, 1), ("image_size", image_size, 1), ("num_classes", num_classes, 2),
+                           ("train_samples", train_samples, 1), ("test_samples", test_samples, 1)):
+        check_range(f"dataset.{key}", int(value), lo)
     shape = (channels, image_size, image_size)
     x, y = make(train_samples + test_samples, shape, num_classes, seed=1234)
     train = (x[:train_samples], y[:train_samples])

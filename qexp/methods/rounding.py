@@ -39,6 +39,7 @@ class Rounding(Method):
         check_range("method.diag_every", int(diag_every), 1)
         self.scale, self.skip_first, self.skip_last = scale, skip_first, skip_last
         self.seed, self.diag_every = seed, int(diag_every)
+        check_range("method.seed", int(seed), 0, 2**63 - 1, why="torch's generator seed")
         self.layers: list[QuantLayer] = []
         self.noise: Noise | None = None
         self.flips = FlipTracker()

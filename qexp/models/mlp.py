@@ -13,6 +13,8 @@ class MLP(nn.Module):
                  width: int = 1024, depth: int = 3, bn: bool = True, bias: bool = True,
                  dropout: float = 0.0, bn_out: bool = False) -> None:
         super().__init__()
+        if width < 1 or depth < 0:
+            raise ValueError(f"an MLP needs width >= 1 and depth >= 0 hidden layers, got width={width}, depth={depth}")
         layers: list[nn.Module] = [nn.Flatten()]
         fan_in = in_channels * image_size * image_size
         for _ in range(depth):
