@@ -66,7 +66,8 @@ def _main(argv: list[str]) -> int:
     if cmd in ("-sc", "--shell-completion") or (cmd == "train" and rest[:1] in (["-sc"], ["--shell-completion"])):
         return _completion(argv[1:] if cmd == "train" else argv)
     if cmd not in COMMANDS:
-        print(f"qexp: unknown command {cmd!r}\n\n{usage()}", file=sys.stderr)
+        print(f"error: qexp: unknown command {cmd!r}; the commands are {', '.join(COMMANDS)} (qexp --help)",
+              file=sys.stderr)
         return 2
     module = importlib.import_module(COMMANDS[cmd][0])
     if cmd == "train":

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import argparse
+import sys
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, NoReturn
 
 
 class QexpError(Exception):
@@ -41,3 +43,12 @@ def check_choice(name: str, value: Any, choices: Iterable[Any]) -> Any:
     if value in choices:
         return value
     raise QexpError(f"{name}={_fmt(value)} is not allowed; choose from: {', '.join(map(str, choices))}")
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse for the subcommands, with a bad argument reported as one line (exit 2) instead of the
+    usage block and the error: ``error: qexp table: unrecognized arguments: --bogus (qexp table --help)``."""
+
+    def error(self, message: str) -> NoReturn:
+        print(f"error: {self.prog}: {message} ({self.prog} --help)", file=sys.stderr)
+        raise SystemExit(2)

@@ -80,3 +80,23 @@ def test_train_help_hides_internal_groups() -> None:
     assert "reference" not in groups and not any(g.startswith("hydra") for g in groups)
     methods = next(ln for ln in listing.splitlines() if ln.startswith("method: "))[len("method: "):].split(", ")
     assert {"bc", "float", "sr"} <= set(methods) and methods == sorted(methods)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["frobnicate"], "error: qexp: unknown command 'frobnicate'; the commands are train, eval, table"),
+    (["table", "DIR", "--bogus"], "error: qexp table: unrecognized arguments: --bogus (qexp table --help)"),
+    (["export", "DIR", "--format", "xyz"], "error: qexp export: argument --format: invalid choice: 'xyz'"),
+    (["eval"], "error: qexp eval: the following arguments are required: run_dir"),
+    (["runs", "DIR", "--digits"], "error: qexp runs: unrecognized arguments: --digits"),
+    (["plot", "DIR", "--dpi", "x"], "error: qexp plot: argument --dpi: invalid int value: 'x'"),
+])
+def test_bad_arguments_of_every_command_are_one_line(runs: Path, args: list[str], message: str,
+                                                     capsys: pytest.CaptureFixture) -> None:
+    """argparse's usage block plus error is one line (exit 2) in every subcommand, as qexp's own errors."""
+    args = [str(runs) if a == "DIR" else a for a in args]
+    try:
+        code = qexp(args)
+    except SystemExit as e:
+        code = e.code
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and err.count("\n") == 1, err

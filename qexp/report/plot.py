@@ -24,7 +24,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from qexp.errors import QexpError
+from qexp.errors import ArgumentParser, QexpError
 from qexp.report import results
 from qexp.run import record
 
@@ -317,7 +317,7 @@ def parse_size(text: str) -> tuple[int, int]:
 
 
 def main(argv: list[str]) -> int:
-    ap = argparse.ArgumentParser(prog="qexp plot", description=__doc__,
+    ap = ArgumentParser(prog="qexp plot", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("dirs", nargs="+", type=Path, metavar="DIR", help="folders holding run folders")
     ap.add_argument("--metric", default="test_error",

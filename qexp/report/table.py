@@ -26,7 +26,7 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from qexp.errors import QexpError
+from qexp.errors import ArgumentParser, QexpError
 from qexp.report import reference as refs
 from qexp.report import results, stats, trials
 
@@ -328,7 +328,7 @@ def trials_view(df, study: trials.Study) -> View:  # type: ignore[no-untyped-def
 
 
 def main(argv: list[str]) -> int:
-    ap = argparse.ArgumentParser(prog="qexp table", description=__doc__,
+    ap = ArgumentParser(prog="qexp table", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("dirs", nargs="+", type=Path, metavar="DIR", help="folders holding run folders")
     ap.add_argument("--rows", default=None,

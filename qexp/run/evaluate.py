@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from qexp.errors import QexpError
+from qexp.errors import ArgumentParser, QexpError
 from qexp.run import checkpoint, session
 from qexp.run.config import register
 
@@ -135,7 +135,7 @@ def analyses() -> list[ModuleType]:
 
 
 def main(argv: list[str]) -> int:
-    ap = argparse.ArgumentParser(prog="qexp eval", description=__doc__,
+    ap = ArgumentParser(prog="qexp eval", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("run_dir", type=Path, help="a run folder (holds .hydra/ and checkpoint.pt)")
     ap.add_argument("--device", default=None, help="auto | cpu | cuda | cuda:N (default: $QEXP_DEVICE, else auto)")

@@ -38,7 +38,7 @@ from omegaconf import OmegaConf
 from torch import nn
 from torch.nn.utils import parametrize
 
-from qexp.errors import QexpError
+from qexp.errors import ArgumentParser, QexpError
 from qexp.jsonio import atomic_write_bytes, write_json, write_torch
 from qexp.quant.format import LayerFormat, parse_manifest, weight_formats
 from qexp.run import export_loader
@@ -384,7 +384,7 @@ def _normalization(run: Any) -> Any:
 
 
 def main(argv: list[str]) -> int:
-    ap = argparse.ArgumentParser(prog="qexp export", description=__doc__,
+    ap = ArgumentParser(prog="qexp export", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("run_dir", type=Path, help="a finished run folder (holds .hydra/ and its checkpoints)")
     ap.add_argument("--best", action="store_true",
