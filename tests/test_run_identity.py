@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from qexp.errors import QexpError
 from tests.conftest import REPO
 
 T = ["dataset=synthetic", "model=mlp", "model.width=16", "model.depth=1", "model.bn=false",
@@ -23,7 +24,7 @@ BAD = {"epochs": "epochs=0", "batch_size": "batch_size=0", "eval_batch_size": "e
        "lock": "lock=sometimes", "type": "epochs=abc", "key": "methd=sr", "option": "method=nonexist",
        "interpolation": "lr=${foo}", "cosine_ratio": "sched=cosine sched.final_ratio=-1",
        "exp_ratio": "sched=exp sched.final_ratio=0", "width": "model.width=0", "test_samples": "dataset.test_samples=0",
-       "method_seed": "method=r method.seed=-4"}
+       "method_seed": "method=r method.seed=-4", "hydra_flag": "--bogus", "cfg_choice": "--cfg nonsense"}
 
 
 def runs(root: Path) -> list[Path]:
@@ -168,3 +169,15 @@ def test_changed_configuration_names_each_differing_key(launched) -> None:
     out, r = launched
     err = one_line_error(r["chg"])
     assert "holds an unfinished run with a different configuration (model.dropout: 0.25 -> 0.0)" in err
+
+
+def test_hydra_flags_go_first_and_a_bare_info_takes_no_override() -> None:
+    """Flags typed after the overrides move first; a bare ``--info`` is Hydra's default (``all``) spelled
+    out, so the override after it is not read as its value (it was: "invalid choice: 'seed=1'")."""
+    from qexp.run.train import arrange_argv
+
+    assert arrange_argv(["seed=1", "--multirun", "--cfg", "job"]) == ["--multirun", "--cfg", "job", "seed=1"]
+    assert arrange_argv(["--info", "seed=1"]) == ["--info", "all", "seed=1"]
+    assert arrange_argv(["--info", "defaults", "seed=1"]) == ["--info", "defaults", "seed=1"]
+    with pytest.raises(QexpError, match=r"qexp train: unrecognized arguments: --bogus \(qexp train --help\)"):
+        arrange_argv(["--bogus", "seed=1"])

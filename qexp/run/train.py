@@ -18,7 +18,7 @@ import time
 import traceback
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import hydra
 import torch
@@ -362,6 +362,8 @@ def arrange_argv(args: list[str]) -> list[str]:
             if takes and i + 1 < len(args):
                 flags.append(args[i + 1])
                 i += 1
+            elif a in ("--info", "-i"):  # bare: Hydra's default, spelled out so no override is taken as its value
+                flags.append("all")
         else:
             m = _PLACED.match(a)
             if m:
@@ -375,7 +377,24 @@ def arrange_argv(args: list[str]) -> list[str]:
             flags[j + 1] if f in ("--config-dir", "-cd") and j + 1 < len(flags) else None
         if d is not None:
             check_config_dir(Path(d))
+    check_flags(flags)
     return flags + rest
+
+
+def check_flags(flags: list[str]) -> None:
+    """Hydra's own flags parsed ahead of Hydra, so that a bad one (``--bogus``, ``--cfg nonsense``) is one
+    line (QexpError) instead of argparse's usage block; ``--version`` is left to Hydra (it prints, exits)."""
+    if "--version" in flags:
+        return
+    from hydra._internal.utils import get_args_parser
+
+    parser = get_args_parser()
+
+    def refuse(message: str) -> NoReturn:
+        raise QexpError(f"qexp train: {message} (qexp train --help)")
+
+    parser.error = refuse  # type: ignore[method-assign]
+    parser.parse_args(flags)
 
 
 def check_config_dir(folder: Path) -> None:
