@@ -204,6 +204,19 @@ def test_unsupported_models_get_one_clear_error() -> None:
     assert Wage().bits_label() == "2-8-8-8" and Wage(bits=4, bits_e=6).bits_label() == "4-8-8-6"
 
 
+@pytest.mark.parametrize("model", ["resnet20", "wrn", "resnet18"])
+def test_wage_on_a_residual_net_is_refused_naming_batchnorm(model: str) -> None:
+    """method=wage sets model.bn=false model.bias=false: a residual net took neither keyword, and the
+    refusal named an unexpected keyword argument 'bias'; now it says the net always has BatchNorm."""
+    from conftest import compose_train
+
+    from qexp.run.session import instantiate
+
+    cfg = compose_train(["method=wage", f"model={model}", "dataset=synthetic"])
+    with pytest.raises(QexpError, match="always has BatchNorm .*such as wage.*lenet5, vgg\\* or mlp"):
+        instantiate(cfg.model, in_channels=3, num_classes=10, image_size=32)
+
+
 def test_state_dict_round_trip_resumes_exactly() -> None:
     make, shape = MODELS["lenet5"]
     m, model, opt, x, y = _setup(make, shape)

@@ -21,7 +21,8 @@ def require_bn(bn: bool, model: str) -> None:
     """Residual nets always normalise: ``model.bn`` exists on them (methods that assume BN set it) but
     cannot be false."""
     if not bn:
-        raise ValueError(f"{model} always has BatchNorm (model.bn=false is not an option for it)")
+        raise ValueError(f"{model} always has BatchNorm (model.bn=false is not an option for it; a method "
+                         "that trains without BatchNorm, such as wage, sets it: use lenet5, vgg* or mlp there)")
 
 
 def warm_start_batchnorm(model: nn.Module) -> None:

@@ -35,11 +35,12 @@ class BasicBlock(nn.Module):
 
 class CifarResNet(nn.Module):
     """``bn_out``: a BatchNorm after the output layer; ``bn_warm_start``: running stats start from the
-    first batch (both :mod:`qexp.models.bn`, for the li2017 presets' binary output weights)."""
+    first batch (both :mod:`qexp.models.bn`, for the li2017 presets' binary output weights). ``bias``: the
+    output layer's bias, the net's only one (a BatchNorm follows every conv)."""
 
     def __init__(self, depth: int = 20, in_channels: int = 3, num_classes: int = 10,
                  image_size: int = 32, width: int = 16, bn_out: bool = False,
-                 bn_warm_start: bool = False, bn: bool = True) -> None:
+                 bn_warm_start: bool = False, bn: bool = True, bias: bool = True) -> None:
         super().__init__()
         require_bn(bn, f"resnet{depth}")
         if (depth - 2) % 6:
@@ -54,7 +55,7 @@ class CifarResNet(nn.Module):
                 c = cout
         self.blocks = nn.Sequential(*blocks)
         self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-                                  *output_layer(c, num_classes, True, bn_out))
+                                  *output_layer(c, num_classes, bias, bn_out))
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
@@ -65,12 +66,16 @@ class CifarResNet(nn.Module):
         return self.head(self.blocks(self.stem(x)))
 
 
-def resnet18(in_channels: int = 3, num_classes: int = 1000, image_size: int = 224, bn: bool = True) -> nn.Module:
-    """torchvision's ImageNet ResNet-18 (random init); a 1-channel stem when the data is grey."""
+def resnet18(in_channels: int = 3, num_classes: int = 1000, image_size: int = 224, bn: bool = True,
+             bias: bool = True) -> nn.Module:
+    """torchvision's ImageNet ResNet-18 (random init); a 1-channel stem when the data is grey; ``bias``:
+    the output layer's (the only one)."""
     require_bn(bn, "resnet18")
     from torchvision.models import resnet18 as tv_resnet18
 
     model = tv_resnet18(weights=None, num_classes=num_classes)
     if in_channels != 3:
         model.conv1 = nn.Conv2d(in_channels, 64, 7, 2, 3, bias=False)
+    if not bias:
+        model.fc = nn.Linear(model.fc.in_features, num_classes, bias=False)
     return model

@@ -31,11 +31,11 @@ class PreActBlock(nn.Module):
 
 
 class WideResNet(nn.Module):
-    """``bn_out`` / ``bn_warm_start``: as :class:`qexp.models.resnet.CifarResNet`."""
+    """``bn_out`` / ``bn_warm_start`` / ``bias``: as :class:`qexp.models.resnet.CifarResNet`."""
 
     def __init__(self, depth: int = 56, widen: int = 2, in_channels: int = 3, num_classes: int = 10,
                  image_size: int = 32, dropout: float = 0.0, bn_out: bool = False,
-                 bn_warm_start: bool = False, bn: bool = True) -> None:
+                 bn_warm_start: bool = False, bn: bool = True, bias: bool = True) -> None:
         super().__init__()
         require_bn(bn, f"wrn{depth}_{widen}")
         if (depth - 2) % 6:
@@ -50,7 +50,7 @@ class WideResNet(nn.Module):
                 c = cout
         self.blocks = nn.Sequential(*blocks)
         self.head = nn.Sequential(nn.BatchNorm2d(c), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-                                  *output_layer(c, num_classes, True, bn_out))
+                                  *output_layer(c, num_classes, bias, bn_out))
         if bn_warm_start:
             warm_start_batchnorm(self)
 
