@@ -318,7 +318,7 @@ def parse_size(text: str) -> tuple[int, int]:
 
 def main(argv: list[str]) -> int:
     ap = ArgumentParser(prog="qexp plot", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("dirs", nargs="+", type=Path, metavar="DIR", help="folders holding run folders")
     ap.add_argument("--metric", default="test_error",
                     help="per-epoch history key to plot: test_error (default), train_error, train_loss, "

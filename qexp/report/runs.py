@@ -95,7 +95,7 @@ def _fmt_value(v: float | None, metric: str) -> str:
 
 def main(argv: list[str]) -> int:
     ap = ArgumentParser(prog="qexp runs", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("dirs", nargs="+", type=Path, metavar="DIR", help="folders holding run folders")
     ap.add_argument("--status", default=None,
                     help="show only runs with these statuses (comma-separated, e.g. failed,diverged)")

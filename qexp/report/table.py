@@ -329,7 +329,7 @@ def trials_view(df, study: trials.Study) -> View:  # type: ignore[no-untyped-def
 
 def main(argv: list[str]) -> int:
     ap = ArgumentParser(prog="qexp table", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("dirs", nargs="+", type=Path, metavar="DIR", help="folders holding run folders")
     ap.add_argument("--rows", default=None,
                     help="comma-separated run keys, one table row per value (default method,bits); "

@@ -136,7 +136,7 @@ def analyses() -> list[ModuleType]:
 
 def main(argv: list[str]) -> int:
     ap = ArgumentParser(prog="qexp eval", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("run_dir", type=Path, help="a run folder (holds .hydra/ and checkpoint.pt)")
     ap.add_argument("--device", default=None, help="auto | cpu | cuda | cuda:N (default: $QEXP_DEVICE, else auto)")
     ap.add_argument("--data-root", default=None,

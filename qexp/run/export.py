@@ -385,7 +385,7 @@ def _normalization(run: Any) -> Any:
 
 def main(argv: list[str]) -> int:
     ap = ArgumentParser(prog="qexp export", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("run_dir", type=Path, help="a finished run folder (holds .hydra/ and its checkpoints)")
     ap.add_argument("--best", action="store_true",
                     help="export best.pt (the epoch with the lowest validation error) instead of the last epoch")
