@@ -107,6 +107,10 @@ def seed_sampler(config: DictConfig) -> None:
     sampler = config.hydra.sweeper.get("sampler")
     if sampler is None or "seed" not in sampler or sampler.seed is not None:
         return
+    try:
+        seed = int(config.get("seed") or 0)
+    except (TypeError, ValueError):  # a seed the search itself varies: the default
+        seed = 0
     with read_write(config), open_dict(config):
-        sampler.seed = int(config.get("seed") or 0)
+        sampler.seed = seed
     log.info("Optuna sampler seed %d (the run's seed; hydra.sweeper.sampler.seed=N sets another)", sampler.seed)
