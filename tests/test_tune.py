@@ -24,9 +24,11 @@ def search(out: Path, *extra: str, check: bool = True):  # type: ignore[no-untyp
     ("objective=test_error", "objective=test_error is a test metric: hyper-parameters are tuned on validation"),
     ("objective=best_test_error", "objective=best_test_error is a test metric"),
     ("dataset.val_size=0", "an Optuna search needs a validation split: set dataset.val_size=N"),
+    ("hydra.sweeper.n_trials=0", "hydra.sweeper.n_trials=0: a search needs at least one trial"),
+    ("hydra/launcher=local_parallel hydra.launcher.n_jobs=0", "hydra.launcher.n_jobs=0 runs nothing"),
 ])
 def test_search_refuses_test_metrics_and_missing_validation(tmp_path: Path, override: str, message: str) -> None:
-    proc = search(tmp_path / "out", override, check=False)
+    proc = search(tmp_path / "out", *override.split(), check=False)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [f"error: {proc.stderr.strip()[7:]}"] and message in proc.stderr
     assert not (tmp_path / "out").exists()  # refused before any job or run folder
@@ -78,3 +80,20 @@ def test_an_unseeded_search_reruns_the_same_trials(tmp_path: Path) -> None:
     again = run_qexp(args, env={"OMP_NUM_THREADS": "1"})
     assert find_runs(out) == runs and again.stdout.count("not retrained") == 2, again.stdout + again.stderr
     assert "Optuna sampler seed 3 (the run's seed" in first.stdout + first.stderr
+
+
+def test_a_slurm_launcher_without_slurm_is_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    """submitit's "Could not detect srun" traceback came after the sweep started; the launcher is now
+    refused before, in the launching process (InputCheck), where srun is not on the PATH."""
+    from omegaconf import OmegaConf
+
+    from qexp.errors import QexpError
+    from qexp.run import sweep
+
+    cfg = OmegaConf.create({"hydra": {"launcher": {
+        "_target_": "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"}}})
+    monkeypatch.setattr(sweep.shutil, "which", lambda name: None)
+    with pytest.raises(QexpError, match="the SLURM launcher submits to a SLURM cluster, and this machine has no srun"):
+        sweep.check_launcher(cfg)
+    monkeypatch.setattr(sweep.shutil, "which", lambda name: f"/usr/bin/{name}")
+    sweep.check_launcher(cfg)  # on a cluster: launched

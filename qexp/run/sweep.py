@@ -27,6 +27,7 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
+from qexp.errors import QexpError
 from qexp.jsonio import read_json, write_json
 
 ENV = "QEXP_SWEEP_ID"
@@ -87,6 +88,21 @@ def worker_signals() -> None:
 
 def _parallel(config: DictConfig) -> bool:
     return "joblib" in str(config.hydra.launcher.get("_target_", "")).lower()
+
+
+def check_launcher(config: DictConfig) -> None:
+    """Launcher settings no sweep can start with, refused (QexpError) before any job or folder exists:
+    joblib's ``n_jobs=0`` (a traceback from joblib once the sweep started), and a SLURM launcher on a
+    machine without SLURM (submitit's traceback: "Could not detect srun")."""
+    launcher = config.hydra.get("launcher") or {}
+    target = str(launcher.get("_target_", ""))
+    if "joblib" in target.lower() and launcher.get("n_jobs") == 0:
+        raise QexpError("hydra.launcher.n_jobs=0 runs nothing: use a number of jobs at once, or -1 for one "
+                        "job per core (joblib's negative counts: -2 all cores but one, ...)")
+    if "slurm" in target.lower() and shutil.which("srun") is None:
+        raise QexpError("the SLURM launcher submits to a SLURM cluster, and this machine has no srun: "
+                        "launch the sweep on the cluster, or here use hydra/launcher=local_parallel "
+                        "(or submitit_local)")
 
 
 def exit_code() -> int:

@@ -23,6 +23,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, open_dict, read_write
 
 from qexp.errors import QexpError
+from qexp.run import sweep
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +49,9 @@ def check(cfg: DictConfig) -> None:
         what = "a test metric" if isinstance(name, str) and "test" in name else "not a validation error"
         raise QexpError(f"objective={name} is {what}: hyper-parameters are tuned on validation data, never on "
                         f"the test set; use objective={' or objective='.join(OBJECTIVES)}")
+    trials = cfg.hydra.sweeper.get("n_trials") if cfg.get("hydra") is not None else None
+    if trials is not None and int(trials) < 1:
+        raise QexpError(f"hydra.sweeper.n_trials={trials}: a search needs at least one trial")
     val = cfg.dataset.get("val_size", 0) if cfg.get("dataset") is not None else 0
     if not val:
         raise QexpError("an Optuna search needs a validation split: set dataset.val_size=N (training images "
@@ -84,6 +88,8 @@ class InputCheck(Callback):
     @staticmethod
     def _refuse(config: DictConfig, search: bool) -> None:
         try:
+            if search:
+                sweep.check_launcher(config)
             if search and is_optuna(config.hydra):
                 check(config)
             check_patience(config)
