@@ -223,6 +223,10 @@ class Method:
     #: in place, its forward is the model's (or goes through elementwise weight parametrizations whose
     #: settings all seeds share), it adds no loss term and draws no noise inside the forward
     vectorizable: bool = False
+    #: why the method cannot train with data parallelism (``trainer.devices > 1`` or torchrun), when a
+    #: process's share of the batch would change what it computes (beyond BatchNorm's per-process
+    #: statistics, as in any DDP run); None: it can
+    data_parallel_refusal: str | None = None
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)

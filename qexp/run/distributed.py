@@ -122,8 +122,12 @@ def shard_data(data: DataBundle, ctx: Context) -> DataBundle:
                                val=shard(data.val, False))
 
 
-def _sum_hook(group: Any, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
-    """Sum (not average) gradients: for losses that are sums over the batch (WAGE's SSE)."""
+def _sum_hook(group, bucket):  # noqa: ANN001, ANN202
+    """Sum (not average) gradients: for losses that are sums over the batch (WAGE's SSE).
+
+    Not annotated: ``register_comm_hook`` compares the annotations with ``dist.GradBucket`` and
+    ``torch.futures.Future[torch.Tensor]`` themselves, and this module's postponed annotations are
+    strings, which it refused ("bucket annotation should be dist.GradBucket"): WAGE under DDP failed."""
     fut = dist.all_reduce(bucket.buffer(), group=group, async_op=True).get_future()
     return fut.then(lambda f: f.value()[0])
 
@@ -206,8 +210,9 @@ def _tensors(obj: Any, prefix: str = "") -> Iterator[tuple[str, torch.Tensor]]:
 def weights_digest(model: nn.Module, method_state: dict[str, Any]) -> str:
     """A hash of everything that must agree between processes: parameters and buffers, the weights as
     the forward sees them (quantized, through parametrizations), and the method's state (its
-    ``state_dict()``, handed over by the run session). Not the configuration's fingerprint
-    (:func:`qexp.run.identity.fingerprint`)."""
+    ``state_dict()``, handed over by the run session). Not BatchNorm's running statistics: each process
+    keeps its own share's, as in any DDP run (every run with BatchNorm was reported inconsistent). Not
+    the configuration's fingerprint (:func:`qexp.run.identity.fingerprint`)."""
     from torch.nn.utils import parametrize
 
     h = hashlib.sha256()
@@ -216,8 +221,12 @@ def weights_digest(model: nn.Module, method_state: dict[str, Any]) -> str:
         h.update(name.encode())
         h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
 
+    from torch.nn.modules.batchnorm import _BatchNorm
+
+    per_process = {f"{n}.{b}" for n, m in model.named_modules() if isinstance(m, _BatchNorm)
+                   for b, _ in m.named_buffers(recurse=False)}
     with torch.no_grad():
-        for name, t in _tensors(model.state_dict(), "model"):
+        for name, t in _tensors({k: v for k, v in model.state_dict().items() if k not in per_process}, "model"):
             add(name, t)
         for mname, m in model.named_modules():
             if parametrize.is_parametrized(m):

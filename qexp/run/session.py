@@ -130,7 +130,11 @@ def check_inputs(cfg: DictConfig) -> Method:
     precision.check(cfg.precision, device)  # 16-mixed off CUDA
     # compile=true without a working compiler, cuda_graphs=true off CUDA or without compile=true
     compiled.check(device, bool(cfg.compile), bool(cfg.cuda_graphs), _data_parallel(cfg))
-    return build_method(cfg)
+    method = build_method(cfg)
+    if _data_parallel(cfg) and method.data_parallel_refusal:
+        raise QexpError(f"method={method.name} cannot train with data parallelism (trainer.devices > 1 or "
+                        f"torchrun): {method.data_parallel_refusal}")
+    return method
 
 
 def _data_parallel(cfg: DictConfig) -> bool:

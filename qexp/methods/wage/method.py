@@ -101,6 +101,8 @@ class Wage(Method):
     bits_range = (2, 8)  # k_W; 8 at most so that weights export to int8
     #: ``qexp eval --integer``: integer-only inference of the trained run
     eval_analyses = ("qexp.methods.wage.integer_eval",)
+    data_parallel_refusal = ("WAGE scales each layer's errors by the largest error of the batch, which one "
+                             "process's share of the batch does not see, so the update would not be WAGE's")
 
     def __init__(self, bits: int | None = None, loss: str = "sse", bits_a: int = 8, bits_g: int = 8,
                  bits_e: int = 8, bits_r: int = 16, beta: float = 1.5, qa_logits: bool = False) -> None:
