@@ -127,7 +127,8 @@ def _sum_hook(group, bucket):  # noqa: ANN001, ANN202
 
     Not annotated: ``register_comm_hook`` compares the annotations with ``dist.GradBucket`` and
     ``torch.futures.Future[torch.Tensor]`` themselves, and this module's postponed annotations are
-    strings, which it refused ("bucket annotation should be dist.GradBucket"): WAGE under DDP failed."""
+    strings, which it refused ("bucket annotation should be dist.GradBucket"): every summed-loss run
+    under DDP failed."""
     fut = dist.all_reduce(bucket.buffer(), group=group, async_op=True).get_future()
     return fut.then(lambda f: f.value()[0])
 
@@ -213,6 +214,7 @@ def weights_digest(model: nn.Module, method_state: dict[str, Any]) -> str:
     ``state_dict()``, handed over by the run session). Not BatchNorm's running statistics: each process
     keeps its own share's, as in any DDP run (every run with BatchNorm was reported inconsistent). Not
     the configuration's fingerprint (:func:`qexp.run.identity.fingerprint`)."""
+    from torch.nn.modules.batchnorm import _BatchNorm
     from torch.nn.utils import parametrize
 
     h = hashlib.sha256()
@@ -220,8 +222,6 @@ def weights_digest(model: nn.Module, method_state: dict[str, Any]) -> str:
     def add(name: str, t: torch.Tensor) -> None:
         h.update(name.encode())
         h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-
-    from torch.nn.modules.batchnorm import _BatchNorm
 
     per_process = {f"{n}.{b}" for n, m in model.named_modules() if isinstance(m, _BatchNorm)
                    for b, _ in m.named_buffers(recurse=False)}

@@ -83,7 +83,8 @@ def check_patience(cfg: DictConfig) -> None:
 
 class InputCheck(Callback):
     """Refuses, in the launching process and before any job or run folder exists, a search of a test
-    metric or without a validation split, and early stopping without a validation split."""
+    metric, without a validation split or without trials, early stopping without a validation split, and
+    a launcher that cannot start (:func:`qexp.run.sweep.check_launcher`)."""
 
     @staticmethod
     def _refuse(config: DictConfig, search: bool) -> None:
