@@ -45,10 +45,16 @@ def check_choice(name: str, value: Any, choices: Iterable[Any]) -> Any:
     raise QexpError(f"{name}={_fmt(value)} is not allowed; choose from: {', '.join(map(str, choices))}")
 
 
+def argument_error(prog: str, message: str) -> str:
+    """A bad command-line argument as one line: ``qexp table: unrecognized arguments: --bogus (qexp table
+    --help)`` (the subcommands' parsers and ``qexp train``'s Hydra flags)."""
+    return f"{prog}: {message} ({prog} --help)"
+
+
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse for the subcommands, with a bad argument reported as one line (exit 2) instead of the
-    usage block and the error: ``error: qexp table: unrecognized arguments: --bogus (qexp table --help)``."""
+    """argparse for the subcommands, with a bad argument reported as one line (exit 2,
+    :func:`argument_error`) instead of the usage block and the error."""
 
     def error(self, message: str) -> NoReturn:
-        print(f"error: {self.prog}: {message} ({self.prog} --help)", file=sys.stderr)
+        print(f"error: {argument_error(self.prog, message)}", file=sys.stderr)
         raise SystemExit(2)

@@ -49,6 +49,8 @@ LOSSES: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
 }
 #: losses that are sums over the batch (the others are batch means): totals and DDP gradients differ
 SUM_LOSSES = frozenset({"sse"})
+#: torch.manual_seed takes a 64-bit signed seed: the run's ``seed`` and a method's ``method.seed``
+MAX_SEED = 2**63 - 1
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from qexp.errors import QexpError, check_choice, check_range
-from qexp.methods.base import Method, RunContext
+from qexp.methods.base import MAX_SEED, Method, RunContext
 from qexp.methods.diagnostics import FlipTracker
 from qexp.quant.kernels import Noise, nearest
 from qexp.quant.weight import (
@@ -81,7 +81,7 @@ class BinaryConnect(Method):
         self.stochastic, self.scale, self.lr_scale = bool(stochastic), scale, lr_scale
         self.eval_float = eval_weights == "float" or (eval_weights == "auto" and self.stochastic)
         self.init_uniform, self.skip_first, self.skip_last, self.seed = init_uniform, skip_first, skip_last, seed
-        check_range("method.seed", int(seed), 0, 2**63 - 1, why="torch's generator seed")
+        check_range("method.seed", int(seed), 0, MAX_SEED, why="torch's generator seed")
         self.clip = bool(clip)
         #: deterministic BC stacks (Q_d is elementwise); stochastic BC draws its noise in the forward
         self.vectorizable = not self.stochastic

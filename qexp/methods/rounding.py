@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from qexp.errors import check_choice, check_range
-from qexp.methods.base import Method, RunContext
+from qexp.methods.base import MAX_SEED, Method, RunContext
 from qexp.methods.diagnostics import FlipTracker
 from qexp.quant.kernels import Noise, nearest_round_all_, stochastic_round_all_
 from qexp.quant.weight import QuantLayer, quantize_weights, weight_manifest
@@ -39,7 +39,7 @@ class Rounding(Method):
         check_range("method.diag_every", int(diag_every), 1)
         self.scale, self.skip_first, self.skip_last = scale, skip_first, skip_last
         self.seed, self.diag_every = seed, int(diag_every)
-        check_range("method.seed", int(seed), 0, 2**63 - 1, why="torch's generator seed")
+        check_range("method.seed", int(seed), 0, MAX_SEED, why="torch's generator seed")
         self.layers: list[QuantLayer] = []
         self.noise: Noise | None = None
         self.flips = FlipTracker()

@@ -27,7 +27,7 @@ from torch import nn
 from qexp.data import DataBundle
 from qexp.data.loader import same_data, stack_batches
 from qexp.errors import QexpError
-from qexp.methods.base import Method, RunContext, register_option, resolve_param_groups
+from qexp.methods.base import MAX_SEED, Method, RunContext, register_option, resolve_param_groups
 from qexp.quant import kernels
 from qexp.run import (
     checkpoint,
@@ -53,8 +53,6 @@ log = logging.getLogger("qexp")
 CHECKPOINT = "checkpoint.pt"
 #: config keys that name the component but are not constructor arguments
 META_KEYS = ("name", "tag")
-#: torch.manual_seed takes a 64-bit signed seed
-MAX_SEED = 2**63 - 1
 
 
 def instantiate(node: DictConfig, **kwargs: Any) -> Any:

@@ -28,7 +28,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from qexp.errors import QexpError
+from qexp.errors import QexpError, argument_error
 from qexp.jsonio import atomic_write_bytes
 from qexp.methods.base import Method, register_config_dir
 from qexp.run import distributed, identity, lock, preempt, record, resources, seeds, sweep, tune
@@ -391,7 +391,7 @@ def check_flags(flags: list[str]) -> None:
     parser = get_args_parser()
 
     def refuse(message: str) -> NoReturn:
-        raise QexpError(f"qexp train: {message} (qexp train --help)")
+        raise QexpError(argument_error("qexp train", message))
 
     parser.error = refuse  # type: ignore[method-assign]
     parser.parse_args(flags)
