@@ -58,10 +58,11 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(no_cuda)
 
 
-def run_qexp(args: list[str], cwd: Path | None = None, env: dict[str, str] | None = None,
+def run_qexp(args: list[str], cwd: Path | None = None, env: dict[str, str | None] | None = None,
              check: bool = True, timeout: float = 600) -> subprocess.CompletedProcess:
-    """Run ``qexp ARGS`` in a subprocess (the console script's module, so the venv's qexp is used)."""
-    full_env = {**os.environ, **(env or {})}
+    """Run ``qexp ARGS`` in a subprocess (the console script's module, so the venv's qexp is used);
+    ``env`` adds to this environment (a None value removes the variable)."""
+    full_env = {k: v for k, v in {**os.environ, **(env or {})}.items() if v is not None}
     proc = subprocess.run([sys.executable, "-m", "qexp.cli", *args], cwd=cwd, env=full_env,
                           capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:

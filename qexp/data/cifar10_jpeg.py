@@ -4,7 +4,8 @@ The images are *not* CIFAR-10 itself (JPEG error: mean 5.8/255 per pixel), so th
 name, ``cifar10_jpeg``, in run folders, tables and plots. It is read from
 ``<data_root>/cifar10-jpeg/cifar10-jpeg.tar.gz`` (or the same tree unpacked beside it:
 ``<data_root>/cifar10-jpeg/{train,test}/<class>/NNNN.jpg``), decoded once with PIL into a uint8 cache
-keyed by the source's md5 (the data folder may be read-only), and served from memory like CIFAR-10.
+keyed by the source's md5 (``<out_root>/.cache``, or ``$QEXP_CACHE``: never the data folder, which may
+be read-only), and served from memory like CIFAR-10.
 
 Order: the tree keeps each class's images in the order of the published batches, but not the order
 across classes, so the images are interleaved class by class (image i of class c at position
@@ -28,7 +29,7 @@ import torch
 
 from qexp.data import DataBundle
 from qexp.data.cifar import STATS
-from qexp.data.common import in_memory_bundle, make_normalize
+from qexp.data.common import cache_place, in_memory_bundle, make_normalize
 from qexp.errors import QexpError
 
 log = logging.getLogger("qexp")
@@ -40,12 +41,6 @@ SPLITS = ("train", "test")
 #: bump when the cache's content or layout changes, so old caches are not read
 CACHE_VERSION = 1
 _MEMBER = re.compile(r"(?:.*/)?(train|test)/([a-z]+)/(\d+)\.jpe?g", re.IGNORECASE)
-
-
-def cache_dir() -> Path:
-    """Where decoded datasets live: ``$QEXP_CACHE``, else ``~/.cache/qexp`` (never the data folder)."""
-    env = os.environ.get("QEXP_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "qexp"
 
 
 def locate(root: str | Path) -> Path:
@@ -130,17 +125,23 @@ def _save_atomic(obj: dict, path: Path) -> None:
 
 
 def load_arrays(root: str | Path) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], str]:
-    """{"train": (x, y), "test": (x, y)} and the source's md5; decodes once, then reads the cache."""
+    """{"train": (x, y), "test": (x, y)} and the source's md5; decodes once, then reads the cache
+    (:func:`qexp.data.common.cache_place`: ``$QEXP_CACHE``, else ``<out_root>/.cache`` in a run; with
+    none, every call decodes)."""
     source = locate(root)
     digest = source_digest(source)
-    path = cache_dir() / f"cifar10_jpeg-v{CACHE_VERSION}-{digest}.pt"
+    folder, writable = cache_place()
+    path = None if folder is None else folder / f"cifar10_jpeg-v{CACHE_VERSION}-{digest}.pt"
     arrays = None
-    if path.is_file():
+    if path is not None and path.is_file():
         try:
             arrays = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:  # a damaged cache is rebuilt, never trusted
             log.warning("cifar10_jpeg: the cache %s is unreadable (%s); decoding again", path, e)
     if arrays is None:
+        if path is None or not writable:
+            log.info("cifar10_jpeg: decoding %s (no cache to keep it in: set QEXP_CACHE to keep one)", source)
+            return _split(decode(source)), digest
         log.info("cifar10_jpeg: decoding %s once into %s", source, path)
         arrays = decode(source)
         try:
@@ -148,7 +149,11 @@ def load_arrays(root: str | Path) -> tuple[dict[str, tuple[torch.Tensor, torch.T
         except OSError as e:  # an unwritable cache only costs the decode next time
             log.warning("cifar10_jpeg: cannot write the cache %s (%s); set QEXP_CACHE to a writable folder",
                         path, e)
-    return {s: (arrays[f"{s}_x"], arrays[f"{s}_y"]) for s in SPLITS}, digest
+    return _split(arrays), digest
+
+
+def _split(arrays: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    return {s: (arrays[f"{s}_x"], arrays[f"{s}_y"]) for s in SPLITS}
 
 
 def _identity_sources(root: str | Path) -> tuple[Path, ...]:

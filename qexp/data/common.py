@@ -13,6 +13,7 @@ from qexp.data import DataBundle
 from qexp.data.loader import Normalize, TensorLoader
 from qexp.data.split import subset_and_split
 from qexp.errors import QexpError
+from qexp.run.record import CACHE_FOLDER
 
 # normalize="signed" maps pixels to [-1, 1] (WAGE's CIFAR input range); "byte256" to X/256 in [0, 1)
 # (WAGE's official MNIST code); "standard" uses dataset statistics.
@@ -72,6 +73,34 @@ def same_files_under(root: str | Path, files: dict[str, str]) -> str | None:
     if not all(p.is_file() for p in paths):
         return None
     return digest(root, paths)["digest"]  # type: ignore[return-value]
+
+
+#: the folder of decoded datasets when ``$QEXP_CACHE`` is unset, and whether it may be written: set by the
+#: entry points (``<out_root>/.cache`` for a training run, read only for a run being evaluated), so that
+#: nothing is written outside ``out_root``; None (library use): decode in memory, write nothing
+_CACHE: tuple[Path, bool] | None = None
+
+
+def use_cache(folder: Path | None, writable: bool = True) -> None:
+    """Where decoded datasets are read (and, if ``writable``, written) when ``$QEXP_CACHE`` is unset."""
+    global _CACHE
+    _CACHE = None if folder is None else (Path(folder), writable)
+
+
+def cache_place() -> tuple[Path | None, bool]:
+    """(folder, writable): ``$QEXP_CACHE`` (the user's own choice, written), else :func:`use_cache`'s."""
+    env = os.environ.get("QEXP_CACHE")
+    if env:
+        return Path(env).expanduser(), True
+    return _CACHE if _CACHE is not None else (None, False)
+
+
+def run_cache(run_dir: Path) -> Path | None:
+    """The nearest ``.cache`` folder above a run folder (its ``out_root``'s), if there is one."""
+    for parent in Path(run_dir).resolve().parents:
+        if (parent / CACHE_FOLDER).is_dir():
+            return parent / CACHE_FOLDER
+    return None
 
 
 def without_new_folders(folders: Iterable[Path], attempt: Callable[[], None]) -> None:

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import statistics
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -53,10 +54,17 @@ MISSING = "—"
 
 # ---- collecting ---------------------------------------------------------------------------------
 def find_run_dirs(root: Path) -> list[Path]:
-    """Folders below ``root`` (itself included) holding metrics.json or a Hydra job's .hydra/config.yaml."""
-    found = {p.parent for p in root.rglob(record.METRICS)}
-    found |= {p.parent.parent for p in root.rglob(".hydra/config.yaml")}
+    """Folders below ``root`` (itself included) holding metrics.json or a Hydra job's .hydra/config.yaml;
+    ``out_root``'s cache (decoded data, compiled kernels) is not searched."""
+    found = {p.parent for p in _walk(root, record.METRICS)}
+    found |= {p.parent.parent for p in _walk(root, ".hydra/config.yaml")}
     return sorted(found)
+
+
+def _walk(root: Path, pattern: str) -> Iterator[Path]:
+    for dirpath, dirnames, _ in os.walk(root, followlinks=True):  # as rglob did: linked sweeps count
+        dirnames[:] = sorted(d for d in dirnames if d != record.CACHE_FOLDER)
+        yield from Path(dirpath).glob(pattern)
 
 
 def _hydra_fields(run_dir: Path) -> dict[str, Any]:

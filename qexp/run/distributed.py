@@ -14,9 +14,9 @@ import dataclasses
 import hashlib
 import logging
 import os
+import secrets
 import signal
 import sys
-import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -248,10 +248,13 @@ def consistent(model: nn.Module, method_state: dict[str, Any], ctx: Context) -> 
 
 
 # ---- trainer.devices=N: start the processes ourselves --------------------------------------------------
-def spawn(world: int, worker: Callable[..., None], payload: Any, threads: int | None = None) -> None:
+def spawn(world: int, worker: Callable[..., None], payload: Any, folder: Path,
+          threads: int | None = None) -> None:
     """Run ``worker(rank, world, init_method, payload, errors)`` in ``world`` fresh processes.
 
-    Rendezvous goes through a file store (one machine, no port to pick). Stop signals that reach this
+    Rendezvous goes through a file store in ``folder`` (the run's: one machine, no port to pick, nothing
+    written outside ``out_root``; a ``.*.tmp`` name, so a store left by a killed run is swept when the run
+    folder is opened again). Stop signals that reach this
     process are passed on to the workers as SIGTERM, so they checkpoint at the same step; a worker's
     :class:`QexpError` comes back as one clear message.
     """
@@ -259,7 +262,7 @@ def spawn(world: int, worker: Callable[..., None], payload: Any, threads: int | 
 
     from qexp.run.preempt import stop_on_signals
 
-    store = Path(tempfile.mkdtemp(prefix="qexp-ddp-")) / "store"
+    store = Path(folder) / f".ddp-store.{os.getpid()}.{secrets.token_hex(4)}.tmp"
     errors = mp.get_context("spawn").SimpleQueue()
     if threads:
         os.environ["OMP_NUM_THREADS"] = str(threads)  # inherited by the workers: no oversubscription
@@ -281,7 +284,6 @@ def spawn(world: int, worker: Callable[..., None], payload: Any, threads: int | 
         raise RuntimeError(f"a training process failed: {e}") from None
     finally:
         store.unlink(missing_ok=True)
-        store.parent.rmdir()
 
 
 def worker_logging(run_dir: Path, is_main: bool) -> None:

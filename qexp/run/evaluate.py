@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from qexp.data.common import run_cache, use_cache
 from qexp.errors import ArgumentParser, QexpError
 from qexp.run import checkpoint, session
 from qexp.run.config import register
@@ -108,6 +109,7 @@ def load_run(run_dir: str | Path, device: str | None = None, data_root: str | No
     register()
     cfg = OmegaConf.load(cfg_file)
     cfg.data_root = run_data_root(run_dir, cfg, data_root)
+    use_cache(run_cache(run_dir), writable=False)  # read what its training decoded; write nothing there
     dev = session.resolve_device(session.default_device() if device is None else device)
     torch.manual_seed(int(cfg.seed))
     built = session.assemble(cfg, dev)

@@ -1,5 +1,5 @@
-"""How many math threads a run's process uses, so that a local sweep fills the cores without
-oversubscribing them: jobs x threads = cores.
+"""What a run's process uses: how many math threads (so that a local sweep fills the cores without
+oversubscribing them: jobs x threads = cores), and where its caches go (below ``out_root``).
 
 Why explicit: torch takes every core by default. Run one after another that is right; in a local
 parallel sweep (Hydra's joblib launcher, one process per job) n jobs x all cores each would make every
@@ -11,11 +11,15 @@ choose it.
 from __future__ import annotations
 
 import logging
+import os
+from pathlib import Path
 from typing import Any
 
 import torch
 
+from qexp.data.common import use_cache
 from qexp.errors import QexpError
+from qexp.run.record import CACHE_FOLDER
 
 log = logging.getLogger("qexp")
 
@@ -27,8 +31,6 @@ def cores() -> int:
 
         return max(1, int(cpu_count()))
     except Exception:  # joblib missing or unable to read the quota
-        import os
-
         return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
 
 
@@ -62,6 +64,24 @@ def apply_threads(requested: int | None, launcher: Any = None) -> int:
     if threads is not None and threads != torch.get_num_threads():
         torch.set_num_threads(threads)
     return torch.get_num_threads()
+
+
+#: the cache folders this process placed in the environment (a later run with another out_root moves them)
+_PLACED: dict[str, str] = {}
+
+
+def keep_caches_under(out_root: str | Path) -> Path:
+    """Keep what a run caches in ``<out_root>/.cache``: decoded datasets, and torch.compile's and
+    Triton's kernels (their defaults, ``/tmp/torchinductor_<user>`` and ``~/.triton``, are outside
+    ``out_root``, where qexp writes nothing). A user's own ``QEXP_CACHE``, ``TORCHINDUCTOR_CACHE_DIR``
+    or ``TRITON_CACHE_DIR`` is kept. Set in the environment, so DDP's processes inherit it; the folders
+    are created by the first writer only."""
+    folder = Path(out_root).expanduser().absolute() / CACHE_FOLDER
+    use_cache(folder)
+    for var, sub in (("TORCHINDUCTOR_CACHE_DIR", "torchinductor"), ("TRITON_CACHE_DIR", "triton")):
+        if os.environ.get(var) in (None, _PLACED.get(var)):  # unset, or set by an earlier run of this process
+            os.environ[var] = _PLACED[var] = str(folder / sub)
+    return folder
 
 
 def log_threads() -> None:

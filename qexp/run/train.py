@@ -87,6 +87,7 @@ def run(cfg: DictConfig) -> dict[str, Any] | None:
         defaults = identity.compose_defaults()
         identity.check_types(cfg, defaults.baseline)  # method.stochastic=off: refused, not read as true
         identity.check_place(cfg)
+        resources.keep_caches_under(cfg.out_root)
         method = check_inputs(cfg)  # the run's method, built once in this process
         seeds_per_process = check_seeds(cfg, method)  # checked before any folder
         ignored = ignored_knobs(method)
@@ -281,7 +282,7 @@ def _spawn_ranks(cfg: DictConfig, run_dir: Path, level: str = "") -> dict[str, A
     threads = max(1, torch.get_num_threads() // world) if device.type == "cpu" else None
     log.info("training on %d processes (%s)", world, backend)
     worker = importlib.import_module("qexp.run.train")._ddp_worker  # by module name: picklable under -m too
-    distributed.spawn(world, worker, payload, threads)
+    distributed.spawn(world, worker, payload, run_dir, threads)
     return record.read(run_dir)
 
 
@@ -290,6 +291,7 @@ def _ddp_worker(rank: int, world: int, init_method: str, payload: tuple, errors:
     conf, run_dir, overrides, backend = payload
     cfg, run_dir = OmegaConf.create(conf), Path(run_dir)
     distributed.worker_logging(run_dir, rank == 0)
+    resources.keep_caches_under(cfg.out_root)  # a fresh interpreter: the data cache's place is not inherited
     try:
         ctx = distributed.init(rank, world, rank, backend, init_method)
         train(cfg, run_dir, ctx, overrides)
