@@ -1,6 +1,7 @@
 """Nothing a run writes lands outside ``out_root``: decoded data and compiled kernels are cached in
 ``<out_root>/.cache`` (unless the user names a cache), DDP's rendezvous file lives in the run folder,
-and ``qexp eval`` reads that cache without writing it. The data folder is never written."""
+``qexp eval`` reads that cache without writing it, and ``qexp plot`` keeps matplotlib's font cache out of
+``~``. The data folder is never written."""
 
 from __future__ import annotations
 
@@ -15,14 +16,14 @@ from tests.test_config import write_cifar10_jpeg
 
 #: the user's own cache choices, unset: the defaults are what is checked
 NO_CACHES = {"QEXP_CACHE": None, "TORCHINDUCTOR_CACHE_DIR": None, "TRITON_CACHE_DIR": None,
-             "XDG_CACHE_HOME": None}
+             "XDG_CACHE_HOME": None, "MPLCONFIGDIR": None}
 
 
 def _files(folder: Path) -> dict[str, int]:
     return {str(p.relative_to(folder)): p.stat().st_mtime_ns for p in folder.rglob("*")}
 
 
-def test_training_in_two_processes_and_evaluating_write_only_below_out_root(tmp_path: Path) -> None:
+def test_training_in_two_processes_evaluating_and_plotting_write_only_below_out_root(tmp_path: Path) -> None:
     data, home, tmp, out = (tmp_path / d for d in ("data", "home", "tmp", "out"))
     write_cifar10_jpeg(data)
     home.mkdir()
@@ -38,6 +39,10 @@ def test_training_in_two_processes_and_evaluating_write_only_below_out_root(tmp_
     proc = run_qexp(["eval", str(run)], cwd=tmp_path, env=env)
     assert "decoding" not in proc.stdout + proc.stderr  # eval read the run's cache
     assert _files(out / CACHE_FOLDER) == cached  # and wrote nothing there
+    bad = run_qexp(["plot", str(out), "--metric", "nope"], cwd=tmp_path, env=env, check=False)
+    assert bad.returncode == 2 and not (out / "plots").exists()  # refused: no folder left
+    run_qexp(["plot", str(out)], cwd=tmp_path, env=env)  # matplotlib's font cache: not in ~/.cache
+    assert sorted(p.name for p in (out / "plots").iterdir()) == ["test_error.png"]
     assert _files(data) == before
     assert _files(home) == {} and _files(tmp) == {}
 
@@ -56,11 +61,20 @@ def test_compiled_kernels_are_cached_below_out_root_unless_the_user_says_where(t
     assert common.cache_place() == (first, True)
     second = resources.keep_caches_under(tmp_path / "b")  # a later run of this process: its own out_root
     assert Path(cache_dir()).parent == second and common.cache_place() == (second, True)
+    from torch._inductor import codecache
+
+    monkeypatch.setattr(codecache, "_HEADER_DIR", codecache._HEADER_DIR)  # restored after the test
+    monkeypatch.setattr(codecache, "_HEADER_LOCK_DIR", codecache._HEADER_LOCK_DIR)
+    resources.keep_compiled_headers_beside_kernels()  # torch puts them in /tmp whatever the variable says
+    assert Path(codecache._HEADER_DIR).parent == Path(cache_dir())
     mine = str(tmp_path / "mine")
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", mine)
     monkeypatch.setenv("QEXP_CACHE", mine)
     resources.keep_caches_under(tmp_path / "c")
     assert cache_dir() == mine and common.cache_place() == (Path(mine), True)
+    before = codecache._HEADER_DIR
+    resources.keep_compiled_headers_beside_kernels()
+    assert codecache._HEADER_DIR == before  # the user's kernel folder: torch's own place for the headers
 
 
 def test_runs_are_not_searched_for_in_the_cache(tmp_path: Path) -> None:

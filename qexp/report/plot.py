@@ -18,21 +18,50 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import re
 import statistics
-from collections.abc import Sequence
+import sys
+import tempfile
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from qexp.errors import ArgumentParser, QexpError
 from qexp.report import results
 from qexp.run import record
 
+T = TypeVar("T")
 PTQ_FILE = record.PTQ_FILE
 #: per-layer bit widths in a learned-precision run's history (``method/bits/<layer>``)
 LAYER_BITS = re.compile(r"^method/(?:bits|alloc(?:ation)?)/(.+)$")
 #: the mean bits a layer drew over an epoch while the allocation was still sampled (soft phase)
 EXPECTED_BITS = re.compile(r"^method/expected_bits/(.+)$")
+
+
+def with_private_matplotlib(folder: Path, draw: Callable[[], T]) -> T:
+    """``draw()`` with matplotlib's config and font cache in a temporary folder inside ``folder`` (where
+    the figures go), removed after: its default, ``~/.cache/matplotlib``, is outside the folders qexp was
+    given. A user's ``MPLCONFIGDIR`` is kept; a folder made here and left empty (no figure) is removed."""
+    if os.environ.get("MPLCONFIGDIR") or "matplotlib" in sys.modules:
+        return draw()
+    made = [p for p in (folder, *folder.parents) if not p.exists()]
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix=".matplotlib-", dir=folder) as home:
+            os.environ["MPLCONFIGDIR"] = home
+            try:
+                return draw()
+            finally:
+                del os.environ["MPLCONFIGDIR"]
+    except OSError as e:
+        raise QexpError(f"cannot write into {folder}: {e.strerror or e}") from None
+    finally:
+        for p in made:  # deepest first
+            try:
+                p.rmdir()
+            except OSError:  # holds a figure now, or already gone
+                pass
 
 
 def _figure(size: tuple[int, int], dpi: int, nrows: int, ncols: int):  # type: ignore[no-untyped-def]
@@ -351,10 +380,14 @@ def main(argv: list[str]) -> int:
     results.check_keys(df, [*rows, *cols], "--rows/--cols")
     safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", args.metric)
     out = args.out or args.dirs[0] / "plots" / f"{safe}.png"
-    written = [plot_curves(df, rows, cols, args.metric, out, args.size, args.dpi, args.logy)]
-    alloc = plot_allocation(df, rows, cols, out.with_name(f"{out.stem}_alloc.png"), args.size, args.dpi)
-    ptq = plot_ptq(df, rows, cols, out.with_name(f"{out.stem}_ptq.png"), args.size, args.dpi)
-    written += [p for p in (alloc, ptq) if p]
+
+    def draw() -> tuple[list[Path], Path | None, Path | None]:
+        curves = plot_curves(df, rows, cols, args.metric, out, args.size, args.dpi, args.logy)
+        alloc = plot_allocation(df, rows, cols, out.with_name(f"{out.stem}_alloc.png"), args.size, args.dpi)
+        ptq = plot_ptq(df, rows, cols, out.with_name(f"{out.stem}_ptq.png"), args.size, args.dpi)
+        return [curves, *(p for p in (alloc, ptq) if p)], alloc, ptq
+
+    written, alloc, ptq = with_private_matplotlib(out.parent, draw)
     for p in written:
         print(f"wrote {p}")
     if alloc is None:

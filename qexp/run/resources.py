@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -74,14 +76,48 @@ def keep_caches_under(out_root: str | Path) -> Path:
     """Keep what a run caches in ``<out_root>/.cache``: decoded datasets, and torch.compile's and
     Triton's kernels (their defaults, ``/tmp/torchinductor_<user>`` and ``~/.triton``, are outside
     ``out_root``, where qexp writes nothing). A user's own ``QEXP_CACHE``, ``TORCHINDUCTOR_CACHE_DIR``
-    or ``TRITON_CACHE_DIR`` is kept. Set in the environment, so DDP's processes inherit it; the folders
-    are created by the first writer only."""
+    or ``TRITON_CACHE_DIR`` is kept. Set in the environment, so DDP's processes inherit it; each folder
+    is made by its first writer (a run that compiles nothing makes none, a refused command none at all)."""
+    import_dynamo_quietly()
     folder = Path(out_root).expanduser().absolute() / CACHE_FOLDER
     use_cache(folder)
     for var, sub in (("TORCHINDUCTOR_CACHE_DIR", "torchinductor"), ("TRITON_CACHE_DIR", "triton")):
-        if os.environ.get(var) in (None, _PLACED.get(var)):  # unset, or set by an earlier run of this process
+        if os.environ.get(var) in (None, _PLACED.get(var)):  # unset, or placed by an earlier run of ours
             os.environ[var] = _PLACED[var] = str(folder / sub)
     return folder
+
+
+def keep_compiled_headers_beside_kernels() -> None:
+    """torch.compile on CPU precompiles C++ headers into ``/tmp/torchinductor_<user>`` whatever
+    ``TORCHINDUCTOR_CACHE_DIR`` says (torch reads its default folder there); when the kernel cache is the
+    one :func:`keep_caches_under` placed, the headers go into it too (a torch without that module
+    variable keeps its own place)."""
+    var = "TORCHINDUCTOR_CACHE_DIR"
+    placed = _PLACED.get(var)
+    if placed is None or os.environ.get(var) != placed:
+        return
+    from torch._inductor import codecache
+
+    if hasattr(codecache, "_HEADER_DIR") and hasattr(codecache, "_HEADER_LOCK_DIR"):
+        codecache._HEADER_DIR = os.path.join(placed, "precompiled_headers")
+        codecache._HEADER_LOCK_DIR = os.path.join(codecache._HEADER_DIR, "locks")
+
+
+def import_dynamo_quietly() -> None:
+    """Import ``torch._dynamo`` (torchvision does) while its cache folder is an existing one: the import
+    makes that folder, by default ``/tmp/torchinductor_<user>``, and sets the variable naming it; both are
+    undone here unless the user set it. What compiles later uses the folder the variable then names."""
+    var = "TORCHINDUCTOR_CACHE_DIR"
+    if "torch._dynamo" in sys.modules:
+        return
+    before = os.environ.get(var)
+    if before is None:
+        os.environ[var] = tempfile.gettempdir()
+    try:
+        import torch._dynamo  # noqa: F401
+    finally:
+        if before is None:
+            os.environ.pop(var, None)
 
 
 def log_threads() -> None:

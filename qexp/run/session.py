@@ -406,6 +406,8 @@ def train(cfg: DictConfig, run_dir: Path, ctx: distributed.Context = distributed
     device = distributed.rank_device(device, ctx.local_rank) if ctx.enabled else device
     resources.log_threads()
     compiled.check(device, bool(cfg.compile), bool(cfg.cuda_graphs), ctx.enabled)
+    if cfg.compile:
+        resources.keep_compiled_headers_beside_kernels()
     kernels.use_fused(bool(cfg.compile), device, probe=False)  # per run: a sweep's runs may differ
     if built is None:
         torch.manual_seed(cfg.seed)
