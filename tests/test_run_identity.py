@@ -24,7 +24,8 @@ BAD = {"epochs": "epochs=0", "batch_size": "batch_size=0", "eval_batch_size": "e
        "lock": "lock=sometimes", "type": "epochs=abc", "key": "methd=sr", "option": "method=nonexist",
        "interpolation": "lr=${foo}", "cosine_ratio": "sched=cosine sched.final_ratio=-1",
        "exp_ratio": "sched=exp sched.final_ratio=0", "width": "model.width=0", "test_samples": "dataset.test_samples=0",
-       "method_seed": "method=r method.seed=-4", "hydra_flag": "--bogus", "cfg_choice": "--cfg nonsense"}
+       "method_seed": "method=r method.seed=-4", "hydra_flag": "--bogus", "cfg_choice": "--cfg nonsense",
+       "progress": "progress=maybe", "short_betas": "optim=adam optim.betas=[0.9]"}
 
 
 def runs(root: Path) -> list[Path]:
@@ -47,6 +48,9 @@ def launched(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
         "unwritable_sweep_root": {"argv": ["--multirun", *T, "out_root=/sys/qexp-cannot-write-here"]},
         "interpolated": {"argv": [*T, "seed=${epochs}", f"out_root={out}/interp"]},
         "bad_sweep_option": {"argv": ["--multirun", *T, "method=float,nonexist", f"out_root={out}/badsweep"]},
+        "bad_search_space": {"argv": ["--multirun", *T, "hydra/sweeper=optuna", "dataset.val_size=16",
+                                      'hydra.sweeper.params={lr:"tag(log, interval(0.001, 0.1))"}',
+                                      f"out_root={out}/badspace"]},
         "chg_setup": {"argv": [*T, f"out_root={out}/chg"]},
         "chg": {"argv": [*T, f"out_root={out}/chg"], "set_status": [str(out / "chg"), "interrupted"],
                 "set_config": [str(out / "chg"), "model.dropout", 0.25]},
@@ -130,6 +134,15 @@ def test_sweep_with_an_unknown_option_is_one_line_and_leaves_no_folder(launched)
     assert not (out / "badsweep").exists()
 
 
+def test_a_search_space_omegaconf_cannot_merge_is_one_line_and_leaves_no_folder(launched) -> None:
+    """``hydra.sweeper.params={...}`` on the command line: OmegaConf fails merging a dict into the
+    sweeper's null node with a plain AttributeError (once a traceback wall); one line names the key."""
+    out, r = launched
+    err = one_line_error(r["bad_search_space"])
+    assert "hydra.sweeper.params" in err and "lr='tag(log" in err, err
+    assert not (out / "badspace").exists()
+
+
 def test_an_interpolated_override_is_used_as_typed(launched) -> None:
     """``seed=${epochs}`` is Hydra's interpolation; qexp once resolved the override strings themselves
     against Hydra's own config, and every such command failed."""
@@ -181,3 +194,14 @@ def test_hydra_flags_go_first_and_a_bare_info_takes_no_override() -> None:
     assert arrange_argv(["--info", "defaults", "seed=1"]) == ["--info", "defaults", "seed=1"]
     with pytest.raises(QexpError, match=r"qexp train: unrecognized arguments: --bogus \(qexp train --help\)"):
         arrange_argv(["--bogus", "seed=1"])
+
+
+@pytest.mark.parametrize("root", ["", "  "])
+def test_an_empty_out_root_is_refused(root: str) -> None:
+    """``out_root=`` used to write the run below the current folder."""
+    from omegaconf import OmegaConf
+
+    from qexp.run import identity
+
+    with pytest.raises(QexpError, match="out_root= must name a folder"):
+        identity.check_place(OmegaConf.create({"name": "runs", "out_root": root}))

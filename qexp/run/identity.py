@@ -208,6 +208,8 @@ def check_place(cfg: DictConfig) -> None:
     if not name.strip() or Path(name).is_absolute() or ".." in parts or name.startswith("~"):
         raise QexpError(f"name={name} must be a relative folder name below out_root (no '/' at the start, "
                         "no '..'); to write elsewhere set out_root=DIR")
+    if not str(cfg.out_root).strip():
+        raise QexpError("out_root= must name a folder (default outputs)")
     root = Path(str(cfg.out_root)).expanduser()
     if root.exists() and not root.is_dir():
         raise QexpError(f"out_root={cfg.out_root} is a file, not a folder")

@@ -73,6 +73,10 @@ def instantiate(node: DictConfig, **kwargs: Any) -> Any:
         return factory(**kwargs)
     except (TypeError, ValueError) as e:  # a bad option value or name in the config
         raise QexpError(f"cannot build {conf.get('_target_')}: {e}") from None
+    except (IndexError, KeyError) as e:  # a list too short, a name not there: say which settings
+        given = ", ".join(f"{k}={v}" for k, v in conf.items() if k != "_target_")
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise QexpError(f"cannot build {conf.get('_target_')} with {given}: {first or type(e).__name__}") from None
 
 
 def default_device() -> str:
@@ -118,6 +122,9 @@ def check_inputs(cfg: DictConfig) -> Method:
         raise QexpError(f"lr must be a positive number, got lr={cfg.lr}")
     if not 0 <= int(cfg.seed) <= MAX_SEED:
         raise QexpError(f"seed must be in 0..{MAX_SEED} (torch's generator seed), got seed={cfg.seed}")
+    if cfg.progress is not None and not isinstance(cfg.progress, bool):
+        raise QexpError(f"progress must be true, false or null (a bar when stderr is a terminal), "
+                        f"got progress={cfg.progress}")
     if str(cfg.lock) not in ("auto", "fail", "wait"):
         raise QexpError(f"lock must be auto, fail or wait, got lock={cfg.lock}")
     if int(cfg.tensorboard.step_every) < 0:

@@ -447,15 +447,29 @@ def main() -> None:
             sweep.finish()
             print(f"interrupted (Ctrl-C): {type(e).__name__}", file=sys.stderr)
             sys.exit(EXIT_INTERRUPTED)
-        if not isinstance(e, (HydraException, OmegaConfBaseException, OSError)):
+        if not isinstance(e, (HydraException, OmegaConfBaseException, OSError)) and not _composing_error(e):
             raise
         _main_error(e, started)
     if sweep.exit_code():
         sys.exit(sweep.exit_code())
 
 
+def _composing_error(e: BaseException) -> bool:
+    """An error OmegaConf raised (as a Python type) while merging an override into the config: it names
+    the key (``full_key: hydra.sweeper.params``), e.g. a dict merged into a node that is null."""
+    return "full_key:" in str(e)
+
+
 def _main_error(e: BaseException, started: float) -> None:
     """A composition error or an unwritable sweep folder, as one line (exit 2)."""
+    if _composing_error(e) and not isinstance(e, (HydraException, OmegaConfBaseException)):
+        sweep.remove_stub(started)
+        key = re.search(r"full_key: (\S+)", str(e))
+        hint = ("; give a search space as an override of its own (lr='tag(log, interval(1e-4, 0.1))') or "
+                "set hydra.sweeper.params in a preset" if key and key[1].startswith("hydra.sweeper.params") else "")
+        print(f"error: cannot set {key[1] if key else 'an override'} as given ({config_error_line(e)}){hint}",
+              file=sys.stderr)
+        sys.exit(2)
     if isinstance(e, (HydraException, OmegaConfBaseException)):
         sweep.remove_stub(started)
         print(f"error: {config_error_line(e)}", file=sys.stderr)
