@@ -196,12 +196,15 @@ def test_hydra_flags_go_first_and_a_bare_info_takes_no_override() -> None:
         arrange_argv(["--bogus", "seed=1"])
 
 
-@pytest.mark.parametrize("root", ["", "  "])
-def test_an_empty_out_root_is_refused(root: str) -> None:
-    """``out_root=`` used to write the run below the current folder."""
+@pytest.mark.parametrize(("name", "root", "why"), [("runs", "", "out_root= must name a folder"),
+                                                    ("runs", "  ", "out_root= must name a folder"),
+                                                    (".cache/x", "out", "holds the runs' caches")])
+def test_an_empty_out_root_or_the_cache_as_name_is_refused(name: str, root: str, why: str) -> None:
+    """``out_root=`` used to write the run below the current folder; ``name=.cache`` would hide the runs
+    from qexp table (the cache is not searched)."""
     from omegaconf import OmegaConf
 
     from qexp.run import identity
 
-    with pytest.raises(QexpError, match="out_root= must name a folder"):
-        identity.check_place(OmegaConf.create({"name": "runs", "out_root": root}))
+    with pytest.raises(QexpError, match=why):
+        identity.check_place(OmegaConf.create({"name": name, "out_root": root}))

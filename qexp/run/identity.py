@@ -32,6 +32,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from qexp.errors import QexpError
 from qexp.run.config import SOURCE_KEYS, VOLATILE_KEYS
+from qexp.run.record import CACHE_FOLDER
 
 #: groups whose choice is already a level of the folder (dataset/model/method tag) or names it (experiment)
 PATH_GROUPS = ("dataset", "model", "method", "experiment")
@@ -208,6 +209,9 @@ def check_place(cfg: DictConfig) -> None:
     if not name.strip() or Path(name).is_absolute() or ".." in parts or name.startswith("~"):
         raise QexpError(f"name={name} must be a relative folder name below out_root (no '/' at the start, "
                         "no '..'); to write elsewhere set out_root=DIR")
+    if parts and parts[0] == CACHE_FOLDER:
+        raise QexpError(f"name={name}: {CACHE_FOLDER} below out_root holds the runs' caches, not runs; "
+                        "choose another name")
     if not str(cfg.out_root).strip():
         raise QexpError("out_root= must name a folder (default outputs)")
     root = Path(str(cfg.out_root)).expanduser()
