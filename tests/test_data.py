@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from qexp.data import cifar, imagenet, mnist, synthetic
 from qexp.data.loader import Normalize, TensorLoader, crop_flip
+from qexp.errors import QexpError
 from tests.test_config import write_cifar
 
 
@@ -69,6 +71,14 @@ def test_imagefolder_on_imagenette(data_root):
     assert x.shape == (16, 3, 64, 64) and y.dtype == torch.long
 
 
+@pytest.mark.parametrize(("option", "why"), [({"image_size": 0}, "image_size"), ({"workers": -1}, "workers"),
+                                             ({"train_subset": 0}, "1..400"), ({"train_subset": 401}, "1..400")])
+def test_imagefolder_options_out_of_range_are_one_line(data_root, option, why):
+    """image_size=0 was a traceback, train_subset=0 trained on no image, 401 was cut to 400 silently."""
+    with pytest.raises(QexpError, match=why):
+        imagenet.build(str(data_root), dirname="imagenette-mini", **{"workers": 0, **option})
+
+
 def test_shuffle_is_a_function_of_seed_and_epoch_and_resumable():
     x, y = synthetic.make(100, (1, 8, 8), 10, seed=0)
     loader = TensorLoader(x, y, 16, Normalize((0.5,), (0.25,)), shuffle=True, seed=3)
@@ -100,6 +110,7 @@ def test_missing_data_message_names_the_files(tmp_path):
     with pytest.raises(QexpError) as e:
         mnist.load_arrays("mnist", tmp_path, download=False)
     assert "train-images-idx3-ubyte.gz" in str(e.value) and str(tmp_path) in str(e.value)
+    assert len(str(e.value).splitlines()) == 1  # one line, as every bad input is
 
 
 def test_deferred_batches_gather_to_the_same_values() -> None:

@@ -63,6 +63,15 @@ def test_depth_rules_are_checked():
         WideResNet(28, 10)
     with pytest.raises(ValueError, match="at least 16"):
         LeNet5(1, 10, 12)
+    for bad in (2, -4):  # 6n+2 with n < 1: no residual block at all
+        with pytest.raises(ValueError, match="n >= 1"):
+            CifarResNet(bad)
+        with pytest.raises(ValueError, match="n >= 1"):
+            WideResNet(bad)
+    with pytest.raises(ValueError, match="width"):
+        CifarResNet(20, width=0)  # once a traceback from inside BatchNorm
+    with pytest.raises(ValueError, match="widen"):
+        WideResNet(26, widen=0)
 
 
 def test_resnet_parameter_counts_match_the_papers():

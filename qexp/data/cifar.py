@@ -57,7 +57,7 @@ def load_arrays(variant: str, root: str | Path, download: bool = True) -> dict[s
         _try_download(variant, Path(root).expanduser())
     if not all((base / n).exists() for n in names):
         raise missing_data_error(variant.upper().replace("CIFAR", "CIFAR-"), base, names,
-                                 " Unpack the python version of the archive there.")
+                                 " (the python version of the archive, unpacked)")
     return {
         "train": read_batches([base / n for n in train_files], label_key),
         "test": read_batches([base / n for n in test_files], label_key),

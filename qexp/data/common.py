@@ -21,13 +21,14 @@ SIGNED = "signed"
 BYTE256 = "byte256"
 
 
-def missing_data_error(name: str, folder: Path, files: list[str], hint: str = "") -> QexpError:
-    listing = "\n".join(f"  {folder / f}" for f in files)
+def missing_data_error(name: str, folder: Path, files: list[str], hint: str = "",
+                       downloadable: bool = True) -> QexpError:
+    """One line: what is missing, the files qexp reads and where, and how to point it elsewhere."""
+    why = "could not be downloaded (offline?)" if downloadable else "cannot be downloaded"
     return QexpError(
-        f"{name} was not found and could not be downloaded (offline?).\n"
-        f"qexp looks for these files:\n{listing}\n"
-        f"Put them there, or point the data root at a folder that holds them "
-        f"(environment variable QEXP_DATA or data_root=...).{hint}"
+        f"{name} was not found and {why}: qexp reads {', '.join(files)} in {folder}; put them there"
+        f"{hint}, or point the data root at a folder that holds them (environment variable QEXP_DATA or "
+        f"data_root=...)"
     )
 
 

@@ -124,9 +124,13 @@ def build(
     base = Path(root).expanduser() / dirname
     if not (base / "train").is_dir() or not (base / "val").is_dir():
         raise missing_data_error("ImageNet", base, ["train/<wnid>/*.JPEG", "val/<wnid>/*.JPEG"],
-                                 " ImageNet cannot be downloaded automatically; use the ImageFolder layout.")
+                                 " (torchvision's ImageFolder layout)", downloadable=False)
     if val_size:
         raise QexpError("dataset.val_size is not supported for ImageFolder datasets; use the val/ folder")
+    if image_size < 1:
+        raise QexpError(f"dataset.image_size must be a positive number of pixels, got {image_size}")
+    if workers < 0:
+        raise QexpError(f"dataset.workers must be 0 (load in the training process) or more, got {workers}")
     norm = transforms.Normalize(MEAN, STD)
     resize = int(round(image_size * 256 / 224))
     if augment:
@@ -143,7 +147,9 @@ def build(
         raise QexpError(f"{base}: train/ and val/ hold different class folders")
     num_classes = len(train_set.classes)
     if train_subset is not None:
-        train_set = torch.utils.data.Subset(train_set, range(min(train_subset, len(train_set))))
+        if not 0 < train_subset <= len(train_set):
+            raise QexpError(f"dataset.train_subset must be in 1..{len(train_set)}, got {train_subset}")
+        train_set = torch.utils.data.Subset(train_set, range(train_subset))
     return DataBundle(
         name="imagenet",
         train=FolderLoader(train_set, batch_size, True, seed, workers, device),

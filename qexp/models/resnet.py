@@ -43,8 +43,10 @@ class CifarResNet(nn.Module):
                  bn_warm_start: bool = False, bn: bool = True, bias: bool = True) -> None:
         super().__init__()
         require_bn(bn, f"resnet{depth}")
-        if (depth - 2) % 6:
-            raise ValueError(f"CIFAR ResNet depth must be 6n+2 (20, 32, 44, 56, 110), got {depth}")
+        if (depth - 2) % 6 or depth < 8:
+            raise ValueError(f"CIFAR ResNet depth must be 6n+2 with n >= 1 (20, 32, 44, 56, 110), got {depth}")
+        if width < 1:
+            raise ValueError(f"CIFAR ResNet width (the first stage's channels) must be at least 1, got {width}")
         n = (depth - 2) // 6
         self.stem = nn.Sequential(nn.Conv2d(in_channels, width, 3, 1, 1, bias=False),
                                   nn.BatchNorm2d(width), nn.ReLU())

@@ -38,8 +38,10 @@ class WideResNet(nn.Module):
                  bn_warm_start: bool = False, bn: bool = True, bias: bool = True) -> None:
         super().__init__()
         require_bn(bn, f"wrn{depth}_{widen}")
-        if (depth - 2) % 6:
-            raise ValueError(f"WRN depth must be 6n+2 (e.g. 26, 56), got {depth}")
+        if (depth - 2) % 6 or depth < 8:
+            raise ValueError(f"WRN depth must be 6n+2 with n >= 1 (e.g. 26, 56), got {depth}")
+        if widen < 1:
+            raise ValueError(f"WRN widen (the width multiplier) must be at least 1, got {widen}")
         n = (depth - 2) // 6
         widths = (16 * widen, 32 * widen, 64 * widen)
         self.stem = nn.Conv2d(in_channels, 16, 3, 1, 1, bias=False)

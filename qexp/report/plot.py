@@ -39,12 +39,13 @@ LAYER_BITS = re.compile(r"^method/(?:bits|alloc(?:ation)?)/(.+)$")
 EXPECTED_BITS = re.compile(r"^method/expected_bits/(.+)$")
 
 
-def with_private_matplotlib(folder: Path, draw: Callable[[], T]) -> T:
-    """``draw()`` with matplotlib's config and font cache in a temporary folder inside ``folder`` (where
+def with_private_matplotlib(figure: Path, draw: Callable[[], T]) -> T:
+    """``draw()`` with matplotlib's config and font cache in a temporary folder beside ``figure`` (where
     the figures go), removed after: its default, ``~/.cache/matplotlib``, is outside the folders qexp was
     given. A user's ``MPLCONFIGDIR`` is kept; a folder made here and left empty (no figure) is removed."""
     if os.environ.get("MPLCONFIGDIR") or "matplotlib" in sys.modules:
         return draw()
+    folder = figure.parent
     made = [p for p in (folder, *folder.parents) if not p.exists()]
     try:
         folder.mkdir(parents=True, exist_ok=True)
@@ -55,7 +56,7 @@ def with_private_matplotlib(folder: Path, draw: Callable[[], T]) -> T:
             finally:
                 del os.environ["MPLCONFIGDIR"]
     except OSError as e:
-        raise QexpError(f"cannot write into {folder}: {e.strerror or e}") from None
+        raise QexpError(f"cannot write {figure}: {e.strerror or e}") from None
     finally:
         for p in made:  # deepest first
             try:
@@ -387,7 +388,7 @@ def main(argv: list[str]) -> int:
         ptq = plot_ptq(df, rows, cols, out.with_name(f"{out.stem}_ptq.png"), args.size, args.dpi)
         return [curves, *(p for p in (alloc, ptq) if p)], alloc, ptq
 
-    written, alloc, ptq = with_private_matplotlib(out.parent, draw)
+    written, alloc, ptq = with_private_matplotlib(out, draw)
     for p in written:
         print(f"wrote {p}")
     if alloc is None:
