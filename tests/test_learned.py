@@ -421,6 +421,8 @@ def test_bad_options_are_one_clear_error():
         LearnedPrecision(bits=4, max_bits=3)
     with pytest.raises(QexpError, match="tau_min"):
         LearnedPrecision(bits=4, tau0=0.1, tau_min=1.0)
+    with pytest.raises(QexpError, match="method.tau0=0 is out of range"):  # once blamed on tau_min
+        LearnedPrecision(bits=4, tau0=0)
     with pytest.raises(QexpError, match="hard_after"):
         LearnedPrecision(bits=4, hard_after=-1)
     with pytest.raises(QexpError, match="allowed: 1..8"):

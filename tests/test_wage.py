@@ -188,6 +188,13 @@ def test_activation_placement_equals_paper_order() -> None:
     assert torch.equal(ours, shadow_weight(conv).grad)
 
 
+def test_a_non_positive_beta_is_one_clear_error() -> None:
+    """method.beta=0 was a math domain error (log2 of the init limit) from inside prepare."""
+    for beta in (0, -1, float("inf"), float("nan")):
+        with pytest.raises(QexpError, match="method.beta"):
+            Wage(beta=beta)
+
+
 def test_unsupported_models_get_one_clear_error() -> None:
     with pytest.raises(QexpError, match="model.bn=false model.bias=false"):
         Wage().prepare(VGG("vgg7", bn=True, bias=False), RunContext())

@@ -54,6 +54,7 @@ class LearnedPrecision(Method):
         check_budget(1, self.bits, self.min_bits, self.max_bits)
         check_range("method.max_bits", self.max_bits, hi=16)
         check_choice("method.lr_scale", lr_scale, LR_SCALES)
+        check_range("method.tau0", tau0, 0, strict_lo=True, why="the first soft epoch's temperature")
         check_range("method.tau_min", tau_min, 0, tau0, strict_lo=True, why="positive, at most method.tau0")
         if hard_after is not None:
             check_range("method.hard_after", hard_after, 0, why="or null: half the epochs")

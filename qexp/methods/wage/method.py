@@ -112,7 +112,8 @@ class Wage(Method):
         self.bits_g = check_range("method.bits_g", int(bits_g), self.bits, 16,
                                   why="stored weights live on the k_G grid, which must contain the k_W grid")
         self.bits_r = check_range("method.bits_r", int(bits_r), 2, 24, why="randomizer bits, float32 mantissa")
-        self.beta = float(beta)
+        self.beta = float(check_range("method.beta", beta, 0, 1e3, strict_lo=True,
+                                      why="L_min = beta sigma(k_W), the smallest uniform init limit"))
         self.qa_logits = bool(qa_logits)
         self.layers: list[tuple[str, nn.Module]] = []
         self.sites: list[tuple[str, ShiftStats]] = []
