@@ -92,8 +92,6 @@ class Stack:
         #: every model's parameters in the order of ``params``: where each one's gradient slice goes
         self.model_params = [[_tensor(m, name) for name in self.params] for m in self.models]
         self._forward = vmap(self._one, randomness="different")
-        #: whether the seeds' criterion runs under vmap (None: not tried yet; the run session decides)
-        self.batched_criterion: bool | None = None
 
     def _stack(self, name: str) -> torch.Tensor:
         """The models' tensor ``name`` stacked; each model's tensor becomes a view of its slice."""

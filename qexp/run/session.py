@@ -504,7 +504,7 @@ def stack_seeds(builts: list[Built]) -> seeds.Stack:
     return stack
 
 
-def group_train_step(stack: seeds.Stack, builts: list[Built], optimizer: seeds.SharedOptimizer,
+def group_train_step(stack: seeds.Stack, builts: list[Built], optimizer: seeds.SharedOptimizer, loss: GroupLoss,
                      requests: list[Any], active: list[int]) -> dict[int, tuple[torch.Tensor, ...]]:
     """One optimizer step of every active seed of a stacked group, with every per-step hook in the order
     of :func:`train_step`: each seed's hooks on its own model; one forward, one loss (the criterion
@@ -517,7 +517,7 @@ def group_train_step(stack: seeds.Stack, builts: list[Built], optimizer: seeds.S
     for i in active:
         builts[i].method.before_forward(builts[i].model, step)
     out = stack.forward(xs)
-    losses = _group_losses(stack, builts, out, ys, active)
+    losses = loss(builts, out, ys, active)
     for i in active:
         builts[i].optimizer.zero_grad(set_to_none=True)
     stack.zero_grad()
@@ -535,22 +535,27 @@ def group_train_step(stack: seeds.Stack, builts: list[Built], optimizer: seeds.S
     return {i: (losses[j], out[i], sums[j], correct[i]) for j, i in enumerate(active)}
 
 
-def _group_losses(stack: seeds.Stack, builts: list[Built], out: torch.Tensor, ys: torch.Tensor,
-                  active: list[int]) -> torch.Tensor:
+class GroupLoss:
     """Each active seed's criterion value: one batched call when the criterion runs under ``vmap`` (the
-    seeds' methods are one configuration), else one call per seed (decided on the first step)."""
-    if stack.batched_criterion is not False:
-        index = torch.tensor(active, device=out.device) if len(active) < len(builts) else None
-        logits, labels = (out, ys) if index is None else (out.index_select(0, index), ys.index_select(0, index))
-        try:
-            losses = torch.func.vmap(builts[active[0]].method.criterion)(logits, labels)
-            stack.batched_criterion = True
-            return losses
-        except Exception:  # an operation without a batching rule (one_hot of a hinge loss, ...)
-            if stack.batched_criterion:
-                raise
-            stack.batched_criterion = False
-    return torch.stack([builts[i].method.criterion(out[i], ys[i]) for i in active])
+    seeds' methods are one configuration), else one call per seed. Which of the two is decided on the
+    group's first step and kept for the group (one instance per :func:`group_step`)."""
+
+    def __init__(self) -> None:
+        self.batched: bool | None = None  # None: not tried yet
+
+    def __call__(self, builts: list[Built], out: torch.Tensor, ys: torch.Tensor, active: list[int]) -> torch.Tensor:
+        if self.batched is not False:
+            index = torch.tensor(active, device=out.device) if len(active) < len(builts) else None
+            logits, labels = (out, ys) if index is None else (out.index_select(0, index), ys.index_select(0, index))
+            try:
+                losses = torch.func.vmap(builts[active[0]].method.criterion)(logits, labels)
+                self.batched = True
+                return losses
+            except Exception:  # an operation without a batching rule (one_hot of a hinge loss, ...)
+                if self.batched:
+                    raise
+                self.batched = False
+        return torch.stack([builts[i].method.criterion(out[i], ys[i]) for i in active])
 
 
 def group_step(stack: seeds.Stack, builts: list[Built]) -> seeds.GroupStep:
@@ -561,7 +566,8 @@ def group_step(stack: seeds.Stack, builts: list[Built]) -> seeds.GroupStep:
     if all(same_data(first, b.data.train) for b in builts[1:]):  # one gather of all seeds' batches
         for b in builts:
             b.data.train.defer = True
-    return lambda requests, active: group_train_step(stack, builts, optimizer, requests, active)
+    loss = GroupLoss()
+    return lambda requests, active: group_train_step(stack, builts, optimizer, loss, requests, active)
 
 
 def train_group(cfgs: list[DictConfig], run_dirs: list[Path], builts: list[Built], stack: seeds.Stack,
