@@ -51,6 +51,7 @@ def launched(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
         "bad_search_space": {"argv": ["--multirun", *T, "hydra/sweeper=optuna", "dataset.val_size=16",
                                       'hydra.sweeper.params={lr:"tag(log, interval(0.001, 0.1))"}',
                                       f"out_root={out}/badspace"]},
+        "bad_empty_sweep": {"argv": ["--multirun", *T, "seed=range(0,0)", f"out_root={out}/emptysweep"]},
         "chg_setup": {"argv": [*T, f"out_root={out}/chg"]},
         "chg": {"argv": [*T, f"out_root={out}/chg"], "set_status": [str(out / "chg"), "interrupted"],
                 "set_config": [str(out / "chg"), "model.dropout", 0.25]},
@@ -141,6 +142,14 @@ def test_a_search_space_omegaconf_cannot_merge_is_one_line_and_leaves_no_folder(
     err = one_line_error(r["bad_search_space"])
     assert "hydra.sweeper.params" in err and "lr='tag(log" in err, err
     assert not (out / "badspace").exists()
+
+
+def test_a_sweep_of_no_value_is_one_line_and_leaves_no_folder(launched) -> None:
+    """``seed=range(0,0)`` launched no job, exited 0 and left the sweep's multirun.yaml behind."""
+    out, r = launched
+    err = one_line_error(r["bad_empty_sweep"])
+    assert "seed=range(0,0) sweeps over no value" in err, err
+    assert not (out / "emptysweep").exists()
 
 
 def test_an_interpolated_override_is_used_as_typed(launched) -> None:

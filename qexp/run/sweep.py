@@ -105,6 +105,26 @@ def check_launcher(config: DictConfig) -> None:
                         "(or submitit_local)")
 
 
+def check_values(config: DictConfig) -> None:
+    """A grid (Hydra's basic sweeper) with a sweep of no value (``seed=range(0,0)``) would run no job and
+    exit 0: refused (QexpError) before any folder exists. Sweeps whose values need the config loader
+    (``glob(...)``) are left to Hydra."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    if "BasicSweeper" not in str((config.hydra.get("sweeper") or {}).get("_target_", "")):
+        return
+    for o in OverridesParser.create().parse_overrides(list(config.hydra.overrides.task)):
+        if not o.is_sweep_override():
+            continue
+        try:
+            empty = not list(o.sweep_string_iterator())
+        except HydraException:  # glob(): its values come from the config groups
+            continue
+        if empty:
+            raise QexpError(f"{o.input_line} sweeps over no value: the sweep would run no job")
+
+
 def exit_code() -> int:
     """What ``qexp train --multirun`` exits with (set by :meth:`SweepSummary.on_multirun_end`)."""
     return _exit_code

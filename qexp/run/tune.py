@@ -83,14 +83,16 @@ def check_patience(cfg: DictConfig) -> None:
 
 class InputCheck(Callback):
     """Refuses, in the launching process and before any job or run folder exists, a search of a test
-    metric, without a validation split or without trials, early stopping without a validation split, and
-    a launcher that cannot start (:func:`qexp.run.sweep.check_launcher`)."""
+    metric, without a validation split or without trials, early stopping without a validation split, a
+    launcher that cannot start (:func:`qexp.run.sweep.check_launcher`) and a grid of no job
+    (:func:`qexp.run.sweep.check_values`)."""
 
     @staticmethod
     def _refuse(config: DictConfig, search: bool) -> None:
         try:
             if search:
                 sweep.check_launcher(config)
+                sweep.check_values(config)
             if search and is_optuna(config.hydra):
                 check(config)
             check_patience(config)
