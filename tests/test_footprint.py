@@ -80,10 +80,9 @@ def test_compiled_kernels_are_cached_below_out_root_unless_the_user_says_where(t
 def test_runs_are_not_searched_for_in_the_cache(tmp_path: Path) -> None:
     from qexp.report.results import find_run_dirs
 
-    for d in ("sweep/seed0", f"{CACHE_FOLDER}/torchinductor/x", "linked/.hydra"):
+    for d in ("sweep/seed0", f"{CACHE_FOLDER}/torchinductor/x", "hydra-only/.hydra"):
         (tmp_path / d).mkdir(parents=True)
     (tmp_path / "sweep/seed0/metrics.json").write_text("{}")
     (tmp_path / CACHE_FOLDER / "torchinductor/x/metrics.json").write_text("{}")
-    (tmp_path / "linked/.hydra/config.yaml").write_text("{}")
-    (tmp_path / "via-link").symlink_to(tmp_path / "sweep")
-    assert find_run_dirs(tmp_path) == [tmp_path / "linked", tmp_path / "sweep/seed0", tmp_path / "via-link/seed0"]
+    (tmp_path / "hydra-only/.hydra/config.yaml").write_text("{}")
+    assert find_run_dirs(tmp_path) == [tmp_path / "hydra-only", tmp_path / "sweep/seed0"]

@@ -62,7 +62,7 @@ def find_run_dirs(root: Path) -> list[Path]:
 
 
 def _walk(root: Path, pattern: str) -> Iterator[Path]:
-    for dirpath, dirnames, _ in os.walk(root, followlinks=True):  # as rglob did: linked sweeps count
+    for dirpath, dirnames, _ in os.walk(root):  # as rglob did: linked folders are not entered
         dirnames[:] = sorted(d for d in dirnames if d != record.CACHE_FOLDER)
         yield from Path(dirpath).glob(pattern)
 
