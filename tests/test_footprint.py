@@ -30,8 +30,10 @@ def test_training_in_two_processes_evaluating_and_plotting_write_only_below_out_
     tmp.mkdir()
     env = {**NO_CACHES, "HOME": str(home), "TMPDIR": str(tmp), "OMP_NUM_THREADS": "1"}
     before = _files(data)
-    run_qexp(["train", "dataset=cifar10_jpeg", "model=mlp", "epochs=1", "batch_size=4", "eval_batch_size=8",
-              "trainer.devices=2", "progress=false", f"data_root={data}", f"out_root={out}"], cwd=tmp_path, env=env)
+    # learned draws its TensorBoard figure with matplotlib (a font cache in ~/.cache by default)
+    run_qexp(["train", "dataset=cifar10_jpeg", "model=mlp", "method=learned", "epochs=1", "batch_size=4",
+              "eval_batch_size=8", "trainer.devices=2", "progress=false", f"data_root={data}", f"out_root={out}"],
+             cwd=tmp_path, env=env)
     (run,) = find_runs(out)
     cached = _files(out / CACHE_FOLDER)
     assert any(name.startswith("cifar10_jpeg-v") for name in cached), cached
@@ -42,7 +44,7 @@ def test_training_in_two_processes_evaluating_and_plotting_write_only_below_out_
     bad = run_qexp(["plot", str(out), "--metric", "nope"], cwd=tmp_path, env=env, check=False)
     assert bad.returncode == 2 and not (out / "plots").exists()  # refused: no folder left
     run_qexp(["plot", str(out)], cwd=tmp_path, env=env)  # matplotlib's font cache: not in ~/.cache
-    assert sorted(p.name for p in (out / "plots").iterdir()) == ["test_error.png"]
+    assert sorted(p.name for p in (out / "plots").iterdir()) == ["test_error.png", "test_error_alloc.png"]
     assert _files(data) == before
     assert _files(home) == {} and _files(tmp) == {}
 
@@ -52,14 +54,17 @@ def test_compiled_kernels_are_cached_below_out_root_unless_the_user_says_where(t
     from torch._inductor.runtime.cache_dir_utils import cache_dir
 
     for var in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR", "QEXP_CACHE"):
-        monkeypatch.delenv(var, raising=False)
+        monkeypatch.setenv(var, "")  # so that the test's own settings are undone, even of one unset before
+        monkeypatch.delenv(var)
     monkeypatch.setattr(resources, "_PLACED", {})
     monkeypatch.setattr(common, "_CACHE", None)
+    monkeypatch.setattr(resources, "_WANTED", None)
     first = resources.keep_caches_under(tmp_path / "a")
-    assert first == (tmp_path / "a" / CACHE_FOLDER).absolute()
+    assert first == (tmp_path / "a" / CACHE_FOLDER).absolute() and common.cache_place() == (first, True)
+    resources.place_kernel_caches()  # what a run does before it builds anything
     assert Path(cache_dir()).parent == first and Path(os.environ["TRITON_CACHE_DIR"]).parent == first
-    assert common.cache_place() == (first, True)
     second = resources.keep_caches_under(tmp_path / "b")  # a later run of this process: its own out_root
+    resources.place_kernel_caches()
     assert Path(cache_dir()).parent == second and common.cache_place() == (second, True)
     from torch._inductor import codecache
 
@@ -71,6 +76,7 @@ def test_compiled_kernels_are_cached_below_out_root_unless_the_user_says_where(t
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", mine)
     monkeypatch.setenv("QEXP_CACHE", mine)
     resources.keep_caches_under(tmp_path / "c")
+    resources.place_kernel_caches()
     assert cache_dir() == mine and common.cache_place() == (Path(mine), True)
     before = codecache._HEADER_DIR
     resources.keep_compiled_headers_beside_kernels()

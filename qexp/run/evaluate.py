@@ -21,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from qexp.data.common import run_cache, use_cache
 from qexp.errors import ArgumentParser, QexpError
-from qexp.run import checkpoint, resources, session
+from qexp.run import checkpoint, session
 from qexp.run.config import register
 
 if TYPE_CHECKING:
@@ -110,7 +110,6 @@ def load_run(run_dir: str | Path, device: str | None = None, data_root: str | No
     cfg = OmegaConf.load(cfg_file)
     cfg.data_root = run_data_root(run_dir, cfg, data_root)
     use_cache(run_cache(run_dir), writable=False)  # read what its training decoded; write nothing there
-    resources.import_dynamo_quietly()  # no torch cache folder made in /tmp
     dev = session.resolve_device(session.default_device() if device is None else device)
     torch.manual_seed(int(cfg.seed))
     built = session.assemble(cfg, dev)

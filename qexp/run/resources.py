@@ -70,21 +70,44 @@ def apply_threads(requested: int | None, launcher: Any = None) -> int:
 
 #: the cache folders this process placed in the environment (a later run with another out_root moves them)
 _PLACED: dict[str, str] = {}
+#: ``<out_root>/.cache`` of this process's current run (:func:`keep_caches_under`)
+_WANTED: Path | None = None
 
 
 def keep_caches_under(out_root: str | Path) -> Path:
-    """Keep what a run caches in ``<out_root>/.cache``: decoded datasets, and torch.compile's and
-    Triton's kernels (their defaults, ``/tmp/torchinductor_<user>`` and ``~/.triton``, are outside
-    ``out_root``, where qexp writes nothing). A user's own ``QEXP_CACHE``, ``TORCHINDUCTOR_CACHE_DIR``
-    or ``TRITON_CACHE_DIR`` is kept. Set in the environment, so DDP's processes inherit it; each folder
-    is made by its first writer (a run that compiles nothing makes none, a refused command none at all)."""
+    """Keep what a run caches in ``<out_root>/.cache``: decoded datasets and matplotlib's font cache now,
+    torch.compile's and Triton's kernels once :func:`place_kernel_caches` runs (before anything is built).
+    Their defaults (``~/.cache``, ``/tmp/torchinductor_<user>``, ``~/.triton``) are outside ``out_root``,
+    where qexp writes nothing. A user's own ``QEXP_CACHE``, ``MPLCONFIGDIR``, ``TORCHINDUCTOR_CACHE_DIR``
+    or ``TRITON_CACHE_DIR`` is kept. Cheap: a run reported as finished, or refused, imports nothing more."""
+    global _WANTED
+    _WANTED = Path(out_root).expanduser().absolute() / CACHE_FOLDER
+    use_cache(_WANTED)
+    # matplotlib (a method's TensorBoard figure) keeps its font cache in ~/.cache/matplotlib; it reads the
+    # variable when first imported and makes the folder then
+    _place("MPLCONFIGDIR", _WANTED / "matplotlib")
+    return _WANTED
+
+
+def _place(var: str, folder: Path, default: str | None = None) -> None:
+    """Name ``folder`` in ``var`` unless the user named another (unset, an earlier run's of ours, or the
+    library's own ``default`` count as not named)."""
+    if os.environ.get(var) in (None, _PLACED.get(var), default):
+        os.environ[var] = _PLACED[var] = str(folder)
+
+
+def place_kernel_caches() -> None:
+    """Before a model is built or compiled: import ``torch._dynamo`` quietly (:func:`import_dynamo_quietly`),
+    then name the run's kernel folders in the environment (DDP's processes inherit them). Each folder is
+    made by its first writer: a run that compiles nothing makes none."""
     import_dynamo_quietly()
-    folder = Path(out_root).expanduser().absolute() / CACHE_FOLDER
-    use_cache(folder)
-    for var, sub in (("TORCHINDUCTOR_CACHE_DIR", "torchinductor"), ("TRITON_CACHE_DIR", "triton")):
-        if os.environ.get(var) in (None, _PLACED.get(var)):  # unset, or placed by an earlier run of ours
-            os.environ[var] = _PLACED[var] = str(folder / sub)
-    return folder
+    if _WANTED is None:  # not a training run (qexp eval): torch's own defaults, made only by a compile
+        return
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    # torch names its default in the variable when it first asks for the folder
+    _place("TORCHINDUCTOR_CACHE_DIR", _WANTED / "torchinductor", os.path.abspath(default_cache_dir()))
+    _place("TRITON_CACHE_DIR", _WANTED / "triton")
 
 
 def keep_compiled_headers_beside_kernels() -> None:

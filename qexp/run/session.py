@@ -134,6 +134,8 @@ def check_inputs(cfg: DictConfig) -> Method:
     device = resolve_device(cfg.device)  # device=cuda:N that is not there
     precision.check(cfg.precision, device)  # 16-mixed off CUDA
     # compile=true without a working compiler, cuda_graphs=true off CUDA or without compile=true
+    if cfg.compile:
+        resources.place_kernel_caches()  # the compiler check imports torch._inductor
     compiled.check(device, bool(cfg.compile), bool(cfg.cuda_graphs), _data_parallel(cfg))
     method = build_method(cfg)
     if _data_parallel(cfg) and method.data_parallel_refusal:
@@ -208,6 +210,7 @@ class Built(Prepared):
 
 def assemble(cfg: DictConfig, device: torch.device, method: Method | None = None) -> Prepared:
     """Data and model, prepared by the run's ``method`` (built from ``cfg`` when not given) on ``device``."""
+    resources.place_kernel_caches()  # before torchvision (imported by the builders) imports torch._dynamo
     method = build_method(cfg) if method is None else method
     data = instantiate(cfg.dataset, root=cfg.data_root, batch_size=cfg.batch_size * method.batch_scale,
                        eval_batch_size=cfg.eval_batch_size, seed=cfg.seed, device=str(device))
