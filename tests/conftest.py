@@ -3,15 +3,16 @@
 
 from __future__ import annotations
 
+import getpass
 import json
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 import torch
-from torch._inductor.runtime.cache_dir_utils import default_cache_dir
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO / "data"  # qexp's own default (./data) when QEXP_DATA is unset
@@ -21,10 +22,12 @@ DEFAULT_DATA = REPO / "data"  # qexp's own default (./data) when QEXP_DATA is un
 # machine ``device=auto`` would pick the GPU (``device``'s default is ``$QEXP_DEVICE``, else auto).
 os.environ["QEXP_DEVICE"] = "cpu"
 
-# torch.compile's kernels are cached in one place for the whole suite (torch's own default folder), not in
-# every test's out_root (qexp's default): each compiling test would otherwise start cold and rebuild
-# ~150 MB of C++ headers. tests/test_footprint.py checks qexp's default with the variable unset.
-os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", default_cache_dir())
+# torch.compile's kernels are cached in one folder for the whole suite (beside torch's default; qexp takes
+# the default itself for "unset"), not in every test's out_root (qexp's default): each compiling test
+# would otherwise start cold. tests/test_footprint.py checks qexp's default with the variable unset.
+# (computed by hand: importing torch._inductor makes torch's default folder and names it in the variable)
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR",
+                      str(Path(tempfile.gettempdir()) / f"torchinductor_{getpass.getuser()}-qexp-tests"))
 
 if os.environ.get("PYTEST_XDIST_WORKER"):
     # Under pytest-xdist (``-n 2`` in pyproject's addopts) every worker computes with one thread, and so do
