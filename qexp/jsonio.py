@@ -1,4 +1,5 @@
-"""Atomic JSON/torch writes: a reader never sees a half-written file, a killed writer loses nothing.
+"""Atomic JSON/torch writes: a reader never sees a half-written file, a killed writer loses nothing; and
+no empty folder is left by a write that did not happen (:func:`without_new_folders`).
 
 The temporary file is created with ``os.open(..., 0o666)`` so the kernel applies the umask (and a
 default ACL) exactly as for a plain ``open(path, "w")``: results written by one user stay readable by
@@ -10,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -72,3 +74,24 @@ def _default(o: Any) -> Any:
     if hasattr(o, "tolist"):
         return o.tolist()
     return str(o)
+
+
+def without_new_folders(folders: Iterable[Path], attempt: Callable[[], None]) -> None:
+    """Run ``attempt`` (a download), then remove those of ``folders`` it created and left empty: a failed
+    download leaves no empty ``<root>/MNIST/raw`` behind, a refused plot no ``plots/`` (folders that
+    existed before are never touched)."""
+    new: list[Path] = []
+    for f in folders:  # with every missing parent (torchvision creates the whole chain)
+        for p in (Path(f), *Path(f).parents):
+            if p.exists():
+                break
+            new.append(p)
+    new = list(dict.fromkeys(new))
+    try:
+        attempt()
+    finally:
+        for f in sorted(new, key=lambda p: len(p.parts), reverse=True):
+            try:
+                os.rmdir(f)
+            except OSError:  # not empty (the download wrote files) or already gone
+                pass

@@ -9,8 +9,9 @@ import numpy as np
 import torch
 
 from qexp.data import DataBundle
-from qexp.data.common import in_memory_bundle, make_normalize, missing_data_error, without_new_folders
+from qexp.data.common import in_memory_bundle, make_normalize, missing_data_error
 from qexp.errors import QexpError
+from qexp.jsonio import without_new_folders
 
 LAYOUT = {
     "cifar10": ("cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], ["test_batch"],

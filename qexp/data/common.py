@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -102,26 +102,6 @@ def run_cache(run_dir: Path) -> Path | None:
         if (parent / CACHE_FOLDER).is_dir():
             return parent / CACHE_FOLDER
     return None
-
-
-def without_new_folders(folders: Iterable[Path], attempt: Callable[[], None]) -> None:
-    """Run ``attempt`` (a download), then remove those of ``folders`` it created and left empty: a failed
-    download leaves no empty ``<root>/MNIST/raw`` behind (folders that existed before are never touched)."""
-    new: list[Path] = []
-    for f in folders:  # with every missing parent (torchvision creates the whole chain)
-        for p in (Path(f), *Path(f).parents):
-            if p.exists():
-                break
-            new.append(p)
-    new = list(dict.fromkeys(new))
-    try:
-        attempt()
-    finally:
-        for f in sorted(new, key=lambda p: len(p.parts), reverse=True):
-            try:
-                os.rmdir(f)
-            except OSError:  # not empty (the download wrote files) or already gone
-                pass
 
 
 def make_normalize(kind: str, mean: tuple[float, ...], std: tuple[float, ...]) -> Normalize:

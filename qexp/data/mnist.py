@@ -10,8 +10,9 @@ import numpy as np
 import torch
 
 from qexp.data import DataBundle
-from qexp.data.common import in_memory_bundle, make_normalize, missing_data_error, without_new_folders
+from qexp.data.common import in_memory_bundle, make_normalize, missing_data_error
 from qexp.errors import QexpError
+from qexp.jsonio import without_new_folders
 
 FOLDERS = {"mnist": "MNIST", "fashion_mnist": "FashionMNIST"}
 STATS = {"mnist": ((0.1307,), (0.3081,)), "fashion_mnist": ((0.2860,), (0.3530,))}

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from qexp.errors import ArgumentParser, QexpError
+from qexp.jsonio import without_new_folders
 from qexp.report import results
 from qexp.run import record
 
@@ -45,24 +46,22 @@ def with_private_matplotlib(figure: Path, draw: Callable[[], T]) -> T:
     given. A user's ``MPLCONFIGDIR`` is kept; a folder made here and left empty (no figure) is removed."""
     if os.environ.get("MPLCONFIGDIR") or "matplotlib" in sys.modules:
         return draw()
-    folder = figure.parent
-    made = [p for p in (folder, *folder.parents) if not p.exists()]
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(prefix=".matplotlib-", dir=folder) as home:
+    drawn: list[T] = []
+
+    def attempt() -> None:
+        figure.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix=".matplotlib-", dir=figure.parent) as home:
             os.environ["MPLCONFIGDIR"] = home
             try:
-                return draw()
+                drawn.append(draw())
             finally:
                 del os.environ["MPLCONFIGDIR"]
+
+    try:
+        without_new_folders([figure.parent], attempt)
     except OSError as e:
         raise QexpError(f"cannot write {figure}: {e.strerror or e}") from None
-    finally:
-        for p in made:  # deepest first
-            try:
-                p.rmdir()
-            except OSError:  # holds a figure now, or already gone
-                pass
+    return drawn[0]
 
 
 def _figure(size: tuple[int, int], dpi: int, nrows: int, ncols: int):  # type: ignore[no-untyped-def]

@@ -95,11 +95,10 @@ def check_launcher(config: DictConfig) -> None:
     joblib's ``n_jobs=0`` (a traceback from joblib once the sweep started), and a SLURM launcher on a
     machine without SLURM (submitit's traceback: "Could not detect srun")."""
     launcher = config.hydra.get("launcher") or {}
-    target = str(launcher.get("_target_", ""))
-    if "joblib" in target.lower() and launcher.get("n_jobs") == 0:
+    if _parallel(config) and launcher.get("n_jobs") == 0:
         raise QexpError("hydra.launcher.n_jobs=0 runs nothing: use a number of jobs at once, or -1 for one "
                         "job per core (joblib's negative counts: -2 all cores but one, ...)")
-    if "slurm" in target.lower() and shutil.which("srun") is None:
+    if "slurm" in str(launcher.get("_target_", "")).lower() and shutil.which("srun") is None:
         raise QexpError("the SLURM launcher submits to a SLURM cluster, and this machine has no srun: "
                         "launch the sweep on the cluster, or here use hydra/launcher=local_parallel "
                         "(or submitit_local)")
