@@ -72,6 +72,22 @@ def test_mid_epoch_interrupt_resumes_exactly(tmp_path: Path, method: str) -> Non
 
 
 # ---- signals -------------------------------------------------------------------------------------------
+def test_the_signal_handler_writes_no_log_line(caplog) -> None:
+    """A handler that logs re-enters the log file when the signal lands mid-write (or a second signal
+    mid-handler): a Ctrl-C under the parallel launcher once printed a "Logging error" traceback. The
+    line is written when the block is left, after the checkpoint."""
+    caplog.set_level("WARNING", logger="qexp")
+    try:
+        with preempt.stop_on_signals() as stop:
+            os.kill(os.getpid(), signal.SIGUSR1)
+            time.sleep(0.05)
+            assert stop.is_set() and not caplog.records
+        assert [r.getMessage() for r in caplog.records] == [f"received signal {int(signal.SIGUSR1)}: "
+                                                           "checkpointed and stopped"]
+    finally:
+        preempt.reset()
+
+
 def test_signals_stop_and_chain_to_a_previous_python_handler() -> None:
     """SIGUSR1/SIGTERM set the stop flag instead of killing; submitit's SIGUSR2 handler (here a stand-in)
     runs only after the block (the checkpoint) is done; a later job of the same process does not start."""

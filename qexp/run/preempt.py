@@ -65,7 +65,8 @@ def stop_on_signals(forward: Callable[[int], None] | None = None) -> Iterator[th
     received: list[int] = []
 
     def handler(signum: int, frame: Any) -> None:
-        log.warning("received signal %d: checkpointing and stopping", signum)
+        # no logging here: a signal that lands while this thread writes a log line (or a second signal
+        # while this handler logs) re-enters the same file and printed a "Logging error" traceback
         received.append(signum)
         if signum == signal.SIGINT:
             _by_user.set()
@@ -83,6 +84,9 @@ def stop_on_signals(forward: Callable[[int], None] | None = None) -> Iterator[th
     finally:
         for s, h in old.items():
             signal.signal(s, h)
+        if received:
+            log.warning("received signal %s: checkpointed and stopped",
+                        ", ".join(str(s) for s in dict.fromkeys(received)))
         for s in dict.fromkeys(received):
             if callable(old[s]) and old[s] is not signal.default_int_handler:  # not: raise KeyboardInterrupt
                 old[s](s, None)
