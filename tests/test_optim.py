@@ -1,12 +1,15 @@
-"""GroupedAdam: torch's multi-tensor Adam, every group in one set of calls, the same bits."""
+"""GroupedAdam: torch's multi-tensor Adam, every group in one set of calls, the same bits; the optimizer and
+schedule values torch accepts but no run can use are refused."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
+from qexp.errors import QexpError
 from qexp.run.launches import count_launches
-from qexp.run.optim import GroupedAdam, grouped
+from qexp.run.optim import GroupedAdam, check_options, grouped
+from qexp.run.sched import step
 
 
 def _net_and_groups(seed: int = 0) -> tuple[torch.nn.Module, list[dict]]:
@@ -80,3 +83,29 @@ def test_grouped_swaps_only_a_fresh_plain_adam() -> None:
     assert type(swapped) is GroupedAdam and swapped.param_groups == adam.param_groups
     sgd = torch.optim.SGD(net.parameters(), lr=0.1)
     assert grouped(sgd) is sgd
+
+
+@pytest.mark.parametrize("options", [{"momentum": 1}, {"momentum": 1.5}, {"betas": [0.9]},
+                                     {"betas": [0.9, 0.99, 0.5]}])
+def test_options_torch_accepts_but_cannot_train_are_refused(options: dict) -> None:
+    with pytest.raises(QexpError, match=f"optim.{next(iter(options))}"):
+        check_options(options)
+
+
+def test_the_shipped_optimizer_options_pass() -> None:
+    for options in ({"momentum": 0.9, "nesterov": False}, {"momentum": 0.0}, {"betas": [0.9, 0.999]}, {}):
+        check_options(options)
+
+
+def test_step_milestones_are_whole_epoch_counts_of_at_least_one() -> None:
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    sched = step(opt, 10, milestones=[3, 1], gamma=0.5)
+    lrs = []
+    for _ in range(4):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs == [1.0, 0.5, 0.5, 0.25]  # unsorted milestones sort; after 1 epoch, after 3
+    for bad in ([0], [-1], [1.5], ["a"], [True]):
+        with pytest.raises(ValueError, match="sched.milestones"):
+            step(opt, 10, milestones=bad)

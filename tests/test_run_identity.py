@@ -25,7 +25,8 @@ BAD = {"epochs": "epochs=0", "batch_size": "batch_size=0", "eval_batch_size": "e
        "interpolation": "lr=${foo}", "cosine_ratio": "sched=cosine sched.final_ratio=-1",
        "exp_ratio": "sched=exp sched.final_ratio=0", "width": "model.width=0", "test_samples": "dataset.test_samples=0",
        "method_seed": "method=r method.seed=-4", "hydra_flag": "--bogus", "cfg_choice": "--cfg nonsense",
-       "progress": "progress=maybe", "short_betas": "optim=adam optim.betas=[0.9]"}
+       "progress": "progress=maybe", "short_betas": "optim=adam optim.betas=[0.9]",
+       "momentum": "optim=sgd optim.momentum=1", "milestones": "sched=step sched.milestones=[0,5]"}
 
 
 def runs(root: Path) -> list[Path]:

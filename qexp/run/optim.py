@@ -26,10 +26,27 @@ from typing import Any
 import torch
 from torch.optim.optimizer import Optimizer
 
+from qexp.errors import QexpError
+
 #: torch's private group initialiser, whose signature this class relies on (checked once at import)
 _INIT_GROUP_ARGS = ["self", "group", "params_with_grad", "grads", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs",
                     "state_steps"]
 _SUPPORTED = list(inspect.signature(torch.optim.Adam._init_group).parameters) == _INIT_GROUP_ARGS
+
+
+def check_options(options: dict[str, Any]) -> None:
+    """Refuse optimizer values torch accepts but that cannot train: ``momentum`` of 1 or more (the velocity
+    never forgets: SGD's steps grow without bound; torch only refuses negative momentum), and ``betas`` that
+    are not a pair (torch would fail on an index, not say which setting). Torch's own checks (negative
+    ``weight_decay`` or ``eps``, a beta outside [0, 1), Nesterov without momentum) stay torch's."""
+    momentum = options.get("momentum")
+    if isinstance(momentum, (int, float)) and not isinstance(momentum, bool) and momentum >= 1:
+        raise QexpError(f"optim.momentum must be in [0, 1) (the fraction of the last update kept; at 1 or more "
+                        f"SGD's steps grow without bound), got optim.momentum={momentum}")
+    betas = options.get("betas")
+    if betas is not None and (not isinstance(betas, (list, tuple)) or len(betas) != 2):
+        raise QexpError(f"optim.betas must be a pair [beta1, beta2] (Adam's decay rates of its two moments, "
+                        f"each in [0, 1)), got optim.betas={betas}")
 
 
 def _foreach_default(params: list[torch.Tensor]) -> bool:

@@ -17,7 +17,13 @@ def step(optimizer: Optimizer, epochs: int, milestones: Sequence[int] = (), gamm
     """Multiply by ``gamma`` at each milestone epoch (WAGE: eta 8 -> 1 -> 1/8 at 200 and 250)."""
     if not gamma > 0:
         raise ValueError(f"sched.gamma must be positive (a learning-rate factor), got {gamma}")
-    ms = sorted(int(m) for m in milestones)
+    ms = []
+    for m in milestones:
+        if isinstance(m, bool) or not isinstance(m, int) or m < 1:  # m < 1 would scale the base LR itself
+            raise ValueError(f"sched.milestones must be whole epoch counts of at least 1 (after that many "
+                             f"epochs the LR is multiplied by gamma), got {list(milestones)}")
+        ms.append(m)
+    ms.sort()
     return LambdaLR(optimizer, lambda e: gamma ** sum(e >= m for m in ms))
 
 
