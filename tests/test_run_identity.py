@@ -48,6 +48,7 @@ def launched(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
         "unwritable_root": {"argv": [*T, "out_root=/sys/qexp-cannot-write-here"]},
         "unwritable_sweep_root": {"argv": ["--multirun", *T, "out_root=/sys/qexp-cannot-write-here"]},
         "interpolated": {"argv": [*T, "seed=${epochs}", f"out_root={out}/interp"]},
+        "unread": {"argv": [*T, "method=ste", "abits=4", f"out_root={out}/unread"]},
         "bad_sweep_option": {"argv": ["--multirun", *T, "method=float,nonexist", f"out_root={out}/badsweep"]},
         "bad_search_space": {"argv": ["--multirun", *T, "hydra/sweeper=optuna", "dataset.val_size=16",
                                       'hydra.sweeper.params={lr:"tag(log, interval(0.001, 0.1))"}',
@@ -160,6 +161,39 @@ def test_an_interpolated_override_is_used_as_typed(launched) -> None:
     assert r["interpolated"]["how"] == ["exit", 0], r["interpolated"]
     (run,) = runs(out / "interp")
     assert run.name == "seed1" and "seed=${epochs}" in (run / ".hydra" / "overrides.yaml").read_text()
+
+
+def test_a_method_knob_the_method_does_not_read_is_named(launched) -> None:
+    """``method=ste abits=4``: STE's activation bits are ``bits``; the run says abits is not read and is
+    the run without it (``ste-2b``), not a 4-bit one."""
+    out, r = launched
+    assert r["unread"]["how"] == ["exit", 0], r["unread"]
+    assert "abits=4 not read by method=ste: the run is the same as without it" in r["unread"]["stdout"]
+    (run,) = runs(out / "unread")
+    assert "ste-2b" in run.parts and not any("abits" in part for part in run.parts), run
+
+
+#: method option -> the typed knobs (of bits=3 abits=4 grid_scale=0.5) it does not read
+UNREAD = {"float": ["bits=3", "abits=4", "grid_scale=0.5"], "ste": ["abits=4", "grid_scale=0.5"],
+          "wage": ["abits=4", "grid_scale=0.5"], "ptq": ["abits=4", "grid_scale=0.5"],
+          **{m: ["grid_scale=0.5"] for m in ("lsq", "pact", "dorefa")},
+          **{m: ["abits=4"] for m in ("bc", "bc_li", "big_sr", "sr", "r", "learned")}}
+
+
+def test_every_method_option_has_its_unread_knobs_listed() -> None:
+    assert set(UNREAD) == {p.stem for p in (REPO / "configs" / "method").glob("*.yaml")}
+
+
+@pytest.mark.parametrize("option", sorted(UNREAD))
+def test_unread_knobs_are_those_the_method_does_not_use(option: str) -> None:
+    from qexp.run.identity import unread_knobs
+    from qexp.run.session import build_method, ignored_knobs
+    from tests.conftest import compose_train
+
+    cfg = compose_train([f"method={option}"])
+    typed = ["bits=3", "+abits=4", "grid_scale=0.5", "lr=0.01", "seed=2", "method.loss=ce"]
+    got = unread_knobs(cfg, typed, ignored_knobs(build_method(cfg)))
+    assert got == UNREAD[option]
 
 
 def test_unwritable_sweep_root_is_one_line(launched) -> None:

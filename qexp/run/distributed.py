@@ -62,11 +62,17 @@ def env_ranks() -> tuple[int, int, int] | None:
     return rank, world, int(os.environ.get("LOCAL_RANK", rank))
 
 
+def check_backend(name: object) -> None:
+    """``trainer.backend`` is one torch.distributed knows (checked on every run: a typo in a one-process run
+    is caught before the sweep that uses it)."""
+    if name not in ("auto", "gloo", "nccl"):
+        raise QexpError(f"trainer.backend must be auto, gloo or nccl; got {name!r}")
+
+
 def pick_backend(name: str, device: torch.device) -> str:
+    check_backend(name)
     if name == "auto":
         return "nccl" if device.type == "cuda" else "gloo"
-    if name not in ("gloo", "nccl"):
-        raise QexpError(f"trainer.backend must be auto, gloo or nccl; got {name!r}")
     if name == "nccl" and device.type != "cuda":
         raise QexpError("trainer.backend=nccl needs CUDA devices; use gloo (or auto) on CPU")
     return name

@@ -291,6 +291,21 @@ def compose_defaults() -> Defaults:
     return Defaults(baseline, items, str(option) if option is not None else None)
 
 
+def unread_knobs(cfg: DictConfig, typed: Iterable[str], ignored: Iterable[str] = ()) -> list[str]:
+    """The method knobs typed on the command line (``bits``, ``abits``, ``grid_scale``) that the run's method
+    does not read: ``method=ste abits=4`` trains 2-bit activations (STE's activation bits are ``bits``);
+    ``method=float bits=4`` is float. Not refused (a sweep ``method=float,bc bits=1,2`` types them for every
+    job); the run says so, and is the same run as without them."""
+    method = OmegaConf.to_container(cfg.method, resolve=False)
+    read = " ".join(str(v) for v in method.values())
+    out = []
+    for override in typed:
+        key, _, value = override.lstrip("+~").partition("=")
+        if key in SOURCE_KEYS and "." not in key and (key in ignored or "${" + key + "}" not in read):
+            out.append(f"{key}={value}")
+    return out
+
+
 def locate(cfg: DictConfig, defaults: Defaults, ignored: Iterable[str] = ()) -> tuple[Path, str]:
     """The run folder and its difference level."""
     level = differing(cfg, defaults.baseline, defaults.items, ignored)

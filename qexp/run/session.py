@@ -131,6 +131,8 @@ def check_inputs(cfg: DictConfig) -> Method:
         raise QexpError(f"tensorboard.step_every must be 0 (off) or a step count, got {cfg.tensorboard.step_every}")
     if int(cfg.trainer.devices) < 1:
         raise QexpError(f"trainer.devices must be at least 1, got {cfg.trainer.devices}")
+    distributed.check_backend(cfg.trainer.backend)
+    tune.check_objective(cfg.objective)
     optim.check_options(OmegaConf.to_container(cfg.optim, resolve=True))  # momentum >= 1, betas not a pair
     device = resolve_device(cfg.device)  # device=cuda:N that is not there
     precision.check(cfg.precision, device)  # 16-mixed off CUDA

@@ -92,6 +92,10 @@ def run(cfg: DictConfig) -> dict[str, Any] | None:
         seeds_per_process = check_seeds(cfg, method)  # checked before any folder
         ignored = ignored_knobs(method)
         run_dir, level = identity.locate(cfg, defaults, ignored)
+        unread = identity.unread_knobs(cfg, identity.task_overrides(hc), ignored)
+        if unread and main:
+            log.warning("%s not read by method=%s: the run is the same as without %s", " ".join(unread),
+                        defaults.option, "it" if len(unread) == 1 else "them")
         if seeds_per_process == 1 and finished_run(cfg, run_dir, ignored, quiet=not main) is not None:
             done("skipped")
             return record.read(run_dir)

@@ -42,13 +42,17 @@ def is_optuna(hydra_cfg: Any) -> bool:
     return isinstance(target, str) and "optuna" in target.lower()
 
 
-def check(cfg: DictConfig) -> None:
-    """A search must minimise a validation error of a run that has a validation split."""
-    name = cfg.get("objective")
+def check_objective(name: object) -> None:
+    """``objective`` names a validation error (checked on every run, so a typo is caught before a search)."""
     if name not in OBJECTIVES:
         what = "a test metric" if isinstance(name, str) and "test" in name else "not a validation error"
         raise QexpError(f"objective={name} is {what}: hyper-parameters are tuned on validation data, never on "
                         f"the test set; use objective={' or objective='.join(OBJECTIVES)}")
+
+
+def check(cfg: DictConfig) -> None:
+    """A search must minimise a validation error of a run that has a validation split."""
+    check_objective(cfg.get("objective"))
     trials = cfg.hydra.sweeper.get("n_trials") if cfg.get("hydra") is not None else None
     if trials is not None and int(trials) < 1:
         raise QexpError(f"hydra.sweeper.n_trials={trials}: a search needs at least one trial")
