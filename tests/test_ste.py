@@ -282,7 +282,9 @@ def test_state_dict_round_trip_restores_alpha(kw):
 
 @pytest.mark.parametrize("kw,msg", [({"bits": 0}, "allowed: 1..8"), ({"bits": 16}, "allowed: 1..8"),
                                     ({"ste": "tanh"}, "identity, relu, clipped_relu"),
-                                    ({"wbits": 12}, "method.wbits"), ({"alpha": -1.0}, "positive")])
+                                    ({"wbits": 12}, "method.wbits"), ({"alpha": -1.0}, "positive"),
+                                    ({"alpha_lr_scale": -1.0}, "method.alpha_lr_scale"),
+                                    ({"alpha_lr_scale": 0}, "method.alpha_lr_scale")])
 def test_bad_options_are_clear_errors(kw, msg):
     with pytest.raises(QexpError, match=msg):
         STE(**kw)

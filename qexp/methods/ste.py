@@ -52,6 +52,8 @@ class STE(Layered):
         elif isinstance(alpha, str) or (alpha is not None and not alpha > 0):
             raise QexpError(f"method.alpha must be positive, {LLOYD_MAX}, or null to calibrate; got {alpha}")
         check_range("method.stats_every", stats_every, 1)
+        # a negative multiplier would train the learned alphas uphill (PACT's check, the same knob)
+        check_range("method.alpha_lr_scale", float(alpha_lr_scale), 0, strict_lo=True)
         self.learn_alpha, self.alpha, self.alpha_lr_scale = bool(learn_alpha), alpha, float(alpha_lr_scale)
         self.stats_every = int(stats_every)
         self.inner = _weight_quantization(wbits, loss)
