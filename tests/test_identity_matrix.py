@@ -171,6 +171,16 @@ def test_folder_names_the_method_option_and_the_bits_used(matrix) -> None:
     assert "scale" not in flt.parent.name
 
 
+def test_the_record_says_where_and_on_how_many_threads_the_run_computed(matrix) -> None:
+    """Not part of the identity, but a CPU result's last digits depend on the thread count."""
+    import torch
+
+    out, _ = matrix
+    for run in find_runs(out / "diff_bc_li"):
+        m = read_metrics(run)
+        assert (m["device"], m["threads"], m["torch"]) == ("cpu", 1, torch.__version__), run
+
+
 def test_other_data_under_the_same_names_is_never_reused(matrix) -> None:
     """Another QEXP_DATA with other files: refused in one line naming the data, the first run kept; the
     same files under a third root: the same data, reused."""
