@@ -154,6 +154,28 @@ def test_any_config_key_groups_the_table(tmp_path: Path) -> None:
     assert float(csv_rows[0]["identity mean"]) == pytest.approx(6.0)
 
 
+def test_a_knob_the_method_does_not_read_gives_its_own_row(tmp_path: Path) -> None:
+    """``--multirun method=float,sr grid_scale=0.01,glorot``: float trains once per seed, and its composed
+    config holds the grid_scale of whichever job started it; it belongs to no grid-scale row (it sat in
+    the 0.01 row for two seeds and the glorot row for one in a real li2017_scale sweep)."""
+    for seed, scale in enumerate(["0.01", "0.01", "glorot"]):
+        run = make_run(tmp_path, "float", 32, seed, [2.0 + seed / 10])
+        (run / ".hydra").mkdir()
+        (run / ".hydra" / "config.yaml").write_text(yaml.safe_dump(
+            {"grid_scale": scale, "method": {"name": "float", "bits": "${bits}"}}))
+    for scale, err in (("0.01", 3.0), ("glorot", 4.0)):
+        run = make_run(tmp_path, "sr", 1, 0, [err], overrides=f"method.scale={scale}" if scale != "glorot" else "")
+        (run / ".hydra").mkdir()
+        (run / ".hydra" / "config.yaml").write_text(yaml.safe_dump(
+            {"grid_scale": scale, "method": {"name": "sr", "bits": "${bits}", "scale": "${grid_scale}"}}))
+    g = grid_of(tmp_path, rows="grid_scale", cols="method")
+    assert g.rows == [("0.01",), ("glorot",), (results.NOT_READ,)]
+    assert g.cell((results.NOT_READ,), ("float",)).n == 3
+    assert g.cell(("0.01",), ("sr",)).mean == 3.0 and g.cell(("glorot",), ("sr",)).mean == 4.0
+    assert (("0.01",), ("float",)) not in g.cells
+    assert any("does not read grid_scale (float)" in w for w in g.warnings())
+
+
 def test_runs_without_metrics_or_with_partial_records_are_kept(tmp_path: Path) -> None:
     """A job killed before its first record, and a failure record (train.py writes few keys), are read
     with their identifying keys recovered from .hydra/."""

@@ -328,6 +328,9 @@ def check_metric(df: pd.DataFrame, metric: str) -> None:
 
 #: a folder level too long for the file system ends in ``..<10 hex digits>`` (qexp.run.identity): its
 #: text is cut, so a key's value is read from the run's composed config instead
+#: top-level knobs a method reads through its own config (``method.scale: ${grid_scale}``); ``bits`` is
+#: metrics.json's own column (the method's bits)
+METHOD_KNOBS = ("grid_scale", "abits")
 TRUNCATED = re.compile(r"\.\.[0-9a-f]{10}$")
 
 
@@ -372,6 +375,26 @@ def config_value(run_dir: str, dotted: str) -> Any:
     return node if isinstance(node, (str, int, float, bool)) else (None if node is None else str(node))
 
 
+#: what a table shows for a top-level knob the run's method does not read (float at any ``grid_scale``)
+NOT_READ = "—"
+
+
+def reads_knob(run_dir: str, knob: str) -> bool:
+    """Whether the run's method reads the top-level ``knob`` (its method config interpolates ``${knob}``,
+    as ``method.scale: ${grid_scale}``). The composed config records the knob's value either way, set by
+    whichever job of a sweep started the run: float trained once for ``grid_scale=0.01,glorot`` would
+    otherwise sit in the row of that job's scale."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        cfg = OmegaConf.load(Path(run_dir.split("#")[0]) / ".hydra" / "config.yaml")
+        method = OmegaConf.to_container(cfg.method, resolve=False) if "method" in cfg else {}
+    except (OSError, ValueError, OmegaConfBaseException):
+        return True
+    return any("${" + knob + "}" in str(v) for v in method.values())
+
+
 def with_keys(df: pd.DataFrame, keys: Sequence[str]) -> pd.DataFrame:
     """Add the asked-for keys the records lack from each run's overrides, else its composed config, so
     any config key groups a table (``--rows method.ste,bits``, ``--cols optim.lr``)."""
@@ -386,6 +409,8 @@ def with_keys(df: pd.DataFrame, keys: Sequence[str]) -> pd.DataFrame:
             text = r.get("overrides")
             usable = isinstance(text, str) and not TRUNCATED.search(text)
             v = split_overrides(text).get(k) if usable else None
+            if v is None and k in METHOD_KNOBS and not reads_knob(r["run_dir"], k):
+                v = NOT_READ
             values.append(v if v is not None else config_value(r["run_dir"], k))
         if any(v is not None for v in values):
             df[k] = pd.Series(values, index=df.index, dtype=object)
@@ -574,7 +599,7 @@ class Grid:
 
 def aggregate(df: pd.DataFrame, row_keys: Sequence[str], col_keys: Sequence[str], metric: str) -> Grid:
     """Group runs into cells by (row keys, column keys); seeds (and anything not asked for) pooled."""
-    df, dropped = dedupe(df)
+    df, notes = dedupe(df)
     df = with_keys(df, [*row_keys, *col_keys])
     check_keys(df, list(row_keys) + list(col_keys), "row/column")
     check_metric(df, metric)
@@ -586,7 +611,13 @@ def aggregate(df: pd.DataFrame, row_keys: Sequence[str], col_keys: Sequence[str]
     cells = {k: Cell(v, metric) for k, v in groups.items()}
     rows = ordered(row_keys, (r for r, _ in groups))
     cols = ordered(col_keys, (c for _, c in groups))
-    return Grid(list(row_keys), list(col_keys), metric, rows, cols, cells, dropped)
+    unread = [k for k in dict.fromkeys([*row_keys, *col_keys]) if k in METHOD_KNOBS and k in df.columns
+              and (df[k] == NOT_READ).any()]
+    for k in unread:
+        methods = sorted({str(m) for m in df.loc[df[k] == NOT_READ, "method"]}) if "method" in df.columns else []
+        notes = [*notes, f"{k} {NOT_READ}: runs whose method does not read {k} ({', '.join(methods)}); "
+                         f"one run answers for every {k} of the sweep"]
+    return Grid(list(row_keys), list(col_keys), metric, rows, cols, cells, notes)
 
 
 def where(df: pd.DataFrame, clauses: Sequence[str]) -> pd.DataFrame:
