@@ -78,6 +78,16 @@ ENTRIES: dict[str, Entry] = {
         tables=[["--rows", "method,epochs", "--ref", "li2017"], ["--rows", "method,epochs", "--baseline", "method=sr"],
                 ["--rows", "method,epochs", "--metric", "mean_flip_frac", "--digits", "4"]],
         plots=[["--rows", "method,epochs"], ["--rows", "method,epochs", "--metric", "method/flip_frac"]]),
+    "li2017_scale": Entry(
+        "Li et al. 2017: R vs SR as a function of the grid scale s (lr/s), every method, validation split",
+        "li2017_scale",
+        # the preset trains on the first 55,000 images and validates on the last 5,000; the small budget
+        # trains on the same 5,000 images as li2017's and validates on the next 5,000 (train_subset=10000)
+        [Sweep(["+experiment=li2017_scale", SEEDS], small=["dataset.train_subset=10000", "epochs=2"])],
+        tables=[["--rows", "grid_scale", "--cols", "method", "--metric", "val_error"],
+                ["--rows", "grid_scale", "--cols", "method", "--metric", "mean_flip_frac", "--digits", "4"],
+                ["--rows", "grid_scale", "--cols", "method"]],
+        plots=[["--rows", "grid_scale,method"]]),
     "bc2015": Entry(
         "Courbariaux et al. 2015: BinaryConnect vs float, MNIST MLP", "bc2015_mnist",
         [Sweep(["+experiment=bc2015_mnist", SEEDS], small=SMALL_MNIST, paper=[]),
@@ -258,17 +268,20 @@ def allocation_summary(root: Path) -> str:
 
 def flip_summary(root: Path) -> str:
     """The fraction of 1-bit weights that changed value in each epoch (mean over seeds), epoch by epoch:
-    a single mean hides that most flips happen in epoch 1 (Li et al.'s SR stalls as the lr decays)."""
-    per: dict[tuple[str, str], list[list[float]]] = {}
-    for _, rec in _finished_records(root):
+    a single mean hides that most flips happen in epoch 1 (Li et al.'s SR stalls as the lr decays). One
+    row per dataset, method, epochs and grid scale (Big SR's two budgets, li2017_scale's scales)."""
+    per: dict[tuple[str, str, int, str], list[list[float]]] = {}
+    for r, rec in _finished_records(root):
         flips = [h["method/flip_frac"] for h in rec["history"] if "method/flip_frac" in h]
         if flips:
-            per.setdefault((rec["dataset"], rec["method"]), []).append(flips)
-    lines = ["| dataset | method | seeds | flip fraction per epoch (first -> last) |", "|---|---|---|---|"]
-    for (ds, m), runs in sorted(per.items()):
+            scale = str(config_value(str(r), "method.scale"))
+            per.setdefault((rec["dataset"], rec["method"], int(rec["epochs"]), scale), []).append(flips)
+    lines = ["| dataset | method | epochs | grid scale | seeds | flip fraction per epoch (first -> last) |",
+             "|---|---|---|---|---|---|"]
+    for (ds, m, epochs, scale), runs in sorted(per.items()):
         n = min(len(f) for f in runs)
         mean = [sum(f[i] for f in runs) / len(runs) for i in range(n)]
-        lines.append(f"| {ds} | {m} | {len(runs)} | {' '.join(f'{v:.4f}' for v in mean)} |")
+        lines.append(f"| {ds} | {m} | {epochs} | {scale} | {len(runs)} | {' '.join(f'{v:.4f}' for v in mean)} |")
     return "Flip fraction per epoch (share of quantized weights whose grid value changed):\n\n" + \
         "\n".join(lines) + "\n"
 
