@@ -326,11 +326,11 @@ def check_metric(df: pd.DataFrame, metric: str) -> None:
         raise QexpError(f"unknown metric {metric!r}; choose from {', '.join(choices)}")
 
 
-#: a folder level too long for the file system ends in ``..<10 hex digits>`` (qexp.run.identity): its
-#: text is cut, so a key's value is read from the run's composed config instead
 #: top-level knobs a method reads through its own config (``method.scale: ${grid_scale}``); ``bits`` is
 #: metrics.json's own column (the method's bits)
 METHOD_KNOBS = ("grid_scale", "abits")
+#: a folder level too long for the file system ends in ``..<10 hex digits>`` (qexp.run.identity): its
+#: text is cut, so a key's value is read from the run's composed config instead
 TRUNCATED = re.compile(r"\.\.[0-9a-f]{10}$")
 
 
