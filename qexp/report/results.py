@@ -359,40 +359,31 @@ def split_overrides(text: str) -> dict[str, str]:
     return out
 
 
-def config_value(run_dir: str, dotted: str) -> Any:
+#: what a table shows for a top-level knob the run's method does not read (float at any ``grid_scale``)
+NOT_READ = "—"
+
+
+def config_value(run_dir: str, dotted: str, method_knob: bool = False) -> Any:
     """``dotted`` (``method.ste``, or ``method.scale: ${grid_scale}`` resolved) in the run's composed config
-    (.hydra/config.yaml), or None."""
+    (.hydra/config.yaml), or None. ``method_knob``: ``dotted`` is a top-level knob a method reads through its
+    own config (:data:`METHOD_KNOBS`), :data:`NOT_READ` when the run's method does not: the composed config
+    records its value either way, set by whichever job of a sweep started the run (float trained once for
+    ``grid_scale=0.01,glorot`` would otherwise sit in the row of that job's scale)."""
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
+    from qexp.run.config import method_reads
+
     try:
         cfg = OmegaConf.load(Path(run_dir.split("#")[0]) / ".hydra" / "config.yaml")
+        if method_knob and "method" in cfg and not method_reads(OmegaConf.to_container(cfg.method), dotted):
+            return NOT_READ
         node: Any = OmegaConf.select(cfg, dotted, throw_on_missing=False)
         if OmegaConf.is_config(node):
             node = OmegaConf.to_container(node, resolve=True)
     except (OSError, ValueError, OmegaConfBaseException):
         return None
     return node if isinstance(node, (str, int, float, bool)) else (None if node is None else str(node))
-
-
-#: what a table shows for a top-level knob the run's method does not read (float at any ``grid_scale``)
-NOT_READ = "—"
-
-
-def reads_knob(run_dir: str, knob: str) -> bool:
-    """Whether the run's method reads the top-level ``knob`` (its method config interpolates ``${knob}``,
-    as ``method.scale: ${grid_scale}``). The composed config records the knob's value either way, set by
-    whichever job of a sweep started the run: float trained once for ``grid_scale=0.01,glorot`` would
-    otherwise sit in the row of that job's scale."""
-    from omegaconf import OmegaConf
-    from omegaconf.errors import OmegaConfBaseException
-
-    try:
-        cfg = OmegaConf.load(Path(run_dir.split("#")[0]) / ".hydra" / "config.yaml")
-        method = OmegaConf.to_container(cfg.method, resolve=False) if "method" in cfg else {}
-    except (OSError, ValueError, OmegaConfBaseException):
-        return True
-    return any("${" + knob + "}" in str(v) for v in method.values())
 
 
 def with_keys(df: pd.DataFrame, keys: Sequence[str]) -> pd.DataFrame:
@@ -409,9 +400,7 @@ def with_keys(df: pd.DataFrame, keys: Sequence[str]) -> pd.DataFrame:
             text = r.get("overrides")
             usable = isinstance(text, str) and not TRUNCATED.search(text)
             v = split_overrides(text).get(k) if usable else None
-            if v is None and k in METHOD_KNOBS and not reads_knob(r["run_dir"], k):
-                v = NOT_READ
-            values.append(v if v is not None else config_value(r["run_dir"], k))
+            values.append(v if v is not None else config_value(r["run_dir"], k, method_knob=k in METHOD_KNOBS))
         if any(v is not None for v in values):
             df[k] = pd.Series(values, index=df.index, dtype=object)
     return df

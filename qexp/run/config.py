@@ -87,6 +87,12 @@ VOLATILE_KEYS = ("resume", "lock", "device", "data_root", "out_root", "progress"
 SOURCE_KEYS = ("bits", "abits", "grid_scale", "optim.lr")
 
 
+def method_reads(method: dict[str, Any], knob: str) -> bool:
+    """Whether a method's unresolved config reads the top-level ``knob``: one of its values interpolates
+    ``${knob}`` (``method.scale: ${grid_scale}``); float's has no ``scale``, STE's no ``abits``."""
+    return any("${" + knob + "}" in str(v) for v in method.values())
+
+
 #: config folders that are data for other commands, not choices of a run (hidden from ``train --help``)
 INTERNAL_GROUPS = ("reference",)
 

@@ -31,7 +31,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from qexp.errors import QexpError
-from qexp.run.config import SOURCE_KEYS, VOLATILE_KEYS
+from qexp.run.config import SOURCE_KEYS, VOLATILE_KEYS, method_reads
 from qexp.run.record import CACHE_FOLDER
 
 #: groups whose choice is already a level of the folder (dataset/model/method tag) or names it (experiment)
@@ -297,11 +297,11 @@ def unread_knobs(cfg: DictConfig, typed: Iterable[str], ignored: Iterable[str] =
     ``method=float bits=4`` is float. Not refused (a sweep ``method=float,bc bits=1,2`` types them for every
     job); the run says so, and is the same run as without them."""
     method = OmegaConf.to_container(cfg.method, resolve=False)
-    read = " ".join(str(v) for v in method.values())
     out = []
     for override in typed:
         key, _, value = override.lstrip("+~").partition("=")
-        if key in SOURCE_KEYS and "." not in key and (key in ignored or "${" + key + "}" not in read):
+        # optim.lr (the other source key) is the optimizer's, read by every method
+        if key in SOURCE_KEYS and "." not in key and (key in ignored or not method_reads(method, key)):
             out.append(f"{key}={value}")
     return out
 
