@@ -10,6 +10,7 @@ them would wait forever in the next collective.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import logging
@@ -95,6 +96,18 @@ def init(rank: int, world: int, local_rank: int, backend: str, init_method: str 
         dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world)
     control = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else dist.group.WORLD
     return Context(rank, world, local_rank, control)
+
+
+@contextlib.contextmanager
+def joined(rank: int, world: int, local_rank: int, backend: str, init_method: str = "env://") -> Iterator[Context]:
+    """:func:`init` for the block; leaving it normally, every process waits for the others (a process exiting
+    with its gloo group alive while a peer closed its own aborted, "terminate called without an active
+    exception"); the group is destroyed however the block ends."""
+    try:
+        yield init(rank, world, local_rank, backend, init_method)
+        barrier()
+    finally:
+        shutdown()
 
 
 def barrier() -> None:

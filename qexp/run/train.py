@@ -272,15 +272,8 @@ def _train_ranked(cfg: DictConfig, run_dir: Path, ranks: tuple[int, int, int],
     if cfg.trainer.devices not in (1, world):
         log.warning("trainer.devices=%d ignored: torchrun started %d processes", cfg.trainer.devices, world)
     device, backend = _ddp_backend(cfg)
-    ctx = distributed.init(rank, world, local_rank, backend)
-    try:
-        rec = train(cfg, run_dir, ctx, level, method=method)
-        distributed.barrier()  # leave together, as the spawned processes do (_ddp_worker)
-        return rec
-    finally:
-        # a process exiting with its gloo group alive, while its peer closed theirs, aborted ("terminate
-        # called without an active exception", SIGABRT): 2 of ~13 torchrun runs of the test
-        distributed.shutdown()
+    with distributed.joined(rank, world, local_rank, backend) as ctx:
+        return train(cfg, run_dir, ctx, level, method=method)
 
 
 def _spawn_ranks(cfg: DictConfig, run_dir: Path, level: str = "") -> dict[str, Any] | None:
@@ -304,14 +297,11 @@ def _ddp_worker(rank: int, world: int, init_method: str, payload: tuple, errors:
     distributed.worker_logging(run_dir, rank == 0)
     resources.keep_caches_under(cfg.out_root)  # a fresh interpreter: the data cache's place is not inherited
     try:
-        ctx = distributed.init(rank, world, rank, backend, init_method)
-        train(cfg, run_dir, ctx, overrides)
-        distributed.barrier()  # leave together: a peer closing its connections mid-teardown aborted the other
+        with distributed.joined(rank, world, rank, backend, init_method) as ctx:
+            train(cfg, run_dir, ctx, overrides)
     except QexpError as e:
         errors.put(str(e))
         raise SystemExit(2) from None
-    finally:
-        distributed.shutdown()
 
 
 def _record_failure(cfg: DictConfig, run_dir: Path, message: str) -> None:
