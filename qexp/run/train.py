@@ -69,7 +69,8 @@ def run(cfg: DictConfig) -> dict[str, Any] | None:
     hc = HydraConfig.get()
     sweeping = hc.mode == RunMode.MULTIRUN
     job = int(hc.job.num) if sweeping and hc.job.get("num") is not None else 0
-    label = " ".join(identity.task_overrides(hc))
+    typed = identity.task_overrides(hc)
+    label = " ".join(typed)
     ranks = distributed.env_ranks()  # launched by torchrun
     main = ranks is None or ranks[0] == 0
     run_dir: Path | None = None
@@ -92,7 +93,7 @@ def run(cfg: DictConfig) -> dict[str, Any] | None:
         seeds_per_process = check_seeds(cfg, method)  # checked before any folder
         ignored = ignored_knobs(method)
         run_dir, level = identity.locate(cfg, defaults, ignored)
-        unread = identity.unread_knobs(cfg, identity.task_overrides(hc), ignored)
+        unread = identity.unread_knobs(cfg, typed, ignored)
         if unread and main:
             log.warning("%s not read by method=%s: the run is the same as without %s", " ".join(unread),
                         defaults.option, "it" if len(unread) == 1 else "them")
