@@ -214,6 +214,7 @@ class Built(Prepared):
 def assemble(cfg: DictConfig, device: torch.device, method: Method | None = None) -> Prepared:
     """Data and model, prepared by the run's ``method`` (built from ``cfg`` when not given) on ``device``."""
     resources.place_kernel_caches()  # before torchvision (imported by the builders) imports torch._dynamo
+    resources.keep_freed_memory()  # before the first batch: activations reuse the heap
     method = build_method(cfg) if method is None else method
     data = instantiate(cfg.dataset, root=cfg.data_root, batch_size=cfg.batch_size * method.batch_scale,
                        eval_batch_size=cfg.eval_batch_size, seed=cfg.seed, device=str(device))
