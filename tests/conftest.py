@@ -14,6 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from qexp.run.resources import keep_freed_memory
+
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO / "data"  # qexp's own default (./data) when QEXP_DATA is unset
 
@@ -35,6 +37,9 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     # parallel sweep does (qexp/run/resources.py); oversubscribed threads are many times slower.
     os.environ["OMP_NUM_THREADS"] = "1"
     torch.set_num_threads(1)
+
+# the tests that train in the worker's own process reuse freed activations as every qexp process does
+keep_freed_memory()
 
 
 def data_root_path() -> Path:
