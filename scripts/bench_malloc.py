@@ -5,13 +5,15 @@ noise. Workloads, one thread, inputs drawn at random (the timing does not depend
 
 - ``lenet5-eval``: LeNet-5 forward over 10,000 MNIST-sized images at qexp's ``eval_batch_size`` (1000);
 - ``resnet20-train``: 8 training steps (Adam) of ResNet-20 on CIFAR-sized batches of 128;
+- ``resnet20-train-1024``: 3 training steps of ResNet-20 on batches of 1024 (Big SR's batch: activations
+  of 67 MB, where keeping freed blocks costs the most memory);
 - ``lenet5-train``: 160 training steps (Adam) of LeNet-5 on MNIST-sized batches of 64 (small blocks:
   expected unchanged).
 
 Reported: seconds per repetition (median over ``--reps``), minor page faults, the child's peak resident
 memory (the setting's cost), and the ratio default / kept (above 1: the setting is faster).
 
-    python scripts/bench_malloc.py [--reps 6] [--workloads lenet5-eval,resnet20-train,lenet5-train]
+    python scripts/bench_malloc.py [--reps 6] [--workloads lenet5-eval,resnet20-train,lenet5-train,resnet20-train-1024]
 """
 
 from __future__ import annotations
@@ -39,9 +41,10 @@ if work == "lenet5-eval":
             for i in range(0, len(x), 1000):
                 model(x[i:i + 1000])
 else:
-    if work == "resnet20-train":
+    if work.startswith("resnet20-train"):
         from qexp.models.resnet import CifarResNet
-        model, shape, steps = CifarResNet(), (128, 3, 32, 32), 8
+        big = work.endswith("-1024")
+        model, shape, steps = CifarResNet(), (1024 if big else 128, 3, 32, 32), 3 if big else 8
     else:
         from qexp.models.lenet import LeNet5
         model, shape, steps = LeNet5(), (64, 1, 28, 28), 160
@@ -75,7 +78,7 @@ def measure(work: str, side: str) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--reps", type=int, default=6)
-    ap.add_argument("--workloads", default="lenet5-eval,resnet20-train,lenet5-train")
+    ap.add_argument("--workloads", default="lenet5-eval,resnet20-train,lenet5-train,resnet20-train-1024")
     args = ap.parse_args()
     print("| workload | default (median s) | kept (median s) | page faults default / kept "
           "| peak RSS MiB default / kept | default / kept |")

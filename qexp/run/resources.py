@@ -85,9 +85,10 @@ def keep_freed_memory() -> bool:
     adapting upward) fresh from the kernel and unmaps it on free; a loop that frees and re-allocates the
     same activation-sized blocks every batch then pays a page fault per 4 KiB each time. Measured on one
     thread (BENCHMARKS.md, ``scripts/bench_malloc.py``): LeNet-5 evaluation at batch 1000 1.69x faster,
-    LeNet-5 training steps (batch 64) 1.23x, ResNet-20 steps (batch 128) 1.12x; results are unchanged (the
-    allocator decides where a tensor lives, not what it holds). The cost: a process may keep up to 1 GiB of
-    freed memory instead of returning it (peak resident memory measured +0-6%). Once per process; only on
+    LeNet-5 training steps (batch 64) 1.23x, ResNet-20 steps (batch 128) 1.12x, (batch 1024) 1.93x; results
+    are unchanged (the allocator decides where a tensor lives, not what it holds). The cost: a process may
+    keep up to 1 GiB of freed memory instead of returning it, and the kept blocks fragment the heap (peak
+    resident memory +0-6% at those batches of 64-128, +38% at 1024). Once per process; only on
     glibc, and not where the user set any of glibc's ``MALLOC_*`` variables or ``GLIBC_TUNABLES``, or
     preloaded another allocator. Returns whether the setting is in force."""
     global _kept
