@@ -104,8 +104,8 @@ def keep_freed_memory() -> bool:
                 # a glibc that refuses so high an mmap threshold gets 32 MiB, its documented default maximum
                 mapped = libc.mallopt(_M_MMAP_THRESHOLD, KEEP_FREED_BYTES) or libc.mallopt(_M_MMAP_THRESHOLD, 32 << 20)
                 _kept = bool(mapped and libc.mallopt(_M_TRIM_THRESHOLD, KEEP_FREED_BYTES))
-            except (OSError, AttributeError):  # no mallopt to call
-                _kept = False
+            except (OSError, AttributeError):  # no mallopt to call: _kept stays False
+                pass
     return _kept
 
 
