@@ -214,3 +214,14 @@ def test_all_seeds_already_finished_is_a_skip(tmp_path: Path) -> None:
     run_qexp(["train", *args])
     again = run_qexp(["train", *args])
     assert again.stdout.count("not retrained") == 2
+
+
+def test_a_typed_method_seed_is_a_difference_of_the_later_seeds(tmp_path: Path) -> None:
+    """``method.seed=0`` with seeds 0 and 1 stacked: seed 1 trained with method.seed 0, which is not its
+    default (``${seed}``), so its folder is the one ``seed=1 method.seed=0`` alone uses (that run is then
+    reported finished), not plain ``seed=1``'s."""
+    args = [*TINY, "epochs=1", "method=sr", "bits=4", "method.seed=0", f"out_root={tmp_path}"]
+    run_qexp(["train", *args, "trainer.seeds_per_process=2"])
+    runs = {p.name: p for p in find_runs(tmp_path)}
+    assert "method.seed=0" not in runs["seed0"].parent.name and "method.seed=0" in runs["seed1"].parent.name
+    assert "not retrained" in run_qexp(["train", *args, "seed=1"]).stdout

@@ -307,8 +307,14 @@ def unread_knobs(cfg: DictConfig, typed: Iterable[str], ignored: Iterable[str] =
 
 
 def locate(cfg: DictConfig, defaults: Defaults, ignored: Iterable[str] = ()) -> tuple[Path, str]:
-    """The run folder and its difference level."""
-    level = differing(cfg, defaults.baseline, defaults.items, ignored)
+    """The run folder and its difference level, measured against the defaults of the run's own seed (a
+    stacked group's later seeds are not the command's: ``method.seed=0`` typed with seeds 0 and 1 is a
+    difference for seed 1, whose default ``method.seed`` follows its seed)."""
+    baseline = defaults.baseline
+    if baseline.get("seed") != cfg.seed:
+        baseline = baseline.copy()
+        baseline.seed = cfg.seed
+    level = differing(cfg, baseline, defaults.items, ignored)
     return run_dir(cfg, level, defaults.option), level
 
 
