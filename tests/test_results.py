@@ -6,7 +6,9 @@ from __future__ import annotations
 import csv
 import io
 import math
+import os
 import re
+import shutil
 import struct
 from pathlib import Path
 
@@ -131,6 +133,28 @@ def test_cell_mixing_configurations_is_flagged(tmp_path: Path) -> None:
     assert any("differ in lr:" in w for w in grid_of(tmp_path).warnings())  # the overridden key named
     g = grid_of(tmp_path, rows="method,overrides")
     assert g.rows == [("float", "lr=0.01"), ("float", "lr=0.1")] and not g.warnings()
+
+
+def test_repeats_that_disagree_are_named_with_their_range_and_the_folder_kept(tmp_path: Path) -> None:
+    """Reruns of one (configuration, seed) on other threads or compiled (not part of a run's identity) differ
+    in the last digits: one sample is kept, and a note says how many repeats disagree, over what range,
+    which folder was kept and why (the audit's k1/t2/k2: 8.45, 8.19, 8.43; 8.19 silently kept)."""
+    repeats = [("k1", 8.45, {"threads": 1}), ("t2", 8.19, {"threads": 2}),
+               ("k2", 8.43, {"threads": 1, "compile_s": 78.8})]
+    dirs = [make_run(tmp_path / root, "bc", 1, 0, [e], extra=x) for root, e, x in repeats]
+    for age, d in zip((300, 0, 200), dirs):  # t2 the newest
+        os.utime(d / record.METRICS, (1.7e9 - age, 1.7e9 - age))
+    g = results.aggregate(results.collect([tmp_path / r for r in ("k1", "t2", "k2")]), ["method", "bits"],
+                          ["dataset", "model"], "test_error")
+    assert g.cell(("bc", "1"), ("mnist", "lenet5")).values == [8.19]
+    (note,) = [n for n in g.warnings() if "disagree" in n]
+    assert note == (f"bc/1 x mnist/lenet5 seed 0: 3 run folders repeat one (configuration, seed) and disagree on "
+                    f"test error (%): 8.19 to 8.45 (3 values); kept {dirs[1]} (8.19), the newest completed one; "
+                    "they differ in threads (1, 2), compile (false, true), not part of a run's identity")
+    shutil.copytree(tmp_path / "t2", tmp_path / "copy")  # a copy agrees: counted once, no disagreement
+    g = results.aggregate(results.collect([tmp_path / "t2", tmp_path / "copy"]), ["method", "bits"], ["dataset"],
+                          "test_error")
+    assert g.cell(("bc", "1"), ("mnist",)).n == 1 and not [n for n in g.warnings() if "disagree" in n]
 
 
 def test_any_config_key_groups_the_table(tmp_path: Path) -> None:

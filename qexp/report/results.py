@@ -198,25 +198,67 @@ def _identity(run: dict[str, Any]) -> tuple:
     return conf, key_label("seed", run), run.get("method"), run.get("bits_tag")
 
 
-def dedupe(df: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
+#: how a run computed, outside its identity (``VOLATILE_KEYS`` of qexp.run.config), as metrics.json
+#: records it (``compile``: whether it has compile_s): repeats of one (configuration, seed) whose last
+#: digits disagree usually differ here
+HOW_FIELDS = ("device", "torch", "threads", "compile")
+
+
+def _preference(run: dict[str, Any]) -> tuple:
+    """Which of several folders of one (configuration, seed) a table keeps, smallest first: a completed
+    run, then the newest metrics.json (the latest rerun stands for the configuration)."""
+    return run.get("status") != "completed", -(run.get("mtime") or 0)
+
+
+def _how(run: dict[str, Any], key: str) -> str:
+    """A ``HOW_FIELDS`` value as shown."""
+    if key == "compile":
+        compiled = isinstance(run.get("compile_s"), (int, float)) and not _isnan(run["compile_s"])
+        return "true" if compiled else "false"
+    v = run.get(key)
+    return str(int(v)) if isinstance(v, float) and v.is_integer() else key_label(key, run)  # threads: 1.0 in pandas
+
+
+def _disagreement(runs: list[dict[str, Any]], kept: dict[str, Any], metric: str) -> str | None:
+    """The note for repeats of one (configuration, seed) whose completed results differ, else None."""
+    values = sorted({float(v) for r in runs if r.get("status") == "completed"
+                     and isinstance(v := r.get(metric), (int, float)) and not _isnan(v)})
+    if len(values) < 2:
+        return None
+    what = " x ".join("/".join(key_label(k, kept) for k in ks) for ks in (("method", "bits"), ("dataset", "model")))
+    how = [f"{k} ({', '.join(sorted({_how(r, k) for r in runs}))})" for k in HOW_FIELDS
+           if len({_how(r, k) for r in runs}) > 1]
+    return (f"{what} seed {key_label('seed', kept)}: {len(runs)} run folders repeat one (configuration, seed) "
+            f"and disagree on {metric_label(metric)}: {values[0]:g} to {values[-1]:g} ({len(values)} values); "
+            f"kept {kept['run_dir']} ({_fmt(kept.get(metric))}), the newest completed one"
+            + (f"; they differ in {', '.join(how)}, not part of a run's identity" if how else ""))
+
+
+def _fmt(v: Any) -> str:
+    return f"{float(v):g}" if isinstance(v, (int, float)) and not _isnan(v) else "no value"
+
+
+def dedupe(df: pd.DataFrame, metric: str = "test_error") -> tuple[pd.DataFrame, list[str]]:
     """Count each (configuration, seed) once: a run found in several folders (a copied output folder,
-    ``qexp table T T2``) keeps one record (a completed one first, then the newest); a note says how many
-    were dropped."""
+    ``qexp table T T2``, a rerun with other threads) keeps one record (:func:`_preference`); a note says
+    how many were dropped, and one per (configuration, seed) whose repeats disagree on ``metric`` gives
+    the range and the folder kept, so a silent choice between different results cannot happen."""
     recs = df.to_dict("records")
-    best: dict[tuple, int] = {}
+    groups: dict[tuple, list[int]] = {}
     for i, r in enumerate(recs):
-        k = _identity(r)
-        j = best.get(k)
-        if j is None or (recs[j].get("status") != "completed", -(recs[j].get("mtime") or 0)) > \
-                (r.get("status") != "completed", -(r.get("mtime") or 0)):
-            best[k] = i
-    if len(best) == len(recs):
+        groups.setdefault(_identity(r), []).append(i)
+    if len(groups) == len(recs):
         return df, []
-    dropped = len(recs) - len(best)
-    keep = sorted(best.values())
-    note = (f"{dropped} run folder(s) repeat a (configuration, seed) found in another folder: "
-            "each counted once")
-    return df.iloc[keep].reset_index(drop=True), [note]
+    keep, notes = [], []
+    for members in groups.values():
+        kept = min(members, key=lambda i: _preference(recs[i]))
+        keep.append(kept)
+        if len(members) > 1 and (note := _disagreement([recs[i] for i in members], recs[kept], metric)):
+            notes.append(note)
+    dropped = len(recs) - len(groups)
+    notes.insert(0, f"{dropped} run folder(s) repeat a (configuration, seed) found in another folder: "
+                    "each counted once (a completed one, the newest)")
+    return df.iloc[sorted(keep)].reset_index(drop=True), notes
 
 
 # ---- post-training quantization curves (ptq.json) -----------------------------------------------
@@ -588,7 +630,7 @@ class Grid:
 
 def aggregate(df: pd.DataFrame, row_keys: Sequence[str], col_keys: Sequence[str], metric: str) -> Grid:
     """Group runs into cells by (row keys, column keys); seeds (and anything not asked for) pooled."""
-    df, notes = dedupe(df)
+    df, notes = dedupe(df, metric)
     df = with_keys(df, [*row_keys, *col_keys])
     check_keys(df, list(row_keys) + list(col_keys), "row/column")
     check_metric(df, metric)
