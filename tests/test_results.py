@@ -295,6 +295,29 @@ def test_ptq_json_results_become_rows(tmp_path: Path) -> None:
     assert [r["method"] for r in rows] == ["float", "bc"]
 
 
+def test_ptq_json_results_of_other_schemes_are_other_rows(tmp_path: Path) -> None:
+    """Two seeds evaluated with different PTQ schemes (``--ptq-per-channel --ptq-grid symmetric`` and the
+    default) are not one cell: the scheme joins the bits tag unless it is the default (the audit's d3:
+    "ptq | 4 | 9.89 ± 2.60 (2)"). A file without a scheme header predates it: the default."""
+    per_channel = {"scheme": "symmetric-minmax-per-channel", "act_scheme": "symmetric-minmax-per-tensor"}
+    default = {"scheme": "affine-minmax-per-layer", "act_scheme": "affine-minmax-per-tensor"}
+    for seed, (header, w) in enumerate([(per_channel, 8.06), (default, 11.73), ({}, 10.0)]):
+        f = make_run(tmp_path, "float", 32, seed, [w])
+        write_json(f / "ptq.json", {**header, "results": [
+            {"bits": 4, "act_bits": 8, "weights_only_error": w, "with_activations_error": w + 1}]})
+    rows = list(csv.DictReader(io.StringIO(render(tmp_path, "csv"))))
+    got = [(r["bits"], r["mnist/lenet5 mean"], r["mnist/lenet5 n"]) for r in rows if r["method"] == "ptq"]
+    assert got == [("4", "10.865", "2"), ("4 symmetric-minmax-per-channel", "8.06", "1"),
+                   ("4-8", "11.865", "2"),
+                   ("4-8 symmetric-minmax-per-channel symmetric-minmax-per-tensor", "9.06", "1")]
+
+
+def test_ptq_default_scheme_is_the_one_eval_writes() -> None:
+    from qexp.methods.ptq.curve import DEFAULT_SCHEME_HEADER
+
+    assert results.PTQ_DEFAULT_SCHEME == DEFAULT_SCHEME_HEADER
+
+
 # ---- published numbers --------------------------------------------------------------------------
 def test_ref_adds_published_columns_and_differences(tmp_path: Path) -> None:
     for s, e in enumerate([6.0, 7.0]):

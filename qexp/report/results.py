@@ -265,23 +265,42 @@ def dedupe(df: pd.DataFrame, metric: str = "test_error") -> tuple[pd.DataFrame, 
 PTQ_FILE = record.PTQ_FILE
 
 
+#: the scheme header of a ptq.json made without scheme options (``qexp.methods.ptq.curve.DEFAULT_SCHEME_HEADER``,
+#: not imported: that loads torch; tests/test_results.py checks they agree). Files from before the header
+#: was written used it
+PTQ_DEFAULT_SCHEME = {"scheme": "affine-minmax-per-layer", "act_scheme": "affine-minmax-per-tensor"}
+
+
+def ptq_tag(scheme: dict[str, str], bits: int, act: Any = None) -> str:
+    """How a ptq.json result shows under ``bits``: ``k`` (weights only) or ``k-a`` (a-bit activations), then
+    its ``scheme`` (the file's header) when not the default: ``4 symmetric-minmax-per-channel``, with
+    activations the weights' and the activations' scheme. Results of different schemes are then different
+    rows, never one pooled cell."""
+    keys = ("scheme",) if act is None else ("scheme", "act_scheme")
+    tag = f"{bits}" if act is None else f"{bits}-{act}"
+    if all(scheme[k] == PTQ_DEFAULT_SCHEME[k] for k in keys):
+        return tag
+    return " ".join([tag, *(scheme[k] for k in keys)])
+
+
 def ptq_records(run: dict[str, Any]) -> list[dict[str, Any]]:
     """The PTQ results stored in a run folder as table records: method ``ptq`` (``ptq(<method>)`` when
-    the source run was not float), bits tagged as ``method=ptq`` does (``k``, or ``k-a`` with
-    a-bit activations), the source run's other keys. Weights-only entries are deduplicated by k."""
+    the source run was not float), bits tagged by :func:`ptq_tag`, the source run's other keys.
+    Weights-only entries are deduplicated by k."""
     doc = record.read_ptq(run["run_dir"])
     if doc is None or run.get("status") != "completed":
         return []
     src = run.get("method")
     # a method=ptq run trains (and checkpoints) a float network: its PTQ curve is PTQ of float
     method = "ptq" if src in ("float", "ptq", None) else f"ptq({src})"
+    scheme = {k: str(doc.get(k) or v) for k, v in PTQ_DEFAULT_SCHEME.items()}  # an old file: the default
     out, seen = [], set()
     for e in doc["results"]:
         if not isinstance(e, dict) or not isinstance(e.get("bits"), int):
             continue
         act = e.get("act_bits")
-        for key, tag in (("weights_only_error", f"{e['bits']}"),
-                         ("with_activations_error", f"{e['bits']}-{act}")):
+        for key, tag in (("weights_only_error", ptq_tag(scheme, e["bits"])),
+                         ("with_activations_error", ptq_tag(scheme, e["bits"], act))):
             err = e.get(key)
             if not isinstance(err, (int, float)) or tag in seen:
                 continue
@@ -289,6 +308,8 @@ def ptq_records(run: dict[str, Any]) -> list[dict[str, Any]]:
             out.append({**run, "method": method, "bits": e["bits"], "bits_tag": tag, "test_error": err,
                         "test_acc": 100.0 - err, "best_test_error": err, "train_loss": None,
                         "images_per_s": None, "wall_s": None, "history": [], "ptq_of": src,
+                        "ptq_scheme": scheme["scheme"],
+                        "ptq_act_scheme": scheme["act_scheme"] if key == "with_activations_error" else None,
                         "run_dir": f"{run['run_dir']}#{PTQ_FILE}:{tag}"})
     return out
 
