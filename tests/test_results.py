@@ -157,6 +157,29 @@ def test_repeats_that_disagree_are_named_with_their_range_and_the_folder_kept(tm
     assert g.cell(("bc", "1"), ("mnist",)).n == 1 and not [n for n in g.warnings() if "disagree" in n]
 
 
+def test_one_seed_counts_once_in_a_cell_pooling_configurations(tmp_path: Path) -> None:
+    """Two seed-0 runs whose configurations differ in keys that do not change the result (PTQ's act_bits
+    without activations, bc's method.seed) are one sample, not n=2 with zero variance, which Welch's test
+    called significant (the audit's p1: ptq/8 bold at 24.68 ± 0.00 (2)). Seeds a pooled cell shares with
+    several configurations count once, as their mean."""
+    make_run(tmp_path, "ptq", 8, 0, [24.68], overrides="method.act_bits=4")
+    make_run(tmp_path, "ptq", 8, 0, [24.68])
+    make_run(tmp_path, "bc", 1, 0, [31.47], overrides="method.seed=7")
+    make_run(tmp_path, "bc", 1, 0, [31.47])
+    g = grid_of(tmp_path)
+    col = ("mnist", "lenet5")
+    assert [g.cell(r, col).text() for r in g.rows] == ["31.47 (1)", "24.68 (1)"]
+    assert not g.best() and "**" not in render(tmp_path, "md").split("\n", 1)[1]
+    assert "cell ptq/8 x mnist/lenet5 mixes runs that differ in method.act_bits: add them to --rows or --cols " \
+           "to separate them; seed 0 in 2 runs: each seed counts once (the mean of its runs), n counts seeds" \
+           in g.warnings()
+    for seed, (a, b) in enumerate([(1.0, 2.0), (3.0, 5.0)]):  # two configurations x seeds 0, 1
+        make_run(tmp_path, "float", 32, seed, [a], overrides="lr=0.1")
+        make_run(tmp_path, "float", 32, seed, [b], overrides="lr=0.01")
+    c = grid_of(tmp_path).cell(("float", "32"), col)
+    assert c.n == 2 and c.values == [1.5, 4.0] and c.mean == pytest.approx(2.75)
+
+
 def test_any_config_key_groups_the_table(tmp_path: Path) -> None:
     """Keys come from the overrides (a sweep's `method.ste=relu`) or else the composed config (the
     default estimator of a run that did not override it); the pooled cell's note names the key."""
@@ -167,7 +190,8 @@ def test_any_config_key_groups_the_table(tmp_path: Path) -> None:
             (run / ".hydra" / "config.yaml").write_text(yaml.safe_dump(
                 {"method": {"name": "ste", "ste": ste or "clipped_relu"}, "lr": "${optim.lr}"}))
     pooled = grid_of(tmp_path)
-    assert pooled.cell(("ste", "2"), ("mnist", "lenet5")).n == 6
+    cell = pooled.cell(("ste", "2"), ("mnist", "lenet5"))  # three estimators per seed: n counts the 2 seeds
+    assert cell.n == 2 and cell.values == pytest.approx([10.0 / 3, 12.4 / 3])
     assert any("differ in method.ste" in w for w in pooled.warnings())
     g = grid_of(tmp_path, rows="method.ste,bits")
     assert g.rows == [("clipped_relu", "2"), ("identity", "2"), ("relu", "2")] and not g.warnings()

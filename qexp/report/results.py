@@ -479,17 +479,29 @@ def check_keys(df: pd.DataFrame, keys: Sequence[str], what: str) -> None:
 
 @dataclass
 class Cell:
-    """The runs of one (row, column): completed ones give the numbers, the others a status note."""
+    """The runs of one (row, column): completed ones give the numbers, the others a status note.
+
+    ``values`` holds one sample per seed: the seed is what repeats an experiment, so a cell pooling
+    configurations (flagged by :meth:`Grid.warnings`) that share a seed counts it once, as the mean of its
+    runs; n, the std and Welch's test never count one seed twice (two seed-0 runs equal to the last digit
+    would otherwise pass the test with zero variance)."""
 
     runs: list[dict[str, Any]]
     metric: str
-    values: list[float] = field(default_factory=list)
+    values: list[float] = field(default_factory=list, init=False)
+    by_seed: dict[str, list[float]] = field(default_factory=dict, init=False)  # seed label -> its runs' values
 
     def __post_init__(self) -> None:
         for r in self.runs:
             v = r.get(self.metric)
             if r.get("status") == "completed" and v is not None and not _isnan(v):
-                self.values.append(float(v))
+                seed = key_label("seed", r)  # a run without a recorded seed is its own sample
+                self.by_seed.setdefault(seed if seed != MISSING else f"? {r.get('run_dir')}", []).append(float(v))
+        self.values = [statistics.fmean(vs) for vs in self.by_seed.values()]
+
+    def shared_seeds(self) -> dict[str, int]:
+        """Seeds that more than one of the cell's runs gave a value for, with how many."""
+        return {s: len(vs) for s, vs in self.by_seed.items() if len(vs) > 1}
 
     @property
     def n(self) -> int:
@@ -605,9 +617,10 @@ class Grid:
     def verdicts(self, alpha: float = DEFAULT_ALPHA) -> dict[tuple[str, ...], Verdict]:
         """Per column: its best mean, the runner-up and whether the best is marked.
 
-        With ``alpha < 1`` a best cell is marked only when Welch's t-test over seeds finds it different
-        from the runner-up at p < alpha (so never with fewer than two seeds on either side, nor in a
-        column with a single filled cell); ``alpha >= 1`` marks the best mean unconditionally (ties all).
+        With ``alpha < 1`` a best cell is marked only when Welch's t-test over seeds (``Cell.values``: one
+        sample per seed, never a seed twice) finds it different from the runner-up at p < alpha (so never
+        with fewer than two seeds on either side, nor in a column with a single filled cell);
+        ``alpha >= 1`` marks the best mean unconditionally (ties all).
         """
         out: dict[tuple[str, ...], Verdict] = {}
         sign = -1.0 if higher_is_better(self.metric) else 1.0
@@ -643,9 +656,13 @@ class Grid:
                 differ = [k for k in names if len({p.get(k) for p in parsed}) > 1 and k not in mixed]
                 if differ:
                     mixed = [k for k in mixed if k != "overrides"] + differ
-            if mixed:
-                notes.append(f"cell {'/'.join(row)} x {'/'.join(col)} mixes runs that differ in "
-                             f"{', '.join(mixed)}: add them to --rows or --cols to separate them")
+            parts = [f"mixes runs that differ in {', '.join(mixed)}: add them to --rows or --cols to "
+                     "separate them"] if mixed else []
+            if shared := c.shared_seeds():
+                seeds = ", ".join(f"seed {s} in {k} runs" for s, k in shared.items())
+                parts.append(f"{seeds}: each seed counts once (the mean of its runs), n counts seeds")
+            if parts:
+                notes.append(f"cell {'/'.join(row)} x {'/'.join(col)} {'; '.join(parts)}")
         return notes
 
 
