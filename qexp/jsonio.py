@@ -1,5 +1,6 @@
 """Atomic JSON/torch writes: a reader never sees a half-written file, a killed writer loses nothing; and
-no empty folder is left by a write that did not happen (:func:`without_new_folders`).
+no empty folder is left by a write that did not happen (:func:`without_new_folders`). And the sha1 of a
+file's bytes, which identifies the data a run read and the weights it started from.
 
 The temporary file is created with ``os.open(..., 0o666)`` so the kernel applies the umask (and a
 default ACL) exactly as for a plain ``open(path, "w")``: results written by one user stay readable by
@@ -8,6 +9,7 @@ the colleagues the umask allows (``tempfile.mkstemp`` would force mode 0600).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import secrets
@@ -95,3 +97,20 @@ def without_new_folders(folders: Iterable[Path], attempt: Callable[[], None]) ->
                 os.rmdir(f)
             except OSError:  # not empty (the download wrote files) or already gone
                 pass
+
+
+#: sha1 of a file's bytes by (resolved path, size, mtime_ns): a sweep hashes each data file once
+_HASHES: dict[tuple[str, int, int], str] = {}
+
+
+def file_sha1(path: Path) -> str:
+    """sha1 of the file's bytes, cached in memory while its size and mtime stay the same."""
+    st = path.stat()
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    if key not in _HASHES:
+        h = hashlib.sha1()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        _HASHES[key] = h.hexdigest()
+    return _HASHES[key]

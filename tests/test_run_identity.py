@@ -252,3 +252,28 @@ def test_an_empty_out_root_or_the_cache_as_name_is_refused(name: str, root: str,
 
     with pytest.raises(QexpError, match=why):
         identity.check_place(OmegaConf.create({"name": name, "out_root": root}))
+
+
+def test_init_from_is_identified_by_the_weights_it_loads(tmp_path: Path, monkeypatch) -> None:
+    """``init_from`` answers for its checkpoint's content: one run folder spelled absolute, relative or with a
+    trailing '/' is one start; the same folder after its run trained further is another start (a finished
+    run started from the earlier weights is not reported for it); a folder without a checkpoint is one line."""
+    from omegaconf import OmegaConf
+
+    from qexp.run.identity import effective
+
+    src = tmp_path / "runs" / "seed0"
+    src.mkdir(parents=True)
+    (src / "checkpoint.pt").write_bytes(b"epoch 1 weights")
+    monkeypatch.chdir(tmp_path)
+
+    def ident(path: str) -> dict:
+        return effective(OmegaConf.create({"init_from": path, "epochs": 1}))
+
+    spellings = [ident(p) for p in (str(src), "runs/seed0", f"{src}/", "./runs/../runs/seed0")]
+    assert all(s == spellings[0] for s in spellings) and str(src) not in json.dumps(spellings[0])
+    (src / "checkpoint.pt").write_bytes(b"epoch 2 weights")
+    assert ident(str(src)) != spellings[0]
+    assert effective(OmegaConf.create({"init_from": None}))["init_from"] is None
+    with pytest.raises(QexpError, match="no checkpoint.pt there"):
+        ident(str(tmp_path / "nope"))

@@ -13,6 +13,7 @@ from qexp.data import DataBundle
 from qexp.data.loader import Normalize, TensorLoader
 from qexp.data.split import subset_and_split
 from qexp.errors import QexpError
+from qexp.jsonio import file_sha1
 from qexp.run.record import CACHE_FOLDER
 
 # normalize="signed" maps pixels to [-1, 1] (WAGE's CIFAR input range); "byte256" to X/256 in [0, 1)
@@ -30,23 +31,6 @@ def missing_data_error(name: str, folder: Path, files: list[str], hint: str = ""
         f"{hint}, or point the data root at a folder that holds them (environment variable QEXP_DATA or "
         f"data_root=...)"
     )
-
-
-#: sha1 of a file's bytes by (resolved path, size, mtime_ns): a sweep hashes each data file once
-_HASHES: dict[tuple[str, int, int], str] = {}
-
-
-def file_sha1(path: Path) -> str:
-    """sha1 of the file's bytes, cached in memory while its size and mtime stay the same."""
-    st = path.stat()
-    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
-    if key not in _HASHES:
-        h = hashlib.sha1()
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
-        _HASHES[key] = h.hexdigest()
-    return _HASHES[key]
 
 
 def digest(root: str | Path, sources: Iterable[Path]) -> dict[str, object]:

@@ -3,8 +3,9 @@
 * **fingerprint**: the resolved config minus the knobs that cannot change the result (``VOLATILE_KEYS``:
   device, paths, resume, ...), minus the top-level knobs only read through the keys that consume them
   (``SOURCE_KEYS``: ``bits`` reaches the method as ``method.bits``, so ``bits=4`` and ``method.bits=4`` are
-  one run), minus the knobs the method ignores (``Method.ignored_knobs``: float ignores ``bits``), plus a
-  digest of the data files the run read (``data.digest``). metrics.json and the checkpoint store it; a
+  one run), minus the knobs the method ignores (``Method.ignored_knobs``: float ignores ``bits``), with
+  ``init_from`` as its checkpoint's content (a sha1 prefix), plus a digest of the data the run read
+  (``data.digest``). metrics.json and the checkpoint store it; a
   resume must match it, and so must a finished run before it is reported instead of training.
 * **folder**: ``<out_root>/<name>/<dataset>/<model>/<method level>/<differences>/seed<k>``. The method level
   names the method *option* with its bits (``bc_li-1b``, ``lsq-w2a8``), from the method's own keys.
@@ -31,8 +32,9 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from qexp.errors import QexpError
+from qexp.jsonio import file_sha1
 from qexp.run.config import SOURCE_KEYS, VOLATILE_KEYS, method_reads
-from qexp.run.record import CACHE_FOLDER
+from qexp.run.record import CACHE_FOLDER, CHECKPOINT
 
 #: groups whose choice is already a level of the folder (dataset/model/method tag) or names it (experiment)
 PATH_GROUPS = ("dataset", "model", "method", "experiment")
@@ -46,6 +48,8 @@ BASELINE_KEYS = ("seed", "bits", "abits", "name")
 TYPED_GROUPS = ("dataset", "model", "method", "optim", "sched")
 #: the data digest's key in a fingerprint
 DATA_KEY = "data.digest"
+#: the run folder whose weights a run starts from: identified by its checkpoint's content
+INIT_KEY = "init_from"
 #: a longer difference string is cut and completed by a hash (file names are limited to 255 bytes)
 MAX_LEVEL = 180
 _MISSING = object()
@@ -78,8 +82,20 @@ def effective(cfg: DictConfig, ignored: Iterable[str] = ()) -> dict[str, Any]:
     """The resolved config as flat ``key -> value`` minus volatile and source keys and the method's
     ignored knobs."""
     flat = flatten(OmegaConf.to_container(cfg, resolve=True, enum_to_str=True))
+    if flat.get(INIT_KEY) is not None:  # the weights it starts from, not how their folder is spelled
+        flat[INIT_KEY] = file_sha1(init_checkpoint(flat[INIT_KEY]))[:16]
     drop = _ignored(ignored)
     return {k: v for k, v in flat.items() if not _dropped(k) and k not in drop}
+
+
+def init_checkpoint(run_dir: Any) -> Path:
+    """The checkpoint of ``init_from=RUN_DIR``, whose model weights start a run. The identity holds its
+    content's sha1 (a prefix), not the folder's spelling: an absolute, a relative or a ``/``-ended path to
+    one run is one start, and the same run trained further (or another run copied there) is another."""
+    ckpt = Path(str(run_dir)) / CHECKPOINT
+    if not ckpt.is_file():
+        raise QexpError(f"init_from={run_dir}: no {CHECKPOINT} there (a qexp run folder that trained)")
+    return ckpt
 
 
 def fingerprint(cfg: DictConfig, ignored: Iterable[str] = (), data: str | None = None) -> str:

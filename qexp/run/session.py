@@ -47,10 +47,10 @@ from qexp.run.callbacks import BestCheckpoint, RunRecord, TensorBoard, final_rec
 from qexp.run.engine import Engine
 from qexp.run.precision import MixedPrecision
 from qexp.run.preempt import stop_on_signals
+from qexp.run.record import CHECKPOINT
 
 log = logging.getLogger("qexp")
 
-CHECKPOINT = "checkpoint.pt"
 #: config keys that name the component but are not constructor arguments
 META_KEYS = ("name", "tag")
 
@@ -240,10 +240,7 @@ def build(cfg: DictConfig, device: torch.device, method: Method | None = None) -
 
 def init_weights(model: torch.nn.Module, run_dir: Path, device: torch.device) -> None:
     """``init_from=RUN_DIR``: start from that run's model weights (its checkpoint), nothing else of it."""
-    ckpt = run_dir / CHECKPOINT
-    if not ckpt.is_file():
-        raise QexpError(f"init_from={run_dir}: no {CHECKPOINT} there (a qexp run folder that trained)")
-    state = checkpoint.load(ckpt, map_location=device)
+    state = checkpoint.load(identity.init_checkpoint(run_dir), map_location=device)
     try:
         model.load_state_dict(state["model"])
     except RuntimeError as e:
