@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from qexp.data import cifar10_jpeg as cj
+from qexp.data.common import digest as data_digest
 from qexp.errors import QexpError
 from qexp.report import reference as refs
 from qexp.report import results
@@ -87,6 +88,10 @@ def test_unpacked_tree_reads_the_same_images(data_root, use_cache, tmp_path, mon
         assert torch.equal(tree[split][0], arrays[split][0][:20])
         assert torch.equal(tree[split][1], arrays[split][1][:20])
     assert cj.load_arrays(tmp_path / "root")[1] == digest
+    # a run on the tree is identified by its listing (it once carried no data digest: other images under
+    # the same root answered for a finished run)
+    sources = cj.build(str(tmp_path / "root"), augment=False).sources
+    assert sources == (base,) and data_digest(tmp_path / "root", sources)["digest"]
 
 
 def test_missing_data_is_one_line_and_writes_nothing(tmp_path, monkeypatch) -> None:

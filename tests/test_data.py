@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
 
 from qexp.data import cifar, imagenet, mnist, synthetic
+from qexp.data.common import digest, same_files_under
 from qexp.data.loader import Normalize, TensorLoader, crop_flip
 from qexp.errors import QexpError
 from tests.test_config import write_cifar
@@ -69,6 +72,22 @@ def test_imagefolder_on_imagenette(data_root):
     assert b.num_classes == 10 and b.train.num_samples == 400 and b.test.num_samples == 100
     x, y = next(iter(b.train))
     assert x.shape == (16, 3, 64, 64) and y.dtype == torch.long
+
+
+def test_imagefolder_runs_are_identified_by_their_folders(data_root, tmp_path):
+    """An ImageFolder run's data digest covers train/ and val/ (each file's relative path and size): other
+    images under the same root name give another digest (a finished run on them was reported for the
+    first data), the same files elsewhere the same one."""
+    b = imagenet.build(str(data_root), dirname="imagenette-mini", image_size=32, workers=0)
+    first = digest(data_root, b.sources)
+    assert sorted(first["files"]) == ["imagenette-mini/train", "imagenette-mini/val"] and first["digest"]
+    copy = tmp_path / "copy" / "imagenette-mini"
+    shutil.copytree(data_root / "imagenette-mini", copy)
+    assert digest(tmp_path / "copy", imagenet.build(str(tmp_path / "copy"), dirname="imagenette-mini",
+                                                     image_size=32, workers=0).sources)["digest"] == first["digest"]
+    assert same_files_under(tmp_path / "copy", first["files"]) == first["digest"]
+    next(p for p in sorted((copy / "train").rglob("*")) if p.is_file()).unlink()
+    assert same_files_under(tmp_path / "copy", first["files"]) not in (None, first["digest"])
 
 
 @pytest.mark.parametrize(("option", "why"), [({"image_size": 0}, "image_size"), ({"workers": -1}, "workers"),

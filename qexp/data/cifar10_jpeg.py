@@ -156,13 +156,6 @@ def _split(arrays: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, tor
     return {s: (arrays[f"{s}_x"], arrays[f"{s}_y"]) for s in SPLITS}
 
 
-def _identity_sources(root: str | Path) -> tuple[Path, ...]:
-    """The files a run's data digest covers (run identity, qexp.data.common.digest): the archive. An
-    unpacked tree (60,000 files) is not listed file by file; its runs carry no data digest."""
-    source = locate(root)
-    return (source,) if source.is_file() else ()
-
-
 def build(
     root: str = "./data",
     batch_size: int = 128,
@@ -184,6 +177,6 @@ def build(
     norm = make_normalize(normalize, *STATS["cifar10"])
     bundle = in_memory_bundle("cifar10_jpeg", arrays["train"], test, len(CLASSES), norm,
                               batch_size, eval_batch_size, augment, train_subset, val_size, seed, device,
-                              sources=_identity_sources(root))
+                              sources=(locate(root),))
     bundle.info["source_md5"] = digest
     return bundle

@@ -33,10 +33,29 @@ def missing_data_error(name: str, folder: Path, files: list[str], hint: str = ""
     )
 
 
+def source_sha1(path: Path) -> str:
+    """A data source's sha1: a file's bytes; a folder's listing, every file below it (links followed, as
+    ImageFolder does) by relative path and size: an ImageFolder or an unpacked archive is identified
+    without reading each image (hashing an ImageNet would take longer than a small run's training), and a
+    file added, removed, renamed or rewritten at another size gives another digest."""
+    if path.is_file():
+        return file_sha1(path)
+    entries = []
+    for top, _, names in os.walk(path, followlinks=True):
+        for n in names:
+            f = Path(top, n)
+            entries.append(f"{f.relative_to(path).as_posix()}\0{f.stat().st_size}\n")
+    h = hashlib.sha1(b"folder\n")
+    for e in sorted(entries):
+        h.update(e.encode())
+    return h.hexdigest()
+
+
 def digest(root: str | Path, sources: Iterable[Path]) -> dict[str, object]:
-    """What a run stores about its data: the resolved root, each file read (relative to the root, with
-    its sha1) and one ``digest`` over them. Other files under the same names give another digest; the
-    same files under another root give the same one. None of it for generated data (no files)."""
+    """What a run stores about its data: the resolved root, each source read (a file or a folder, relative
+    to the root, with its :func:`source_sha1`) and one ``digest`` over them. Other files under the same
+    names give another digest; the same files under another root give the same one. None of it for
+    generated data (no files)."""
     root = Path(root).expanduser().resolve()
     files: dict[str, str] = {}
     for p in sorted(Path(s).resolve() for s in sources):
@@ -44,7 +63,7 @@ def digest(root: str | Path, sources: Iterable[Path]) -> dict[str, object]:
             name = str(p.relative_to(root))
         except ValueError:
             name = str(p)
-        files[name] = file_sha1(p)
+        files[name] = source_sha1(p)
     text = "\n".join(f"{k} {v}" for k, v in sorted(files.items()))
     return {"root": str(root), "files": files,
             "digest": hashlib.sha1(text.encode()).hexdigest() if files else None}
@@ -55,7 +74,7 @@ def same_files_under(root: str | Path, files: dict[str, str]) -> str | None:
     ``root``, or None when one is missing: how a finished run is checked before any data is loaded."""
     root = Path(root).expanduser()
     paths = [root / name for name in files]
-    if not all(p.is_file() for p in paths):
+    if not all(p.exists() for p in paths):
         return None
     return digest(root, paths)["digest"]  # type: ignore[return-value]
 

@@ -157,4 +157,5 @@ def build(
         num_classes=num_classes,
         in_shape=(3, image_size, image_size),
         info={"train_samples": len(train_set), "test_samples": len(test_set)},
+        sources=(base / "train", base / "val"),  # the run's identity: each folder's listing (source_sha1)
     )
