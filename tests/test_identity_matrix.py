@@ -254,8 +254,8 @@ def test_flags_typed_after_the_overrides_work(matrix) -> None:
 
 def test_table_counts_a_copied_run_once_and_names_mixed_keys(matrix, tmp_path: Path, capsys) -> None:
     """`qexp table T T2` over a copy of T: each (configuration, seed) once, with a note; a cell pooling
-    runs of two configurations (bc and stochastic bc, a run with no overrides included) is flagged and
-    names the key that differs."""
+    runs of two configurations (bc and stochastic bc, a run with no overrides included) is flagged, names
+    the key that differs and counts their shared seed once."""
     from qexp.report import results, table
 
     out, _ = matrix
@@ -263,7 +263,7 @@ def test_table_counts_a_copied_run_once_and_names_mixed_keys(matrix, tmp_path: P
     grid = results.aggregate(results.collect([out / "diff_stochastic", tmp_path / "copy"]),
                              ["method", "bits"], ["dataset"], "test_error")
     (cell,) = grid.cells.values()
-    assert cell.n == 2  # two configurations, not four runs
+    assert cell.n == 1  # one seed (of two configurations, four run folders): n counts seeds
     notes = grid.warnings()
     assert any("each counted once" in n and n.startswith("2 run folder(s)") for n in notes), notes
     assert any("mixes runs that differ in method.stochastic" in n for n in notes), notes

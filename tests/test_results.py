@@ -512,9 +512,9 @@ def test_a_cut_folder_level_is_not_parsed_for_key_values(tmp_path):
 
     from qexp.run.identity import differing
 
-    long_path = "/tmp/" + "x" * 300 + "/seed0"
-    cfg = OmegaConf.create({"init_from": long_path, "method": {"ste": "clipped_relu"}, "epochs": 3})
-    base = OmegaConf.create({"init_from": None, "method": {"ste": "identity"}, "epochs": 10})
+    long_name = "x" * 300  # (init_from is a checkpoint's sha1 prefix in a level now, no longer a path)
+    cfg = OmegaConf.create({"dataset": {"dirname": long_name}, "method": {"ste": "clipped_relu"}, "epochs": 3})
+    base = OmegaConf.create({"dataset": {"dirname": "imagenet"}, "method": {"ste": "identity"}, "epochs": 10})
     assert results.TRUNCATED.search(differing(cfg, base))
     # the real case: the cut fell inside an init_from path that itself named method.ste
     level = "epochs=3,init_from=%2Fruns%2Fdataset.train_subset=10000,epochs=3,method.ste=cl..290aca9fbb"
