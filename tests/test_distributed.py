@@ -128,6 +128,7 @@ def test_ddp_two_cpu_processes_on_mnist_match_one_process(tmp_path: Path, data_r
     (run,) = find_runs(tmp_path / "ddp")
     m = read_metrics(run)
     assert m["status"] == "completed" and m["world_size"] == 2 and m["ranks_consistent"] is True
+    assert "processes=2" in run.parent.name and '"processes": 2' in m["fingerprint"]  # its own run
     assert m["test_acc"] > 90.0
     print(f"MNIST 3000 images, 1 epoch: one process {single['test_acc']:.2f}%, "
           f"2 DDP processes {m['test_acc']:.2f}%")
@@ -154,6 +155,7 @@ def test_torchrun_sr_keeps_quantized_weights_identical(tmp_path: Path) -> None:
     m = read_metrics(run)
     assert m["status"] == "completed" and m["epochs_done"] == 2
     assert m["world_size"] == 2 and m["ranks_consistent"] is True
+    assert "processes=2" in run.parent.name  # torchrun's world size, as trainer.devices=2 would place it
     files = run_files(run)
     assert sum(f.startswith("events.out.tfevents") for f in files) == 1, files
     assert ".hydra/config.yaml" in files

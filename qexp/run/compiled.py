@@ -2,7 +2,7 @@
 quantization, straight-through and WAGE's custom autograd functions) through ``torch.compile``.
 
 Why here and not in the methods: a method only defines the computation; whether it runs eagerly or
-compiled is how the run is executed, like ``trainer.devices`` (so ``compile`` is not part of the run's
+compiled is how the run is executed, like ``threads`` (so ``compile`` is not part of the run's
 folder or resume check). The method's per-step hooks (rounding after the optimizer step, WAGE's update)
 stay eager; the fused SR kernel (:func:`qexp.quant.kernels.use_fused`) is switched on with it.
 

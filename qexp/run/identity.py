@@ -4,8 +4,8 @@
   device, paths, resume, ...), minus the top-level knobs only read through the keys that consume them
   (``SOURCE_KEYS``: ``bits`` reaches the method as ``method.bits``, so ``bits=4`` and ``method.bits=4`` are
   one run), minus the knobs the method ignores (``Method.ignored_knobs``: float ignores ``bits``), with
-  ``init_from`` as its checkpoint's content (a sha1 prefix), plus a digest of the data the run read
-  (``data.digest``). metrics.json and the checkpoint store it; a
+  ``init_from`` as its checkpoint's content (a sha1 prefix) and ``processes`` when several train it, plus
+  a digest of the data the run read (``data.digest``). metrics.json and the checkpoint store it; a
   resume must match it, and so must a finished run before it is reported instead of training.
 * **folder**: ``<out_root>/<name>/<dataset>/<model>/<method level>/<differences>/seed<k>``. The method level
   names the method *option* with its bits (``bc_li-1b``, ``lsq-w2a8``), from the method's own keys.
@@ -50,6 +50,11 @@ TYPED_GROUPS = ("dataset", "model", "method", "optim", "sched")
 DATA_KEY = "data.digest"
 #: the run folder whose weights a run starts from: identified by its checkpoint's content
 INIT_KEY = "init_from"
+#: how many processes train one run (``trainer.devices``, or torchrun's world size written there): other
+#: ``trainer.*`` knobs are how a run executes, but data parallelism computes something else with
+#: BatchNorm (statistics of each process's share of a batch) and with an ImageFolder's augmentation (each
+#: process draws its own), so a run of N > 1 processes is its own run (``processes=N`` in the folder)
+DEVICES_KEY, PROCESSES_KEY = "trainer.devices", "processes"
 #: a longer difference string is cut and completed by a hash (file names are limited to 255 bytes)
 MAX_LEVEL = 180
 _MISSING = object()
@@ -84,6 +89,8 @@ def effective(cfg: DictConfig, ignored: Iterable[str] = ()) -> dict[str, Any]:
     flat = flatten(OmegaConf.to_container(cfg, resolve=True, enum_to_str=True))
     if flat.get(INIT_KEY) is not None:  # the weights it starts from, not how their folder is spelled
         flat[INIT_KEY] = file_sha1(init_checkpoint(flat[INIT_KEY]))[:16]
+    if int(flat.get(DEVICES_KEY) or 1) > 1:  # each process normalises its share of a batch (BatchNorm)
+        flat[PROCESSES_KEY] = int(flat[DEVICES_KEY])
     drop = _ignored(ignored)
     return {k: v for k, v in flat.items() if not _dropped(k) and k not in drop}
 

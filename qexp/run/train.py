@@ -85,6 +85,11 @@ def run(cfg: DictConfig) -> dict[str, Any] | None:
         if sweeping:
             sweep.worker_signals()
         resources.apply_threads(cfg.threads, hc.launcher if sweeping else None)
+        if ranks is not None:  # torchrun's world size is the run's number of processes (part of its identity)
+            if cfg.trainer.devices not in (1, ranks[1]):
+                log.warning("trainer.devices=%d ignored: torchrun started %d processes", cfg.trainer.devices,
+                            ranks[1])
+            cfg.trainer.devices = ranks[1]
         defaults = identity.compose_defaults()
         identity.check_types(cfg, defaults.baseline)  # method.stochastic=off: refused, not read as true
         identity.check_place(cfg)
@@ -270,8 +275,6 @@ def _train_ranked(cfg: DictConfig, run_dir: Path, ranks: tuple[int, int, int],
                   level: str = "", method: Method | None = None) -> dict[str, Any] | None:
     """One of torchrun's processes: join the group it set up, then train our share."""
     rank, world, local_rank = ranks
-    if cfg.trainer.devices not in (1, world):
-        log.warning("trainer.devices=%d ignored: torchrun started %d processes", cfg.trainer.devices, world)
     device, backend = _ddp_backend(cfg)
     with distributed.joined(rank, world, local_rank, backend) as ctx:
         return train(cfg, run_dir, ctx, level, method=method)
