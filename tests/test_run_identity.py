@@ -26,7 +26,8 @@ BAD = {"epochs": "epochs=0", "batch_size": "batch_size=0", "eval_batch_size": "e
        "exp_ratio": "sched=exp sched.final_ratio=0", "width": "model.width=0", "test_samples": "dataset.test_samples=0",
        "method_seed": "method=r method.seed=-4", "hydra_flag": "--bogus", "cfg_choice": "--cfg nonsense",
        "progress": "progress=maybe", "short_betas": "optim=adam optim.betas=[0.9]",
-       "momentum": "optim=sgd optim.momentum=1", "milestones": "sched=step sched.milestones=[0,5]"}
+       "momentum": "optim=sgd optim.momentum=1", "milestones": "sched=step sched.milestones=[0,5]",
+       "job_log_file": "hydra/job_logging=default"}
 
 
 def runs(root: Path) -> list[Path]:
@@ -54,6 +55,8 @@ def launched(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
                                       'hydra.sweeper.params={lr:"tag(log, interval(0.001, 0.1))"}',
                                       f"out_root={out}/badspace"]},
         "bad_empty_sweep": {"argv": ["--multirun", *T, "seed=range(0,0)", f"out_root={out}/emptysweep"]},
+        "all_refused_sweep": {"argv": ["--multirun", *T, "epochs=-1,-2", f"out_root={out}/refusedsweep"]},
+        "long_name": {"argv": [*T, f"out_root={out}/long/deep", "name=" + "a" * 300]},
         "chg_setup": {"argv": [*T, f"out_root={out}/chg"]},
         "chg": {"argv": [*T, f"out_root={out}/chg"], "set_status": [str(out / "chg"), "interrupted"],
                 "set_config": [str(out / "chg"), "model.dropout", 0.25]},
@@ -152,6 +155,25 @@ def test_a_sweep_of_no_value_is_one_line_and_leaves_no_folder(launched) -> None:
     err = one_line_error(r["bad_empty_sweep"])
     assert "seed=range(0,0) sweeps over no value" in err, err
     assert not (out / "emptysweep").exists()
+
+
+def test_a_sweep_whose_every_job_is_refused_leaves_no_folder(launched) -> None:
+    """``epochs=-1,-2``: each job is one line and no run folder; the sweep's multirun.yaml (and the folders
+    above it that it made) once stayed behind."""
+    out, r = launched
+    s = r["all_refused_sweep"]
+    assert s["how"] == ["exit", 1] and s["stderr"].count("error: ") == 2, s
+    assert "0 completed, 0 skipped, 2 failed" in s["stdout"], s
+    assert not (out / "refusedsweep").exists()
+
+
+def test_a_run_folder_the_file_system_refuses_leaves_no_folder(launched) -> None:
+    """A 300-character name is one line; the levels made below out_root before it failed are removed
+    (``<out_root>/long/deep`` once stayed behind, empty)."""
+    out, r = launched
+    err = one_line_error(r["long_name"])
+    assert "cannot create the run folder" in err and "File name too long" in err, err
+    assert not (out / "long" / "deep").exists()
 
 
 def test_an_interpolated_override_is_used_as_typed(launched) -> None:
@@ -292,3 +314,14 @@ def test_the_number_of_processes_is_part_of_the_identity() -> None:
 
     assert ident() == ident(backend="gloo") == ident(seeds_per_process=2) == {"epochs": 1}
     assert ident(devices=2) == {"epochs": 1, "processes": 2} != ident(devices=4)
+
+
+def test_a_metrics_file_that_is_not_an_object_is_no_record(tmp_path: Path) -> None:
+    """A hand-edited metrics.json holding ``[1, 2]`` was an AttributeError traceback in ``qexp train``
+    (and eval/export); it now reads as no record, as an unparsable one does (the checkpoint then speaks)."""
+    from qexp.run import record
+
+    (tmp_path / "metrics.json").write_text("[1, 2]")
+    assert record.read(tmp_path) is None
+    (tmp_path / "metrics.json").write_text('{"status": "completed"}')
+    assert record.read(tmp_path) == {"status": "completed"}

@@ -20,10 +20,13 @@ FINISHED = ("completed", "diverged")
 
 
 def read(run_dir: Path) -> dict[str, Any] | None:
+    """A run's metrics.json, or None when absent or unreadable (not JSON, or JSON that is not an object:
+    a hand-edited ``[1, 2]`` is no record, not a traceback in whoever reads it)."""
     try:
-        return read_json(run_dir / METRICS)
+        rec = read_json(run_dir / METRICS)
     except (FileNotFoundError, ValueError):
         return None
+    return rec if isinstance(rec, dict) else None
 
 
 def best_epoch(history: list[dict[str, float]]) -> tuple[int, str]:

@@ -42,6 +42,8 @@ SHOW = 15
 _exit_code = 0
 #: the folder of the sweep this process launched (set when it starts)
 _sweep_dir: str | None = None
+#: when this process's sweep started (its multirun.yaml is not older)
+_started = 0.0
 #: the parent's SIGINT handler before a local parallel sweep took Ctrl-C over
 _old_sigint: Any = None
 
@@ -130,8 +132,9 @@ def exit_code() -> int:
 
 
 def remove_stub(started: float) -> None:
-    """A sweep whose jobs could not be composed (a bad override) leaves only Hydra's multirun.yaml in its
-    folder: remove it, and the folder (and ``out_root``) if that leaves them empty: no stray folder."""
+    """A sweep whose jobs could not be composed (a bad override), or whose every job was refused before
+    its run folder (``epochs=-1,-2``), leaves only Hydra's multirun.yaml in its folder: remove it, and the
+    folder (and ``out_root``) if that leaves them empty: no stray folder."""
     if _sweep_dir is None:
         return
     folder = Path(_sweep_dir)
@@ -180,9 +183,9 @@ class SweepSummary(Callback):
     """Hydra callback: give the sweep an id its jobs report under, then summarize their reports."""
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        global _sweep_dir, _old_sigint
+        global _sweep_dir, _old_sigint, _started
         os.environ[ENV] = f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
-        _sweep_dir = str(config.hydra.sweep.dir)
+        _sweep_dir, _started = str(config.hydra.sweep.dir), time.time()
         if _parallel(config) and threading.current_thread() is threading.main_thread():
             os.environ[PARENT_ENV] = str(os.getpid())
             _old_sigint = signal.signal(signal.SIGINT, parallel_stop)
@@ -219,3 +222,5 @@ def finish(sweep_dir: str | None = None) -> None:
         folder.parent.rmdir()  # only when no other sweep is reporting there
     except OSError:
         pass
+    if jobs and not any(j.get("run_dir") for j in jobs):  # every job refused before its folder
+        remove_stub(_started)

@@ -8,8 +8,10 @@ module (``qexp train`` and ``python -m qexp.run.train`` start it).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import importlib
+import itertools
 import logging
 import os
 import re
@@ -218,9 +220,13 @@ def _open_run(stack: ExitStack, cfg: DictConfig, run_dir: Path, level: str, swee
               other_seed: bool = False) -> bool:
     """Create the run folder, take its lock (released by ``stack``), write .hydra/ and start train.log
     (``other_seed``: :func:`_write_hydra`)."""
+    made = list(itertools.takewhile(lambda p: not p.exists(), (run_dir, *run_dir.parents)))
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
+    except OSError as e:  # e.g. a level too long for the file system: the levels made before it go again
+        for p in made:  # deepest first
+            with contextlib.suppress(OSError):
+                p.rmdir()
         raise QexpError(f"cannot create the run folder {run_dir}: {e.strerror}") from None
     held = lock.RunLock(run_dir)
     wait = cfg.lock == "wait" or (cfg.lock == "auto" and sweeping)
@@ -351,6 +357,8 @@ _VALUE_FLAGS = ("--config-dir", "-cd", "--config-path", "-cp", "--config-name", 
 _INFO_VALUES = ("all", "config", "defaults", "defaults-tree", "plugins", "searchpath")
 #: Hydra settings qexp decides itself: the run folder is a function of the configuration below out_root
 _PLACED = re.compile(r"[+~]*hydra\.(run\.dir|sweep\.dir|sweep\.subdir|output_subdir|job\.chdir)=")
+#: Hydra's job logging that writes a file (``<job>.log`` in the folder Hydra would run in, the current one)
+_LOG_FILE = re.compile(r"[+~]*hydra/job_logging=default$")
 
 
 def arrange_argv(args: list[str]) -> list[str]:
@@ -377,6 +385,10 @@ def arrange_argv(args: list[str]) -> list[str]:
                 raise QexpError(f"{a.split('=', 1)[0].lstrip('+~')}: qexp places every run in "
                                 "<out_root>/<name>/<dataset>/<model>/<method>/.../seed<k>; set out_root=DIR "
                                 "(and name=NAME) instead")
+            if _LOG_FILE.match(a):
+                raise QexpError(f"{a.lstrip('+~')}: Hydra's default job logging writes a log file into the current "
+                                "folder; qexp writes train.log into each run folder itself (hydra/job_logging=qexp, "
+                                "the default; stdout, none or disabled are accepted)")
             rest.append(a)
         i += 1
     for j, f in enumerate(flags):
