@@ -528,3 +528,57 @@ def test_a_cut_folder_level_is_not_parsed_for_key_values(tmp_path):
 
     df = results.with_keys(pd.DataFrame(rows), ["method.ste"])
     assert list(df["method.ste"]) == ["identity", "relu"]
+
+
+# ---- report targets never replace a run's files --------------------------------------------------
+def _one_error_line(capsys: pytest.CaptureFixture) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: "), err
+    return err[0]
+
+
+def test_table_out_refuses_a_run_folder_and_run_files(sweep: Path, tmp_path: Path,
+                                                      capsys: pytest.CaptureFixture) -> None:
+    """--out inside a run folder (its metrics.json, checkpoint.pt, a new file there or below) or an
+    existing run file outside one: one line, exit 2, the run's files byte for byte; another existing
+    file of the user's is replaced, as asked."""
+    run = sweep / "exp" / "mnist" / "lenet5" / "bc-1b" / "seed0"
+    (run / "checkpoint.pt").write_bytes(b"weights")
+    before = {p.name: p.read_bytes() for p in run.iterdir()}
+    for target, fmt in [(run / "metrics.json", "md"), (run / "checkpoint.pt", "csv"), (run / "t.md", "md"),
+                        (run / "sub" / "t.csv", "csv")]:
+        assert qexp(["table", str(sweep), "--format", fmt, "--out", str(target)]) == 2
+        assert "is inside the run folder" in _one_error_line(capsys)
+    assert {p.name: p.read_bytes() for p in run.iterdir()} == before and not (run / "sub").exists()
+    stray = tmp_path / "elsewhere" / "ptq.json"
+    stray.parent.mkdir()
+    stray.write_text("{}")
+    assert qexp(["table", str(sweep), "--format", "csv", "--out", str(stray)]) == 2
+    assert "a file qexp runs write" in _one_error_line(capsys) and stray.read_text() == "{}"
+    mine = tmp_path / "elsewhere" / "table.md"
+    mine.write_text("old table")
+    assert qexp(["table", str(sweep), "--out", str(mine)]) == 0 and mine.read_text().startswith("*")
+
+
+def test_plot_never_replaces_a_side_figure_it_did_not_write(sweep: Path, tmp_path: Path,
+                                                            capsys: pytest.CaptureFixture) -> None:
+    """--out X.png: X_ptq.png / X_alloc.png the user did not name are replaced only when qexp plot
+    wrote them (its PNG Software chunk); a foreign one is one line, exit 2, nothing drawn. --out inside
+    a run folder is refused like qexp table's."""
+    from qexp.report.plot import written_by_qexp
+
+    run_plot = tmp_path / "runs" / "exp" / "mnist" / "lenet5" / "float-32b" / "seed0" / "x.png"
+    make_run(tmp_path / "runs", "float", 32, 0, [1.0])
+    assert qexp(["plot", str(sweep), "--out", str(run_plot)]) == 2
+    assert "is inside the run folder" in _one_error_line(capsys) and not run_plot.exists()
+    out = tmp_path / "fig" / "X.png"
+    out.parent.mkdir()
+    side = out.parent / "X_ptq.png"
+    side.write_bytes(b"my own figure")
+    assert qexp(["plot", str(sweep), "--out", str(out)]) == 2
+    assert "X_ptq.png exists and was not written by qexp plot" in _one_error_line(capsys)
+    assert side.read_bytes() == b"my own figure" and not out.exists()
+    side.unlink()
+    assert qexp(["plot", str(sweep), "--out", str(out)]) == 0 and written_by_qexp(out)
+    shutil.copyfile(out, side)  # a figure qexp plot wrote is qexp's to replace
+    assert qexp(["plot", str(sweep), "--out", str(out)]) == 0

@@ -30,12 +30,17 @@ from typing import Any, TypeVar
 from qexp.errors import ArgumentParser, QexpError
 from qexp.jsonio import without_new_folders
 from qexp.report import results
+from qexp.report.table import check_report_target
 from qexp.run import record
 
 T = TypeVar("T")
 PTQ_FILE = record.PTQ_FILE
 #: per-layer bit widths in a learned-precision run's history (``method/bits/<layer>``)
 LAYER_BITS = re.compile(r"^method/(?:bits|alloc(?:ation)?)/(.+)$")
+#: the PNG text chunk every figure qexp plot writes carries: an existing side figure (OUT_alloc.png,
+#: OUT_ptq.png, which the user did not name) is replaced only when it holds it
+SOFTWARE = "qexp plot"
+PNG_MARK = b"tEXtSoftware\x00" + SOFTWARE.encode()
 #: the mean bits a layer drew over an epoch while the allocation was still sampled (soft phase)
 EXPECTED_BITS = re.compile(r"^method/expected_bits/(.+)$")
 
@@ -84,13 +89,37 @@ def _save(fig: Any, path: Path, dpi: int) -> Path:
     from qexp.jsonio import atomic_write_bytes
 
     buf = io.BytesIO()
-    fig.savefig(buf, dpi=dpi, format="png")
+    fig.savefig(buf, dpi=dpi, format="png", metadata={"Software": SOFTWARE})
     plt.close(fig)
     try:
         atomic_write_bytes(path, buf.getvalue())
     except OSError as e:
         raise QexpError(f"cannot write {path}: {e.strerror or e}") from None
     return path
+
+
+def written_by_qexp(path: Path) -> bool:
+    """Whether the PNG at ``path`` is one qexp plot wrote (its Software text chunk, :data:`PNG_MARK`)."""
+    try:
+        with open(path, "rb") as f:
+            return PNG_MARK in f.read(1 << 16)  # text chunks come before the image data
+    except OSError:
+        return False
+
+
+def check_targets(out: Path, named: bool) -> list[Path]:
+    """OUT and its side figures, checked before anything is drawn: a named ``--out`` must not be in a run
+    folder (:func:`qexp.report.table.check_report_target`); a side figure the user did not name is
+    replaced only when it is missing or qexp plot wrote it, never a file of the user's that happens to be
+    called OUT_ptq.png."""
+    if named:
+        check_report_target(out)
+    sides = [out.with_name(f"{out.stem}_{kind}.png") for kind in ("alloc", "ptq")]
+    for side in sides:
+        if (side.exists() or side.is_symlink()) and (side.is_symlink() or not written_by_qexp(side)):
+            raise QexpError(f"{side} exists and was not written by qexp plot (it would be replaced as the "
+                            f"figure beside {out.name}): move it or choose another --out")
+    return sides
 
 
 def _grid_shape(n: int) -> tuple[int, int]:
@@ -380,11 +409,12 @@ def main(argv: list[str]) -> int:
     results.check_keys(df, [*rows, *cols], "--rows/--cols")
     safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", args.metric)
     out = args.out or args.dirs[0] / "plots" / f"{safe}.png"
+    alloc_png, ptq_png = check_targets(out, named=args.out is not None)
 
     def draw() -> tuple[list[Path], Path | None, Path | None]:
         curves = plot_curves(df, rows, cols, args.metric, out, args.size, args.dpi, args.logy)
-        alloc = plot_allocation(df, rows, cols, out.with_name(f"{out.stem}_alloc.png"), args.size, args.dpi)
-        ptq = plot_ptq(df, rows, cols, out.with_name(f"{out.stem}_ptq.png"), args.size, args.dpi)
+        alloc = plot_allocation(df, rows, cols, alloc_png, args.size, args.dpi)
+        ptq = plot_ptq(df, rows, cols, ptq_png, args.size, args.dpi)
         return [curves, *(p for p in (alloc, ptq) if p)], alloc, ptq
 
     written, alloc, ptq = with_private_matplotlib(out, draw)

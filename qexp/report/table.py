@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import csv
 import io
+import os
 import sys
 from collections import Counter
 from dataclasses import dataclass
@@ -31,6 +32,8 @@ from qexp.report import reference as refs
 from qexp.report import results, stats, trials
 
 FORMATS = ("term", "md", "latex", "csv")
+#: what makes a folder a run folder: a report written into one could replace what the run wrote
+RUN_MARKS = ("metrics.json", "checkpoint.pt", ".hydra")
 SUFFIX_FORMAT = {".md": "md", ".tex": "latex", ".csv": "csv", ".txt": "term"}
 
 
@@ -372,6 +375,8 @@ def main(argv: list[str]) -> int:
     if not 0.0 < args.alpha <= 1.0:
         raise QexpError(f"--alpha must be in (0, 1], not {args.alpha:g}")
 
+    if args.out is not None:
+        check_report_target(args.out)
     fmt = args.format or (SUFFIX_FORMAT.get(args.out.suffix.lower(), "term") if args.out else "term")
     if fmt not in FORMATS:
         raise QexpError(f"unknown format {fmt!r}; choose from {', '.join(FORMATS)}")
@@ -399,6 +404,32 @@ def main(argv: list[str]) -> int:
     color = fmt == "term" and args.out is None and sys.stdout.isatty()
     text = render(grid, fmt, ref, opts, color)
     return _emit(text, args.out, fmt, f"{len(grid.rows)} rows x {len(grid.cols)} columns, {len(df)} runs")
+
+
+def run_folder_of(target: Path) -> Path | None:
+    """The run folder ``target`` would be written into (its folder or one above it holds metrics.json,
+    checkpoint.pt or .hydra/), or None: links are followed, so a link to a run folder is one too."""
+    folder = Path(os.path.abspath(target)).parent.resolve()
+    for f in (folder, *folder.parents):
+        if any((f / mark).exists() for mark in RUN_MARKS):
+            return f
+    return None
+
+
+def check_report_target(target: Path, option: str = "--out") -> None:
+    """Refuse (one line) a report file that would land in a run folder or replace one of qexp's run files
+    (metrics.json, a checkpoint, ptq.json, quant.json, train.log): a table or figure there would silently
+    overwrite what a run wrote and leave it corrupt. Any other existing file is the user's to replace."""
+    from qexp.run.callbacks import BEST
+    from qexp.run.record import CHECKPOINT, METRICS, PTQ_FILE
+
+    run = run_folder_of(target)
+    if run is not None:
+        raise QexpError(f"{option} {target} is inside the run folder {run}: a report never writes among a "
+                        "run's files; choose a file outside it")
+    if target.name in {METRICS, CHECKPOINT, BEST, PTQ_FILE, "quant.json", "train.log"} and target.exists():
+        raise QexpError(f"{option} {target} is an existing {target.name}, a file qexp runs write: "
+                        "choose another name")
 
 
 def _emit(text: str, out: Path | None, fmt: str, what: str) -> int:
