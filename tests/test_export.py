@@ -254,3 +254,82 @@ def test_export_folder_and_files_follow_the_umask(synthetic_runs: dict[str, Path
     assert len(files) == 4  # marker, quant.json, model.safetensors, load_export.py
     for path in files:
         assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask, path
+
+
+# A child that stops inside an export at the worst moment: model.safetensors written, the proof not run.
+STOPPED = r'''
+import os, signal, sys, time
+from pathlib import Path
+from qexp.cli import main
+from qexp.run import export
+
+save = export.save_tensors
+def stop_after_save(folder, tensors):
+    name = save(folder, tensors)
+    Path(sys.argv[3]).write_text(str(folder))
+    if sys.argv[4] == "kill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    time.sleep(60)
+    return name
+export.save_tensors = stop_after_save
+sys.exit(main(["export", sys.argv[1], "--out", sys.argv[2]]))
+'''
+
+
+def _stopped_export(run: Path, out: Path, ready: Path, how: str) -> subprocess.Popen:
+    """A ``qexp export`` child paused (or SIGKILLed) once its temporary folder holds the model."""
+    script = ready.parent / "stopped.py"
+    script.write_text(STOPPED)
+    proc = subprocess.Popen([sys.executable, str(script), str(run), str(out), str(ready), how],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, **ENV, "PYTHONPATH": str(Path(__file__).parents[1])})
+    for _ in range(600):
+        if ready.exists() or proc.poll() is not None:
+            break
+        import time
+
+        time.sleep(0.1)
+    assert ready.exists(), proc.communicate()
+    return proc
+
+
+def test_sigterm_cleans_up_and_a_later_export_removes_what_a_killed_one_left(
+        synthetic_runs: dict[str, Path], tmp_path: Path) -> None:
+    """SIGTERM unwinds like Ctrl-C: exit 143, one line, no hidden folder. A SIGKILLed export's hidden
+    folder (model.safetensors inside) is removed by the next export to the same place; a folder of the
+    same pattern without the marker, holding a user's file, or in use by a live export is kept."""
+    import signal
+
+    run = synthetic_runs["sr"]
+    out = tmp_path / "exp"
+    proc = _stopped_export(run, out, tmp_path / "ready-term", "term")
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143 and err.strip().splitlines() == ["error: terminated (SIGTERM); nothing written"]
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+    # SIGKILL: nothing can clean up at once ...
+    proc = _stopped_export(run, out, tmp_path / "ready-kill", "kill")
+    proc.communicate(timeout=60)
+    stale = Path((tmp_path / "ready-kill").read_text())
+    assert (stale / "model.safetensors").is_file() and (stale / ".qexp-export").is_file()
+    # ... a live export's folder, one without the marker and one holding a user's file are not qexp's to remove
+    live = _stopped_export(run, out, tmp_path / "ready-live", "sleep")
+    in_use = Path((tmp_path / "ready-live").read_text())
+    foreign = tmp_path / ".exp.abcd1234"
+    foreign.mkdir()
+    (foreign / "model.safetensors").write_text("mine")
+    mixed = tmp_path / ".exp.old.0123abcd"
+    mixed.mkdir()
+    (mixed / ".qexp-export").write_text("x")
+    (mixed / "notes.txt").write_text("mine")
+    try:
+        from qexp.cli import main as qexp
+
+        assert qexp(["export", str(run), "--out", str(out)]) == 0
+        assert not stale.exists() and in_use.is_dir() and (in_use / "model.safetensors").is_file()
+        assert (foreign / "model.safetensors").read_text() == "mine" and (mixed / "notes.txt").read_text() == "mine"
+    finally:
+        live.kill()
+        live.communicate()
+    assert qexp(["export", str(run), "--out", str(out)]) == 0  # its export was killed: now it is stale
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == [foreign.name, mixed.name]

@@ -25,10 +25,15 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import fcntl
 import os
+import re
 import secrets
 import shutil
+import signal
+import sys
 import tempfile
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -151,6 +156,7 @@ def save_tensors(folder: Path, tensors: dict[str, torch.Tensor]) -> str:
 #: the marker every export folder holds: ``--out DIR`` replaces DIR only when it holds this marker and
 #: nothing but the files an export writes (EXPORT_FILES)
 MARKER = ".qexp-export"
+MARKER_TEXT = b"written by qexp export: the next export to this folder replaces it\n"
 EXPORT_FILES = frozenset({MARKER, export_loader.MANIFEST, export_loader.SAFETENSORS, export_loader.TORCH_FILE,
                           "load_export.py", "model.onnx", "model-folded.onnx"})
 
@@ -199,38 +205,136 @@ def current_umask() -> int:
     return mask
 
 
+class Terminated(BaseException):
+    """SIGTERM while an export is being written: unwinds like Ctrl-C's KeyboardInterrupt, so the
+    temporary folder is removed; ``qexp export`` then exits 143."""
+
+
+@contextlib.contextmanager
+def _terminate_unwinds() -> Iterator[None]:
+    """While inside (main thread only), SIGTERM raises :class:`Terminated` instead of killing at once."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        raise Terminated(signum)
+
+    old = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
+def _hold_marker(folder: Path, final: bool = True) -> int:
+    """An open, exclusively flock'ed descriptor on ``folder``'s marker: the folder is in use while it is
+    held (a killed process's lock goes with it). With ``final`` the marker is created locked under a
+    temporary name and then renamed, so no one ever sees a marker that is not yet locked."""
+    if not final:  # a previous export's marker, locked before the folder is moved aside
+        fd = os.open(folder / MARKER, os.O_RDWR)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            raise
+        return fd
+    tmp = folder / f"{MARKER}.tmp"
+    fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        with contextlib.suppress(OSError):  # a filesystem without flock: such folders are never reclaimed
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        os.write(fd, MARKER_TEXT)
+        os.fsync(fd)
+        os.rename(tmp, folder / MARKER)
+    except BaseException:
+        os.close(fd)
+        tmp.unlink(missing_ok=True)
+        raise
+    return fd
+
+
+#: what a temporary export folder beside OUT may hold: the export's files, atomic writes' temporaries
+#: (qexp.jsonio) and the marker being created
+_TEMP_FILE = re.compile(r"\..+\.\d+\.[0-9a-f]{8}\.tmp|" + re.escape(f"{MARKER}.tmp"))
+
+
+def remove_stale_temporaries(out: Path) -> list[Path]:
+    """Remove the hidden folders a killed export to ``out`` left beside it (``.OUT.XXXXXXXX`` from
+    :func:`tempfile.mkdtemp`, ``.OUT.old.XXXXXXXX`` while a previous export was replaced): only folders
+    named so that hold the marker, whose lock no live export holds, and only the files an export writes;
+    a folder holding anything else is left as it is. Returns the folders removed."""
+    pattern = re.compile(re.escape(f".{out.name}.") + r"(?:[a-z0-9_]{8}|old\.[0-9a-f]{8})")
+    try:
+        candidates = [p for p in out.parent.iterdir() if pattern.fullmatch(p.name)]
+    except OSError:
+        return []
+    removed = []
+    for folder in candidates:
+        try:
+            if folder.is_symlink() or not (folder / MARKER).is_file():
+                continue
+            fd = os.open(folder / MARKER, os.O_RDWR)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # held: an export is writing there now
+            if os.fstat(fd).st_ino != (folder / MARKER).stat().st_ino:
+                continue  # renamed away (the export finished) between the open and the lock
+            files = list(folder.iterdir())
+            if any(p.is_symlink() or not p.is_file() or not (p.name in EXPORT_FILES or _TEMP_FILE.fullmatch(p.name))
+                   for p in files):
+                continue  # someone else's file in there: not provably ours
+            for p in files:
+                p.unlink()
+            folder.rmdir()
+            removed.append(folder)
+        except OSError:
+            continue
+        finally:
+            os.close(fd)
+    return removed
+
+
 @contextlib.contextmanager
 def export_folder(out: Path) -> Iterator[Path]:
     """A hidden folder beside ``out`` to write into, renamed to ``out`` when the block succeeds (a previous
-    export there is replaced, its own files only); on failure nothing is left behind, including parent
-    folders this call created. The folder follows the umask (``mkdtemp`` alone would make it 0700)."""
+    export there is replaced, its own files only); on failure, Ctrl-C or SIGTERM nothing is left behind,
+    including parent folders this call created, and folders a killed export left are removed first
+    (:func:`remove_stale_temporaries`). The folder follows the umask (``mkdtemp`` alone would make it 0700)."""
     created = [p for p in [out.parent, *out.parent.parents] if not p.exists()]
     tmp: Path | None = None
+    held: list[int] = []
     try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-        os.chmod(tmp, 0o777 & ~current_umask())
-        atomic_write_bytes(tmp / MARKER, b"written by qexp export: the next export to this folder replaces it\n")
-        yield tmp
-        old = previous_export(out)  # again: the folder may have changed while the model was evaluated
-        if old is None:
-            tmp.rename(out)
-        elif not old:
-            out.rmdir()
-            tmp.rename(out)
-        else:
-            trash = out.parent / f".{out.name}.old.{secrets.token_hex(4)}"
-            out.rename(trash)
-            tmp.rename(out)
-            for path in old:
-                (trash / path.name).unlink()
-            trash.rmdir()
-        tmp, created = None, []
+        with _terminate_unwinds():
+            out.parent.mkdir(parents=True, exist_ok=True)
+            remove_stale_temporaries(out)
+            tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+            os.chmod(tmp, 0o777 & ~current_umask())
+            held.append(_hold_marker(tmp))
+            yield tmp
+            old = previous_export(out)  # again: the folder may have changed while the model was evaluated
+            if old is None:
+                tmp.rename(out)
+            elif not old:
+                out.rmdir()
+                tmp.rename(out)
+            else:
+                trash = out.parent / f".{out.name}.old.{secrets.token_hex(4)}"
+                held.append(_hold_marker(out, final=False))  # locked before it is moved aside
+                out.rename(trash)
+                tmp.rename(out)
+                for path in old:
+                    (trash / path.name).unlink()
+                trash.rmdir()
+            tmp, created = None, []
     except OSError as e:
         raise QexpError(f"cannot write the export to {out}: {e.strerror or e}; nothing written") from e
     finally:
         if tmp is not None and tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+        for fd in held:
+            os.close(fd)
         for p in created:
             with contextlib.suppress(OSError):
                 p.rmdir()  # only if still empty: this call made it
@@ -400,7 +504,11 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--device", default="cpu", help="device of the check evaluation (default cpu)")
     ap.add_argument("--data-root", default=None, help="override the data root stored in the run's config")
     args = ap.parse_args(argv)
-    doc = export_run(args.run_dir, args.out, args.best, args.device, args.data_root, args.fmt, args.fold_bn)
+    try:
+        doc = export_run(args.run_dir, args.out, args.best, args.device, args.data_root, args.fmt, args.fold_bn)
+    except Terminated:
+        print("error: terminated (SIGTERM); nothing written", file=sys.stderr)
+        return 143
     out = args.out or args.run_dir / ("export-best" if args.best else "export")
     if args.fmt == "onnx":
         for name, c in doc["onnx"].items():
