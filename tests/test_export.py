@@ -333,3 +333,12 @@ def test_sigterm_cleans_up_and_a_later_export_removes_what_a_killed_one_left(
         live.communicate()
     assert qexp(["export", str(run), "--out", str(out)]) == 0  # its export was killed: now it is stale
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == [foreign.name, mixed.name]
+
+
+def test_export_to_a_non_utf8_path_is_one_line(synthetic_runs: dict[str, Path], tmp_path: Path,
+                                               capsys: pytest.CaptureFixture) -> None:
+    """A target whose name is not UTF-8 (bytes 0xff) was a 26-line SafetensorError traceback."""
+    out = Path(os.fsdecode(bytes(tmp_path / "nu") + b"/y\xff"))
+    line = _refused([str(synthetic_runs["sr"]), "--out", str(out)], capsys)
+    assert "is not a valid UTF-8 path" in line and "y\\xff" in line
+    assert not (tmp_path / "nu").exists()

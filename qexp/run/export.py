@@ -163,7 +163,14 @@ EXPORT_FILES = frozenset({MARKER, export_loader.MANIFEST, export_loader.SAFETENS
 
 def check_target(out: Path, run_dir: Path) -> None:
     """Refuse (one line) an ``--out`` that is not a new folder, an empty one or a previous export: the
-    export replaces its folder whole, so any other target would lose files qexp did not write."""
+    export replaces its folder whole, so any other target would lose files qexp did not write. A path
+    that is not valid UTF-8 is refused too: safetensors (and the loader's users) cannot open it."""
+    try:
+        str(out.absolute()).encode("utf-8")
+    except UnicodeEncodeError:
+        shown = str(out).encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+        raise QexpError(f"--out {shown} is not a valid UTF-8 path (safetensors and load_export.py open the "
+                        "export by its name): choose another name") from None
     where = out.resolve()
     if where == run_dir.resolve() or where in run_dir.resolve().parents:
         raise QexpError(f"--out {out} is the run folder or holds it: the export replaces its folder whole; "
