@@ -7,6 +7,7 @@ with a larger batch. BN parameters and biases stay float and are not rounded.
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Any
 
@@ -18,6 +19,8 @@ from qexp.methods.base import MAX_SEED, Method, RunContext
 from qexp.methods.diagnostics import FlipTracker
 from qexp.quant.kernels import Noise, nearest_round_all_, stochastic_round_all_
 from qexp.quant.weight import QuantLayer, quantize_weights, weight_manifest
+
+log = logging.getLogger("qexp")
 
 
 class Rounding(Method):
@@ -108,6 +111,11 @@ class Rounding(Method):
         self.flips.extra = {"rounded_away": away / moved if moved else 0.0,
                             "rel_quant_error": math.sqrt(err / num) if num else 0.0}
         self._acc.zero_()
+        if self.flips.flip_frac == 0.0:  # a frozen network says so: the error alone looks like a bug
+            log.warning("method=%s: no quantized weight changed in epoch %d: every update was rounded back "
+                        "to its grid point (%s rounding at %d bits; Li et al.'s finding for R at low bits: "
+                        "more bits, a finer grid (grid_scale) or method=sr train)", self.name, epoch + 1,
+                        self.rounding, self.bits)
 
     def metrics(self) -> dict[str, float]:
         return self.flips.metrics()
