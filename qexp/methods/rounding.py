@@ -113,7 +113,7 @@ class Rounding(Method):
         self._acc.zero_()
         if self.flips.flip_frac == 0.0:  # a frozen network says so: the error alone looks like a bug
             log.warning("method=%s: no quantized weight changed in epoch %d: every update was rounded back "
-                        "to its grid point (%s rounding at %d bits; Li et al.'s finding for R at low bits: "
+                        "to its grid point (%s rounding, %d-bit grid; Li et al.'s finding for R at low bits: "
                         "more bits, a finer grid (grid_scale) or method=sr train)", self.name, epoch + 1,
                         self.rounding, self.bits)
 
