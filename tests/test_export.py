@@ -342,3 +342,65 @@ def test_export_to_a_non_utf8_path_is_one_line(synthetic_runs: dict[str, Path], 
     line = _refused([str(synthetic_runs["sr"]), "--out", str(out)], capsys)
     assert "is not a valid UTF-8 path" in line and "y\\xff" in line
     assert not (tmp_path / "nu").exists()
+
+
+def _copy_run(run: Path, to: Path) -> Path:
+    import shutil
+
+    shutil.copytree(run, to, ignore=shutil.ignore_patterns("export*", ".export*"))
+    return to
+
+
+def _edit_checkpoint(run: Path, edit) -> None:  # type: ignore[no-untyped-def]
+    state = torch.load(run / "checkpoint.pt", map_location="cpu", weights_only=False)
+    edit(state)
+    torch.save(state, run / "checkpoint.pt")
+
+
+def test_without_metrics_json_the_checks_read_the_checkpoint(synthetic_runs: dict[str, Path], tmp_path: Path,
+                                                             capsys: pytest.CaptureFixture) -> None:
+    """metrics.json missing (or not an object): export still proves itself against the test error the
+    checkpoint's own history recorded, and refuses when there is none; eval's other-data check uses the
+    digest in the checkpoint's fingerprint (both were silently skipped)."""
+    from qexp.errors import QexpError
+    from qexp.run import evaluate
+    from qexp.run.export import export_run
+
+    run = _copy_run(synthetic_runs["sr"], tmp_path / "run")
+    (run / "metrics.json").unlink()
+    doc = export_run(run, tmp_path / "ok")
+    assert doc["export_test_error"] == doc["test_error"] == read_metrics(synthetic_runs["sr"])["test_error"]
+    (run / "metrics.json").write_text("[1, 2]")  # valid JSON, not a record: the same
+
+    def history(rows):  # type: ignore[no-untyped-def]
+        return lambda s: s["progress"].__setitem__("history", rows)
+
+    _edit_checkpoint(run, history([{"epoch": 1, "test_error": 0.125}]))
+    assert "but the run recorded 0.125%" in _refused([str(run), "--out", str(tmp_path / "bad")], capsys)
+    _edit_checkpoint(run, history([]))
+    assert "no test error is recorded" in _refused([str(run), "--out", str(tmp_path / "bad")], capsys)
+    assert not (tmp_path / "bad").exists()
+
+    def digest(s):  # type: ignore[no-untyped-def]
+        s["config"] = json.dumps({**json.loads(s["config"]), "data.digest": "0" * 40})
+
+    _edit_checkpoint(run, digest)
+    other = tmp_path / "other.bin"
+    other.write_bytes(b"other images")
+    with pytest.raises(QexpError, match="trained on other data .* --other-data"):
+        evaluate.check_same_data(run, str(tmp_path), (other,), False)
+    evaluate.check_same_data(run, str(tmp_path), (other,), True)
+
+
+def test_a_damaged_config_is_one_line_naming_it(synthetic_runs: dict[str, Path], tmp_path: Path,
+                                                capsys: pytest.CaptureFixture) -> None:
+    """.hydra/config.yaml that YAML cannot parse (or that is no mapping) was a 48-line ParserError."""
+    from qexp.cli import main as qexp
+
+    run = _copy_run(synthetic_runs["sr"], tmp_path / "run")
+    for text in (": : [", "[1, 2]\n"):
+        (run / ".hydra" / "config.yaml").write_text(text)
+        assert "config.yaml" in _refused([str(run), "--out", str(tmp_path / "exp")], capsys)
+        assert qexp(["eval", str(run)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "config.yaml" in err[0] and "damaged" in err[0], err

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import argparse
 import importlib
-from dataclasses import dataclass
+import json
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
@@ -36,6 +37,7 @@ class LoadedRun:
     device: torch.device
     which: str = "last"  # last (checkpoint.pt) | best (best.pt)
     epoch: int = 0  # epochs the loaded checkpoint had finished
+    history: list[dict[str, Any]] = field(default_factory=list)  # the loaded checkpoint's own epochs
 
     @property
     def checkpoint_name(self) -> str:
@@ -44,10 +46,15 @@ class LoadedRun:
         return BEST if self.which == "best" else session.CHECKPOINT
 
     def recorded_test_error(self) -> float | None:
-        """The test error metrics.json recorded for the loaded checkpoint (what re-evaluating must give)."""
+        """The test error metrics.json recorded for the loaded checkpoint (what re-evaluating must give);
+        when metrics.json is missing or unreadable, the one the checkpoint's own history recorded for its
+        epoch, so export's proof is never skipped for want of the record."""
         from qexp.run import record
 
-        rec = record.read(self.run_dir) or {}
+        rec = record.read(self.run_dir)
+        if rec is None:
+            rows = [h for h in self.history if isinstance(h, dict) and h.get("epoch") == self.epoch]
+            return rows[-1].get("test_error") if rows else None
         if self.which == "last" and rec.get("status") == "completed" and rec.get("epochs_done") == self.epoch:
             return rec.get("test_error")
         rows = [h for h in rec.get("history", []) if int(h.get("epoch", 0)) == self.epoch]
@@ -78,13 +85,45 @@ def check_same_data(run_dir: Path, root: str, sources: tuple[Path, ...], other_d
     from qexp.data.common import digest
     from qexp.run import record
 
-    stored = (record.read(run_dir) or {}).get("data")
+    rec = record.read(run_dir)
+    stored = (rec or {}).get("data")
+    if rec is None:  # metrics.json missing or unreadable: the checkpoint's fingerprint holds the digest
+        stored = stored_data_digest(run_dir)
     if not isinstance(stored, dict) or other_data:
         return
     now = digest(root, sources)
     if now["digest"] != stored.get("digest"):
         raise QexpError(f"{run_dir} was trained on other data than the files under {now['root']} "
                         f"(trained on {stored.get('root')}); pass --other-data to evaluate on these anyway")
+
+
+def stored_data_digest(run_dir: Path) -> dict[str, Any] | None:
+    """``{"digest": ...}`` from the fingerprint checkpoint.pt stores (:func:`qexp.run.session.stored_fingerprint`),
+    or None when it has none (a run from before runs recorded their data)."""
+    from qexp.run.identity import DATA_KEY
+
+    try:
+        fp = json.loads(session.stored_fingerprint(run_dir, {}) or "null")
+    except ValueError:
+        return None
+    if not isinstance(fp, dict) or DATA_KEY not in fp:
+        return None
+    return {"digest": fp[DATA_KEY], "root": "its recorded data root (metrics.json is missing)"}
+
+
+def read_config(run_dir: Path) -> DictConfig:
+    """The run's .hydra/config.yaml; a missing, unparsable or non-mapping file is one line naming it."""
+    cfg_file = run_dir / ".hydra" / "config.yaml"
+    if not cfg_file.exists():
+        raise QexpError(f"{run_dir} is not a qexp run folder (no .hydra/config.yaml)")
+    try:
+        cfg = OmegaConf.load(cfg_file)
+    except Exception as e:  # yaml's parser and scanner errors, OmegaConf's own: all mean a damaged file
+        what = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise QexpError(f"{cfg_file} cannot be read ({what}): the run's config is damaged") from None
+    if not isinstance(cfg, DictConfig):
+        raise QexpError(f"{cfg_file} is not a mapping of config keys: the run's config is damaged")
+    return cfg
 
 
 def load_run(run_dir: str | Path, device: str | None = None, data_root: str | None = None,
@@ -98,16 +137,13 @@ def load_run(run_dir: str | Path, device: str | None = None, data_root: str | No
 
     CHECKPOINT = session.CHECKPOINT
     run_dir = Path(run_dir)
-    cfg_file = run_dir / ".hydra" / "config.yaml"
-    if not cfg_file.exists():
-        raise QexpError(f"{run_dir} is not a qexp run folder (no .hydra/config.yaml)")
+    cfg = read_config(run_dir)
     ckpt = run_dir / (BEST if which == "best" else CHECKPOINT)
     if not ckpt.exists():
         more = " (it has no finished epoch, or was trained before qexp kept a best checkpoint)" \
             if which == "best" else ""
         raise QexpError(f"{run_dir} has no {ckpt.name}{more}: nothing to evaluate")
     register()
-    cfg = OmegaConf.load(cfg_file)
     cfg.data_root = run_data_root(run_dir, cfg, data_root)
     use_cache(run_cache(run_dir), writable=False)  # read what its training decoded; write nothing there
     dev = session.resolve_device(session.default_device() if device is None else device)
@@ -116,15 +152,13 @@ def load_run(run_dir: str | Path, device: str | None = None, data_root: str | No
     check_same_data(run_dir, str(cfg.data_root), built.data.sources, other_data)
     state = checkpoint.load(ckpt, map_location=dev)
     session.restore(built, state)
-    return LoadedRun(run_dir, cfg, built, dev, which, int(state.get("progress", {}).get("epoch", 0)))
+    progress = state.get("progress", {})
+    return LoadedRun(run_dir, cfg, built, dev, which, int(progress.get("epoch", 0)), list(progress.get("history", [])))
 
 
 def _method_name(run_dir: Path) -> str:
     """The method a run folder was trained with (read from .hydra/config.yaml without building anything)."""
-    cfg_file = run_dir / ".hydra" / "config.yaml"
-    if not cfg_file.exists():
-        raise QexpError(f"{run_dir} is not a qexp run folder (no .hydra/config.yaml)")
-    return str(OmegaConf.load(cfg_file).method.get("name"))
+    return str(read_config(run_dir).method.get("name"))
 
 
 def analyses() -> list[ModuleType]:

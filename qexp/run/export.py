@@ -383,7 +383,7 @@ def export_run(run_dir: Path, out: Path | None = None, best: bool = False, devic
         return _export_onnx(run, run_dir, out, deployed, manifest, fresh, conf, fold_bn)
     eval_float = manifest.get("test_weights") == "float"
     tensors, layers, floats, notes = build_export(deployed, manifest, set(fresh.state_dict()), eval_float)
-    expected = run.recorded_test_error()
+    expected = recorded_error(run)
 
     with export_folder(out) as tmp:
         stored = save_tensors(tmp, tensors)
@@ -403,7 +403,7 @@ def export_run(run_dir: Path, out: Path | None = None, best: bool = False, devic
         # the proof: the standalone loader into a fresh float model gives the run's test error
         fresh.load_state_dict(export_loader.load_state_dict(str(tmp)))
         got = run.evaluate(fresh.to(run.device))["error"]
-        if expected is not None and got != expected:
+        if got != expected:
             raise QexpError(f"the exported model gives test error {got}% but the run recorded {expected}%; "
                             "nothing written")
         doc["export_test_error"] = got
@@ -434,7 +434,7 @@ def _export_onnx(run: Any, run_dir: Path, out: Path, deployed: nn.Module, manife
         raise QexpError(f"method={method.name} changes the network's modules "
                         f"({', '.join(sorted(keys - set(full))[:3])} ...): not exported")
     state = {k: full[k] for k in keys}
-    expected = run.recorded_test_error()
+    expected = recorded_error(run)
     exact = plan.weight_only and plan.exact_weights
     meta = {"format": "qexp-onnx/1", "method": method.name, "bits": method.bits,
             "preprocess": {"input": "float32 NCHW, batch dynamic", "shape": list(run.built.data.in_shape),
@@ -484,6 +484,16 @@ def _export_onnx(run: Any, run_dir: Path, out: Path, deployed: nn.Module, manife
             atomic_write_bytes(tmp / name, data)
         write_json(tmp / export_loader.MANIFEST, doc)
     return doc
+
+
+def recorded_error(run: Any) -> float:
+    """The test error the export must reproduce (metrics.json's, else the checkpoint's own history); none
+    recorded is one line: an export that cannot be proved is not written."""
+    expected = run.recorded_test_error()
+    if not isinstance(expected, (int, float)) or isinstance(expected, bool):
+        raise QexpError(f"{run.run_dir}: no test error is recorded for {run.checkpoint_name} (epoch {run.epoch}) in "
+                        "metrics.json or the checkpoint, so the export cannot be checked; nothing written")
+    return float(expected)
 
 
 def _normalization(run: Any) -> Any:
