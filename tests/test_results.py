@@ -582,3 +582,26 @@ def test_plot_never_replaces_a_side_figure_it_did_not_write(sweep: Path, tmp_pat
     assert qexp(["plot", str(sweep), "--out", str(out)]) == 0 and written_by_qexp(out)
     shutil.copyfile(out, side)  # a figure qexp plot wrote is qexp's to replace
     assert qexp(["plot", str(sweep), "--out", str(out)]) == 0
+
+
+@pytest.mark.parametrize("edit", [{"test_error": "abc"}, {"status": 5}, {"wall_s": "x"}, {"history": [1, 2]}],
+                         ids=["error_text", "status_number", "wall_text", "history_numbers"])
+def test_a_hand_edited_record_is_a_failed_run_not_a_traceback(tmp_path: Path, edit: dict, capsys) -> None:
+    """A metrics.json object with a value of the wrong type was a ValueError/TypeError traceback in
+    ``qexp table``, ``runs`` and ``plot``; the run is listed as failed with the reason, the others count."""
+    import json
+
+    from qexp.report import plot, runs, table
+
+    good = make_run(tmp_path / "out", "bc", 1, 0, [6.0, 2.0])
+    bad = make_run(tmp_path / "out", "bc", 1, 1, [6.0, 3.0])
+    rec = json.loads((bad / "metrics.json").read_text())
+    (bad / "metrics.json").write_text(json.dumps({**rec, **edit}))
+    by_dir = {Path(r["run_dir"]): r for r in results.collect([tmp_path / "out"]).to_dict("records")}
+    assert by_dir[bad]["status"] == "failed" and "not a" in by_dir[bad]["error"], by_dir[bad]
+    assert by_dir[good]["status"] == "completed"
+    table.main([str(tmp_path / "out")])
+    runs.main([str(tmp_path / "out")])
+    plot.main([str(tmp_path / "out"), "--out", str(tmp_path / "curves.png")])
+    out = capsys.readouterr().out
+    assert "2.00 (1)" in out or "2.00" in out

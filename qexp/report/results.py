@@ -94,6 +94,26 @@ def _hydra_fields(run_dir: Path) -> dict[str, Any]:
     return out
 
 
+#: metrics.json keys that hold numbers when present
+NUMERIC_FIELDS = ("test_error", "test_acc", "best_test_error", "val_error", "best_val_error", "train_loss",
+                  "wall_s", "images_per_s", "epochs_done", "epochs")
+
+
+def _malformed(rec: dict[str, Any]) -> str | None:
+    """Why a metrics.json object cannot be a record (a hand-edited ``"test_error": "abc"`` or ``"status": 5``
+    was a traceback in table, runs and plot), or None."""
+    if not isinstance(rec.get("status", ""), str):
+        return f"status is {rec.get('status')!r}, not a word"
+    for k in NUMERIC_FIELDS:
+        v = rec.get(k)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
+            return f"{k} is {v!r}, not a number"
+    history = rec.get("history")
+    if history is not None and not (isinstance(history, list) and all(isinstance(h, dict) for h in history)):
+        return "history is not a list of objects"
+    return None
+
+
 def read_run(run_dir: Path) -> dict[str, Any]:
     """One run folder -> one flat record (scalars of metrics.json plus its history and folder)."""
     path = run_dir / record.METRICS
@@ -103,6 +123,9 @@ def read_run(run_dir: Path) -> dict[str, Any]:
             rec = read_json(path)
             if not isinstance(rec, dict):
                 raise ValueError("not a JSON object")
+            why = _malformed(rec)
+            if why:
+                raise ValueError(why)
         except (OSError, ValueError) as e:
             rec = {"status": "failed", "error": f"unreadable {record.METRICS}: {e}"}
         mtime = path.stat().st_mtime
