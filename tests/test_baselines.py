@@ -296,3 +296,13 @@ def test_baselines_cifar10_preset_labels_its_runs():
     """The CIFAR-10 preset records the dataset, model and W/A label its table rows key on."""
     cfg = compose_train(["+experiment=baselines_cifar10", "method=pact", "bits=3"])
     assert (cfg.dataset.name, cfg.model.name, cfg.method.tag) == ("cifar10", "resnet20", "pact-w3a3")
+
+
+def test_dorefa_abits_followed_from_bits_says_so() -> None:
+    """``method=dorefa bits=1``: abits follows bits (``abits: ${bits}``), which the user never typed."""
+    with pytest.raises(QexpError, match=r"abits must be in 2..8 or 32 \(float\), got 1 \(abits follows bits "
+                                        r"unless set: pass abits=2..8 or 32\)"):
+        DoReFa(bits=1, abits=1)
+    with pytest.raises(QexpError, match=r"got 9$"):  # abits typed: the plain message
+        DoReFa(bits=2, abits=9)
+    assert DoReFa(bits=1, abits=2).abits == 2

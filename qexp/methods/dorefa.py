@@ -131,7 +131,13 @@ class DoReFa(Method):
                  gbits: int | None = None, first_last_bits: int | None = FLOAT_BITS) -> None:
         super().__init__(bits, loss)
         lo, hi = self.abits_range
-        self.abits = check_bits("abits", self.bits if abits is None else abits, lo, hi, allow_float=True)
+        a = self.bits if abits is None else abits
+        try:
+            self.abits = check_bits("abits", a, lo, hi, allow_float=True)
+        except QexpError as e:
+            if a == self.bits:  # abits: ${bits} in the config: the user typed bits, not abits
+                raise QexpError(f"{e} (abits follows bits unless set: pass abits=2..{hi} or 32)") from None
+            raise
         self.gbits = check_bits("method.gbits", gbits, 2, 8)
         self.first_last_bits = check_bits("method.first_last_bits", first_last_bits, 1, 8, allow_float=True)
         self.plan: list[LayerPlan] = []
