@@ -42,6 +42,30 @@ def test_q_c_shift_hand_values() -> None:
     assert torch.isfinite(wage.Shift(t(0.0))).all()
 
 
+def test_an_all_zero_error_or_gradient_stays_zero() -> None:
+    """``e / Shift(max|e|)`` of a zero tensor is 0/0 in the paper; one fused multiplier overflowed float32
+    and turned the zeros into NaN (a layer whose units all died or saturated poisoned the network:
+    ``method=wage bits=8`` diverged at step 8)."""
+    z = torch.zeros(4, 3)
+    q, _ = wage.quantize_error(z, 8)
+    assert torch.equal(q, z)
+    steps, _ = wage.round_update_steps(z, 8.0, 16, wage.randomizer(z.shape, 16, None, "cpu"))
+    assert torch.equal(steps, z)
+    # the normalisation is unchanged above the floor: the largest entry still maps to ~1
+    tiny = t(2.0**-90, -(2.0**-91))
+    q, p = wage.quantize_error(tiny, 8)
+    assert p.item() == -90 and torch.equal(q, t(127 / 128, -0.5))
+
+
+def test_eta_scale_keeps_the_papers_update_to_weight_step_ratio() -> None:
+    """eta = lr 2^(2 - k_W): k_W = 2 (the paper's 2-8-8-8) unchanged; the largest update, eta sigma(k_G),
+    stays 1/8 of a k_W grid step at every k_W; ``eta_per_bits=false`` gives eta = lr."""
+    assert Wage(bits=2).eta_scale == 1.0
+    for k in range(2, 9):
+        assert 8.0 * Wage(bits=k).eta_scale * wage.sigma(8) == wage.sigma(k) / 8
+    assert Wage(bits=8, eta_per_bits=False).eta_scale == 1.0
+
+
 def test_fast_quantize_equals_pure_composition() -> None:
     g = torch.Generator().manual_seed(0)
     x = torch.randn(100_000, generator=g) * 0.7

@@ -43,12 +43,22 @@ def Q(x: torch.Tensor, bits: int) -> torch.Tensor:
     return torch.round(x * s) / s
 
 
+#: the smallest ``max|x|`` that :func:`shift_exponent` normalises (see there)
+SHIFT_FLOOR = 2.0**-100
+
+
 def shift_exponent(x: torch.Tensor) -> torch.Tensor:
-    """``round(log2 x)`` for ``x > 0``; ``x = 0`` gives the smallest normal exponent (no NaN).
+    """``round(log2 x)`` for ``x >= 2^-100``; below (``x = 0``: an all-zero tensor) the exponent is -100.
+
+    The paper's ``e / Shift(max|e|)`` is ``0/0`` for an all-zero tensor (NaN in the official code too), and
+    one fused multiplier ``2^-p S(k)`` (``2^-p eta S(k_R)``) overflows float32 for ``p`` below about
+    -108, which turns the zeros into NaN: a layer whose errors all vanish (every unit dead or saturated by
+    ``QA``) poisoned the whole network. With the floor, a zero tensor stays zero (a zero error, a zero
+    update) and every tensor whose largest entry is at least ``2^-100`` is scaled exactly as the paper does.
 
     Returned as a float tensor so it stays on the device (no host sync in the training loop).
     """
-    return torch.round(torch.log2(x.clamp_min(torch.finfo(x.dtype).tiny)))
+    return torch.round(torch.log2(x.clamp_min(SHIFT_FLOOR)))
 
 
 def Shift(x: torch.Tensor) -> torch.Tensor:

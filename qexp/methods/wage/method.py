@@ -8,6 +8,13 @@ As the official TF code (boluoweifenda/WAGE) does it, see docs/methods/wage.md:
   ``QE`` on the output; SSE loss summed over the batch;
 - WAGE's own SGD: ``dW = SR(Q(eta g / Shift(max|g|), k_R)) / S(k_G)`` and ``W <- C(W - dW, k_W)``.
 
+**eta and k_W.** The paper's eta = 8 belongs to its 2-8-8-8 setting: the largest update, ``eta sigma(k_G) =
+1/16``, is 1/8 of a 2-bit weight step. The update does not shrink with the weight grid, and from k_W = 4
+(LeNet-5) the layer scale alpha is 1, so at k_W = 8 the same eta moves a weight by 8 of its grid steps per
+update, as much as its whole initial range: the loss oscillated (79 -> 1718 -> 57 -> 4197 in the first
+steps) until a layer's errors were all zero. With ``eta_per_bits`` (default) eta = lr * 2^(2 - k_W) keeps
+the paper's ratio (the largest update is 1/8 of a k_W grid step); k_W = 2 is unchanged.
+
 **Update order.** The official code clips lazily, ``W <- C(W, k_W) - dW`` (the clip runs just before
 each update). Storing the clipped value instead, ``W <- C(W - dW, k_W)``, gives the identical sequence of
 forward weights and updates (``C`` is idempotent and the forward applies ``C`` anyway), and keeps every
@@ -105,7 +112,8 @@ class Wage(Method):
                              "process's share of the batch does not see, so the update would not be WAGE's")
 
     def __init__(self, bits: int | None = None, loss: str = "sse", bits_a: int = 8, bits_g: int = 8,
-                 bits_e: int = 8, bits_r: int = 16, beta: float = 1.5, qa_logits: bool = False) -> None:
+                 bits_e: int = 8, bits_r: int = 16, beta: float = 1.5, qa_logits: bool = False,
+                 eta_per_bits: bool = True) -> None:
         super().__init__(bits, loss)
         self.bits_a = check_range("method.bits_a", int(bits_a), 2, 8, why="activations export to int8")
         self.bits_e = check_range("method.bits_e", int(bits_e), 2, 16, why="error bits")
@@ -115,6 +123,8 @@ class Wage(Method):
         self.beta = float(check_range("method.beta", beta, 0, 1e3, strict_lo=True,
                                       why="L_min = beta sigma(k_W), the smallest uniform init limit"))
         self.qa_logits = bool(qa_logits)
+        #: eta = lr * eta_scale: the largest update stays 1/8 of a k_W grid step, as in the paper's 2-8-8-8
+        self.eta_scale = 2.0 ** (2 - self.bits) if eta_per_bits else 1.0
         self.layers: list[tuple[str, nn.Module]] = []
         self.sites: list[tuple[str, ShiftStats]] = []
         self.act_names: list[str] = []  # the WageActivation modules: their output's format
@@ -169,7 +179,7 @@ class Wage(Method):
     @torch.no_grad()
     def after_step(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
         """``W <- C(W - dW, k_W)`` with WAGE's quantized, stochastically rounded update."""
-        lr = float(optimizer.param_groups[0]["lr"])
+        lr = float(optimizer.param_groups[0]["lr"]) * self.eta_scale
         m = 1.0 - wage.sigma(self.bits)
         for i, p, g in self._pending:
             r = wage.randomizer(p.shape, self.bits_r, self.generator, p.device, p.dtype)
@@ -230,7 +240,7 @@ class Wage(Method):
                 "layers": layers,
                 "activations": [format_row(symmetric(n, self.bits_a, wage.sigma(self.bits_a), tensor="activation"))
                                 for n in self.act_names],
-                "logits_quantized": self.qa_logits,
+                "logits_quantized": self.qa_logits, "eta_scale": self.eta_scale,
                 "errors": {"bits": self.bits_e, "rounding": "nearest", "scale": "Shift(max|e|) per tensor",
                            "sites": [n for n, _ in self.sites]},
                 "weight_bytes": (n_params * self.bits + 7) // 8, "float32_bytes": 4 * n_params}
