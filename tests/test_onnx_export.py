@@ -7,12 +7,15 @@ QuantizeLinear/DequantizeLinear, and passes onnx.checker; WAGE is refused in one
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from tests.conftest import find_runs, read_metrics, run_qexp
+from tests.conftest import REPO, find_runs, read_metrics, run_qexp
 
 onnx = pytest.importorskip("onnx", reason="the [export] extra (onnx, onnxruntime) is part of [test]")
 ort = pytest.importorskip("onnxruntime")
@@ -182,3 +185,17 @@ def test_a_module_swap_the_plan_does_not_write_is_refused() -> None:
     plan.relus["1"] = ActGrid(1.0, 0, 1, 32, "clip")
     check_module_swaps(run_model, fresh, plan)
     check_module_swaps(fresh, fresh, Plan())
+
+
+def test_importing_onnxruntime_writes_nothing_outside(tmp_path: Path) -> None:
+    """onnxruntime 1.32's telemetry wrote ~/.cache/Microsoft/DeveloperTools/... and $TMPDIR/.ses at import,
+    even for an export then refused; qexp imports it with both pointed at a scratch folder it removes."""
+    pytest.importorskip("onnxruntime")
+    home, tmp = tmp_path / "home", tmp_path / "tmp"
+    home.mkdir()
+    tmp.mkdir()
+    code = "from qexp.run.onnx_export import import_runtime; import_runtime(); import onnxruntime; print('ok')"
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "HOME": str(home), "TMPDIR": str(tmp)})
+    assert proc.stdout.strip() == "ok", proc.stderr[-2000:]
+    assert list(home.iterdir()) == [] and list(tmp.iterdir()) == []

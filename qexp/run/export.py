@@ -421,7 +421,8 @@ def _export_onnx(run: Any, run_dir: Path, out: Path, deployed: nn.Module, manife
 
     try:
         import onnx  # noqa: F401
-        import onnxruntime  # noqa: F401
+
+        ox.import_runtime()
     except ImportError as e:
         raise QexpError(f"--format onnx needs the onnx and onnxruntime packages ({e.name} is missing): "
                         "pip install 'qexp[export]'") from e

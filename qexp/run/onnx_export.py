@@ -25,6 +25,9 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import sys
+import tempfile
 import warnings
 from dataclasses import dataclass, field
 from typing import Any
@@ -442,6 +445,27 @@ def to_onnx(model: nn.Module, in_shape: tuple[int, ...], metadata: dict[str, Any
     proto.producer_name = "qexp"
     onnx.checker.check_model(proto, full_check=True)
     return proto.SerializeToString()
+
+
+def import_runtime() -> None:
+    """Import onnxruntime with HOME and TMPDIR pointed at a scratch folder removed right after: at import
+    its telemetry writes a device id below ``~/.cache/Microsoft`` and a ``.ses`` file into TMPDIR (1.32),
+    outside ``out_root`` and the export's folder, even for an export then refused. ImportError passes."""
+    if "onnxruntime" in sys.modules:
+        return
+    keys = ("HOME", "TMPDIR", "XDG_CACHE_HOME")
+    saved = {k: os.environ.get(k) for k in keys}
+    with tempfile.TemporaryDirectory(prefix="qexp-onnxruntime-") as scratch:
+        os.environ.update(HOME=scratch, TMPDIR=scratch)
+        os.environ.pop("XDG_CACHE_HOME", None)
+        try:
+            import onnxruntime  # noqa: F401
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
 
 
 def ort_errors(model_bytes: bytes, loader: Any, level: str = "all") -> tuple[int, int]:
