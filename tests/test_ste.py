@@ -300,7 +300,8 @@ def test_cli_rejects_bits_out_of_range(tmp_path):
 @pytest.mark.slow
 def test_e2e_lenet5_mnist_2bit_clipped_relu(tmp_path, data_root):
     """`qexp train method=ste bits=2 method.ste=clipped_relu epochs=2` on 20k MNIST training images
-    (measured: 98.31% test accuracy; on the full training set the same command gives 98.90%);
+    (measured without BatchNorm, before the method's config turned it on: 98.31% test accuracy; on the
+    full training set 98.90%);
     quant.json and the per-layer diagnostics are written."""
     run_qexp(["train", "method=ste", "bits=2", "method.ste=clipped_relu", "epochs=2",
               "dataset.train_subset=20000", f"out_root={tmp_path}", f"data_root={data_root}"])
@@ -309,7 +310,9 @@ def test_e2e_lenet5_mnist_2bit_clipped_relu(tmp_path, data_root):
     m = read_metrics(run_dir)
     assert m["status"] == "completed" and m["test_acc"] >= 97.0, m["test_acc"]
     last = m["history"][-1]
-    for layer in ("features.1", "features.4", "classifier.2"):
+    layers = sorted(k.split("/", 2)[2] for k in last if k.startswith("method/alpha/"))
+    assert len(layers) == 3, layers  # the three quantized ReLUs (their names follow BatchNorm's modules)
+    for layer in layers:
         assert last[f"method/alpha/{layer}"] > 0
         assert 0 < last[f"method/zero/{layer}"] < 1 and 0 <= last[f"method/top/{layer}"] < 1
     import json

@@ -420,8 +420,7 @@ def check_report_target(target: Path, option: str = "--out") -> None:
     """Refuse (one line) a report file that would land in a run folder or replace one of qexp's run files
     (metrics.json, a checkpoint, ptq.json, quant.json, train.log): a table or figure there would silently
     overwrite what a run wrote and leave it corrupt. Any other existing file is the user's to replace."""
-    from qexp.run.callbacks import BEST
-    from qexp.run.record import CHECKPOINT, METRICS, PTQ_FILE
+    from qexp.run.record import BEST, CHECKPOINT, METRICS, PTQ_FILE
 
     run = run_folder_of(target)
     if run is not None:

@@ -19,7 +19,7 @@ from qexp.run import checkpoint, record
 from qexp.run.engine import Callback, Engine, Outcome
 
 MANIFEST = "quant.json"
-BEST = "best.pt"
+BEST = record.BEST
 
 log = logging.getLogger("qexp")
 

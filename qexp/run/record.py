@@ -14,6 +14,8 @@ from qexp.jsonio import read_json, write_json
 METRICS = "metrics.json"
 #: a run's latest state (resume, init_from, eval and export read it)
 CHECKPOINT = "checkpoint.pt"
+#: the checkpoint of the epoch with the lowest validation error (runs with a validation split)
+BEST = "best.pt"
 #: the folder below out_root where runs keep their caches (decoded data, compiled kernels): never a run
 CACHE_FOLDER = ".cache"
 FINISHED = ("completed", "diverged")
