@@ -306,3 +306,13 @@ def test_dorefa_abits_followed_from_bits_says_so() -> None:
     with pytest.raises(QexpError, match=r"got 9$"):  # abits typed: the plain message
         DoReFa(bits=2, abits=9)
     assert DoReFa(bits=1, abits=2).abits == 2
+
+
+def test_pact_initial_alpha_follows_the_activation_bits() -> None:
+    """The paper's alpha = 10 at 2+ activation bits; 10/3 at 1 bit (at 10 W1A1 did not learn); a typed
+    alpha_init is kept at any bits."""
+    assert PACT(bits=2).alpha_init == 10.0 and PACT(bits=1, abits=2).alpha_init == 10.0
+    assert PACT(bits=1).alpha_init == pytest.approx(10 / 3)
+    assert PACT(bits=2, abits=1).alpha_init == pytest.approx(10 / 3)
+    assert PACT(bits=4, abits=32).alpha_init == 10.0 and PACT(bits=1, alpha_init=10.0).alpha_init == 10.0
+
