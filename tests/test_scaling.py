@@ -281,8 +281,9 @@ def test_cuda_graphs_mode_reports_the_graphs_it_could_not_record(one_thread, cap
         assert {k: a[k] for k in EXACT} == {k: b[k] for k in EXACT}
 
 
-@pytest.mark.parametrize("method", ["ste", "wage", "lsq"])
-def test_compiled_lenet5_is_one_graph_and_matches_eager(one_thread, method: str):
+@pytest.mark.parametrize("method, extra", [("ste", ["model.bn=false"]), ("ste", []), ("wage", []), ("lsq", [])],
+                         ids=["ste", "ste-bn", "wage", "lsq"])
+def test_compiled_lenet5_is_one_graph_and_matches_eager(one_thread, method: str, extra: list[str]):
     """LeNet-5 compiled: STE's first-batch calibration runs eagerly, then the compiled forward takes over
     without falling back (it once failed inside Dynamo and trained eagerly with only a warning) and,
     for STE and LSQ, without graph breaks (max-pooling is an opaque ATen op, not a break that made Dynamo
@@ -290,7 +291,10 @@ def test_compiled_lenet5_is_one_graph_and_matches_eager(one_thread, method: str)
     the graph at every quantizer and recompiled each per shape); the compiled logits agree with the eager
     forward of the same weights, and the training losses with an eager run's. LSQ's losses only to 1e-2
     after the first update (the first step's loss is held tight): its max-pools break ties between conv
-    outputs that differ only by rounding (the next test's docstring), so its gradients differ there."""
+    outputs that differ only by rounding (the next test's docstring), so its gradients differ there.
+    STE with its config's BatchNorm (ste-bn): the losses agree, but compiled BatchNorm rounds its
+    statistics differently, which moves activations lying on a quantization threshold one level (14 of 64
+    logit rows on this batch, up to 0.09), so the logits are compared without BatchNorm (ste)."""
     from conftest import compose_train
     from torch._dynamo.utils import counters
 
@@ -299,7 +303,7 @@ def test_compiled_lenet5_is_one_graph_and_matches_eager(one_thread, method: str)
 
     torch._dynamo.reset()
     cfg = compose_train(["dataset=synthetic", "model=lenet5", f"method={method}", "dataset.train_samples=192",
-                         "dataset.test_samples=64", "device=cpu"])
+                         "dataset.test_samples=64", "device=cpu", *extra])
     runs = []
     for compiled in (False, True):
         torch.manual_seed(0)
@@ -321,7 +325,8 @@ def test_compiled_lenet5_is_one_graph_and_matches_eager(one_thread, method: str)
         assert not breaks, breaks
     assert losses[0] == pytest.approx(eager_losses[0], rel=1e-5)
     assert losses == pytest.approx(eager_losses, rel=1e-2 if method == "lsq" else 1e-4, abs=1e-5)
-    assert torch.allclose(out, eager_out, rtol=1e-4, atol=1e-4)
+    if method != "ste" or extra:
+        assert torch.allclose(out, eager_out, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("method", ["bc", "lsq"])
