@@ -220,7 +220,8 @@ def plot_curves(df: Any, rows: Sequence[str], cols: Sequence[str], metric: str, 
         if use_log:
             ax.set_yscale("log")
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize="small")
+        if ax.get_legend_handles_labels()[0]:  # a panel of failed runs only has no line (matplotlib warns)
+            ax.legend(fontsize="small")
     for ax in list(axes.flat)[len(panels):]:
         ax.set_visible(False)
     fig.suptitle(f"{results.metric_label(metric)} per epoch: mean ± std over seeds")
