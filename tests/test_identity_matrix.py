@@ -49,6 +49,10 @@ DIFF = {
 }
 #: the preset pair runs on lenet5 (the preset's model)
 PRESET = (["+experiment=li2017_mnist", "name=runs", "method=bc", *L], ["method=bc", *L])
+#: the preset's own name typed again is the preset's run (it once added an ``experiment=`` level and trained
+#: the same run a second time)
+PRESET_NAME = (["+experiment=li2017_mnist", "method=bc", *L], ["+experiment=li2017_mnist", "name=li2017_mnist",
+                                                              "method=bc", *L])
 
 
 def write_mnist(root: Path, seed: int) -> None:
@@ -85,6 +89,8 @@ def matrix(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
             launches[f"{kind}_{name}_b"] = {"argv": [*T, *b, f"out_root={out}/{kind}_{name}"]}
     launches["diff_preset_a"] = {"argv": [*PRESET[0], f"out_root={out}/diff_preset"]}
     launches["diff_preset_b"] = {"argv": [*PRESET[1], f"out_root={out}/diff_preset"]}
+    launches["same_preset_name_a"] = {"argv": [*PRESET_NAME[0], f"out_root={out}/same_preset_name"]}
+    launches["same_preset_name_b"] = {"argv": [*PRESET_NAME[1], f"out_root={out}/same_preset_name"]}
     M = [*T, "dataset=mnist", "dataset.download=false", f"out_root={out}/data"]
     launches["data_a"] = {"argv": M, "env": {"QEXP_DATA": str(out / "dataA")}}
     launches["data_other"] = {"argv": M, "env": {"QEXP_DATA": str(out / "dataB")}}
@@ -133,7 +139,7 @@ def one_line_error(r: dict) -> str:
     return err
 
 
-@pytest.mark.parametrize("name", sorted(SAME))
+@pytest.mark.parametrize("name", sorted(SAME) + ["preset_name"])
 def test_one_configuration_spelled_twice_is_one_run(matrix, name: str) -> None:
     out, r = matrix
     a, b = r[f"same_{name}_a"], r[f"same_{name}_b"]

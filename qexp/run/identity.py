@@ -306,9 +306,13 @@ def compose_defaults() -> Defaults:
         default_choices = defaults.hydra.runtime.choices
         items = [f"{g}={c}" for g, c in sorted(choices.items())
                  if g not in PATH_GROUPS and c is not None and default_choices.get(g) != c]
-    if choices.get("experiment") and any(o.key_or_group == "name" for o in parsed):
-        # the preset's own name no longer names the folder: its defaults would be invisible in it
-        items.append(f"experiment={choices['experiment']}")
+    named = [o for o in parsed if o.key_or_group == "name" and not o.is_delete()]
+    if choices.get("experiment") and named:
+        # another name than the preset's own no longer names the preset: its defaults would be invisible in
+        # the folder (the preset's own name typed again is the preset's folder, not a second run)
+        own = compose(config_name=hc.job.config_name, overrides=path_lines).get("name")
+        if str(named[-1].value()) != str(own):
+            items.append(f"experiment={choices['experiment']}")
     baseline = compose(config_name=hc.job.config_name, overrides=all_lines + kept)
     option = choices.get("method")
     return Defaults(baseline, items, str(option) if option is not None else None)
