@@ -156,3 +156,16 @@ def test_per_channel_on_a_linear_layer_keeps_the_layer_shape():
         lin.weight.mul_(torch.tensor([[0.01], [1.0], [100.0]]))
     c = affine.quantize(lin.weight, 3, per_channel=True)
     assert c.dequantize().shape == lin.weight.shape and c.q.dtype == torch.uint8
+
+
+@pytest.mark.parametrize("bad", [["--calib-batches", "0"], ["--ptq-calib", "percentile", "--ptq-percentile", "200"]])
+@pytest.mark.parametrize("ptq", [["--ptq-bits", "4"], []], ids=["ptq", "plain"])
+def test_eval_options_are_checked_before_anything_is_loaded(tmp_path: Path, bad: list[str], ptq: list[str]):
+    """A bad PTQ option was refused only after a whole test-set evaluation (with ``--ptq-bits``) or ignored
+    (without): now one line, exit 2, before the run is loaded (this folder has a config and no checkpoint)."""
+    (tmp_path / "run" / ".hydra").mkdir(parents=True)
+    (tmp_path / "run" / ".hydra" / "config.yaml").write_text("method:\n  name: float\n")
+    proc = run_qexp(["eval", str(tmp_path / "run"), *ptq, *bad], check=False)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+    assert ("calib-batches" in lines[0]) or ("percentile" in lines[0]), lines[0]

@@ -137,7 +137,11 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
 
 
 def check(method_name: str, args: argparse.Namespace) -> None:
-    """Refuse ``--ptq-bits`` with ``--best`` before anything is loaded: the curve is of the last checkpoint."""
+    """Before anything is loaded (a bad value once failed only after a whole test-set evaluation, or was
+    ignored without ``--ptq-bits``): the curve's options, and ``--ptq-bits`` with ``--best`` (the curve is of
+    the last checkpoint)."""
+    check_range("--calib-batches", args.calib_batches, 1)
+    Scheme(args.ptq_per_channel, args.ptq_grid, args.ptq_calib, args.ptq_percentile)  # checks its values
     if args.ptq_bits and getattr(args, "best", False):
         raise QexpError("--best evaluates best.pt only; --ptq-bits and --integer analyse the last checkpoint")
 
@@ -150,7 +154,6 @@ def run(loaded: Any, args: argparse.Namespace, base: dict[str, float] | None = N
     if args.ptq_bits is None:
         return None
     bits, act_bits = args.ptq_bits, args.ptq_act_bits
-    check_range("--calib-batches", args.calib_batches, 1)
     scheme = Scheme(args.ptq_per_channel, args.ptq_grid, args.ptq_calib, args.ptq_percentile)
     model, cfg = loaded.built.model, loaded.cfg
     data = loaded.built.data
