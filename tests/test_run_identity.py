@@ -325,3 +325,14 @@ def test_a_metrics_file_that_is_not_an_object_is_no_record(tmp_path: Path) -> No
     assert record.read(tmp_path) is None
     (tmp_path / "metrics.json").write_text('{"status": "completed"}')
     assert record.read(tmp_path) == {"status": "completed"}
+
+
+def test_one_folder_name_spelled_two_ways_is_one_name() -> None:
+    """``name=x/./y`` then ``name=x//y`` reach one folder; the second was refused as another configuration
+    ('name: "x/./y" -> "x//y"')."""
+    from omegaconf import OmegaConf
+
+    from qexp.run.identity import effective
+
+    names = [effective(OmegaConf.create({"name": n}))["name"] for n in ("x/./y", "x//y", "x/y/", "x/y")]
+    assert names == ["x/y"] * 4 and effective(OmegaConf.create({"name": "runs"}))["name"] == "runs"

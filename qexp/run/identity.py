@@ -87,6 +87,8 @@ def effective(cfg: DictConfig, ignored: Iterable[str] = ()) -> dict[str, Any]:
     """The resolved config as flat ``key -> value`` minus volatile and source keys and the method's
     ignored knobs."""
     flat = flatten(OmegaConf.to_container(cfg, resolve=True, enum_to_str=True))
+    if isinstance(flat.get("name"), str):  # x/./y, x//y and x/y/ are one folder, so one name
+        flat["name"] = Path(flat["name"]).as_posix()
     if flat.get(INIT_KEY) is not None:  # the weights it starts from, not how their folder is spelled
         flat[INIT_KEY] = file_sha1(init_checkpoint(flat[INIT_KEY]))[:16]
     if int(flat.get(DEVICES_KEY) or 1) > 1:  # each process normalises its share of a batch (BatchNorm)
