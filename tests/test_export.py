@@ -404,3 +404,18 @@ def test_a_damaged_config_is_one_line_naming_it(synthetic_runs: dict[str, Path],
         assert qexp(["eval", str(run)]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and "config.yaml" in err[0] and "damaged" in err[0], err
+
+
+def test_an_unfinished_run_is_exported_with_a_note(synthetic_runs: dict[str, Path], tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture) -> None:
+    """An interrupted (or failed, running) run's latest checkpoint is exported as it stands, but the command
+    says so (it did so silently, though its help says 'a finished run folder'); a completed run has no note."""
+    from qexp.run import export
+
+    run = _copy_run(synthetic_runs["float"], tmp_path / "run")
+    assert export.main([str(run), "--out", str(tmp_path / "done")]) == 0
+    assert "status" not in capsys.readouterr().out
+    rec = json.loads((run / "metrics.json").read_text())
+    (run / "metrics.json").write_text(json.dumps({**rec, "status": "interrupted"}))
+    assert export.main([str(run), "--out", str(tmp_path / "part")]) == 0
+    assert "note: the run's status is interrupted: this is its checkpoint.pt of epoch 1" in capsys.readouterr().out

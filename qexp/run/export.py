@@ -46,7 +46,7 @@ from torch.nn.utils import parametrize
 from qexp.errors import ArgumentParser, QexpError
 from qexp.jsonio import atomic_write_bytes, write_json, write_torch
 from qexp.quant.format import LayerFormat, parse_manifest, weight_formats
-from qexp.run import export_loader
+from qexp.run import export_loader, record
 
 
 def plain_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -528,6 +528,10 @@ def main(argv: list[str]) -> int:
         print("error: terminated (SIGTERM); nothing written", file=sys.stderr)
         return 143
     out = args.out or args.run_dir / ("export-best" if args.best else "export")
+    status = (record.read(args.run_dir) or {}).get("status")
+    if status != "completed":  # exported as it stands, but not silently: the help says "a finished run"
+        doc["notes"].insert(0, f"the run's status is {status or 'unknown (no readable metrics.json)'}: this is its "
+                               f"{doc['checkpoint']} of epoch {doc['epoch']}, not a completed run's")
     if args.fmt == "onnx":
         for name, c in doc["onnx"].items():
             ran = f"{c['run_test_error']:.2f}%" if c["run_test_error"] is not None else "not recorded"
