@@ -605,3 +605,15 @@ def test_a_hand_edited_record_is_a_failed_run_not_a_traceback(tmp_path: Path, ed
     plot.main([str(tmp_path / "out"), "--out", str(tmp_path / "curves.png")])
     out = capsys.readouterr().out
     assert "2.00 (1)" in out or "2.00" in out
+
+
+def test_a_reference_file_that_is_not_yaml_is_one_line(tmp_path: Path) -> None:
+    """``--ref FILE`` with a YAML syntax error printed the parser's five-line message (text and caret)."""
+    from qexp.errors import QexpError
+    from qexp.report import reference
+
+    bad = tmp_path / "ref.yaml"
+    bad.write_text("a: [b\n")
+    with pytest.raises(QexpError) as e:
+        reference.load(str(bad))
+    assert "\n" not in str(e.value) and "not valid YAML at line 2, column 1" in str(e.value), str(e.value)

@@ -113,8 +113,11 @@ def load(name_or_path: str) -> Reference:
     path = resolve(name_or_path)
     try:
         doc = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise QexpError(f"{path}: not valid YAML: {e}") from None
+    except yaml.YAMLError as e:  # the parser's message spans lines (the text and a caret): its position only
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        raise QexpError(f"{path}: not valid YAML{where} ({getattr(e, 'problem', None) or type(e).__name__})") \
+            from None
     bad = f"{path}: a reference file needs 'metric', 'columns' (id -> keys) and 'rows' (list)"
     if not isinstance(doc, dict) or not isinstance(doc.get("columns"), dict) \
             or not isinstance(doc.get("rows"), list):
