@@ -58,6 +58,18 @@ def test_empty_or_garbage_checkpoint_is_one_line(tmp_path: Path) -> None:
             assert "empty (0 bytes)" in msg
 
 
+def test_a_checkpoint_holding_pickled_objects_is_not_unpickled_nor_advised_to_be(tmp_path: Path) -> None:
+    """torch's own message advised reloading with weights_only=False, which would run the file's code."""
+    import fractions
+
+    path = tmp_path / "checkpoint.pt"
+    torch.save({"model": {}, "extra": fractions.Fraction(1, 3)}, path)
+    with pytest.raises(QexpError) as e:
+        checkpoint.load(path)
+    msg = str(e.value)
+    assert "\n" not in msg and "weights_only" not in msg and "does not unpickle" in msg, msg
+
+
 # ---- the lock ------------------------------------------------------------------------------------
 HOLD = ("import sys, time; from qexp.run import lock; l = lock.RunLock(sys.argv[1]); l.acquire(); "
         "print('held', flush=True); time.sleep(600)")

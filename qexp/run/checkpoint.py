@@ -31,6 +31,9 @@ def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str
     except Exception as e:  # truncated file, wrong format, pickled code: never execute it
         lines = str(e).strip().splitlines()
         why = f"{type(e).__name__}: {lines[0][:200]}" if lines else type(e).__name__
+        if "Weights only load failed" in str(e):  # torch's advice (weights_only=False) would run its code
+            why = ("it holds pickled objects besides tensors and plain values, which qexp never writes and "
+                   "does not unpickle")
         raise QexpError(f"checkpoint {path} is unreadable or corrupt ({why}): {fix}") from e
     if not isinstance(state, dict) or "model" not in state:
         raise QexpError(f"checkpoint {path} is not a qexp checkpoint: {fix}")
