@@ -10,6 +10,7 @@ the colleagues the umask allows (``tempfile.mkstemp`` would force mode 0600).
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import secrets
@@ -78,17 +79,18 @@ def _default(o: Any) -> Any:
     return str(o)
 
 
+def missing_folders(path: Path) -> list[Path]:
+    """``path`` and those of its parents that do not exist yet, deepest first: the folders a
+    ``mkdir(parents=True)`` would make, which a failed attempt then removes again."""
+    return list(itertools.takewhile(lambda p: not p.exists(), (path, *path.parents)))
+
+
 def without_new_folders(folders: Iterable[Path], attempt: Callable[[], None]) -> None:
     """Run ``attempt`` (a download), then remove those of ``folders`` it created and left empty: a failed
     download leaves no empty ``<root>/MNIST/raw`` behind, a refused plot no ``plots/`` (folders that
     existed before are never touched)."""
-    new: list[Path] = []
-    for f in folders:  # with every missing parent (torchvision creates the whole chain)
-        for p in (Path(f), *Path(f).parents):
-            if p.exists():
-                break
-            new.append(p)
-    new = list(dict.fromkeys(new))
+    # with every missing parent (torchvision creates the whole chain)
+    new = list(dict.fromkeys(p for f in folders for p in missing_folders(Path(f))))
     try:
         attempt()
     finally:

@@ -44,7 +44,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from qexp.errors import ArgumentParser, QexpError
-from qexp.jsonio import atomic_write_bytes, write_json, write_torch
+from qexp.jsonio import atomic_write_bytes, missing_folders, write_json, write_torch
 from qexp.quant.format import LayerFormat, parse_manifest, weight_formats
 from qexp.run import export_loader, record
 
@@ -309,7 +309,7 @@ def export_folder(out: Path) -> Iterator[Path]:
     export there is replaced, its own files only); on failure, Ctrl-C or SIGTERM nothing is left behind,
     including parent folders this call created, and folders a killed export left are removed first
     (:func:`remove_stale_temporaries`). The folder follows the umask (``mkdtemp`` alone would make it 0700)."""
-    created = [p for p in [out.parent, *out.parent.parents] if not p.exists()]
+    created = missing_folders(out.parent)
     tmp: Path | None = None
     held: list[int] = []
     try:

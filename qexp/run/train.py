@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import importlib
-import itertools
 import logging
 import os
 import re
@@ -31,7 +30,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from qexp.errors import QexpError, argument_error
-from qexp.jsonio import atomic_write_bytes
+from qexp.jsonio import atomic_write_bytes, missing_folders
 from qexp.methods.base import Method, register_config_dir
 from qexp.run import distributed, identity, lock, preempt, record, resources, seeds, sweep, tune
 from qexp.run.config import register
@@ -220,7 +219,7 @@ def _open_run(stack: ExitStack, cfg: DictConfig, run_dir: Path, level: str, swee
               other_seed: bool = False) -> bool:
     """Create the run folder, take its lock (released by ``stack``), write .hydra/ and start train.log
     (``other_seed``: :func:`_write_hydra`)."""
-    made = list(itertools.takewhile(lambda p: not p.exists(), (run_dir, *run_dir.parents)))
+    made = missing_folders(run_dir)
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:  # e.g. a level too long for the file system: the levels made before it go again
