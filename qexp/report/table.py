@@ -30,10 +30,11 @@ from pathlib import Path
 from qexp.errors import ArgumentParser, QexpError
 from qexp.report import reference as refs
 from qexp.report import results, stats, trials
+from qexp.run import record
 
 FORMATS = ("term", "md", "latex", "csv")
 #: what makes a folder a run folder: a report written into one could replace what the run wrote
-RUN_MARKS = ("metrics.json", "checkpoint.pt", ".hydra")
+RUN_MARKS = (record.METRICS, record.CHECKPOINT, ".hydra")
 SUFFIX_FORMAT = {".md": "md", ".tex": "latex", ".csv": "csv", ".txt": "term"}
 
 
@@ -420,13 +421,12 @@ def check_report_target(target: Path, option: str = "--out") -> None:
     """Refuse (one line) a report file that would land in a run folder or replace one of qexp's run files
     (metrics.json, a checkpoint, ptq.json, quant.json, train.log): a table or figure there would silently
     overwrite what a run wrote and leave it corrupt. Any other existing file is the user's to replace."""
-    from qexp.run.record import BEST, CHECKPOINT, METRICS, PTQ_FILE
-
     run = run_folder_of(target)
     if run is not None:
         raise QexpError(f"{option} {target} is inside the run folder {run}: a report never writes among a "
                         "run's files; choose a file outside it")
-    if target.name in {METRICS, CHECKPOINT, BEST, PTQ_FILE, "quant.json", "train.log"} and target.exists():
+    if target.name in {record.METRICS, record.CHECKPOINT, record.BEST, record.PTQ_FILE, "quant.json", "train.log"} \
+            and target.exists():
         raise QexpError(f"{option} {target} is an existing {target.name}, a file qexp runs write: "
                         "choose another name")
 
