@@ -139,8 +139,9 @@ def test_repeats_that_disagree_are_named_with_their_range_and_the_folder_kept(tm
     """Reruns of one (configuration, seed) on other threads or compiled (not part of a run's identity) differ
     in the last digits: one sample is kept, and a note says how many repeats disagree, over what range,
     which folder was kept and why (the audit's k1/t2/k2: 8.45, 8.19, 8.43; 8.19 silently kept)."""
-    repeats = [("k1", 8.45, {"threads": 1}), ("t2", 8.19, {"threads": 2}),
-               ("k2", 8.43, {"threads": 1, "compile_s": 78.8})]
+    repeats = [("k1", 8.45, {"threads": 1, "images_per_s": 900.0}),
+               ("t2", 8.19, {"threads": 2, "images_per_s": 1500.0}),
+               ("k2", 8.43, {"threads": 1, "compile_s": 78.8, "images_per_s": 1100.0})]
     dirs = [make_run(tmp_path / root, "bc", 1, 0, [e], extra=x) for root, e, x in repeats]
     for age, d in zip((300, 0, 200), dirs):  # t2 the newest
         os.utime(d / record.METRICS, (1.7e9 - age, 1.7e9 - age))
@@ -151,6 +152,9 @@ def test_repeats_that_disagree_are_named_with_their_range_and_the_folder_kept(tm
     assert note == (f"bc/1 x mnist/lenet5 seed 0: 3 run folders repeat one (configuration, seed) and disagree on "
                     f"test error (%): 8.19 to 8.45 (3 values); kept {dirs[1]} (8.19), the newest completed one; "
                     "they differ in threads (1, 2), compile (false, true), not part of a run's identity")
+    g = results.aggregate(results.collect([tmp_path / r for r in ("k1", "t2", "k2")]), ["method", "bits"],
+                          ["dataset", "model"], "images_per_s")  # a timing: every rerun differs, no note
+    assert g.cell(("bc", "1"), ("mnist", "lenet5")).n == 1 and not [n for n in g.warnings() if "disagree" in n]
     shutil.copytree(tmp_path / "t2", tmp_path / "copy")  # a copy agrees: counted once, no disagreement
     g = results.aggregate(results.collect([tmp_path / "t2", tmp_path / "copy"]), ["method", "bits"], ["dataset"],
                           "test_error")

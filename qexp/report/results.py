@@ -46,6 +46,9 @@ METRIC_LABELS = {
     "wall_s": "wall time (s)",
 }
 HIGHER_IS_BETTER = ("test_acc", "images_per_s")
+#: measurements of the machine, not results of the configuration: every rerun differs in them, so repeats
+#: of one (configuration, seed) that disagree on one are not noted (the newest is kept all the same)
+TIMING_METRICS = ("images_per_s", "wall_s")
 #: columns a table always has (filled with None when a run's files lack them)
 BASE_COLUMNS = ("run_dir", "status", *CONFIG_FIELDS, "seed", "epochs_done", "test_error", "test_acc",
                 "best_test_error", "train_loss", "images_per_s", "wall_s", "error", "mtime", "history")
@@ -244,6 +247,8 @@ def _how(run: dict[str, Any], key: str) -> str:
 
 def _disagreement(runs: list[dict[str, Any]], kept: dict[str, Any], metric: str) -> str | None:
     """The note for repeats of one (configuration, seed) whose completed results differ, else None."""
+    if metric in TIMING_METRICS:
+        return None
     values = sorted({float(v) for r in runs if r.get("status") == "completed"
                      and isinstance(v := r.get(metric), (int, float)) and not _isnan(v)})
     if len(values) < 2:
