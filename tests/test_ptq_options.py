@@ -133,6 +133,7 @@ def test_method_ptq_options_reach_quant_json(tmp_path: Path):
                for r in inputs)
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["ptq_scheme"] == "symmetric-minmax-per-channel"
+    assert metrics["ptq_act_scheme"] == "symmetric-percentile99.99-per-tensor"
 
     # the same options on `qexp eval --ptq-bits`; other options start ptq.json afresh
     run_qexp(["eval", str(run), "--ptq-bits", "4,2", "--ptq-per-channel", "--ptq-grid", "symmetric",

@@ -468,6 +468,28 @@ def test_plot_learned_allocation_and_ptq_curves(tmp_path: Path, capsys: pytest.C
     assert ("learned", "4", "2356") in g.rows and ("learned", "4", "3346") in g.rows
 
 
+def test_plot_ptq_series_keep_schemes_apart(tmp_path: Path) -> None:
+    """Two seeds' ptq.json of different schemes, and method=ptq runs of two schemes, in one panel: each
+    scheme is its own series, never one mean (the table's rule, ptq_tag)."""
+    from qexp.report import plot
+
+    runs = tmp_path / "runs"
+    for seed, header in enumerate([{}, {"scheme": "symmetric-minmax-per-channel",
+                                        "act_scheme": "symmetric-minmax-per-tensor"}]):
+        write_json(make_run(runs, "float", 32, seed, [1.0]) / "ptq.json", {**header, "results": [
+            {"bits": 4, "act_bits": 8, "weights_only_error": 2.0 + 10 * seed, "with_activations_error": 3.0}]})
+    for seed, scheme in enumerate([None, "symmetric-minmax-per-channel"]):
+        make_run(runs, "ptq", 4, seed, [5.0 + seed], extra={"ptq_bits": 4, "ptq_act_bits": None,
+                                                              "ptq_scheme": scheme})
+    points = plot.ptq_points(results.collect([runs]), ["method"], ["dataset"])
+    assert points[("mnist", "float")] == {
+        "weights only": {4: [98.0]}, "+ 8-bit activations": {4: [97.0]},
+        "weights only (symmetric-minmax-per-channel)": {4: [88.0]},
+        "+ 8-bit activations (symmetric-minmax-per-channel symmetric-minmax-per-tensor)": {4: [97.0]}}
+    assert points[("mnist", "method=ptq runs")] == {
+        "weights only": {4: [95.0]}, "weights only (symmetric-minmax-per-channel)": {4: [94.0]}}
+
+
 # ---- a real sweep -------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_real_sweep_becomes_a_table(tmp_path: Path, data_root: Path) -> None:

@@ -300,7 +300,9 @@ def plot_allocation(df: Any, rows: Sequence[str], cols: Sequence[str], out: Path
 # ---- post-training quantization -----------------------------------------------------------------
 def ptq_points(df: Any, rows: Sequence[str], cols: Sequence[str]) -> dict[tuple[str, ...],
                                                                           dict[str, dict[int, list[float]]]]:
-    """(col..., row...) -> series name -> bits -> test accuracies over seeds."""
+    """(col..., row...) -> series name -> bits -> test accuracies over seeds. A scheme other than the
+    default names its own series (``weights only (symmetric-minmax-per-channel)``): results of different
+    schemes are never one mean, as in the table (:func:`qexp.report.results.ptq_tag`)."""
     out: dict[tuple[str, ...], dict[str, dict[int, list[float]]]] = {}
     for r in df.to_dict("records"):
         key = tuple(results.key_label(k, r) for k in [*cols, *rows])
@@ -312,8 +314,9 @@ def ptq_points(df: Any, rows: Sequence[str], cols: Sequence[str]) -> dict[tuple[
                 if not isinstance(e, dict) or not isinstance(e.get("bits"), (int, float)):
                     continue
                 act = e.get("act_bits")
-                for field, name in (("weights_only_error", "weights only"),
-                                    ("with_activations_error", f"+ {act or 'k'}-bit activations")):
+                for field, name in (("weights_only_error", _series("weights only", doc, False)),
+                                    ("with_activations_error",
+                                     _series(f"+ {act or 'k'}-bit activations", doc, True))):
                     if isinstance(e.get(field), (int, float)) and (name, e["bits"]) not in seen:
                         seen.add((name, e["bits"]))
                         series.setdefault(name, {}).setdefault(int(e["bits"]), []).append(100 - e[field])
@@ -324,11 +327,20 @@ def ptq_points(df: Any, rows: Sequence[str], cols: Sequence[str]) -> dict[tuple[
                 and _number(bits):
             pkey = tuple(results.key_label(k, r) for k in cols) + ("method=ptq runs",)
             act = r.get("ptq_act_bits")
-            name = f"+ {int(act)}-bit activations" if _number(act) else "weights only"
+            scheme = {"scheme": r.get("ptq_scheme"), "act_scheme": r.get("ptq_act_scheme")}
+            name = _series(f"+ {int(act)}-bit activations", scheme, True) if _number(act) \
+                else _series("weights only", scheme, False)
             out.setdefault(pkey, {}).setdefault(name, {}).setdefault(int(bits), []).append(r["test_acc"])
             if _number(r.get("float_test_error")):  # the same network before PTQ: the dashed line
                 out[pkey].setdefault("float", {}).setdefault(32, []).append(100 - r["float_test_error"])
     return out
+
+
+def _series(name: str, scheme: dict[str, Any], activations: bool) -> str:
+    """A PTQ series' name, with its scheme when not the default."""
+    text = results.ptq_scheme_text({k: v if isinstance(v, str) else None for k, v in scheme.items()},
+                                   activations)
+    return f"{name} ({text})" if text else name
 
 
 def _number(v: Any) -> bool:

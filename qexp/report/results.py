@@ -304,11 +304,17 @@ def ptq_tag(scheme: dict[str, str], bits: int, act: Any = None) -> str:
     its ``scheme`` (the file's header) when not the default: ``4 symmetric-minmax-per-channel``, with
     activations the weights' and the activations' scheme. Results of different schemes are then different
     rows, never one pooled cell."""
-    keys = ("scheme",) if act is None else ("scheme", "act_scheme")
     tag = f"{bits}" if act is None else f"{bits}-{act}"
-    if all(scheme[k] == PTQ_DEFAULT_SCHEME[k] for k in keys):
-        return tag
-    return " ".join([tag, *(scheme[k] for k in keys)])
+    text = ptq_scheme_text(scheme, activations=act is not None)
+    return f"{tag} {text}" if text else tag
+
+
+def ptq_scheme_text(scheme: dict[str, Any], activations: bool) -> str:
+    """The schemes a PTQ result used, when not the default ("" then): the weights' scheme, and with
+    ``activations`` the activations' one too (an absent or empty one is the default)."""
+    keys = ("scheme", "act_scheme") if activations else ("scheme",)
+    used = [str(scheme.get(k) or PTQ_DEFAULT_SCHEME[k]) for k in keys]
+    return "" if used == [PTQ_DEFAULT_SCHEME[k] for k in keys] else " ".join(used)
 
 
 def ptq_records(run: dict[str, Any]) -> list[dict[str, Any]]:

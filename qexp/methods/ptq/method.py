@@ -264,6 +264,7 @@ class PTQ(Method):
             "ptq_bits": self.bits,
             "ptq_act_bits": self.act_bits if self.activations else None,
             "ptq_scheme": self.scheme.name,
+            "ptq_act_scheme": self.scheme.act_name if self.activations else None,
             "float_test_error": float_res["error"],
             "float_test_loss": float_res["loss"],
             "ptq_test_error": q_res["error"],
