@@ -335,6 +335,28 @@ def test_sigterm_cleans_up_and_a_later_export_removes_what_a_killed_one_left(
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == [foreign.name, mixed.name]
 
 
+def test_a_signal_while_the_temporary_folder_is_made_leaves_nothing(
+        synthetic_runs: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """SIGTERM right after ``mkdtemp`` (before the marker existed) left an empty unmarked hidden folder
+    that no later export may remove: the signal now waits until the folder holds its marker."""
+    import signal
+    import tempfile
+
+    from qexp.run import export
+
+    real = tempfile.mkdtemp
+
+    def mkdtemp_then_signal(*args: object, **kwargs: object) -> str:
+        made = real(*args, **kwargs)
+        os.kill(os.getpid(), signal.SIGTERM)  # Python runs its handler at the next bytecode
+        return made
+
+    monkeypatch.setattr(export.tempfile, "mkdtemp", mkdtemp_then_signal)
+    with pytest.raises(export.Terminated):
+        export.export_run(synthetic_runs["sr"], tmp_path / "out" / "exp")
+    assert not (tmp_path / "out").exists()
+
+
 def test_export_to_a_non_utf8_path_is_one_line(synthetic_runs: dict[str, Path], tmp_path: Path,
                                                capsys: pytest.CaptureFixture) -> None:
     """A target whose name is not UTF-8 (bytes 0xff) was a 26-line SafetensorError traceback."""

@@ -234,6 +234,22 @@ def _terminate_unwinds() -> Iterator[None]:
         signal.signal(signal.SIGTERM, old)
 
 
+@contextlib.contextmanager
+def _signals_deferred() -> Iterator[None]:
+    """Ctrl-C and SIGTERM wait until the block ends (main thread only): a temporary folder and its marker
+    come into being together, so an interrupted export never leaves an unmarked folder that no later
+    export may reclaim (a signal between ``mkdtemp`` and the marker did)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held = {signal.SIGINT, signal.SIGTERM}
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)  # a pending signal is delivered here
+
+
 def _hold_marker(folder: Path, final: bool = True) -> int:
     """An open, exclusively flock'ed descriptor on ``folder``'s marker: the folder is in use while it is
     held (a killed process's lock goes with it). With ``final`` the marker is created locked under a
@@ -316,9 +332,10 @@ def export_folder(out: Path) -> Iterator[Path]:
         with _terminate_unwinds():
             out.parent.mkdir(parents=True, exist_ok=True)
             remove_stale_temporaries(out)
-            tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-            os.chmod(tmp, 0o777 & ~current_umask())
-            held.append(_hold_marker(tmp))
+            with _signals_deferred():
+                tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+                os.chmod(tmp, 0o777 & ~current_umask())
+                held.append(_hold_marker(tmp))
             yield tmp
             old = previous_export(out)  # again: the folder may have changed while the model was evaluated
             if old is None:
