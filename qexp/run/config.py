@@ -76,8 +76,9 @@ class TrainConfig:
 
 
 #: keys that do not change a run's result, so neither its folder nor its resume check depends on them
+#: (``dataset.download``: whether missing files may be fetched; the data digest names the files read)
 VOLATILE_KEYS = ("resume", "lock", "device", "data_root", "out_root", "progress", "threads", "compile",
-                 "cuda_graphs", "trainer", "objective", "tensorboard")
+                 "cuda_graphs", "trainer", "objective", "tensorboard", "dataset.download")
 
 
 #: top-level knobs read only through interpolations (``method.bits: ${bits}``, ``method.scale:
