@@ -6,7 +6,8 @@ exact numbers and floors were measured there), so these tests ask for ``device=c
 - ``device=cuda:N`` runs on GPU N (the precisions, ``compile=true`` and ``cuda_graphs=true``:
   tests/test_cuda_compile.py, a file of its own so that the GPU suite's workers run the two at once);
 - the method contract (train, stop + resume bit-identical, manifest, state round trip, export) holds on
-  the GPU for bc and sr, with deterministic kernels;
+  the GPU for bc and sr, with deterministic kernels; a checkpoint mapped onto the GPU resumes with host
+  RNG states and host step counts;
 - the Triton SR kernel gives the eager kernel's bits on CUDA tensors (the multi-tensor rounding is
   checked on CUDA by tests/test_quant_grid.py's cuda case);
 - no per-step hook of bc, sr, r, ste or lsq synchronises with the host;
@@ -78,6 +79,38 @@ def deterministic():
 def test_method_contract_holds_on_cuda(option: str, tmp_path: Path, deterministic) -> None:
     report = check_method(option, workdir=tmp_path, device="cuda")
     assert report.passed == ["train", "resume", "manifest", "state_dict", "export"]
+
+
+def test_a_checkpoint_mapped_to_the_gpu_resumes_with_host_states(tmp_path: Path) -> None:
+    """A resume loads the checkpoint onto the run's device (``map_location``): the RNG states are set
+    from host copies (torch takes only CPU ByteTensors: every GPU resume raised TypeError), the state
+    holds only the run's own GPU's generator, and Adam's step counts stay on the host, so an optimizer
+    step after the resume reads no device value on the host (it synchronised once per tensor)."""
+    from qexp.run import checkpoint
+    from qexp.run.session import Trainer, build, train_step
+
+    cuda = torch.device("cuda")
+    cfg = compose_train(["dataset=synthetic", "dataset.train_samples=64", "dataset.test_samples=8", "device=cuda",
+                         "method=bc", "optim=adam"])
+    torch.manual_seed(0)
+    b = build(cfg, cuda)
+    t = Trainer(b.model, b.method, b.optimizer, b.scheduler, b.data, cuda, 1, progress_bar=False)
+    x, y = next(iter(b.data.train))
+    x, y = x.to(cuda), y.to(cuda)
+    train_step(b.model.train(), b.method, t.optimizer, x, y, 0)
+    state = t.state_dict()
+    assert torch.is_tensor(state["rng_cuda"]) and not state["rng_cuda"].is_cuda
+    checkpoint.save(tmp_path / "c.pt", state)
+    t.load_state_dict(checkpoint.load(tmp_path / "c.pt", map_location=cuda))
+    steps = [s["step"] for s in t.optimizer.state.values()]
+    assert steps and not any(s.is_cuda for s in steps)
+    assert all(s["exp_avg"].is_cuda for s in t.optimizer.state.values())
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        t.optimizer.step()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    torch.cuda.synchronize()
 
 
 @pytest.mark.parametrize("bits", [1, 2, 4, 8])

@@ -279,21 +279,28 @@ class Engine:
             "rng_cpu": torch.get_rng_state(),
             **self.extra_state,
         }
-        if torch.cuda.is_available():
-            s["rng_cuda"] = torch.cuda.get_rng_state_all()
+        if self.device.type == "cuda":  # the run's own device's generator: a CPU run never starts CUDA
+            s["rng_cuda"] = torch.cuda.get_rng_state(self.device)
         if self.amp is not None and self.amp.scaler is not None:
             s["amp"] = self.amp.state_dict()
         return s
 
     def load_state_dict(self, s: dict[str, Any]) -> None:
+        """``s`` as :func:`qexp.run.checkpoint.load` gives it with ``map_location`` the run's device."""
         self.model.load_state_dict(s["model"])
-        self.optimizer.load_state_dict(s["optimizer"])
+        # from host copies: torch moves the moments to the parameters' device but leaves a non-capturable
+        # Adam's ``step`` where it arrived, and a step count on the GPU is a host sync per tensor per step
+        self.optimizer.load_state_dict(_on_host(s["optimizer"]))
         self.scheduler.load_state_dict(s["scheduler"])
         self._load_method_state(s["method"])
         self.progress.load_state_dict(s["progress"])
-        torch.set_rng_state(s["rng_cpu"])
-        if "rng_cuda" in s and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(s["rng_cuda"])
+        torch.set_rng_state(s["rng_cpu"].cpu())  # RNG states are host tensors wherever the checkpoint was mapped
+        rng_cuda = s.get("rng_cuda")
+        if isinstance(rng_cuda, (list, tuple)):  # written by earlier versions: every visible device's
+            index = self.device.index if self.device.index is not None else 0
+            rng_cuda = rng_cuda[index] if self.device.type == "cuda" and index < len(rng_cuda) else None
+        if torch.is_tensor(rng_cuda) and self.device.type == "cuda":
+            torch.cuda.set_rng_state(rng_cuda.cpu(), self.device)
         if self.amp is not None and "amp" in s:
             self.amp.load_state_dict(s["amp"])
 
@@ -490,6 +497,17 @@ class Engine:
             return None
         left = (self.epochs - p.epoch) * per_epoch - p.batch
         return (time.perf_counter() - t0) / done * max(left, 0)
+
+
+def _on_host(obj: Any) -> Any:
+    """Tensors (in dicts and lists) copied to the CPU; others as they are."""
+    if isinstance(obj, torch.Tensor):
+        return obj.cpu()
+    if isinstance(obj, dict):
+        return {k: _on_host(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_on_host(v) for v in obj]
+    return obj
 
 
 def _own_storage(obj: Any) -> Any:
