@@ -169,11 +169,16 @@ def stack_batches(batches: list[tuple[object, object]]) -> tuple[torch.Tensor, t
 
 
 def crop_flip(x: torch.Tensor, gen: torch.Generator, pad: int = 4) -> torch.Tensor:
-    """Pad-``pad`` random crop and horizontal flip for a whole uint8 batch at once."""
+    """Pad-``pad`` random crop and horizontal flip for a whole uint8 batch at once. The offsets and flips
+    are drawn on the host generator ``gen`` (the same numbers on every device) and reach a GPU in one
+    asynchronous copy from pinned memory: a plain copy from the host waits for the queued GPU work."""
     n, _, h, w = x.shape
-    dx = torch.randint(0, 2 * pad + 1, (n,), generator=gen).to(x.device)
-    dy = torch.randint(0, 2 * pad + 1, (n,), generator=gen).to(x.device)
-    flip = (torch.rand(n, generator=gen) < 0.5).to(x.device)
+    draws = torch.stack([torch.randint(0, 2 * pad + 1, (n,), generator=gen),
+                         torch.randint(0, 2 * pad + 1, (n,), generator=gen),
+                         (torch.rand(n, generator=gen) < 0.5).long()])
+    if x.is_cuda:
+        draws = draws.pin_memory().to(x.device, non_blocking=True)
+    dx, dy, flip = draws[0], draws[1], draws[2].bool()
     padded = F.pad(x, (pad, pad, pad, pad))
     rows = (dy.view(n, 1) + torch.arange(h, device=x.device).view(1, h)).view(n, 1, h, 1)
     cols = torch.arange(w, device=x.device).view(1, w)
