@@ -110,6 +110,12 @@ def weight_manifest(model: nn.Module, layers: list[QuantLayer], method: str, bit
             "train_bytes": train_bytes + 4 * other, **extra}
 
 
+#: stochastic rounding run eagerly inside a compiled forward (one explicit graph break): its noise comes
+#: from a seeded generator (``torch.randint(generator=...)`` breaks the graph anyway) and, on CUDA, goes
+#: through the hand-launched Triton kernel, which Dynamo should not trace
+_stochastic_round_eager = torch.compiler.disable(stochastic_round)
+
+
 class WeightQuantizer(nn.Module):
     """Parametrization ``shadow -> Q(shadow)`` with a straight-through gradient (BinaryConnect style).
 
@@ -129,7 +135,7 @@ class WeightQuantizer(nn.Module):
         """The quantized value (no autograd) the forward pass would use in the current mode."""
         with torch.no_grad():
             if self.training and self.noise is not None:
-                return stochastic_round(w, self.bits, self.scale, self.noise)
+                return _stochastic_round_eager(w, self.bits, self.scale, self.noise)
             return nearest(w, self.bits, self.scale)
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
