@@ -33,6 +33,7 @@ Three implementations, bit-identical (same thresholds, same float operations):
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
@@ -237,10 +238,12 @@ def stochastic_round_all_(xs: list[torch.Tensor], bits: int, scales: list[float]
     """``x <- Q_s(x)`` in place for every ``x`` of ``xs``, with the noise of all of them in one draw
     (:meth:`Noise.vectors_each`; on CPU the values :func:`stochastic_round_` would draw for them one after
     another, so a run rounds the same whichever path it takes). With the fused kernel on
-    (``compile=true``) each tensor goes through it (one pass each)."""
+    (``compile=true``) each CPU tensor goes through it (one pass each); CUDA tensors keep this
+    multi-tensor path (the Triton kernel takes the large ones: the fused kernel would draw and launch
+    per layer)."""
     if not xs:
         return
-    if _FUSED.on:
+    if _FUSED.on and not xs[0].is_cuda:
         for x, s in zip(xs, scales):
             stochastic_round_(x, bits, s, noise)
         return
@@ -415,6 +418,13 @@ class _Fused:
 _FUSED = _Fused()
 
 
+@functools.lru_cache(maxsize=1024)
+def _kernel_scalars(p: tuple[float, ...], device: torch.device) -> torch.Tensor:
+    """The fused kernel's scalars as one float32 tensor on ``device``, made once per (grid, device): a
+    tensor made from host numbers on a GPU is a copy that waits for the queued work."""
+    return torch.tensor(p, dtype=torch.float32, device=device)
+
+
 def _fused_sr_(x: torch.Tensor, bits: int, scale: float, noise: Noise) -> None:
     """``stochastic_round_`` through the compiled kernel. If compiling fails (no working C++ compiler or
     Triton), one warning, the kernel is switched off and this call finishes uncompiled (same thresholds)."""
@@ -429,7 +439,7 @@ def _fused_sr_(x: torch.Tensor, bits: int, scale: float, noise: Noise) -> None:
         grid, binary = _FUSED.compiled() if _FUSED.on else (_sr_grid_body, _sr_binary_body)
         g = SymmetricGrid(bits, scale)
         p = [-scale / HALF, 2 * scale, scale] if bits == 1 else [1.0 / g.step, float(g.max_index), g.step]
-        args = (torch.tensor(p, dtype=torch.float32, device=x.device),)
+        args = (_kernel_scalars(tuple(p), x.device),)
         try:
             (binary if bits == 1 else grid)(xs, av, bv, cv, *args)
         except Exception as e:  # compiling failed: nothing of this part was written

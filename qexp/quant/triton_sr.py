@@ -22,6 +22,7 @@ through Triton's interpreter (``TRITON_INTERPRET=1``).
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -76,8 +77,10 @@ def sr_(x: torch.Tensor, bits: int, scale: float, a: torch.Tensor, b: torch.Tens
     opts = {"COLS": COLS, "BLOCK": BLOCK}
     if os.environ.get("TRITON_INTERPRET") != "1":
         opts["enable_fp_fusion"] = False
-    if bits == 1:
-        _sr_binary[grid](x, a, b, c, n, -scale / (1 << 15), scale, **opts)
-    else:
-        g = SymmetricGrid(bits, scale)
-        _sr_grid[grid](x, a, b, c, n, 1.0 / g.step, float(g.max_index), g.step, **opts)
+    # Triton launches on the current device: make it x's (``cuda:1`` while the current device is 0)
+    with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
+        if bits == 1:
+            _sr_binary[grid](x, a, b, c, n, -scale / (1 << 15), scale, **opts)
+        else:
+            g = SymmetricGrid(bits, scale)
+            _sr_grid[grid](x, a, b, c, n, 1.0 / g.step, float(g.max_index), g.step, **opts)
