@@ -207,17 +207,22 @@ def bench_kernel(device: torch.device, rounds: int, n: int = 4 * 1024 * 1024) ->
     x, xf, y = src.clone(), src.clone(), torch.empty_like(src)
     noise, noise_f = Noise(0, device), Noise(0, device)
     gen = torch.Generator(device=device).manual_seed(0)
+    # the fused path alone: with the Triton kernel on (CUDA's default) stochastic_round_ would take it
+    triton_on, kernels._TRITON.on = kernels._TRITON.on, False
     t0 = time.perf_counter()
     fused_ok = kernels.use_fused(True, device)
     stochastic_round_(xf, 8, 1.0, noise_f)  # the 4M shape family
     sync(device)
     compile_s = time.perf_counter() - t0
     kernels.use_fused(False)
+    kernels._TRITON.on = triton_on
 
     def fused() -> None:
+        on, kernels._TRITON.on = kernels._TRITON.on, False
         kernels._FUSED.on = fused_ok
         stochastic_round_(xf, 8, 1.0, noise_f)
         kernels._FUSED.on = False
+        kernels._TRITON.on = on
 
     def eager() -> None:  # the eager passes even on CUDA, where the Triton kernel is the default
         on, kernels._TRITON.on = kernels._TRITON.on, False
