@@ -2,7 +2,7 @@
 of the suite computes on the CPU whatever the machine (tests/conftest.py sets ``QEXP_DEVICE=cpu``: its
 exact numbers and floors were measured there), so these tests ask for ``device=cuda`` themselves.
 
-- every method option as typed learns on ``device=cuda`` (the CPU-measured floors of test_as_typed);
+- every method option as typed learns on ``device=cuda`` (above a constant answer: no GPU spread measured);
 - ``device=cuda:N`` runs on GPU N (the precisions, ``compile=true`` and ``cuda_graphs=true``:
   tests/test_cuda_compile.py, a file of its own so that the GPU suite's workers run the two at once);
 - the method contract (train, stop + resume bit-identical, manifest, state round trip, export) holds on
@@ -38,9 +38,12 @@ os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 
 
 def test_every_method_as_typed_learns_on_cuda(tmp_path: Path, data_root: Path) -> None:
+    """Every method option as typed learns on the GPU: above what a constant answer scores. The CPU floors
+    (test_as_typed) come from 3 CPU seeds; on the GPU the noise streams and kernels differ, so each run
+    is in effect another seed, and no GPU spread was measured to set a floor from."""
     runs = sweep_as_typed(tmp_path / "all", data_root, ("device=cuda",))
     assert {m["device"] for m in runs.values()} == {"cuda:0"}
-    check_learned(runs)
+    check_learned(runs, floor_of=lambda method: ABOVE_CONSTANT)
 
 
 def test_stacked_seeds_learn_on_cuda(tmp_path: Path, data_root: Path) -> None:

@@ -372,6 +372,9 @@ def test_triton_sr_kernel_that_fails_or_differs_is_switched_off(monkeypatch, cap
     pytest.importorskip("triton")
     from qexp.quant import triton_sr
 
+    for attr in ("on", "interpret"):  # restored afterwards: later tests of this worker (on a GPU machine,
+        monkeypatch.setattr(kernels._TRITON, attr, getattr(kernels._TRITON, attr))  # the kernel) keep the default
+
     def broken(x, *args):
         raise RuntimeError("no compiler\nmore lines")
 
