@@ -8,7 +8,9 @@ compare them exactly: LeNet-5 (5 quantized layers) against ResNet-20 (20).
 
 from __future__ import annotations
 
+import time
 from collections import Counter
+from typing import Any
 
 import pytest
 import torch
@@ -86,9 +88,9 @@ def test_step_hooks_read_no_device_value(method: list[str]) -> None:
     assert step_launches("lenet5", method)[1] == 0
 
 
-def group_launches_per_batch(k: int) -> float:
-    """Launches per batch of one epoch of ``k`` float LeNet-5 seeds stacked in one group (synthetic
-    data, 4 batches): its shared forward, backward and optimizer step, and each seed's own bookkeeping."""
+def stacked_group(k: int) -> tuple[Any, list[Any], Any]:
+    """``k`` float LeNet-5 seeds stacked in one group (synthetic data, 4 batches an epoch): the group's
+    step, the seeds' trainers and their shared step clock, as `qexp train` builds them."""
     from qexp.run import seeds
     from qexp.run.session import Trainer, build, group_step, stack_seeds
 
@@ -99,14 +101,23 @@ def group_launches_per_batch(k: int) -> float:
                              "batch_size=16", "+optim.foreach=true", "model=lenet5", "method=float", f"seed={s}"])
         torch.manual_seed(s)
         builts.append(build(cfg, cpu))
-    take = group_step(stack_seeds(builts), builts)
+    clock = seeds.StepClock()
     trainers = [Trainer(b.model, b.method, b.optimizer, b.scheduler, b.data, cpu, 1, progress_bar=False,
-                        train_clock=seeds.StepClock()) for b in builts]
+                        train_clock=clock) for b in builts]
+    return group_step(stack_seeds(builts), builts), trainers, clock
+
+
+def group_launches_per_batch(k: int) -> float:
+    """Launches per batch of one epoch of ``k`` stacked seeds (:func:`stacked_group`): the group's shared
+    forward, backward and optimizer step, and each seed's own bookkeeping."""
+    from qexp.run import seeds
+
+    take, trainers, clock = stacked_group(k)
 
     def epoch() -> None:
         for t in trainers:
             t.progress.batch = 0
-        assert seeds.drive([t._train_epoch() for t in trainers], take) == ["ok"] * k
+        assert seeds.drive([t._train_epoch() for t in trainers], take, clock) == ["ok"] * k
 
     epoch()
     with LaunchCounter() as c:
@@ -119,6 +130,30 @@ def test_a_stacked_seed_costs_a_few_launches_more() -> None:
     that each seed adds its two running sums to the group's step and its shuffle once an epoch (2.25 per
     batch here; each seed cost ~12 before)."""
     assert group_launches_per_batch(4) - group_launches_per_batch(2) <= 2 * 3
+
+
+def test_a_groups_step_clock_counts_the_waits_at_the_sync_points(monkeypatch) -> None:
+    """On a GPU a group's steps only queue work, and each engine's read of its running sums (every
+    SYNC_EVERY steps and at an epoch's last batch) waits for it: that wait is training time
+    (``images_per_s``). It was outside the group's clock, which timed only the steps' host side. Here a
+    wait is a sleep in the read."""
+    from qexp.run import engine, seeds
+
+    take, trainers, clock = stacked_group(2)
+    real = engine.totals
+    waits = []
+
+    def slow_totals(*args: Any, **kwargs: Any) -> list[float]:
+        waits.append(clock())
+        time.sleep(0.2)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "totals", slow_totals)
+    assert seeds.drive([t._train_epoch() for t in trainers], take, clock) == ["ok"] * 2
+    # each seed reads at its last batch (its wait counted) and for the epoch's totals (after its clock
+    # was read: not counted); the clock as each read began:
+    assert len(waits) == 4
+    assert waits[1] - waits[0] >= 0.2 and waits[2] == waits[1] and clock() - waits[0] >= 0.4
 
 
 def test_lsq_quantizer_on_a_device_is_nine_launches_and_reads_nothing(monkeypatch) -> None:

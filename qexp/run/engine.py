@@ -417,6 +417,7 @@ class Engine:
         show = _isatty() if self.progress_bar is None else self.progress_bar
         bar = tqdm(total=len(loader), initial=p.batch, desc=f"epoch {p.epoch + 1}/{self.epochs}",
                    disable=not show, leave=False, dynamic_ncols=True)
+        waiting = getattr(self.train_clock, "waiting", contextlib.nullcontext)
         t0 = self.train_clock()
         c0 = self._compile_seconds()
         status = "ok"
@@ -435,7 +436,8 @@ class Engine:
                 correct += (out.argmax(1) == y).sum()
             bar.update(1)
             if p.step % SYNC_EVERY == 0 or p.batch == len(loader):
-                total_loss, total_seen = self._sum(loss_sum, seen)
+                with waiting():  # a group's step clock (qexp.run.seeds) counts the wait for the queued steps
+                    total_loss, total_seen = self._sum(loss_sum, seen)
                 running = (base[0] + total_loss) / max(base[2] + total_seen, 1)
                 if not math.isfinite(running):
                     status = "diverged"

@@ -234,13 +234,24 @@ GroupStep = Callable[[list[StepRequest | None], list[int]], dict[int, StepResult
 
 class StepClock:
     """Seconds spent in a group's shared steps: each seed's ``train_clock``, so that its epoch's
-    ``images_per_s`` counts the group's training time and not the other seeds' evaluations."""
+    ``images_per_s`` counts the group's training time and not the other seeds' evaluations. On a GPU
+    the steps only queue work: the waits for it, at the engines' sync points (:meth:`waiting`), count
+    too."""
 
     def __init__(self) -> None:
         self.seconds = 0.0
 
     def __call__(self) -> float:
         return self.seconds
+
+    @contextlib.contextmanager
+    def waiting(self) -> Iterator[None]:
+        """Time spent inside (an engine reading its running sums: the wait for the queued steps) counts."""
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds += time.perf_counter() - t0
 
 
 #: the run folder of the seed whose engine is running now (None: no seed's, or not a group)
