@@ -102,6 +102,7 @@ def main() -> None:
                         step()
                     compile_s[method, mode] = (clock.seconds, time.perf_counter() - t0)
                     clock.stop()
+                    print(f"  {model_name} {method} {mode}: compiled in {clock.seconds:.1f} s", flush=True)
                 fns[method, mode] = step
         med = side_by_side(fns, device, args.rounds, per_round, warmup=2)
         compiled_modes = [m for m in modes if MODES[m][0]]

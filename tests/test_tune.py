@@ -43,6 +43,7 @@ def test_objective_is_the_recorded_validation_error() -> None:
 
 @pytest.mark.slow
 def test_parallel_search_reruns_skip_finished_trials_and_table_shows_them(tmp_path: Path) -> None:
+    pytest.importorskip("optuna", reason="an Optuna study (a dependency of qexp; the GPU machine lacks it)")
     out = tmp_path / "out"
     first = search(out, "hydra/launcher=local_parallel", "hydra.launcher.n_jobs=2", "hydra.sweeper.n_trials=2")
     study = out / "tune_bc_mnist"
@@ -71,6 +72,7 @@ def test_parallel_search_reruns_skip_finished_trials_and_table_shows_them(tmp_pa
 def test_an_unseeded_search_reruns_the_same_trials(tmp_path: Path) -> None:
     """A search of one's own (no preset) with the plugin's unseeded sampler: the sampler takes the run's
     seed, so a rerun proposes the same trials and retrains none (it used to draw new ones)."""
+    pytest.importorskip("optuna", reason="an Optuna study (a dependency of qexp; the GPU machine lacks it)")
     out = tmp_path / "out"
     args = ["train", "--multirun", "hydra/sweeper=optuna", "lr=interval(0.0001, 0.03)",
             "hydra.sweeper.n_trials=2", "hydra.sweeper.n_jobs=1", *SMALL, f"out_root={out}", "seed=3"]
