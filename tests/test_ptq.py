@@ -283,6 +283,13 @@ def test_ptq_json_merges_new_entries(tmp_path: Path) -> None:
     doc = record.read_ptq(tmp_path)
     assert [(r["bits"], r["weights_only_error"]) for r in doc["results"]] == [(8, 1.2), (2, 9.0)]
     assert record.read_ptq(tmp_path / "nowhere") is None
+    # entries made from another checkpoint, or with other calibration batches, start the file afresh
+    head = {"float_test_error": 1.0, "checkpoint_sha1": "aaaa", "calib_batches": 8}
+    other = {**head, "checkpoint_sha1": "bbbb"}
+    for header, bits, left in ((head, 8, [8]), (other, 2, [2]), (other, 8, [8, 2]),
+                               ({**other, "calib_batches": 1}, 8, [8])):
+        ptq_curve.write(tmp_path, header, [{**row, "bits": bits}])
+        assert [r["bits"] for r in record.read_ptq(tmp_path)["results"]] == left, header
 
 
 # ---- real MNIST --------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from qexp.errors import QexpError
+from qexp.jsonio import file_sha1
 from qexp.methods.ptq import affine
 from qexp.methods.ptq.method import PTQ, Scheme, affine_weight_copy, quantize_activations, weight_sqnr
 from qexp.models.lenet import LeNet5
@@ -147,6 +148,11 @@ def test_method_ptq_options_reach_quant_json(tmp_path: Path):
     run_qexp(["eval", str(run), "--ptq-bits", "3", "--calib-batches", "2"])
     doc = json.loads((run / "ptq.json").read_text())
     assert doc["scheme"] == "affine-minmax-per-layer" and [r["bits"] for r in doc["results"]] == [3]
+    # the header names the checkpoint analysed; other calibration batches start the file afresh too
+    assert doc["checkpoint_sha1"] == file_sha1(run / "checkpoint.pt")[:16] and doc["epoch"] == metrics["epochs_done"]
+    run_qexp(["eval", str(run), "--ptq-bits", "2", "--calib-batches", "1"])
+    doc = json.loads((run / "ptq.json").read_text())
+    assert doc["calib_batches"] == 1 and [r["bits"] for r in doc["results"]] == [2]
     bad = run_qexp(["eval", str(run), "--ptq-bits", "3", "--ptq-calib", "kl"], check=False)
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
 

@@ -343,7 +343,38 @@ def test_ptq_json_results_of_other_schemes_are_other_rows(tmp_path: Path) -> Non
 def test_ptq_default_scheme_is_the_one_eval_writes() -> None:
     from qexp.methods.ptq.curve import DEFAULT_SCHEME_HEADER
 
-    assert results.PTQ_DEFAULT_SCHEME == DEFAULT_SCHEME_HEADER
+    assert {**results.PTQ_DEFAULT_SCHEME, "calib_batches": results.PTQ_DEFAULT_CALIB} == DEFAULT_SCHEME_HEADER
+
+
+def test_ptq_rows_carry_only_the_ptq_results_and_their_checkpoint(tmp_path: Path) -> None:
+    """A PTQ row is the PTQ result: the source run's other numbers (validation error, error at the best
+    epoch) were inherited, so ``--metric val_error`` showed float's number on every ptq row. A ptq.json
+    made from a checkpoint.pt that changed since (the run trained on after ``qexp eval``) is left out,
+    with a note; other calibration batches are rows of their own."""
+    import hashlib
+
+    runs = tmp_path / "runs"
+    for seed in (0, 1):
+        run = make_run(runs, "float", 32, seed, [1.0], extra={"val_error": 5.0, "test_error_at_best": 1.5})
+        (run / "checkpoint.pt").write_bytes(b"weights")
+        write_json(run / "ptq.json", {
+            "calib_batches": 1 + 7 * seed, "checkpoint_sha1": hashlib.sha1(b"weights").hexdigest()[:16], "epoch": 1,
+            "results": [{"bits": 4, "act_bits": 8, "weights_only_error": 2.0 + seed, "with_activations_error": 3.0,
+                         "weights_only_drop": 1.0 + seed, "with_activations_drop": 2.0}]})
+    df = results.with_ptq(results.collect([runs]))
+    ptq = df[df["method"] == "ptq"]
+    assert sorted(ptq["bits_tag"]) == ["4", "4", "4-8", "4-8 calib1"]  # calibration: rows of their own
+    assert ptq["val_error"].isna().all() and ptq["test_error_at_best"].isna().all()
+    assert sorted(ptq["ptq_drop"]) == [1.0, 2.0, 2.0, 2.0]
+    g = results.aggregate(df, ["method", "bits"], ["dataset"], "val_error")
+    assert g.cell(("ptq", "4"), ("mnist",)).n == 0 and g.cell(("float", "32"), ("mnist",)).n == 2
+    (run,) = [Path(r) for r in results.find_run_dirs(runs) if Path(r).name == "seed1"]
+    (run / "checkpoint.pt").write_bytes(b"trained on")  # the run went on after qexp eval
+    g = results.aggregate(results.with_ptq(results.collect([runs])), ["method", "bits"], ["dataset"], "test_error")
+    cell = g.cell(("ptq", "4"), ("mnist",))
+    assert cell.values == [2.0] and cell.note() == "stale (1)"
+    assert any(f"{run / 'ptq.json'} analysed checkpoint.pt as it was after epoch 1, which has changed since" in w
+               for w in g.warnings())
 
 
 # ---- published numbers --------------------------------------------------------------------------

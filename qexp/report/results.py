@@ -20,7 +20,7 @@ from typing import Any
 import pandas as pd
 
 from qexp.errors import QexpError
-from qexp.jsonio import read_json
+from qexp.jsonio import file_sha1, read_json
 from qexp.report import stats
 from qexp.run import lock, record
 
@@ -297,6 +297,13 @@ PTQ_FILE = record.PTQ_FILE
 #: not imported: that loads torch; tests/test_results.py checks they agree). Files from before the header
 #: was written used it
 PTQ_DEFAULT_SCHEME = {"scheme": "affine-minmax-per-layer", "act_scheme": "affine-minmax-per-tensor"}
+#: activations calibrated on this many training batches unless ``--calib-batches`` said otherwise
+PTQ_DEFAULT_CALIB = 8
+#: the fields of a source run a PTQ record keeps: what identifies it (and how it computed); its other
+#: numbers (validation errors, diagnostics, timings) describe the source network, not the PTQ result
+PTQ_KEPT = ("status", *CONFIG_FIELDS, "seed", "fingerprint", "mtime", "epochs_done", "device", "torch", "threads")
+#: a PTQ record's status when its ptq.json was made from a checkpoint.pt that has changed since
+STALE = "stale"
 
 
 def ptq_tag(scheme: dict[str, str], bits: int, act: Any = None) -> str:
@@ -311,10 +318,34 @@ def ptq_tag(scheme: dict[str, str], bits: int, act: Any = None) -> str:
 
 def ptq_scheme_text(scheme: dict[str, Any], activations: bool) -> str:
     """The schemes a PTQ result used, when not the default ("" then): the weights' scheme, and with
-    ``activations`` the activations' one too (an absent or empty one is the default)."""
+    ``activations`` the activations' one too and its calibration batches when not 8 (``calib1``; an
+    absent or empty value is the default)."""
     keys = ("scheme", "act_scheme") if activations else ("scheme",)
     used = [str(scheme.get(k) or PTQ_DEFAULT_SCHEME[k]) for k in keys]
-    return "" if used == [PTQ_DEFAULT_SCHEME[k] for k in keys] else " ".join(used)
+    text = "" if used == [PTQ_DEFAULT_SCHEME[k] for k in keys] else " ".join(used)
+    calib = scheme.get("calib_batches")
+    if activations and isinstance(calib, int) and calib != PTQ_DEFAULT_CALIB:
+        text = f"{text} calib{calib}".strip()
+    return text
+
+
+def ptq_staleness(run_dir: str | Path, doc: dict[str, Any]) -> str | None:
+    """Why a run's ptq.json does not describe its checkpoint.pt as it is now (None: it does, or cannot
+    be checked: a file written before qexp recorded the checkpoint's digest, or no checkpoint): ``qexp
+    eval --ptq-bits`` analysed a checkpoint the run has replaced since (it trained on, or was retrained)."""
+    made = doc.get("checkpoint_sha1")
+    if not isinstance(made, str) or not made:
+        return None
+    try:
+        now = file_sha1(Path(run_dir) / record.CHECKPOINT)
+    except OSError:
+        return None
+    if now.startswith(made):
+        return None
+    epoch = doc.get("epoch")
+    return (f"{Path(run_dir) / PTQ_FILE} analysed {record.CHECKPOINT} as it was"
+            + (f" after epoch {epoch}" if isinstance(epoch, int) else "")
+            + f", which has changed since: its results are not counted; rerun qexp eval {run_dir} --ptq-bits ...")
 
 
 def ptq_records(run: dict[str, Any]) -> list[dict[str, Any]]:
@@ -327,7 +358,11 @@ def ptq_records(run: dict[str, Any]) -> list[dict[str, Any]]:
     src = run.get("method")
     # a method=ptq run trains (and checkpoints) a float network: its PTQ curve is PTQ of float
     method = "ptq" if src in ("float", "ptq", None) else f"ptq({src})"
-    scheme = {k: str(doc.get(k) or v) for k, v in PTQ_DEFAULT_SCHEME.items()}  # an old file: the default
+    scheme: dict[str, Any] = {k: str(doc.get(k) or v) for k, v in PTQ_DEFAULT_SCHEME.items()}  # old file: default
+    scheme["calib_batches"] = doc.get("calib_batches")
+    stale = ptq_staleness(run["run_dir"], doc)
+    # the source run's identity only: its other numbers (val_error, diagnostics, ...) are not the PTQ result's
+    base = {k: v for k, v in run.items() if k in PTQ_KEPT or not isinstance(v, (int, float)) or isinstance(v, bool)}
     out, seen = [], set()
     for e in doc["results"]:
         if not isinstance(e, dict) or not isinstance(e.get("bits"), int):
@@ -339,12 +374,15 @@ def ptq_records(run: dict[str, Any]) -> list[dict[str, Any]]:
             if not isinstance(err, (int, float)) or tag in seen:
                 continue
             seen.add(tag)
-            out.append({**run, "method": method, "bits": e["bits"], "bits_tag": tag, "test_error": err,
+            drop = e.get(key.replace("_error", "_drop"))
+            out.append({**base, "method": method, "bits": e["bits"], "bits_tag": tag, "test_error": err,
                         "test_acc": 100.0 - err, "best_test_error": err, "train_loss": None,
                         "images_per_s": None, "wall_s": None, "history": [], "ptq_of": src,
+                        "ptq_drop": drop if isinstance(drop, (int, float)) else None,
                         "ptq_scheme": scheme["scheme"],
                         "ptq_act_scheme": scheme["act_scheme"] if key == "with_activations_error" else None,
-                        "run_dir": f"{run['run_dir']}#{PTQ_FILE}:{tag}"})
+                        "run_dir": f"{run['run_dir']}#{PTQ_FILE}:{tag}",
+                        **({"status": STALE, "error": stale} if stale else {})})
     return out
 
 
@@ -682,6 +720,8 @@ class Grid:
 
     def warnings(self) -> list[str]:
         notes = list(self.notes)
+        notes += list(dict.fromkeys(r["error"] for c in self.cells.values() for r in c.runs
+                                    if r.get("status") == STALE and isinstance(r.get("error"), str)))
         for (row, col), c in self.cells.items():
             mixed = c.mixed_configs()
             if "overrides" in mixed:  # name the overridden keys that differ: those are what to add

@@ -8,6 +8,9 @@ activations calibrated on training batches. The results go to ``RUN_DIR/ptq.json
      "scheme": "affine-minmax-per-layer",               # weights: --ptq-per-channel, --ptq-grid
      "act_scheme": "affine-minmax-per-tensor",          # activations: --ptq-grid, --ptq-calib
      "calib_batches": 8,
+     "checkpoint_sha1": "9f2c...",        # the checkpoint.pt analysed (16 hex digits of its sha1) ...
+     "epoch": 3,                          # ... and its epochs: qexp table leaves out a file whose
+                                          # checkpoint.pt has changed since (the run trained on)
      "float_test_error": 1.23,            # the run's network as trained, evaluated now (percent)
      "float32_bytes": 1724040,            # its parameters as float32
      "results": [                          # sorted by bits, high to low; one entry per (bits, act_bits)
@@ -18,8 +21,9 @@ activations calibrated on training batches. The results go to ``RUN_DIR/ptq.json
         "layers": [{"name": "features.0", "weight_sqnr_db": 48.1,     # per layer: SQNR (dB) of the
                     "input_sqnr_db": 41.7}, ...]}, ...]}              #  weight and of its input
 
-A later call with the same scheme merges its entries into the file (same ``bits`` and ``act_bits``:
-replaced); a call with other scheme options starts the file afresh.
+A later call with the same scheme, calibration batches and checkpoint merges its entries into the file
+(same ``bits`` and ``act_bits``: replaced); a call with other options, or after the checkpoint changed,
+starts the file afresh, so one file never mixes results made otherwise.
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ from typing import Any
 from torch import nn
 
 from qexp.errors import QexpError, check_range
-from qexp.jsonio import write_json
+from qexp.jsonio import file_sha1, write_json
 from qexp.methods.base import Evaluate
 from qexp.methods.ptq import affine
 from qexp.methods.ptq.method import (
@@ -47,8 +51,10 @@ from qexp.run import record
 
 PTQ_FILE = record.PTQ_FILE
 #: header keys that describe how the entries were made: entries made otherwise are not merged with them
-SCHEME_KEYS = ("scheme", "act_scheme")
-DEFAULT_SCHEME_HEADER = {"scheme": DEFAULT_SCHEME.name, "act_scheme": DEFAULT_SCHEME.act_name}
+#: (a file from before a key was written holds its default; one without the checkpoint's digest is
+#: never merged: what it analysed cannot be told)
+SCHEME_KEYS = ("scheme", "act_scheme", "calib_batches", "checkpoint_sha1")
+DEFAULT_SCHEME_HEADER = {"scheme": DEFAULT_SCHEME.name, "act_scheme": DEFAULT_SCHEME.act_name, "calib_batches": 8}
 
 
 def parse_bits(text: str) -> list[int]:
@@ -162,6 +168,7 @@ def run(loaded: Any, args: argparse.Namespace, base: dict[str, float] | None = N
     header = {"dataset": cfg.dataset.name, "model": cfg.model.name, "method": cfg.method.name,
               "run_bits": loaded.built.method.bits, "scheme": scheme.name, "act_scheme": scheme.act_name,
               "calib_batches": args.calib_batches,
+              "checkpoint_sha1": file_sha1(loaded.run_dir / loaded.checkpoint_name)[:16], "epoch": loaded.epoch,
               "float_test_error": base["error"], "float32_bytes": weight_memory(model, 8)["float32_bytes"]}
     # print first: minutes of evaluation must not be lost to a read-only run folder
     print(f"post-training quantization of {loaded.run_dir} (as trained: test error {base['error']:.2f}%)")
