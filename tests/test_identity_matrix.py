@@ -218,6 +218,12 @@ def test_eval_uses_the_runs_own_data_and_refuses_other_data(matrix, monkeypatch,
         evaluate.main([str(run), "--device", "cpu", "--data-root", str(out / "dataB")])
     assert evaluate.main([str(run), "--device", "cpu", "--data-root", str(out / "dataB"), "--other-data"]) == 0
     assert evaluate.main([str(run), "--device", "cpu", "--data-root", str(out / "dataC")]) == 0
+    # PTQ on other data is printed, not saved: ptq.json holds results on the run's own data (qexp table
+    # showed other data's numbers as the run's, merged with its own)
+    capsys.readouterr()
+    assert evaluate.main([str(run), "--device", "cpu", "--data-root", str(out / "dataB"), "--other-data",
+                          "--ptq-bits", "4", "--calib-batches", "1"]) == 0
+    assert "not written to" in capsys.readouterr().out and not (run / "ptq.json").exists()
 
 
 BAD = ["stochastic_off", "bn_flase", "width_abc", "plus_foo", "name_abs", "name_up", "run_dir", "sweep_dir",

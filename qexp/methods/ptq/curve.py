@@ -176,6 +176,9 @@ def run(loaded: Any, args: argparse.Namespace, base: dict[str, float] | None = N
     for r in rows:
         print(f"  {r['bits']:>4}  {r['act_bits']:>3}  {r['weights_only_error']:>11.2f}%  "
               f"{r['with_activations_error']:>12.2f}%  {r['bytes']:>10}", flush=True)
+    if getattr(args, "other_data", False):  # ptq.json holds results on the run's own data (qexp table)
+        print(f"  not written to {loaded.run_dir / PTQ_FILE}: measured on other data (--other-data)")
+        return {**header, "results": rows}
     try:
         doc = write(loaded.run_dir, header, rows)
     except OSError as e:

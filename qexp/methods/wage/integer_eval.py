@@ -75,6 +75,9 @@ def run(loaded: Any, args: argparse.Namespace, base: dict[str, float] | None = N
           f"(fake-quantized float {res['fake_quant_accuracy']:.2f}%), "
           f"{res['differing_predictions']} differing predictions, "
           f"{res['differing_logit_rows']} images with any differing logit", flush=True)
+    if getattr(args, "other_data", False):  # the run's files hold results on its own data
+        print(f"  not written to {loaded.run_dir / RESULT}: measured on other data (--other-data)")
+        return res
     try:
         write_json(loaded.run_dir / RESULT, res)
         if net is not None:
