@@ -103,7 +103,7 @@ class STE(Layered):
         BinaryConnect weight diagnostics (``weight/flip_frac``, ``weight/rel_quant_error``)."""
         out: dict[str, float] = {f"weight/{k}": v for k, v in super().metrics().items()}
         for name, q in self.quantizers:
-            out[f"alpha/{name}"] = float(q.alpha)
+            out[f"alpha/{name}"] = float(q.alpha.detach())
             stats = q.pop_stats()
             if stats is not None:
                 out[f"zero/{name}"], out[f"top/{name}"] = stats
@@ -111,11 +111,13 @@ class STE(Layered):
 
     def manifest(self, model: nn.Module) -> dict[str, Any]:
         base = super().manifest(model)
-        acts = [format_row(relu_format(n, q), alpha=float(q.alpha),
-                           top=float(q.alpha) * max_index(self.bits) if self.bits > 1 else float(q.alpha),
-                           call_sites=int(q.sites), shared_alpha=int(q.sites) > 1,
-                           estimator=self.estimator, learned_alpha=self.learn_alpha)
-                for n, q in self.quantizers]
+        acts = []
+        for n, q in self.quantizers:
+            alpha = float(q.alpha.detach())  # a learned alpha requires grad: read it without autograd
+            acts.append(format_row(relu_format(n, q), alpha=alpha,
+                                   top=alpha * max_index(self.bits) if self.bits > 1 else alpha,
+                                   call_sites=int(q.sites), shared_alpha=int(q.sites) > 1,
+                                   estimator=self.estimator, learned_alpha=self.learn_alpha))
         return {**base, "method": self.name, "bits": self.bits, "activation_bits": self.bits,
                 "weight_bits": self.inner.bits if self.inner is not None else 32,
                 "estimator": self.estimator, "staircase": self.staircase, "activations": acts}
