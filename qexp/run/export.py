@@ -12,8 +12,9 @@ Writes a folder (default RUN_DIR/export, or export-best) loadable with plain PyT
 
 Scope: methods whose evaluated network is the float architecture with quantized weights (float, bc, sr,
 r, big_sr, learned without activation bits, ptq without activations: PTQ exports its deployed k-bit
-copy). Methods that quantize activations (ste, wage, learned with activation bits, ptq with
-activations) are refused with one line: their forward needs qexp's activation quantizers.
+copy). Methods that quantize activations (ste, lsq, pact, dorefa, wage, learned with activation bits,
+ptq with activations) are refused with one line: their forward needs qexp's activation quantizers
+(``--format onnx`` exports them all but wage).
 ``--out DIR`` must be a new folder, an empty one, or a previous export (it holds the ``.qexp-export``
 marker and nothing else than an export's files): the export replaces it whole, so the run folder, the
 current folder or any folder holding other files is refused. Files and folders follow the umask.
