@@ -258,11 +258,25 @@ def test_ptq_eval_prints_its_results_before_failing_to_write(tmp_path: Path, one
     assert not (run / "ptq.json").exists()
 
 
-def test_ctrl_c_under_the_parallel_launcher_checkpoints_and_summarises(tmp_path: Path) -> None:
-    """hydra/launcher=local_parallel, 2 jobs at once, Ctrl-C from the terminal (SIGINT to the whole process
-    group) once both train: the sequential sweep's contract. Each running job checkpoints and is
-    `interrupted`, the queued ones never start, the parent prints the summary (no traceback) and exits
-    130, and no .qexp-sweep/ is left behind."""
+def test_a_sweep_stopped_by_a_signal_exits_128_plus_it() -> None:
+    """A sequential sweep stopped by SIGTERM (its running job checkpointed, the rest not started) exited 0,
+    so ``qexp train --multirun ... && qexp table`` went on with jobs that never ran."""
+    from qexp.run import sweep
+
+    jobs = [{"outcome": "completed"}, {"outcome": "interrupted"}, {"outcome": "not started"}]
+    assert sweep.summarize(jobs, stopped=signal.SIGTERM)[1] == 143
+    assert sweep.summarize(jobs, stopped=signal.SIGINT)[1] == 130
+    assert sweep.summarize(jobs[:1])[1] == 0
+    assert sweep.summarize([*jobs, {"outcome": "failed"}], stopped=signal.SIGTERM)[1] == 1
+
+
+@pytest.mark.parametrize("how", ["ctrl_c", "sigterm"])
+def test_a_stop_under_the_parallel_launcher_checkpoints_and_summarises(tmp_path: Path, how: str) -> None:
+    """hydra/launcher=local_parallel, 2 jobs at once, stopped once both train, by Ctrl-C from the terminal
+    (SIGINT to the whole process group) or by SIGTERM to the parent alone (a scheduler, ``kill``): the
+    sequential sweep's contract. Each running job checkpoints and is `interrupted`, the queued ones never
+    start, the parent prints the summary (no traceback) and exits 128 + the signal (130, 143), and no
+    .qexp-sweep/ is left behind. SIGTERM killed the parent and left its workers training as orphans."""
     from tests.conftest import find_runs, read_metrics
 
     args = ["train", "--multirun", "hydra/launcher=local_parallel", "hydra.launcher.n_jobs=2",
@@ -286,9 +300,12 @@ def test_ctrl_c_under_the_parallel_launcher_checkpoints_and_summarises(tmp_path:
     try:
         _wait_for(lambda: len(training()) == 2, timeout=300)
     finally:
-        os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does
+        if how == "ctrl_c":
+            os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does
+        else:
+            proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=300)
-    assert proc.returncode == 130, out + err
+    assert proc.returncode == (130 if how == "ctrl_c" else 143), out + err
     assert "Traceback" not in out + err and "KeyboardInterrupt" not in out + err, err
     assert "sweep finished: 4 jobs: 0 completed, 0 skipped, 0 failed, 0 diverged, 2 interrupted, 2 not started" \
         in out, out

@@ -26,6 +26,8 @@ CHAINED_ONLY = (signal.SIGUSR2,)
 # start its next job after SIGTERM.
 _requested = threading.Event()
 _by_user = threading.Event()
+#: the first stop signal this process received (a sweep exits 128 + it: 130 after Ctrl-C, 143 after SIGTERM)
+_first_signal: list[int] = []
 
 
 def requested() -> bool:
@@ -37,16 +39,30 @@ def interrupted_by_user() -> bool:
     return _by_user.is_set()
 
 
+def stop_signal() -> int | None:
+    """The first stop signal this process received, or None."""
+    return _first_signal[0] if _first_signal else None
+
+
+def note_signal(signum: int) -> None:
+    """A stop signal arrived (SIGINT: a Ctrl-C): no new run starts in this process."""
+    if not _first_signal:
+        _first_signal.append(int(signum))
+    if signum == signal.SIGINT:
+        _by_user.set()
+    _requested.set()
+
+
 def note_user_interrupt() -> None:
     """A Ctrl-C that arrived outside :func:`stop_on_signals` (as KeyboardInterrupt): stop the sweep too."""
-    _by_user.set()
-    _requested.set()
+    note_signal(signal.SIGINT)
 
 
 def reset() -> None:
     """Forget an earlier stop request (tests, or a long-lived process that means to go on)."""
     _requested.clear()
     _by_user.clear()
+    _first_signal.clear()
 
 
 @contextmanager
@@ -68,10 +84,8 @@ def stop_on_signals(forward: Callable[[int], None] | None = None) -> Iterator[th
         # no logging here: a signal that lands while this thread writes a log line (or a second signal
         # while this handler logs) re-enters the same file and printed a "Logging error" traceback
         received.append(signum)
-        if signum == signal.SIGINT:
-            _by_user.set()
+        note_signal(signum)
         stop.set()
-        _requested.set()
         if forward is not None:
             forward(signum)
 

@@ -4,13 +4,15 @@ Every job (whichever launcher ran it: in this process, joblib workers, submitit/
 outcome as a small JSON file under ``<sweep dir>/.qexp-sweep/<sweep id>/``; the Hydra callback
 :class:`SweepSummary` (configured in train.yaml) collects them when the launcher returns, prints the
 counts and the failed jobs with their one-line errors, and sets the process's exit status: 1 when a
-job failed, 130 when the sweep was stopped with Ctrl-C, else 0 (a diverged run is a result, not an
-error).
+job failed, 128 + N when the sweep was stopped by signal N (130 after Ctrl-C, 143 after SIGTERM, 138
+after SIGUSR1: a script's ``qexp train --multirun ... && qexp table`` does not go on with jobs that never
+ran), else 0 (a diverged run is a result, not an error).
 
 A local parallel sweep (``hydra/launcher=local_parallel``, joblib) keeps the sequential sweep's contract on
-Ctrl-C: the parent does not raise (joblib would kill its workers mid-checkpoint) but asks every worker to
-stop (:func:`parallel_stop`); each running job checkpoints and reports ``interrupted``, no new job starts,
-and the parent prints the summary and exits 130.
+Ctrl-C, SIGTERM and SIGUSR1: the parent does not raise or die (joblib would kill its workers
+mid-checkpoint, or leave them running as orphans) but asks every worker to stop (:func:`parallel_stop`);
+each running job checkpoints and reports ``interrupted``, no new job starts, and the parent prints the
+summary and exits 128 + N.
 """
 
 from __future__ import annotations
@@ -44,8 +46,10 @@ _exit_code = 0
 _sweep_dir: str | None = None
 #: when this process's sweep started (its multirun.yaml is not older)
 _started = 0.0
-#: the parent's SIGINT handler before a local parallel sweep took Ctrl-C over
-_old_sigint: Any = None
+#: the signals a local parallel sweep's parent takes over (:func:`parallel_stop`)
+PARENT_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
+#: the parent's handlers of those signals before a local parallel sweep took them over
+_old_handlers: dict[int, Any] = {}
 
 
 def _children() -> list[int]:
@@ -62,14 +66,15 @@ def _children() -> list[int]:
 
 
 def parallel_stop(signum: int, frame: Any) -> None:
-    """The parent's Ctrl-C under a local parallel sweep: stop (no new job), pass it on to the workers."""
+    """The parent's Ctrl-C (or SIGTERM, SIGUSR1) under a local parallel sweep: stop (no new job), pass it
+    on to the workers as a Ctrl-C (what they stop on inside and outside training)."""
     from qexp.run import preempt
 
     first = not preempt.requested()
-    preempt.note_user_interrupt()
+    preempt.note_signal(signum)
     if first:
-        print("interrupted (Ctrl-C): running jobs checkpoint and stop, no new job starts", file=sys.stderr,
-              flush=True)
+        what = "interrupted (Ctrl-C)" if signum == signal.SIGINT else f"stopped ({signal.Signals(signum).name})"
+        print(f"{what}: running jobs checkpoint and stop, no new job starts", file=sys.stderr, flush=True)
     for pid in _children():
         try:
             os.kill(pid, signal.SIGINT)
@@ -162,8 +167,9 @@ def report(sweep_dir: str | Path, job: int, outcome: str, run_dir: str | None, l
         pass
 
 
-def summarize(jobs: list[dict[str, Any]], stopped: bool = False) -> tuple[list[str], int]:
-    """Summary lines and the exit status for the collected job reports."""
+def summarize(jobs: list[dict[str, Any]], stopped: int | None = None) -> tuple[list[str], int]:
+    """Summary lines and the exit status for the collected job reports (``stopped``: the stop signal the
+    sweep received, if any)."""
     counts = {k: 0 for k in ORDER}
     for j in jobs:
         counts[j.get("outcome", "failed")] = counts.get(j.get("outcome", "failed"), 0) + 1
@@ -175,7 +181,7 @@ def summarize(jobs: list[dict[str, Any]], stopped: bool = False) -> tuple[list[s
         lines.append(f"  failed  {where}: {(j.get('error') or '').splitlines()[0][:160] if j.get('error') else ''}")
     if len(failed) > SHOW:
         lines.append(f"  ... and {len(failed) - SHOW} more (qexp runs DIR --status failed)")
-    code = 1 if failed else (130 if stopped else 0)
+    code = 1 if failed else (128 + stopped if stopped else 0)
     return lines, code
 
 
@@ -183,12 +189,13 @@ class SweepSummary(Callback):
     """Hydra callback: give the sweep an id its jobs report under, then summarize their reports."""
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        global _sweep_dir, _old_sigint, _started
+        global _sweep_dir, _started
         os.environ[ENV] = f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
         _sweep_dir, _started = str(config.hydra.sweep.dir), time.time()
         if _parallel(config) and threading.current_thread() is threading.main_thread():
             os.environ[PARENT_ENV] = str(os.getpid())
-            _old_sigint = signal.signal(signal.SIGINT, parallel_stop)
+            for s in PARENT_SIGNALS:
+                _old_handlers[s] = signal.signal(s, parallel_stop)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         finish(str(config.hydra.sweep.dir))
@@ -197,12 +204,12 @@ class SweepSummary(Callback):
 def finish(sweep_dir: str | None = None) -> None:
     """Collect the jobs' reports, print the summary, set the exit status, remove the reports (also called
     when a launcher raised, so that no ``.qexp-sweep/`` is left behind)."""
-    global _exit_code, _old_sigint
+    global _exit_code
     from qexp.run import preempt
 
-    if _old_sigint is not None:
-        signal.signal(signal.SIGINT, _old_sigint)
-        _old_sigint = None
+    for s, handler in _old_handlers.items():
+        signal.signal(s, handler)
+    _old_handlers.clear()
     os.environ.pop(PARENT_ENV, None)
     sweep_id = os.environ.pop(ENV, None)
     sweep_dir = sweep_dir or _sweep_dir
@@ -215,7 +222,7 @@ def finish(sweep_dir: str | None = None) -> None:
             jobs.append(read_json(f))
         except (OSError, ValueError):
             continue
-    lines, _exit_code = summarize(jobs, stopped=preempt.interrupted_by_user())
+    lines, _exit_code = summarize(jobs, stopped=preempt.stop_signal())
     print("\n".join(lines), flush=True)
     shutil.rmtree(folder, ignore_errors=True)
     try:

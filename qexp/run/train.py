@@ -437,7 +437,8 @@ def check_config_dir(folder: Path) -> None:
 def main() -> None:
     """Entry for ``qexp train`` and ``python -m qexp.run.train``: Hydra parses ``sys.argv``.
 
-    A ``--multirun`` sweep exits 1 when a job failed (130 after Ctrl-C), after its summary.
+    A ``--multirun`` sweep exits 1 when a job failed (128 + N after stop signal N: 130 after Ctrl-C), after
+    its summary.
     """
     try:
         sys.argv = sys.argv[:1] + arrange_argv(sys.argv[1:])
