@@ -419,6 +419,9 @@ def test_wage_reference_matches_its_tag(tmp_path: Path) -> None:
     rows = list(csv.DictReader(io.StringIO(render(tmp_path, "csv", "--ref", "wage2018", "--metric",
                                                   "best_test_error"))))
     assert rows[0]["bits"] == "2-8-8-8" and float(rows[0]["mnist/lenet5 paper"]) == pytest.approx(0.49)
+    # without --metric the table shows what the paper published (the last epoch's error was set beside
+    # the best epoch's: a Δ of +86.97 with only a note saying so)
+    assert list(csv.DictReader(io.StringIO(render(tmp_path, "csv", "--ref", "wage2018")))) == rows
 
 
 # ---- bad input ----------------------------------------------------------------------------------
@@ -428,6 +431,8 @@ def test_wage_reference_matches_its_tag(tmp_path: Path) -> None:
     (["--rows", "method,colour"], "unknown row/column key(s) colour"),
     (["--ref", "nosuchpaper"], "reference 'nosuchpaper' not found"),
     (["--ref", "li2017", "--metric", "wall_s"], "--ref needs --metric"),
+    (["--ref", "wage2018", "--metric", "test_error"], "publishes best_test_error, another measure than --metric"),
+    (["--ref", "li2017", "--metric", "best_test_error"], "use --metric test_error, or leave --metric out"),
 ])
 def test_bad_table_input_is_one_clear_error(sweep: Path, capsys: pytest.CaptureFixture, args: list[str],
                                              message: str) -> None:

@@ -78,9 +78,15 @@ def is_acc(metric: str) -> bool:
 
 
 def comparable(ref: Reference, metric: str) -> None:
+    """The table's metric must measure what the paper published: accuracy and error convert, but the
+    last epoch's number is not the best epoch's (WAGE's logs publish the best)."""
     if metric not in REF_METRICS:
         raise QexpError(f"reference {ref.name!r} holds {ref.metric}; --ref needs --metric "
                         f"{' | '.join(REF_METRICS)}, not {metric!r}")
+    if metric.startswith("best_") != ref.metric.startswith("best_"):
+        raise QexpError(f"reference {ref.name!r} publishes {ref.metric}, another measure than --metric {metric} "
+                        f"(the best epoch's, not the last one's, or the other way round): use --metric "
+                        f"{ref.metric}, or leave --metric out")
 
 
 def available() -> list[str]:

@@ -340,9 +340,9 @@ def main(argv: list[str]) -> int:
                          "e.g. method,bits,overrides or method,optim,lr")
     ap.add_argument("--cols", default="dataset,model",
                     help="comma-separated column keys (default dataset,model)")
-    ap.add_argument("--metric", default="test_error",
-                    help="test_error (default) | best_test_error | test_acc | train_loss | images_per_s | "
-                         "wall_s | any numeric field of metrics.json")
+    ap.add_argument("--metric", default=None,
+                    help="test_error (default; best_test_error with a --ref that publishes it) | best_test_error | "
+                         "test_acc | train_loss | images_per_s | wall_s | any numeric field of metrics.json")
     ap.add_argument("--format", default=None,
                     help="term (rich, default), md, latex (booktabs) or csv; default from --out's suffix")
     ap.add_argument("--out", type=Path, default=None, help="write to this file instead of stdout")
@@ -382,6 +382,9 @@ def main(argv: list[str]) -> int:
     if fmt not in FORMATS:
         raise QexpError(f"unknown format {fmt!r}; choose from {', '.join(FORMATS)}")
     ref = refs.load(args.ref) if args.ref else None
+    if args.metric is None:
+        # test error; the best epoch's when the paper published a best-epoch number
+        args.metric = "best_test_error" if ref is not None and ref.metric.startswith("best_") else "test_error"
     if ref is not None:
         refs.comparable(ref, args.metric)
     df = results.collect(args.dirs)
