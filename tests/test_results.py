@@ -373,6 +373,7 @@ def test_ptq_rows_carry_only_the_ptq_results_and_their_checkpoint(tmp_path: Path
     g = results.aggregate(results.with_ptq(results.collect([runs])), ["method", "bits"], ["dataset"], "test_error")
     cell = g.cell(("ptq", "4"), ("mnist",))
     assert cell.values == [2.0] and cell.note() == "stale (1)"
+    assert "[2 runs: 2 completed; 4 PTQ results from their ptq.json]" in render(runs, "md")  # not 6 runs
     assert any(f"{run / 'ptq.json'} analysed checkpoint.pt as it was after epoch 1, which has changed since" in w
                for w in g.warnings())
 
@@ -502,6 +503,16 @@ def test_plot_learned_allocation_and_ptq_curves(tmp_path: Path, capsys: pytest.C
     # the learned runs tabulate with their allocation as a row key
     g = grid_of(runs, rows="method,bits,allocation")
     assert ("learned", "4", "2356") in g.rows and ("learned", "4", "3346") in g.rows
+
+
+def test_plot_legend_counts_seeds_and_runs_apart() -> None:
+    """Two seeds under two learning rates were "float (4 seeds; diverged)"."""
+    from qexp.report.plot import series_tag
+
+    runs = [{"seed": s, "status": st}
+            for s, st in ((0, "completed"), (1, "completed"), (0, "diverged"), (1, "completed"))]
+    assert series_tag(runs) == " (2 seeds, 4 runs; diverged)"
+    assert series_tag(runs[:2]) == " (2 seeds)" and series_tag(runs[:1]) == " (1 seed)"
 
 
 def test_plot_ptq_series_keep_schemes_apart(tmp_path: Path) -> None:

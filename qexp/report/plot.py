@@ -194,11 +194,8 @@ def plot_curves(df: Any, rows: Sequence[str], cols: Sequence[str], metric: str, 
             if not epochs:
                 continue
             color = colors[line_groups.index(row) % len(colors)]
-            statuses = {r.get("status") for r in members} - {"completed"}
-            tag = f" ({len(members)} seed{'s' if len(members) > 1 else ''}" + \
-                  (f"; {', '.join(sorted(s for s in statuses if s))}" if statuses else "") + ")"
             ax.plot(epochs, mean, color=color, lw=1.8, marker="o" if len(epochs) < 15 else None, ms=3,
-                    label=_label(rows, row) + tag)
+                    label=_label(rows, row) + series_tag(members))
             lo = [m - s for m, s, k in zip(mean, std, n)]
             hi = [m + s for m, s, k in zip(mean, std, n)]
             if max(n) > 1 and len(epochs) > 1:
@@ -343,6 +340,15 @@ def _series(name: str, scheme: dict[str, Any], activations: bool) -> str:
     return f"{name} ({text})" if text else name
 
 
+def series_tag(members: list[dict[str, Any]]) -> str:
+    """`` (2 seeds)``, `` (2 seeds, 4 runs; diverged)``: what a curve averages (runs of one seed in other
+    configurations are counted apart from the seeds) and how its runs that did not complete ended."""
+    statuses = sorted({str(r.get("status")) for r in members} - {"completed", "None"})
+    seeds = len({results.key_label("seed", r) for r in members})
+    count = f"{seeds} seed{'s' if seeds != 1 else ''}" + (f", {len(members)} runs" if len(members) != seeds else "")
+    return f" ({count}" + (f"; {', '.join(statuses)}" if statuses else "") + ")"
+
+
 def _number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
@@ -364,7 +370,7 @@ def plot_ptq(df: Any, rows: Sequence[str], cols: Sequence[str], out: Path, size:
             std = [statistics.stdev(by_bits[b]) if len(by_bits[b]) > 1 else 0.0 for b in bits]
             ax.errorbar(bits, mean, yerr=std, marker="o", capsize=3, label=name)
         if float_acc:
-            ax.axhline(statistics.fmean(float_acc), color="k", ls="--", lw=1, label="float (before PTQ)")
+            ax.axhline(statistics.fmean(float_acc), color="k", ls="--", lw=1, label="as trained (before PTQ)")
         source = key[len(cols):]
         what = source[0] if source == ("method=ptq runs",) else f"PTQ of {_label(rows, source)} runs"
         ax.set_title(f"{'/'.join(key[:len(cols)])}: {what}")

@@ -169,9 +169,15 @@ def build_view(grid: results.Grid, ref: refs.Reference | None = None, opts: Opti
                 line.append(Shown(f"{mean - value:+.{digits}f}" if mean is not None else results.MISSING))
         body.append(line)
     label = results.metric_label(grid.metric)
-    counts = Counter(r.get("status") or "failed" for c in grid.cells.values() for r in c.runs)
+    # run folders; the PTQ results read from their ptq.json files are counted apart
+    records = [r for c in grid.cells.values() for r in c.runs]
+    from_ptq = [f"#{results.PTQ_FILE}:" in str(r.get("run_dir")) for r in records]
+    ptq_results = sum(from_ptq)
+    counts = Counter(r.get("status") or "failed" for r, p in zip(records, from_ptq) if not p)
     tally = ", ".join(f"{n} {st}" for st, n in sorted(counts.items(),
                                                       key=lambda kv: results.sort_key("status", kv[0])))
+    if ptq_results:
+        tally += f"; {ptq_results} PTQ result{'s' if ptq_results != 1 else ''} from their ptq.json"
     spread = "95% CI of the mean" if opts.spread == "ci" else "std"
     mark = ("best mean per column in bold" if opts.alpha >= 1 else
             f"best per column in bold only where Welch's t-test over seeds finds it better than the "
