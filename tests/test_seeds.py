@@ -110,7 +110,8 @@ def test_group_writes_what_separate_runs_write(tmp_path: Path, method: list[str]
     (fingerprint, data, overrides with each seed's own ``seed=``), records that differ only by
     ``seeds_per_process`` and float rounding."""
     args = [*TINY, *method]
-    run_qexp(["train", *args, "trainer.seeds_per_process=2", f"out_root={tmp_path / 'group'}"])
+    proc = run_qexp(["train", *args, "trainer.seeds_per_process=2", f"out_root={tmp_path / 'group'}"])
+    assert "lr_scheduler.step()" not in proc.stderr  # each seed's optimizer stepped (in the shared one)
     for s in (0, 1):
         run_qexp(["train", *args, f"seed={s}", f"out_root={tmp_path / 'alone'}"])
     group, alone = find_runs(tmp_path / "group"), find_runs(tmp_path / "alone")

@@ -221,6 +221,8 @@ class SharedOptimizer:
                 if k != "params":
                     shared[k] = v
         self.shared.step()
+        for i in active:  # each seed's optimizer took its step here: what torch's step wrapper marks, so
+            self.optimizers[i]._opt_called = True  # type: ignore[attr-defined]  # its scheduler does not warn
         if not self._linked:
             self._link()
 
