@@ -84,24 +84,51 @@ def _main(argv: list[str]) -> int:
 
 
 def _completion(args: list[str]) -> int:
-    """Hydra's tab completion for ``qexp train``: ``eval "$(qexp -sc install=bash)"``.
+    """Tab completion: ``eval "$(qexp -sc install=bash)"``.
 
-    Hydra's script calls ``qexp -sc query=bash`` with the typed line in COMP_LINE; the ``train`` word is
-    removed from it so that Hydra sees only overrides.
+    Hydra's script calls ``qexp -sc query=bash`` with the typed line in COMP_LINE. The first word after
+    ``qexp`` completes to a command; after ``train``, Hydra completes the overrides (the ``train`` word
+    removed from the line so that it sees only overrides; config folders that are data for other
+    commands, such as ``reference/``, left out); after the other commands, paths (their run folders).
     """
+    import contextlib
+    import io
     import os
 
+    from qexp.run.config import INTERNAL_GROUPS
     from qexp.run.train import main as train_main
 
     line = os.environ.get("COMP_LINE")
-    if line is not None:
-        words = line.split(" ")
-        if len(words) > 1 and words[1] == "train":
-            os.environ["COMP_LINE"] = " ".join(words[:1] + words[2:])
-            os.environ["COMP_POINT"] = str(max(0, int(os.environ.get("COMP_POINT", len(line))) - len(" train")))
+    if line is not None and "query=bash" in args:
+        point = int(os.environ.get("COMP_POINT", len(line)))
+        words = line[:point].split(" ")
+        if len(words) <= 2:  # the command itself
+            print(" ".join(c for c in COMMANDS if c.startswith(words[-1])))
+            return 0
+        if words[1] != "train":  # a run folder or an output file
+            print(" ".join(_paths(words[-1])))
+            return 0
+        os.environ["COMP_LINE"] = " ".join(words[:1] + words[2:])
+        os.environ["COMP_POINT"] = str(max(0, point - len(" train")))
     sys.argv = ["qexp", *args]
-    train_main()
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        train_main()
+    hidden = tuple(f"{g}{c}" for g in INTERNAL_GROUPS for c in "=.")
+    print(" ".join(w for w in out.getvalue().split() if not w.startswith(hidden)) if line is not None
+          else out.getvalue(), end="" if line is None else "\n")
     return 0
+
+
+def _paths(prefix: str) -> list[str]:
+    """Files and folders starting with ``prefix`` (folders with a trailing ``/``), hidden ones only when
+    asked for."""
+    import glob
+    import os
+
+    hidden = os.path.basename(prefix).startswith(".")
+    return sorted(p + "/" if os.path.isdir(p) else p for p in glob.glob(glob.escape(prefix) + "*",
+                                                                        include_hidden=hidden))
 
 
 if __name__ == "__main__":

@@ -238,6 +238,15 @@ def test_wheel_ships_every_config(tmp_path):
     assert in_tree <= packages, f"packages missing from pyproject.toml: {sorted(in_tree - packages)}"
 
 
-def test_tab_completion_passes_through_to_hydra():
-    proc = run_qexp(["-sc", "query=bash"], env={"COMP_LINE": "qexp train method=s", "COMP_POINT": "19"})
-    assert "method=sr" in proc.stdout.split()
+def test_tab_completion_passes_through_to_hydra(tmp_path):
+    def complete(line: str) -> list[str]:
+        return run_qexp(["-sc", "query=bash"], env={"COMP_LINE": line, "COMP_POINT": str(len(line))}).stdout.split()
+
+    assert {"method=sr", "method=ste"} <= set(complete("qexp train method=s"))
+    # the first word is a command (it offered train's overrides); train hides reference/ (data for
+    # `qexp table --ref`, not a choice of a run); the other commands complete paths (their run folders)
+    assert complete("qexp ") == ["train", "eval", "table", "plot", "export", "runs"]
+    assert complete("qexp ta") == ["table"]
+    assert complete("qexp train re") == ["resume="]
+    (tmp_path / "outputs").mkdir()
+    assert complete(f"qexp table {tmp_path}/out") == [f"{tmp_path}/outputs/"]
