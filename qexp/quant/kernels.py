@@ -407,6 +407,9 @@ class _Fused:
         self.on = False
         self.grid: Callable[..., None] | None = None
         self.binary: Callable[..., None] | None = None
+        #: :func:`stochastic_round` kept out of compiled graphs (:func:`eager_in_graphs`); made when
+        #: compiling is switched on, since ``torch.compiler.disable`` creates torch's kernel cache folder
+        self.eager_sr: Callable[..., torch.Tensor] | None = None
 
     def compiled(self) -> tuple[Callable[..., None], Callable[..., None]]:
         if self.grid is None or self.binary is None:
@@ -451,6 +454,14 @@ def _fused_sr_(x: torch.Tensor, bits: int, scale: float, noise: Noise) -> None:
             (_sr_binary_body if bits == 1 else _sr_grid_body)(xs, av, bv, cv, *args)
 
 
+def eager_in_graphs() -> Callable[..., torch.Tensor]:
+    """:func:`stochastic_round` as a compiled forward calls it: eagerly (``torch.compiler.disable``, one
+    explicit graph break): its noise comes from a seeded generator (``torch.randint(generator=...)``
+    breaks the graph anyway) and, on CUDA, goes through the hand-launched Triton kernel, which Dynamo
+    should not trace. Plain :func:`stochastic_round` before :func:`use_fused` switched compiling on."""
+    return _FUSED.eager_sr if _FUSED.eager_sr is not None else stochastic_round
+
+
 def use_fused(on: bool = True, device: torch.device | str = "cpu", probe: bool = True) -> bool:
     """Switch the fused SR kernel on (or off) for this process; returns whether it is on.
 
@@ -459,6 +470,8 @@ def use_fused(on: bool = True, device: torch.device | str = "cpu", probe: bool =
     compiling happens at first use, with the same fallback).
     """
     _FUSED.on = bool(on)
+    if _FUSED.on and _FUSED.eager_sr is None:
+        _FUSED.eager_sr = torch.compiler.disable(stochastic_round)
     for bits in (4, 1):
         if _FUSED.on and probe:
             _fused_sr_(torch.zeros(2 * COLS + 3, device=device), bits, 1.0, Noise(0, device))

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from qexp.errors import QexpError, check_choice, check_range
+from qexp.quant import kernels
 from qexp.quant.format import row as format_row
 from qexp.quant.format import symmetric
 from qexp.quant.grid import SymmetricGrid, glorot_scale
@@ -110,12 +111,6 @@ def weight_manifest(model: nn.Module, layers: list[QuantLayer], method: str, bit
             "train_bytes": train_bytes + 4 * other, **extra}
 
 
-#: stochastic rounding run eagerly inside a compiled forward (one explicit graph break): its noise comes
-#: from a seeded generator (``torch.randint(generator=...)`` breaks the graph anyway) and, on CUDA, goes
-#: through the hand-launched Triton kernel, which Dynamo should not trace
-_stochastic_round_eager = torch.compiler.disable(stochastic_round)
-
-
 class WeightQuantizer(nn.Module):
     """Parametrization ``shadow -> Q(shadow)`` with a straight-through gradient (BinaryConnect style).
 
@@ -135,7 +130,9 @@ class WeightQuantizer(nn.Module):
         """The quantized value (no autograd) the forward pass would use in the current mode."""
         with torch.no_grad():
             if self.training and self.noise is not None:
-                return _stochastic_round_eager(w, self.bits, self.scale, self.noise)
+                # in a compiled forward: eagerly, one explicit graph break (kernels.use_fused)
+                sr = kernels.eager_in_graphs() if torch.compiler.is_compiling() else stochastic_round
+                return sr(w, self.bits, self.scale, self.noise)
             return nearest(w, self.bits, self.scale)
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
