@@ -352,8 +352,17 @@ def test_a_signal_while_the_temporary_folder_is_made_leaves_nothing(
         return made
 
     monkeypatch.setattr(export.tempfile, "mkdtemp", mkdtemp_then_signal)
-    with pytest.raises(export.Terminated):
-        export.export_run(synthetic_runs["sr"], tmp_path / "out" / "exp")
+    import threading
+
+    done = threading.Event()  # another thread, as torch's: a blocked signal would be delivered to it
+    other = threading.Thread(target=done.wait)
+    other.start()
+    try:
+        with pytest.raises(export.Terminated):
+            export.export_run(synthetic_runs["sr"], tmp_path / "out" / "exp")
+    finally:
+        done.set()
+        other.join()
     assert not (tmp_path / "out").exists()
 
 

@@ -239,16 +239,22 @@ def _terminate_unwinds() -> Iterator[None]:
 def _signals_deferred() -> Iterator[None]:
     """Ctrl-C and SIGTERM wait until the block ends (main thread only): a temporary folder and its marker
     come into being together, so an interrupted export never leaves an unmarked folder that no later
-    export may reclaim (a signal between ``mkdtemp`` and the marker did)."""
+    export may reclaim (a signal between ``mkdtemp`` and the marker did). Inside, their handlers only
+    note them; after, the handlers before are back and each noted signal is raised again. (Blocking
+    the signals would not do: with torch's or any other thread running, the kernel delivers a
+    process-directed signal to a thread that does not block it, and Python runs the handler anyway.)"""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    held = {signal.SIGINT, signal.SIGTERM}
-    old = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    noted: list[int] = []
+    old = {s: signal.signal(s, lambda signum, frame: noted.append(signum)) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old)  # a pending signal is delivered here
+        for s, handler in old.items():
+            signal.signal(s, handler)
+        for s in dict.fromkeys(noted):
+            signal.raise_signal(s)
 
 
 def _hold_marker(folder: Path, final: bool = True) -> int:
