@@ -374,6 +374,11 @@ def test_ptq_rows_carry_only_the_ptq_results_and_their_checkpoint(tmp_path: Path
     cell = g.cell(("ptq", "4"), ("mnist",))
     assert cell.values == [2.0] and cell.note() == "stale (1)"
     assert "[2 runs: 2 completed; 4 PTQ results from their ptq.json]" in render(runs, "md")  # not 6 runs
+    from qexp.report import plot
+
+    notes: list[str] = []  # the plot reads the same records: the stale file is left out there too
+    points = plot.ptq_points(results.collect([runs]), ["method"], ["dataset"], notes)
+    assert points[("mnist", "float")]["weights only"] == {4: [98.0]} and "which has changed since" in notes[0]
     assert any(f"{run / 'ptq.json'} analysed checkpoint.pt as it was after epoch 1, which has changed since" in w
                for w in g.warnings())
 
@@ -516,23 +521,25 @@ def test_plot_legend_counts_seeds_and_runs_apart() -> None:
 
 
 def test_plot_ptq_series_keep_schemes_apart(tmp_path: Path) -> None:
-    """Two seeds' ptq.json of different schemes, and method=ptq runs of two schemes, in one panel: each
-    scheme is its own series, never one mean (the table's rule, ptq_tag)."""
+    """Three seeds' ptq.json of different schemes and calibrations, and method=ptq runs of two schemes, in
+    one panel: each scheme and calibration is its own series, never one mean (the table's rule, ptq_tag:
+    the plot reads them through results.ptq_records)."""
     from qexp.report import plot
 
     runs = tmp_path / "runs"
     for seed, header in enumerate([{}, {"scheme": "symmetric-minmax-per-channel",
-                                        "act_scheme": "symmetric-minmax-per-tensor"}]):
+                                        "act_scheme": "symmetric-minmax-per-tensor"}, {"calib_batches": 1}]):
         write_json(make_run(runs, "float", 32, seed, [1.0]) / "ptq.json", {**header, "results": [
-            {"bits": 4, "act_bits": 8, "weights_only_error": 2.0 + 10 * seed, "with_activations_error": 3.0}]})
+            {"bits": 4, "act_bits": 8, "weights_only_error": 2.0 + 10 * seed, "with_activations_error": 3.0 + seed}]})
     for seed, scheme in enumerate([None, "symmetric-minmax-per-channel"]):
         make_run(runs, "ptq", 4, seed, [5.0 + seed], extra={"ptq_bits": 4, "ptq_act_bits": None,
                                                               "ptq_scheme": scheme})
     points = plot.ptq_points(results.collect([runs]), ["method"], ["dataset"])
     assert points[("mnist", "float")] == {
-        "weights only": {4: [98.0]}, "+ 8-bit activations": {4: [97.0]},
+        "weights only": {4: [98.0, 78.0]}, "+ 8-bit activations": {4: [97.0]},
         "weights only (symmetric-minmax-per-channel)": {4: [88.0]},
-        "+ 8-bit activations (symmetric-minmax-per-channel symmetric-minmax-per-tensor)": {4: [97.0]}}
+        "+ 8-bit activations (symmetric-minmax-per-channel symmetric-minmax-per-tensor)": {4: [96.0]},
+        "+ 8-bit activations (calib1)": {4: [95.0]}}  # calibration does not touch the weights-only result
     assert points[("mnist", "method=ptq runs")] == {
         "weights only": {4: [95.0]}, "weights only (symmetric-minmax-per-channel)": {4: [94.0]}}
 

@@ -295,30 +295,29 @@ def plot_allocation(df: Any, rows: Sequence[str], cols: Sequence[str], out: Path
 
 
 # ---- post-training quantization -----------------------------------------------------------------
-def ptq_points(df: Any, rows: Sequence[str], cols: Sequence[str]) -> dict[tuple[str, ...],
-                                                                          dict[str, dict[int, list[float]]]]:
-    """(col..., row...) -> series name -> bits -> test accuracies over seeds. A scheme other than the
-    default names its own series (``weights only (symmetric-minmax-per-channel)``): results of different
-    schemes are never one mean, as in the table (:func:`qexp.report.results.ptq_tag`)."""
+def ptq_points(df: Any, rows: Sequence[str], cols: Sequence[str], notes: list[str] | None = None,
+               ) -> dict[tuple[str, ...], dict[str, dict[int, list[float]]]]:
+    """(col..., row...) -> series name -> bits -> test accuracies over seeds. The results of ptq.json
+    files are read as the table reads them (:func:`qexp.report.results.ptq_records`): a scheme or
+    calibration other than the default names its own series (``weights only
+    (symmetric-minmax-per-channel)``), never one mean with another; a stale file (its checkpoint changed
+    since) is left out, its reason added to ``notes``."""
     out: dict[tuple[str, ...], dict[str, dict[int, list[float]]]] = {}
     for r in df.to_dict("records"):
         key = tuple(results.key_label(k, r) for k in [*cols, *rows])
-        doc = record.read_ptq(r["run_dir"])
-        if doc:
-            series = out.setdefault(key, {})
-            seen = set()  # entries for several act_bits repeat the weights-only number: count it once
-            for e in doc["results"]:
-                if not isinstance(e, dict) or not isinstance(e.get("bits"), (int, float)):
-                    continue
-                act = e.get("act_bits")
-                for field, name in (("weights_only_error", _series("weights only", doc, False)),
-                                    ("with_activations_error",
-                                     _series(f"+ {act or 'k'}-bit activations", doc, True))):
-                    if isinstance(e.get(field), (int, float)) and (name, e["bits"]) not in seen:
-                        seen.add((name, e["bits"]))
-                        series.setdefault(name, {}).setdefault(int(e["bits"]), []).append(100 - e[field])
-            if isinstance(doc.get("float_test_error"), (int, float)):
-                series.setdefault("float", {}).setdefault(32, []).append(100 - doc["float_test_error"])
+        fresh = []
+        for p in results.ptq_records(r):
+            if p["status"] != "completed":
+                if notes is not None and p.get("error") and p["error"] not in notes:
+                    notes.append(p["error"])
+                continue
+            act, text = p.get("ptq_act_bits"), str(p["bits_tag"]).partition(" ")[2]
+            name = "weights only" if act is None else f"+ {act}-bit activations"
+            name = f"{name} ({text})" if text else name
+            out.setdefault(key, {}).setdefault(name, {}).setdefault(int(p["bits"]), []).append(p["test_acc"])
+            fresh.append(p)
+        if fresh and _number(fresh[0].get("float_test_error")):  # the network as trained: the dashed line
+            out[key].setdefault("float", {}).setdefault(32, []).append(100 - fresh[0]["float_test_error"])
         bits = r.get("ptq_bits") if _number(r.get("ptq_bits")) else r.get("bits")
         if r.get("method") == "ptq" and r.get("status") == "completed" and _number(r.get("test_acc")) \
                 and _number(bits):
@@ -355,7 +354,10 @@ def _number(v: Any) -> bool:
 
 def plot_ptq(df: Any, rows: Sequence[str], cols: Sequence[str], out: Path, size: tuple[int, int] | None,
              dpi: int) -> Path | None:
-    points = ptq_points(df, rows, cols)
+    notes: list[str] = []
+    points = ptq_points(df, rows, cols, notes)
+    for note in notes:
+        print(f"note: {note}")
     if not points:
         return None
     nrows, ncols = _grid_shape(len(points))

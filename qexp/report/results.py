@@ -301,7 +301,8 @@ PTQ_DEFAULT_SCHEME = {"scheme": "affine-minmax-per-layer", "act_scheme": "affine
 PTQ_DEFAULT_CALIB = 8
 #: the fields of a source run a PTQ record keeps: what identifies it (and how it computed); its other
 #: numbers (validation errors, diagnostics, timings) describe the source network, not the PTQ result
-PTQ_KEPT = ("status", *CONFIG_FIELDS, "seed", "fingerprint", "mtime", "epochs_done", "device", "torch", "threads")
+PTQ_KEPT = ("status", *CONFIG_FIELDS, "seed", "fingerprint", "mtime", "epochs_done", "device", "torch", "threads",
+            "compile_s", "seeds_per_process")
 #: a PTQ record's status when its ptq.json was made from a checkpoint.pt that has changed since
 STALE = "stale"
 
@@ -336,14 +337,19 @@ def ptq_staleness(run_dir: str | Path, doc: dict[str, Any]) -> str | None:
     made = doc.get("checkpoint_sha1")
     if not isinstance(made, str) or not made:
         return None
+    name = doc.get("checkpoint") if doc.get("checkpoint") in (record.CHECKPOINT, record.BEST) else record.CHECKPOINT
+    path = Path(run_dir) / name
     try:
-        now = file_sha1(Path(run_dir) / record.CHECKPOINT)
+        st = path.stat()
+        if [st.st_size, st.st_mtime_ns] == doc.get("checkpoint_stat"):  # untouched since: no need to hash it
+            return None
+        now = file_sha1(path)
     except OSError:
         return None
     if now.startswith(made):
         return None
     epoch = doc.get("epoch")
-    return (f"{Path(run_dir) / PTQ_FILE} analysed {record.CHECKPOINT} as it was"
+    return (f"{Path(run_dir) / PTQ_FILE} analysed {name} as it was"
             + (f" after epoch {epoch}" if isinstance(epoch, int) else "")
             + f", which has changed since: its results are not counted; rerun qexp eval {run_dir} --ptq-bits ...")
 
@@ -377,7 +383,9 @@ def ptq_records(run: dict[str, Any]) -> list[dict[str, Any]]:
             drop = e.get(key.replace("_error", "_drop"))
             out.append({**base, "method": method, "bits": e["bits"], "bits_tag": tag, "test_error": err,
                         "test_acc": 100.0 - err, "best_test_error": err, "train_loss": None,
-                        "images_per_s": None, "wall_s": None, "history": [], "ptq_of": src,
+                        "images_per_s": None, "wall_s": None, "history": [], "ptq_of": src, "ptq_json": True,
+                        "ptq_act_bits": act if key == "with_activations_error" else None,
+                        "float_test_error": doc.get("float_test_error"),
                         "ptq_drop": drop if isinstance(drop, (int, float)) else None,
                         "ptq_scheme": scheme["scheme"],
                         "ptq_act_scheme": scheme["act_scheme"] if key == "with_activations_error" else None,

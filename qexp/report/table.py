@@ -171,7 +171,7 @@ def build_view(grid: results.Grid, ref: refs.Reference | None = None, opts: Opti
     label = results.metric_label(grid.metric)
     # run folders; the PTQ results read from their ptq.json files are counted apart
     records = [r for c in grid.cells.values() for r in c.runs]
-    from_ptq = [f"#{results.PTQ_FILE}:" in str(r.get("run_dir")) for r in records]
+    from_ptq = [r.get("ptq_json") is True for r in records]
     ptq_results = sum(from_ptq)
     counts = Counter(r.get("status") or "failed" for r, p in zip(records, from_ptq) if not p)
     tally = ", ".join(f"{n} {st}" for st, n in sorted(counts.items(),
@@ -413,7 +413,9 @@ def main(argv: list[str]) -> int:
                    resolve_baseline(grid, args.baseline) if args.baseline else None, args.alpha)
     color = fmt == "term" and args.out is None and sys.stdout.isatty()
     text = render(grid, fmt, ref, opts, color)
-    return _emit(text, args.out, fmt, f"{len(grid.rows)} rows x {len(grid.cols)} columns, {len(df)} runs")
+    ptq_results = int((df["ptq_json"] == True).sum()) if "ptq_json" in df else 0  # noqa: E712 (NaN elsewhere)
+    return _emit(text, args.out, fmt, f"{len(grid.rows)} rows x {len(grid.cols)} columns, {len(df) - ptq_results} runs"
+                 + (f" and {ptq_results} PTQ results" if ptq_results else ""))
 
 
 def run_folder_of(target: Path) -> Path | None:

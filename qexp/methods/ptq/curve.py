@@ -8,9 +8,10 @@ activations calibrated on training batches. The results go to ``RUN_DIR/ptq.json
      "scheme": "affine-minmax-per-layer",               # weights: --ptq-per-channel, --ptq-grid
      "act_scheme": "affine-minmax-per-tensor",          # activations: --ptq-grid, --ptq-calib
      "calib_batches": 8,
-     "checkpoint_sha1": "9f2c...",        # the checkpoint.pt analysed (16 hex digits of its sha1) ...
-     "epoch": 3,                          # ... and its epochs: qexp table leaves out a file whose
-                                          # checkpoint.pt has changed since (the run trained on)
+     "checkpoint": "checkpoint.pt",       # the checkpoint analysed, 16 hex digits of its sha1, its
+     "checkpoint_sha1": "9f2c...",        # size and mtime_ns, and its epochs: qexp table leaves out a
+     "checkpoint_stat": [2331000, 17...], # file whose checkpoint has changed since (the run trained on)
+     "epoch": 3,
      "float_test_error": 1.23,            # the run's network as trained, evaluated now (percent)
      "float32_bytes": 1724040,            # its parameters as float32
      "results": [                          # sorted by bits, high to low; one entry per (bits, act_bits)
@@ -108,6 +109,14 @@ def curve(model: nn.Module, evaluate: Evaluate, train_loader: Any, bits: list[in
     return base, rows
 
 
+def analysed(checkpoint: Path) -> dict[str, Any]:
+    """The header keys naming the checkpoint a curve analysed: its name, 16 hex digits of its sha1, and
+    its size and mtime (``qexp table`` hashes it again only when those changed)."""
+    st = checkpoint.stat()
+    return {"checkpoint": checkpoint.name, "checkpoint_sha1": file_sha1(checkpoint)[:16],
+            "checkpoint_stat": [st.st_size, st.st_mtime_ns]}
+
+
 def write(run_dir: Path, header: dict[str, Any], rows: list[dict[str, Any]]) -> dict[str, Any]:
     """Merge ``rows`` into ``run_dir/ptq.json`` (replacing entries with the same bits and act_bits)."""
     path = Path(run_dir) / PTQ_FILE
@@ -127,7 +136,8 @@ def write(run_dir: Path, header: dict[str, Any], rows: list[dict[str, Any]]) -> 
 
 def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--ptq-bits", type=parse_bits, default=None, metavar="K,K,...",
-                    help="post-training quantization at these weight bits (2..8); writes RUN_DIR/ptq.json")
+                    help="post-training quantization at these weight bits (2..8); writes RUN_DIR/ptq.json "
+                         "(printed only with --other-data)")
     ap.add_argument("--ptq-act-bits", type=parse_act_bits, default="8", metavar="N|same",
                     help="activation bits of the with-activations column (default 8; 'same': k)")
     ap.add_argument("--calib-batches", type=int, default=8,
@@ -168,7 +178,7 @@ def run(loaded: Any, args: argparse.Namespace, base: dict[str, float] | None = N
     header = {"dataset": cfg.dataset.name, "model": cfg.model.name, "method": cfg.method.name,
               "run_bits": loaded.built.method.bits, "scheme": scheme.name, "act_scheme": scheme.act_name,
               "calib_batches": args.calib_batches,
-              "checkpoint_sha1": file_sha1(loaded.run_dir / loaded.checkpoint_name)[:16], "epoch": loaded.epoch,
+              **analysed(loaded.run_dir / loaded.checkpoint_name), "epoch": loaded.epoch,
               "float_test_error": base["error"], "float32_bytes": weight_memory(model, 8)["float32_bytes"]}
     # print first: minutes of evaluation must not be lost to a read-only run folder
     print(f"post-training quantization of {loaded.run_dir} (as trained: test error {base['error']:.2f}%)")
