@@ -115,20 +115,18 @@ def _completion(args: list[str]) -> int:
     with contextlib.redirect_stdout(out):
         train_main()
     hidden = tuple(f"{g}{c}" for g in INTERNAL_GROUPS for c in "=.")
-    print(" ".join(w for w in out.getvalue().split() if not w.startswith(hidden)) if line is not None
-          else out.getvalue(), end="" if line is None else "\n")
+    print(" ".join(w for w in out.getvalue().split() if not w.lstrip("+~").startswith(hidden))
+          if line is not None else out.getvalue(), end="" if line is None else "\n")
     return 0
 
 
 def _paths(prefix: str) -> list[str]:
-    """Files and folders starting with ``prefix`` (folders with a trailing ``/``), hidden ones only when
-    asked for."""
+    """Files and folders starting with ``prefix`` (folders with a trailing ``/``; hidden ones only when
+    the prefix starts with a dot, glob's rule)."""
     import glob
     import os
 
-    hidden = os.path.basename(prefix).startswith(".")
-    return sorted(p + "/" if os.path.isdir(p) else p for p in glob.glob(glob.escape(prefix) + "*",
-                                                                        include_hidden=hidden))
+    return sorted(p + "/" if os.path.isdir(p) else p for p in glob.glob(glob.escape(prefix) + "*"))
 
 
 if __name__ == "__main__":

@@ -247,6 +247,6 @@ def test_tab_completion_passes_through_to_hydra(tmp_path):
     # `qexp table --ref`, not a choice of a run); the other commands complete paths (their run folders)
     assert complete("qexp ") == ["train", "eval", "table", "plot", "export", "runs"]
     assert complete("qexp ta") == ["table"]
-    assert complete("qexp train re") == ["resume="]
+    assert complete("qexp train re") == ["resume="] and complete("qexp train +ref") == []
     (tmp_path / "outputs").mkdir()
     assert complete(f"qexp table {tmp_path}/out") == [f"{tmp_path}/outputs/"]

@@ -14,6 +14,7 @@ import importlib
 import logging
 import os
 import re
+import signal
 import sys
 import time
 import traceback
@@ -460,10 +461,12 @@ def main() -> None:
         print("interrupted (Ctrl-C)", file=sys.stderr)
         sys.exit(EXIT_INTERRUPTED)
     except Exception as e:
-        if preempt.interrupted_by_user():  # a parallel launcher broken by the Ctrl-C its workers got
+        stopped = preempt.stop_signal()
+        if stopped is not None:  # a parallel launcher broken by the stop (Ctrl-C, SIGTERM) its workers got
             sweep.finish()
-            print(f"interrupted (Ctrl-C): {type(e).__name__}", file=sys.stderr)
-            sys.exit(EXIT_INTERRUPTED)
+            what = "Ctrl-C" if stopped == signal.SIGINT else signal.Signals(stopped).name
+            print(f"interrupted ({what}): {type(e).__name__}", file=sys.stderr)
+            sys.exit(128 + stopped)
         if not isinstance(e, (HydraException, OmegaConfBaseException, OSError)) and not _composing_error(e):
             raise
         _main_error(e, started)
