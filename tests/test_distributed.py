@@ -184,3 +184,17 @@ def test_wage_refuses_data_parallelism_in_one_line(tmp_path: Path) -> None:
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
     assert "method=wage cannot train with data parallelism" in proc.stderr
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["batch_size=63"], "batch_size=63 is not divisible by the 2 processes"),
+    (["trainer.backend=nccl", "device=cpu"], "trainer.backend=nccl needs CUDA devices"),
+])
+def test_bad_data_parallel_input_is_one_line_before_any_folder(tmp_path: Path, extra: list[str],
+                                                                message: str) -> None:
+    """Checked in each process after the run folder existed: four lines (torch's spawn warning among
+    them) and a ``failed`` run folder left behind."""
+    proc = run_qexp(["train", "dataset=synthetic", "model=mlp", "trainer.devices=2", *extra, "progress=false",
+                     f"out_root={tmp_path / 'out'}"], check=False)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and message in proc.stderr, proc.stderr
+    assert not (tmp_path / "out").exists()

@@ -411,7 +411,9 @@ class Engine:
         base: tuple[float, float, int] = (0.0, 0.0, 0)
         if self._reduce is not None:
             base, p.loss_sum, p.correct, p.seen = (p.loss_sum, p.correct, p.seen), 0.0, 0.0, 0
-        loss_sum = torch.tensor(p.loss_sum, device=self.device)
+        # float64: exact for float32 addends, so a sum split at a resume (each process's share restarts
+        # from 0 under DDP and is added to the saved totals) ends where an uninterrupted one does
+        loss_sum = torch.tensor(p.loss_sum, dtype=torch.float64, device=self.device)
         correct = torch.tensor(p.correct, device=self.device)
         seen = p.seen
         show = _isatty() if self.progress_bar is None else self.progress_bar

@@ -98,6 +98,7 @@ def run(cfg: DictConfig) -> dict[str, Any] | None:
         resources.keep_caches_under(cfg.out_root)
         method = check_inputs(cfg)  # the run's method, built once in this process
         seeds_per_process = check_seeds(cfg, method)  # checked before any folder
+        check_processes(cfg)
         ignored = ignored_knobs(method)
         run_dir, level = identity.locate(cfg, defaults, ignored)
         unread = identity.unread_knobs(cfg, typed, ignored)
@@ -270,6 +271,20 @@ def _write_hydra(cfg: DictConfig, run_dir: Path, level: str, other_seed: bool = 
                      else [*typed, seed])
         overrides = OmegaConf.create(typed)
         atomic_write_bytes(hydra_dir / "overrides.yaml", OmegaConf.to_yaml(overrides).encode())
+
+
+def check_processes(cfg: DictConfig) -> None:
+    """Data parallelism's inputs, before any folder: the backend fits the device, the GPUs are there
+    (``trainer.devices`` started here), and each process gets an equal share of every batch."""
+    world = int(cfg.trainer.devices)
+    if world <= 1:
+        return
+    device, _ = _ddp_backend(cfg)
+    if device.type == "cuda" and distributed.env_ranks() is None and torch.cuda.device_count() < world:
+        raise QexpError(f"trainer.devices={world} but only {torch.cuda.device_count()} GPUs are visible")
+    if int(cfg.batch_size) % world:
+        raise QexpError(f"batch_size={cfg.batch_size} is not divisible by the {world} processes; every process "
+                        "must get an equal share of each batch (change batch_size or trainer.devices)")
 
 
 def _ddp_backend(cfg: DictConfig) -> tuple[torch.device, str]:
