@@ -204,6 +204,18 @@ def test_export_never_deletes_what_it_did_not_write(synthetic_runs: dict[str, Pa
     assert ".qexp-export" in first and "quant.json" in first
     assert qexp(["export", str(run), "--out", "exp"]) == 0
     assert _tree(work / "exp").keys() == first.keys()
+    # importing load_export.py from the folder, as the docs show, makes Python write __pycache__/ there:
+    # that is the export's, replaced with it (it refused every later export); anything else in it is not
+    subprocess.run([sys.executable, "-c", "import load_export"], cwd=work / "exp", check=True,
+                   env={k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"})
+    assert any((work / "exp" / "__pycache__").glob("load_export.*.pyc"))
+    assert qexp(["export", str(run), "--out", "exp"]) == 0
+    assert _tree(work / "exp").keys() == first.keys() and not (work / "exp" / "__pycache__").exists()
+    (work / "exp" / "__pycache__").mkdir()
+    (work / "exp" / "__pycache__" / "mine.pyc").write_text("x")
+    assert "plus other files (__pycache__)" in _refused([str(run), "--out", "exp"], capsys)
+    (work / "exp" / "__pycache__" / "mine.pyc").unlink()
+    (work / "exp" / "__pycache__").rmdir()
     (work / "exp" / "README.txt").write_text("my notes on this export")
     kept = _tree(work / "exp")
     assert "plus other files (README.txt)" in _refused([str(run), "--out", "exp"], capsys)

@@ -70,9 +70,10 @@ def refuse_activation_quantization(method_name: str, manifest: dict[str, Any]) -
     """One line when the manifest's format records quantize any tensor besides weights."""
     acts = sorted({f"{f.tensor}s" for f in parse_manifest(manifest) if f.tensor != "weight" and f.quantized})
     if acts:
+        onnx = "" if method_name == "wage" else "; --format onnx exports them"  # WAGE: refused there too
         raise QexpError(f"method={method_name} quantizes {' and '.join(acts)}: qexp export writes float networks "
                         "with quantized weights only (float, bc, sr, r, big_sr, learned and ptq without activation "
-                        "bits); --format onnx exports them")
+                        f"bits){onnx}")
 
 
 def grid_of(fmt: LayerFormat) -> tuple[float, float] | None:
@@ -200,11 +201,25 @@ def previous_export(out: Path) -> list[Path] | None:
     if not (out / MARKER).is_file():
         raise QexpError(f"--out {out} already holds files that qexp export did not write (no {MARKER} marker): "
                         "choose a new folder")
-    other = [p.name for p in entries if p.name not in EXPORT_FILES or p.is_symlink() or not p.is_file()]
+    other = [p.name for p in entries if not _loader_cache(p)
+             and (p.name not in EXPORT_FILES or p.is_symlink() or not p.is_file())]
     if other:
         raise QexpError(f"--out {out} holds a previous export plus other files ({', '.join(other[:3])}): "
                         "move them or choose a new folder")
     return entries
+
+
+def _loader_cache(p: Path) -> bool:
+    """Whether ``p`` is the ``__pycache__`` Python wrote when the export's ``load_export.py`` was imported
+    from its folder (as the docs show): a folder holding only its compiled ``load_export.*.pyc``, which
+    a later export replaces with the rest (it refused the folder as holding a user's file)."""
+    if p.name != "__pycache__" or p.is_symlink() or not p.is_dir():
+        return False
+    try:
+        return all(f.is_file() and not f.is_symlink() and re.fullmatch(r"load_export\.[\w.-]+\.pyc", f.name)
+                   for f in p.iterdir())
+    except OSError:
+        return False
 
 
 def current_umask() -> int:
@@ -356,7 +371,12 @@ def export_folder(out: Path) -> Iterator[Path]:
                 out.rename(trash)
                 tmp.rename(out)
                 for path in old:
-                    (trash / path.name).unlink()
+                    if _loader_cache(trash / path.name):
+                        for f in (trash / path.name).iterdir():
+                            f.unlink()
+                        (trash / path.name).rmdir()
+                    else:
+                        (trash / path.name).unlink()
                 trash.rmdir()
             tmp, created = None, []
     except OSError as e:
