@@ -462,3 +462,6 @@ def test_an_unfinished_run_is_exported_with_a_note(synthetic_runs: dict[str, Pat
     (run / "metrics.json").write_text(json.dumps({**rec, "status": "interrupted"}))
     assert export.main([str(run), "--out", str(tmp_path / "part")]) == 0
     assert "note: the run's status is interrupted: this is its checkpoint.pt of epoch 1" in capsys.readouterr().out
+    notes = json.loads((tmp_path / "part" / "quant.json").read_text())["notes"]  # kept with the export too
+    assert notes[0].startswith("the run's status is interrupted")
+    assert not any("status" in n for n in json.loads((tmp_path / "done" / "quant.json").read_text())["notes"])

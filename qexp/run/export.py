@@ -391,6 +391,16 @@ def export_folder(out: Path) -> Iterator[Path]:
                 p.rmdir()  # only if still empty: this call made it
 
 
+def status_note(run_dir: Path, run: Any) -> str | None:
+    """The note (printed and kept in the export's metadata) for a run that has not completed: exported as
+    it stands, but not silently (the help says "a finished run")."""
+    status = (record.read(run_dir) or {}).get("status")
+    if status == "completed":
+        return None
+    return (f"the run's status is {status or 'unknown (no readable metrics.json)'}: this is its "
+            f"{run.checkpoint_name} of epoch {run.epoch}, not a completed run's")
+
+
 FORMATS = ("qexp", "onnx")
 
 
@@ -427,6 +437,7 @@ def export_run(run_dir: Path, out: Path | None = None, best: bool = False, devic
         return _export_onnx(run, run_dir, out, deployed, manifest, fresh, conf, fold_bn)
     eval_float = manifest.get("test_weights") == "float"
     tensors, layers, floats, notes = build_export(deployed, manifest, set(fresh.state_dict()), eval_float)
+    notes[:0] = [n for n in (status_note(run_dir, run),) if n]
     expected = recorded_error(run)
 
     with export_folder(out) as tmp:
@@ -495,7 +506,7 @@ def _export_onnx(run: Any, run_dir: Path, out: Path, deployed: nn.Module, manife
         c = models[ox.ONNX_FILE][1]
         raise QexpError(f"onnxruntime gives test error {c['onnxruntime_test_error']:.2f}% but the run recorded "
                         f"{expected:.2f}% ({c['rule']}): nothing written")
-    notes: list[str] = []
+    notes: list[str] = [n for n in (status_note(run_dir, run),) if n]
     fstate, fplan, pairs = ox.fold_batchnorm(fresh, state, plan) if fold_bn else (state, plan, [])
     folded_pairs = [f"{bn} -> {layer}" for layer, bn in pairs]
     if fold_bn and not pairs:
@@ -572,10 +583,6 @@ def main(argv: list[str]) -> int:
         print("error: terminated (SIGTERM); nothing written", file=sys.stderr)
         return 143
     out = args.out or args.run_dir / ("export-best" if args.best else "export")
-    status = (record.read(args.run_dir) or {}).get("status")
-    if status != "completed":  # exported as it stands, but not silently: the help says "a finished run"
-        doc["notes"].insert(0, f"the run's status is {status or 'unknown (no readable metrics.json)'}: this is its "
-                               f"{doc['checkpoint']} of epoch {doc['epoch']}, not a completed run's")
     if args.fmt == "onnx":
         for name, c in doc["onnx"].items():
             ran = f"{c['run_test_error']:.2f}%" if c["run_test_error"] is not None else "not recorded"
