@@ -107,11 +107,15 @@ def test_one_bit_activations_as_typed_learn(tmp_path, data_root) -> None:
     (its config turns it on now, as the paper has it: 9.27% on 5,000 images, seed 0); PACT's alpha = 10
     rounded every BatchNorm'd input to 0 at one bit (its 1-bit default is 10/3 now: 4.2-4.4% validation
     error on 5,000 images, seeds 0-1)."""
-    run_qexp([*COMMAND, "method=ste,pact", "bits=1", f"out_root={tmp_path}", f"data_root={data_root}"],
-             timeout=600)
-    runs = find_runs(tmp_path)
-    assert len(runs) == 2
-    for run in runs:
+    learns_above_constant(tmp_path, data_root, ["method=ste,pact", "bits=1"], 2)
+
+
+def learns_above_constant(out: Path, data_root: Path, overrides: list[str], runs: int) -> None:
+    """The sweep ``COMMAND + overrides`` gives ``runs`` completed runs, each above a constant answer."""
+    run_qexp([*COMMAND, *overrides, f"out_root={out}", f"data_root={data_root}"], timeout=600)
+    found = find_runs(out)
+    assert len(found) == runs
+    for run in found:
         m = read_metrics(run)
         assert m["status"] == "completed" and m["test_acc"] >= ABOVE_CONSTANT, (run, m.get("test_acc"))
 
@@ -123,10 +127,4 @@ def test_wage_at_other_weight_bits_learns_as_typed(tmp_path, data_root) -> None:
     57.47, 43.78, 55.06%; with the old update (``method.eta_per_bits=false``, seed 0) bits=8 is dead here
     (8.92%), bits=4 not yet (45.38%). The floor is ABOVE_CONSTANT: the spread is wide at this budget, and
     a dead network is what is asked about."""
-    run_qexp([*COMMAND, "method=wage", "bits=4,8", f"out_root={tmp_path}", f"data_root={data_root}"],
-             timeout=600)
-    runs = find_runs(tmp_path)
-    assert len(runs) == 2
-    for run in runs:
-        m = read_metrics(run)
-        assert m["status"] == "completed" and m["test_acc"] >= ABOVE_CONSTANT, (run, m.get("test_acc"))
+    learns_above_constant(tmp_path, data_root, ["method=wage", "bits=4,8"], 2)
