@@ -77,13 +77,24 @@ def is_acc(metric: str) -> bool:
     return metric.endswith("acc")
 
 
+def is_best(metric: str) -> bool:
+    """A best-epoch number (``best_test_error``), not the last epoch's."""
+    return metric.startswith("best_")
+
+
+def default_metric(ref: Reference | None) -> str:
+    """A table's metric when ``--metric`` is left out: test error, the best epoch's when the paper
+    published a best-epoch number."""
+    return "best_test_error" if ref is not None and is_best(ref.metric) else "test_error"
+
+
 def comparable(ref: Reference, metric: str) -> None:
     """The table's metric must measure what the paper published: accuracy and error convert, but the
     last epoch's number is not the best epoch's (WAGE's logs publish the best)."""
     if metric not in REF_METRICS:
         raise QexpError(f"reference {ref.name!r} holds {ref.metric}; --ref needs --metric "
                         f"{' | '.join(REF_METRICS)}, not {metric!r}")
-    if metric.startswith("best_") != ref.metric.startswith("best_"):
+    if is_best(metric) != is_best(ref.metric):
         raise QexpError(f"reference {ref.name!r} publishes {ref.metric}, another measure than --metric {metric} "
                         f"(the best epoch's, not the last one's, or the other way round): use --metric "
                         f"{ref.metric}, or leave --metric out")

@@ -389,8 +389,7 @@ def main(argv: list[str]) -> int:
         raise QexpError(f"unknown format {fmt!r}; choose from {', '.join(FORMATS)}")
     ref = refs.load(args.ref) if args.ref else None
     if args.metric is None:
-        # test error; the best epoch's when the paper published a best-epoch number
-        args.metric = "best_test_error" if ref is not None and ref.metric.startswith("best_") else "test_error"
+        args.metric = refs.default_metric(ref)
     if ref is not None:
         refs.comparable(ref, args.metric)
     df = results.collect(args.dirs)

@@ -122,6 +122,13 @@ def shutdown() -> None:
 
 
 # ---- data and model ----------------------------------------------------------------------------------
+def check_batch_share(batch_size: int, world: int) -> None:
+    """Every process must get an equal share of each batch."""
+    if batch_size % world:
+        raise QexpError(f"batch_size={batch_size} is not divisible by the {world} processes; every process "
+                        "must get an equal share of each batch (change batch_size or trainer.devices)")
+
+
 def shard_data(data: DataBundle, ctx: Context) -> DataBundle:
     """Each process takes positions rank::world of every global batch (the batch size stays global)."""
     if not ctx.enabled:
@@ -129,10 +136,7 @@ def shard_data(data: DataBundle, ctx: Context) -> DataBundle:
     for loader in (data.train, data.test, data.val):
         if loader is not None and not hasattr(loader, "shard"):
             raise QexpError(f"dataset {data.name} has a loader without shard(); it cannot train with DDP")
-    bs = data.train.batch_size
-    if bs % ctx.world:
-        raise QexpError(f"batch_size={bs} is not divisible by the {ctx.world} processes; every process "
-                        "must get an equal share of each batch (change batch_size or trainer.devices)")
+    check_batch_share(data.train.batch_size, ctx.world)
 
     def shard(loader: Any, equal: bool) -> Any:
         return None if loader is None else loader.shard(ctx.rank, ctx.world, equal)

@@ -391,14 +391,14 @@ def export_folder(out: Path) -> Iterator[Path]:
                 p.rmdir()  # only if still empty: this call made it
 
 
-def status_note(run_dir: Path, run: Any) -> str | None:
-    """The note (printed and kept in the export's metadata) for a run that has not completed: exported as
-    it stands, but not silently (the help says "a finished run")."""
+def status_notes(run_dir: Path, run: Any) -> list[str]:
+    """The note (printed and kept in the export's metadata) for a run that has not completed, else none:
+    exported as it stands, but not silently (the help says "a finished run")."""
     status = (record.read(run_dir) or {}).get("status")
     if status == "completed":
-        return None
-    return (f"the run's status is {status or 'unknown (no readable metrics.json)'}: this is its "
-            f"{run.checkpoint_name} of epoch {run.epoch}, not a completed run's")
+        return []
+    return [f"the run's status is {status or 'unknown (no readable metrics.json)'}: this is its "
+            f"{run.checkpoint_name} of epoch {run.epoch}, not a completed run's"]
 
 
 FORMATS = ("qexp", "onnx")
@@ -437,7 +437,7 @@ def export_run(run_dir: Path, out: Path | None = None, best: bool = False, devic
         return _export_onnx(run, run_dir, out, deployed, manifest, fresh, conf, fold_bn)
     eval_float = manifest.get("test_weights") == "float"
     tensors, layers, floats, notes = build_export(deployed, manifest, set(fresh.state_dict()), eval_float)
-    notes[:0] = [n for n in (status_note(run_dir, run),) if n]
+    notes[:0] = status_notes(run_dir, run)
     expected = recorded_error(run)
 
     with export_folder(out) as tmp:
@@ -506,7 +506,7 @@ def _export_onnx(run: Any, run_dir: Path, out: Path, deployed: nn.Module, manife
         c = models[ox.ONNX_FILE][1]
         raise QexpError(f"onnxruntime gives test error {c['onnxruntime_test_error']:.2f}% but the run recorded "
                         f"{expected:.2f}% ({c['rule']}): nothing written")
-    notes: list[str] = [n for n in (status_note(run_dir, run),) if n]
+    notes = status_notes(run_dir, run)
     fstate, fplan, pairs = ox.fold_batchnorm(fresh, state, plan) if fold_bn else (state, plan, [])
     folded_pairs = [f"{bn} -> {layer}" for layer, bn in pairs]
     if fold_bn and not pairs:

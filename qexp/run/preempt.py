@@ -44,6 +44,11 @@ def stop_signal() -> int | None:
     return _first_signal[0] if _first_signal else None
 
 
+def signal_name(signum: int) -> str:
+    """``Ctrl-C`` for SIGINT, else the signal's name (``SIGTERM``)."""
+    return "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+
+
 def note_signal(signum: int) -> None:
     """A stop signal arrived (SIGINT: a Ctrl-C): no new run starts in this process."""
     if not _first_signal:

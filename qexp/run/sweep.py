@@ -73,8 +73,9 @@ def parallel_stop(signum: int, frame: Any) -> None:
     first = not preempt.requested()
     preempt.note_signal(signum)
     if first:
-        what = "interrupted (Ctrl-C)" if signum == signal.SIGINT else f"stopped ({signal.Signals(signum).name})"
-        print(f"{what}: running jobs checkpoint and stop, no new job starts", file=sys.stderr, flush=True)
+        what = "interrupted" if signum == signal.SIGINT else "stopped"
+        print(f"{what} ({preempt.signal_name(signum)}): running jobs checkpoint and stop, no new job starts",
+              file=sys.stderr, flush=True)
     for pid in _children():
         try:
             os.kill(pid, signal.SIGINT)

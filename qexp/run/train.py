@@ -14,7 +14,6 @@ import importlib
 import logging
 import os
 import re
-import signal
 import sys
 import time
 import traceback
@@ -282,9 +281,7 @@ def check_processes(cfg: DictConfig) -> None:
     device, _ = _ddp_backend(cfg)
     if device.type == "cuda" and distributed.env_ranks() is None and torch.cuda.device_count() < world:
         raise QexpError(f"trainer.devices={world} but only {torch.cuda.device_count()} GPUs are visible")
-    if int(cfg.batch_size) % world:
-        raise QexpError(f"batch_size={cfg.batch_size} is not divisible by the {world} processes; every process "
-                        "must get an equal share of each batch (change batch_size or trainer.devices)")
+    distributed.check_batch_share(int(cfg.batch_size), world)
 
 
 def _ddp_backend(cfg: DictConfig) -> tuple[torch.device, str]:
@@ -304,9 +301,7 @@ def _train_ranked(cfg: DictConfig, run_dir: Path, ranks: tuple[int, int, int],
 def _spawn_ranks(cfg: DictConfig, run_dir: Path, level: str = "") -> dict[str, Any] | None:
     """``trainer.devices=N``: start N training processes and wait for them (this one holds the lock)."""
     world = cfg.trainer.devices
-    device, backend = _ddp_backend(cfg)
-    if device.type == "cuda" and torch.cuda.device_count() < world:
-        raise QexpError(f"trainer.devices={world} but only {torch.cuda.device_count()} GPUs are visible")
+    device, backend = _ddp_backend(cfg)  # the GPU count was checked before the folder (check_processes)
     payload = (OmegaConf.to_container(cfg, resolve=True, enum_to_str=True), str(run_dir), level, backend)
     threads = max(1, torch.get_num_threads() // world) if device.type == "cpu" else None
     log.info("training on %d processes (%s)", world, backend)
@@ -479,8 +474,7 @@ def main() -> None:
         stopped = preempt.stop_signal()
         if stopped is not None:  # a parallel launcher broken by the stop (Ctrl-C, SIGTERM) its workers got
             sweep.finish()
-            what = "Ctrl-C" if stopped == signal.SIGINT else signal.Signals(stopped).name
-            print(f"interrupted ({what}): {type(e).__name__}", file=sys.stderr)
+            print(f"interrupted ({preempt.signal_name(stopped)}): {type(e).__name__}", file=sys.stderr)
             sys.exit(128 + stopped)
         if not isinstance(e, (HydraException, OmegaConfBaseException, OSError)) and not _composing_error(e):
             raise

@@ -55,7 +55,10 @@ PTQ_FILE = record.PTQ_FILE
 #: (a file from before a key was written holds its default; one without the checkpoint's digest is
 #: never merged: what it analysed cannot be told)
 SCHEME_KEYS = ("scheme", "act_scheme", "calib_batches", "checkpoint_sha1")
-DEFAULT_SCHEME_HEADER = {"scheme": DEFAULT_SCHEME.name, "act_scheme": DEFAULT_SCHEME.act_name, "calib_batches": 8}
+#: training batches that calibrate the activation ranges unless ``--calib-batches`` says otherwise
+DEFAULT_CALIB_BATCHES = 8
+DEFAULT_SCHEME_HEADER = {"scheme": DEFAULT_SCHEME.name, "act_scheme": DEFAULT_SCHEME.act_name,
+                         "calib_batches": DEFAULT_CALIB_BATCHES}
 
 
 def parse_bits(text: str) -> list[int]:
@@ -140,7 +143,7 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
                          "(printed only with --other-data)")
     ap.add_argument("--ptq-act-bits", type=parse_act_bits, default="8", metavar="N|same",
                     help="activation bits of the with-activations column (default 8; 'same': k)")
-    ap.add_argument("--calib-batches", type=int, default=8,
+    ap.add_argument("--calib-batches", type=int, default=DEFAULT_CALIB_BATCHES,
                     help="training batches used to calibrate activation ranges (default 8)")
     ap.add_argument("--ptq-per-channel", action="store_true",
                     help="one weight range per output channel instead of per layer")
