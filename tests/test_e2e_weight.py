@@ -1,5 +1,5 @@
 """End to end on real MNIST through ``qexp train`` (subprocess): bc / sr / r at 1 and 4 bits, and
-1-bit BinaryConnect on LeNet-5 reaching 97% in 2 epochs on full MNIST."""
+1-bit BinaryConnect on LeNet-5 trained for 2 epochs on full MNIST."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from tests.conftest import find_runs, read_metrics, run_qexp
+from tests.conftest import find_runs, read_metrics, run_qexp, seed_floor
 
 # test accuracy (%) after 1 epoch on the first 4000 training images (batch 64, Adam 1e-3, seed 0),
 # measured / asserted. R never moves here: with Adam at lr 1e-3 every step is below half a grid step
@@ -46,17 +46,22 @@ def test_bc_sr_r_at_1_and_4_bits(tmp_path, data_root):
     assert runs[("sr", 1)][1]["history"][-1]["method/flip_frac"] > 0
 
 
+#: test accuracy (%) of 1-bit BC, LeNet-5, full MNIST, 2 epochs, batch 128, seeds 0-3 (at batch 64: 98.27%,
+#: 97.67% with a constant lr; batch 128 halves the steps and the time)
+BC_2_EPOCHS = (98.66, 98.75, 98.65, 98.84)
+
+
 @pytest.mark.slow
-def test_binaryconnect_1bit_lenet5_reaches_97_percent_in_2_epochs(tmp_path, data_root):
+def test_binaryconnect_1bit_lenet5_full_mnist_in_2_epochs(tmp_path, data_root):
     """Full MNIST, LeNet-5, deterministic 1-bit BC, Adam 1e-3 with a cosine decay over the 2 epochs
-    (epoch 2 at lr 5e-4), batch 64: measured 98.27% (97.67% with a constant lr)."""
+    (epoch 2 at lr 5e-4), batch 128: at least the floor of the measured seeds (97.8%)."""
     run_qexp(["train", f"out_root={tmp_path}", "method=bc", "bits=1", "epochs=2", "sched=cosine",
-              "progress=false"],
+              "batch_size=128", "progress=false"],
              env={"QEXP_DATA": str(data_root)}, timeout=1200)
     (run,) = find_runs(tmp_path)
     m = read_metrics(run)
     assert m["status"] == "completed" and m["epochs_done"] == 2
-    assert m["test_acc"] >= 97.0, m["test_acc"]
+    assert m["test_acc"] >= seed_floor(BC_2_EPOCHS), m["test_acc"]
     manifest = json.loads((run / "quant.json").read_text())
     assert manifest["method"] == "bc" and all(layer["float_copy"] for layer in manifest["layers"])
 
