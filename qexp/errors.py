@@ -16,6 +16,11 @@ class QexpError(Exception):
     """
 
 
+class ForeignRun(QexpError):
+    """A run folder holds another configuration's run: refused, and the folder is left as it is (no
+    failure is recorded into it)."""
+
+
 def _fmt(v: object) -> str:
     return repr(v) if isinstance(v, str) else str(v)
 

@@ -222,6 +222,8 @@ def cli(spec: dict[str, Any]) -> dict[str, Any]:
                 st = torch.load(ck, map_location="cpu", weights_only=True)
                 st["config"] = json.dumps({**json.loads(st["config"]), key: value}, sort_keys=True)
                 torch.save(st, ck)
+                rec = json.loads((ck.parent / "metrics.json").read_text())  # which the record names too
+                (ck.parent / "metrics.json").write_text(json.dumps({**rec, "fingerprint": st["config"]}))
         log = out / f"launch-{name}"
         how = launch(c["argv"], log=log, umask=c.get("umask"), uid=c.get("uid"), env=c.get("env"))
         report[name] = {"how": how, "stdout": Path(f"{log}.out").read_text(),

@@ -10,6 +10,7 @@ holding the same files, one other files under the same names.
 
 from __future__ import annotations
 
+import gzip
 import json
 import shutil
 from pathlib import Path
@@ -75,6 +76,15 @@ def matrix(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
     write_mnist(out / "dataA", 0)
     write_mnist(out / "dataB", 1)  # other files under the same names
     shutil.copytree(out / "dataA", out / "dataC")  # the same files under another root
+    (out / "dataL").mkdir()  # a root whose dataset folder links to dataA's
+    (out / "dataL" / "MNIST").symlink_to(out / "dataA" / "MNIST")
+    for name, others in (("dataG", None), ("dataH", out / "dataB")):  # dataA's files gzipped; dataH: with
+        raw = out / name / "MNIST" / "raw"  # dataB's uncompressed beside them, which the loader reads first
+        raw.mkdir(parents=True)
+        for f in (out / "dataA" / "MNIST" / "raw").iterdir():
+            (raw / f"{f.name}.gz").write_bytes(gzip.compress(f.read_bytes(), mtime=0))
+            if others is not None:
+                shutil.copy(others / "MNIST" / "raw" / f.name, raw / f.name)
     (out / "a_file").write_text("not a folder\n")
     shadow = out / "confdir" / "method"
     shadow.mkdir(parents=True)
@@ -98,6 +108,13 @@ def matrix(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
     # missing file would be fetched is not part of the result (the data digest is)
     launches["data_copy"] = {"argv": [a for a in M if a != "dataset.download=false"],
                              "env": {"QEXP_DATA": str(out / "dataC")}}
+    # a pair in its own out_root: the first run's data, then other files the second would read
+    for first, second, label in (("dataL", "dataB", "linked"), ("dataG", "dataH", "gz")):
+        launches[f"data_{label}"] = {"argv": [*M[:-1], f"data_root={out / first}", f"out_root={out}/data_{label}"]}
+        launches[f"data_{label}_other"] = {"argv": [*M[:-1], f"data_root={out / second}",
+                                                    f"out_root={out}/data_{label}"]}
+    launches["data_gz_other_retrain"] = {"argv": [*M[:-1], f"data_root={out / 'dataH'}", "resume=false",
+                                                  f"out_root={out}/data_gz"]}
     bad = {
         "stochastic_off": ["method=bc", "method.stochastic=off"],
         "bn_flase": ["model.bn=flase"],
@@ -202,6 +219,23 @@ def test_other_data_under_the_same_names_is_never_reused(matrix) -> None:
     (run,) = find_runs(out / "data")
     m = read_metrics(run)
     assert m["data"]["root"] == str((out / "dataA").resolve()) and len(m["data"]["files"]) == 4
+
+
+def test_other_data_behind_a_link_or_an_uncompressed_copy_is_never_reused(matrix) -> None:
+    """The first run's dataset folder is a link (its files were once named by their absolute path, which
+    then matched under any root); the second root holds dataA's ``.gz`` files beside other uncompressed
+    ones, which the loader reads first (once only the ``.gz`` names were checked). Both refused in one
+    line, ``resume=false`` too, and the first run's folder is left as it was."""
+    out, r = matrix
+    for label, first in (("linked", "dataL"), ("gz", "dataG")):
+        assert r[f"data_{label}"]["how"] == ["exit", 0], r[f"data_{label}"]
+        assert "data: other files under data_root" in one_line_error(r[f"data_{label}_other"]), label
+        (run,) = find_runs(out / f"data_{label}")
+        m = read_metrics(run)  # the first run's record and config, not the refused launch's
+        assert m["status"] == "completed" and "fingerprint" in m, label
+        assert all(not name.startswith("/") for name in m["data"]["files"]), label
+        assert f"data_root: {out / first}\n" in (run / ".hydra" / "config.yaml").read_text(), label
+    assert "data: other files under data_root" in one_line_error(r["data_gz_other_retrain"])
 
 
 def test_eval_uses_the_runs_own_data_and_refuses_other_data(matrix, monkeypatch, capsys) -> None:

@@ -248,6 +248,9 @@ def test_changed_configuration_names_each_differing_key(launched) -> None:
     out, r = launched
     err = one_line_error(r["chg"])
     assert "holds an unfinished run with a different configuration (model.dropout: 0.25 -> 0.0)" in err
+    (run,) = runs(out / "chg")  # refused before the folder was written: no failure recorded over that run
+    m = json.loads((run / "metrics.json").read_text())
+    assert m["status"] == "interrupted" and "error" not in m and "fingerprint" in m, m
 
 
 def test_hydra_flags_go_first_and_a_bare_info_takes_no_override() -> None:

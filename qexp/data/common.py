@@ -55,26 +55,37 @@ def digest(root: str | Path, sources: Iterable[Path]) -> dict[str, object]:
     """What a run stores about its data: the resolved root, each source read (a file or a folder, relative
     to the root, with its :func:`source_sha1`) and one ``digest`` over them. Other files under the same
     names give another digest; the same files under another root give the same one. None of it for
-    generated data (no files)."""
-    root = Path(root).expanduser().resolve()
+    generated data (no files). Names are relative as the loader spelled them (``root / ...``), links not
+    followed: a dataset folder that links elsewhere is still named under the root."""
+    base = os.path.abspath(Path(root).expanduser())
     files: dict[str, str] = {}
-    for p in sorted(Path(s).resolve() for s in sources):
-        try:
-            name = str(p.relative_to(root))
-        except ValueError:
-            name = str(p)
-        files[name] = source_sha1(p)
+    for s in sources:
+        p = os.path.abspath(Path(s).expanduser())
+        name = os.path.relpath(p, base)
+        files[p if name.startswith(os.pardir) else name] = source_sha1(Path(p))
     text = "\n".join(f"{k} {v}" for k, v in sorted(files.items()))
-    return {"root": str(root), "files": files,
+    return {"root": str(Path(base).resolve()), "files": dict(sorted(files.items())),
             "digest": hashlib.sha1(text.encode()).hexdigest() if files else None}
+
+
+def readable_file(folder: Path, stem: str) -> Path | None:
+    """The file a loader reads for ``stem``: the uncompressed one, else ``stem.gz`` (None: neither)."""
+    for candidate in (folder / stem, folder / f"{stem}.gz"):
+        if candidate.exists():
+            return candidate
+    return None
 
 
 def same_files_under(root: str | Path, files: dict[str, str]) -> str | None:
     """The digest the files named in ``files`` (relative names, as :func:`digest` stores them) have under
-    ``root``, or None when one is missing: how a finished run is checked before any data is loaded."""
+    ``root``, or None when one is missing, is named outside any root (an absolute name: it says nothing
+    about this root), or is a ``.gz`` that a loader would not read (:func:`readable_file` prefers its
+    uncompressed copy): how a finished run is checked before any data is loaded."""
     root = Path(root).expanduser()
     paths = [root / name for name in files]
-    if not all(p.exists() for p in paths):
+    if any(Path(name).is_absolute() for name in files) or not all(p.exists() for p in paths):
+        return None
+    if any(p.suffix == ".gz" and readable_file(p.parent, p.stem) != p for p in paths):
         return None
     return digest(root, paths)["digest"]  # type: ignore[return-value]
 

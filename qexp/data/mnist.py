@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from qexp.data import DataBundle
-from qexp.data.common import in_memory_bundle, make_normalize, missing_data_error
+from qexp.data.common import in_memory_bundle, make_normalize, missing_data_error, readable_file
 from qexp.errors import QexpError
 from qexp.jsonio import without_new_folders
 
@@ -38,13 +38,6 @@ def read_idx(path: Path) -> np.ndarray:
         raise QexpError(f"{path} is not a readable IDX file ({e}); delete it and fetch it again.") from e
 
 
-def _find(raw: Path, stem: str) -> Path | None:
-    for candidate in (raw / stem, raw / f"{stem}.gz"):
-        if candidate.exists():
-            return candidate
-    return None
-
-
 def _try_download(variant: str, root: Path) -> None:
     import torchvision
 
@@ -66,15 +59,15 @@ def load_arrays(variant: str, root: str | Path, download: bool = True) -> dict[s
         raise QexpError(f"unknown MNIST variant {variant!r}; choose from {sorted(FOLDERS)}")
     raw = Path(root).expanduser() / FOLDERS[variant] / "raw"
     stems = [s for pair in FILES.values() for s in pair]
-    if any(_find(raw, s) is None for s in stems) and download:
+    if any(readable_file(raw, s) is None for s in stems) and download:
         _try_download(variant, Path(root).expanduser())
-    missing = [s for s in stems if _find(raw, s) is None]
+    missing = [s for s in stems if readable_file(raw, s) is None]
     if missing:
         raise missing_data_error(FOLDERS[variant], raw, [f"{s}.gz" for s in stems])
-    out: dict[str, tuple] = {"sources": tuple(_find(raw, s) for s in stems)}
+    out: dict[str, tuple] = {"sources": tuple(readable_file(raw, s) for s in stems)}
     for split, (img, lab) in FILES.items():
-        x = torch.from_numpy(read_idx(_find(raw, img)).copy()).unsqueeze(1)
-        y = torch.from_numpy(read_idx(_find(raw, lab)).astype(np.int64))
+        x = torch.from_numpy(read_idx(readable_file(raw, img)).copy()).unsqueeze(1)
+        y = torch.from_numpy(read_idx(readable_file(raw, lab)).astype(np.int64))
         if len(x) != len(y):
             raise QexpError(f"{raw}: {img} and {lab} hold different numbers of samples")
         out[split] = (x, y)

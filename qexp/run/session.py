@@ -26,7 +26,7 @@ from torch import nn
 
 from qexp.data import DataBundle
 from qexp.data.loader import same_data, stack_batches
-from qexp.errors import QexpError
+from qexp.errors import ForeignRun, QexpError
 from qexp.methods.base import MAX_SEED, Method, RunContext, register_option, resolve_param_groups
 from qexp.quant import kernels
 from qexp.run import (
@@ -365,10 +365,15 @@ def finished_run(cfg: DictConfig, run_dir: Path, ignored: tuple[str, ...], quiet
     Its stored fingerprint must be this run's: a finished run of another configuration (or of other data:
     ``data`` is this run's data digest when the data are loaded already; before that, the files the
     stored run read are hashed under this run's data root) is refused and kept, never reported as this
-    run's result nor replaced (``resume=false`` retrains only a run of the same configuration)."""
+    run's result nor replaced (``resume=false`` retrains only a run of the same configuration). So is an
+    unfinished one that this run would resume from its checkpoint: refused here, before its folder is
+    written, as :func:`_resume` would refuse it after."""
     previous = record.read(run_dir)
-    if not previous or previous.get("status") not in record.FINISHED:
+    if not previous:
         return None
+    finished = previous.get("status") in record.FINISHED
+    if not finished and not (cfg.resume and (run_dir / CHECKPOINT).exists()):
+        return None  # nothing this run would continue: it starts over in the folder
     stored = stored_fingerprint(run_dir, previous)
     if stored is not None:
         files = (previous.get("data") or {}).get("files") if isinstance(previous.get("data"), dict) else None
@@ -378,14 +383,21 @@ def finished_run(cfg: DictConfig, run_dir: Path, ignored: tuple[str, ...], quiet
             data = same_files_under(str(cfg.data_root), files) or "missing"
         diff = identity.differences(stored, comparable_config(cfg, ignored, data), ignored)
         if diff:
-            raise QexpError(f"{run_dir} holds the finished run of another configuration ({'; '.join(diff[:8])}); "
-                            "it is kept: give this run its own place with name=NAME or out_root=DIR")
-    if not cfg.resume:
+            raise foreign_run(run_dir, diff, finished)
+    if not finished or not cfg.resume:
         return None
     if not quiet:
         print(f"{run_dir}: already {previous['status']}, not retrained (resume=false retrains).\n"
               f"  {record.summary_line(previous)}")
     return previous
+
+
+def foreign_run(run_dir: Path, diff: list[str], finished: bool) -> ForeignRun:
+    """The one line refusing a folder that holds another configuration's run (``diff``: how it differs)."""
+    what = ("the finished run of another configuration" if finished
+            else "an unfinished run with a different configuration")
+    return ForeignRun(f"{run_dir} holds {what} ({'; '.join(diff[:8])}); it is kept: give this run its own place "
+                      "with name=NAME or out_root=DIR" + ("" if finished else " (resume=false would discard that run)"))
 
 
 # ---- training ----------------------------------------------------------------------------------------
@@ -473,10 +485,7 @@ def _resume(trainer: Trainer, state: dict[str, Any], run_dir: Path, fingerprint:
             ignored: tuple[str, ...]) -> None:
     """Load an unfinished run's checkpoint into ``trainer``, if it is this configuration's."""
     if not identity.same_run(str(state.get("config")), fingerprint, ignored):
-        diff = "; ".join(identity.differences(str(state.get("config")), fingerprint, ignored)[:8])
-        raise QexpError(f"{run_dir} holds an unfinished run with a different configuration ({diff}); "
-                        "it is kept: give this run its own place with name=NAME or out_root=DIR "
-                        "(resume=false would discard that run)")
+        raise foreign_run(run_dir, identity.differences(str(state.get("config")), fingerprint, ignored), False)
     trainer.load_state_dict(state)
     log.info("resuming %s at epoch %d, batch %d", run_dir, trainer.progress.epoch, trainer.progress.batch)
 

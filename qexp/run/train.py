@@ -29,7 +29,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from qexp.errors import QexpError, argument_error
+from qexp.errors import ForeignRun, QexpError, argument_error
 from qexp.jsonio import atomic_write_bytes, missing_folders
 from qexp.methods.base import Method, register_config_dir
 from qexp.run import distributed, identity, lock, preempt, record, resources, seeds, sweep, tune
@@ -157,7 +157,7 @@ def run(cfg: DictConfig) -> dict[str, Any] | None:
             return _bug(cfg, run_dir if opened and main else None, e, sweeping, done)
         msg = (str(e) if isinstance(e, QexpError) else config_error_line(e)
                if isinstance(e, OmegaConfBaseException) else f"cannot write {e.filename}: {e.strerror}")
-        if opened and main:
+        if opened and main and not isinstance(e, ForeignRun):  # another run's folder: left as it is
             _record_failure(cfg, run_dir, msg)
         print(f"error: {msg}", file=sys.stderr)
         done("failed", msg)
