@@ -27,7 +27,8 @@ BAD = {"epochs": "epochs=0", "batch_size": "batch_size=0", "eval_batch_size": "e
        "method_seed": "method=r method.seed=-4", "hydra_flag": "--bogus", "cfg_choice": "--cfg nonsense",
        "progress": "progress=maybe", "short_betas": "optim=adam optim.betas=[0.9]",
        "momentum": "optim=sgd optim.momentum=1", "milestones": "sched=step sched.milestones=[0,5]",
-       "job_log_file": "hydra/job_logging=default"}
+       "job_log_file": "hydra/job_logging=default",
+       "bn_batch_of_one": "model.bn=true dataset.train_subset=33"}  # a last batch of 1 through BatchNorm1d
 
 
 def runs(root: Path) -> list[Path]:

@@ -229,6 +229,8 @@ def build(cfg: DictConfig, device: torch.device, method: Method | None = None) -
     """:func:`assemble`, ``init_from``, then the optimizer (over the method's parameter groups; Adam's groups
     share its multi-tensor calls where torch takes them: :mod:`qexp.run.optim`) and the schedule."""
     p = assemble(cfg, device, method)
+    check_feature_norm_batches(p.model, p.data.train.num_samples, p.data.train.batch_size,
+                               int(cfg.trainer.devices))
     if cfg.get("init_from"):  # a new run that starts from another run's weights (not a resume)
         init_weights(p.model, Path(str(cfg.init_from)), device)
     groups = resolve_param_groups(p.method.param_groups(p.model), cfg.lr)
@@ -236,6 +238,21 @@ def build(cfg: DictConfig, device: torch.device, method: Method | None = None) -
     optimizer = optim.grouped(instantiate(optim_cfg, params=groups, lr=cfg.lr))
     scheduler = instantiate(cfg.sched, optimizer=optimizer, epochs=cfg.epochs * p.method.epoch_scale)
     return Built(p.method, p.data, p.model, optimizer, scheduler)
+
+
+def check_feature_norm_batches(model: nn.Module, samples: int, batch: int, processes: int) -> None:
+    """BatchNorm over features (``BatchNorm1d``: an MLP's, LeNet-5's dense layers) cannot normalise one
+    sample per feature: a training batch, or a process's share of one, of a single image fails in the
+    first epoch with torch's traceback. Refused here, in one line, before the run's folder."""
+    if not any(isinstance(m, nn.BatchNorm1d) for m in model.modules()):
+        return
+    last = samples % batch or batch
+    shares = [batch // processes] + ([last // processes] if last >= processes else [])  # DDP drops a tail
+    if min(shares) == 1:  # smaller than the process count
+        per = f", {processes} processes" if processes > 1 else ""
+        raise QexpError(f"a training batch of one image ({samples} training images, batch_size={batch}{per}) "
+                        "cannot pass the model's BatchNorm over features; change batch_size or "
+                        "dataset.train_subset")
 
 
 def init_weights(model: torch.nn.Module, run_dir: Path, device: torch.device) -> None:
