@@ -38,6 +38,8 @@ def runs(root: Path) -> list[Path]:
 @pytest.fixture(scope="module")
 def launched(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
     out = tmp_path_factory.mktemp("identity")
+    (out / "mine" / "runs").mkdir(parents=True)  # the user's own folders, made before the sweeps below
+    (out / "mine2").mkdir()
     L = {
         "implicit": {"argv": [*T, f"out_root={out}/id"]},
         "explicit": {"argv": [*T, "epochs=1", "optim=adam", "lr=0.001", "sched=constant", f"out_root={out}/id"]},
@@ -57,6 +59,8 @@ def launched(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
                                       f"out_root={out}/badspace"]},
         "bad_empty_sweep": {"argv": ["--multirun", *T, "seed=range(0,0)", f"out_root={out}/emptysweep"]},
         "all_refused_sweep": {"argv": ["--multirun", *T, "epochs=-1,-2", f"out_root={out}/refusedsweep"]},
+        "refused_sweep_in_mine": {"argv": ["--multirun", *T, "epochs=-1,-2", f"out_root={out}/mine"]},
+        "bad_key_sweep_in_mine": {"argv": ["--multirun", *T, "methd=1,2", f"out_root={out}/mine2"]},
         "long_name": {"argv": [*T, f"out_root={out}/long/deep", "name=" + "a" * 300]},
         "chg_setup": {"argv": [*T, f"out_root={out}/chg"]},
         "chg": {"argv": [*T, f"out_root={out}/chg"], "set_status": [str(out / "chg"), "interrupted"],
@@ -166,6 +170,15 @@ def test_a_sweep_whose_every_job_is_refused_leaves_no_folder(launched) -> None:
     assert s["how"] == ["exit", 1] and s["stderr"].count("error: ") == 2, s
     assert "0 completed, 0 skipped, 2 failed" in s["stdout"], s
     assert not (out / "refusedsweep").exists()
+
+
+def test_a_refused_sweep_keeps_the_users_own_out_root(launched) -> None:
+    """The same refused sweeps into folders the user made: Hydra's multirun.yaml goes, the folders stay
+    (they were once removed with it, being empty)."""
+    out, r = launched
+    assert r["refused_sweep_in_mine"]["how"] == ["exit", 1] and r["bad_key_sweep_in_mine"]["how"] == ["exit", 2]
+    assert [p.name for p in (out / "mine").iterdir()] == ["runs"] and not any((out / "mine" / "runs").iterdir())
+    assert (out / "mine2").is_dir() and not any((out / "mine2").iterdir())
 
 
 def test_a_run_folder_the_file_system_refuses_leaves_no_folder(launched) -> None:

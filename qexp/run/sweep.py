@@ -30,7 +30,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 from qexp.errors import QexpError
-from qexp.jsonio import read_json, write_json
+from qexp.jsonio import missing_folders, read_json, write_json
 
 ENV = "QEXP_SWEEP_ID"
 #: the pid of the process that launched a local parallel sweep (its workers are the other processes)
@@ -46,6 +46,10 @@ _exit_code = 0
 _sweep_dir: str | None = None
 #: when this process's sweep started (its multirun.yaml is not older)
 _started = 0.0
+#: the folders of the sweep's folder chain that did not exist when it started, deepest first, and whether
+#: its multirun.yaml did not: only these may be removed again (:func:`remove_stub`)
+_new_folders: list[Path] = []
+_new_stub = False
 #: the signals a local parallel sweep's parent takes over (:func:`parallel_stop`)
 PARENT_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
 #: the parent's handlers of those signals before a local parallel sweep took them over
@@ -139,18 +143,21 @@ def exit_code() -> int:
 
 def remove_stub(started: float) -> None:
     """A sweep whose jobs could not be composed (a bad override), or whose every job was refused before
-    its run folder (``epochs=-1,-2``), leaves only Hydra's multirun.yaml in its folder: remove it, and the
-    folder (and ``out_root``) if that leaves them empty: no stray folder."""
+    its run folder (``epochs=-1,-2``), leaves only Hydra's multirun.yaml: remove it, and the folders the
+    sweep made (``<name>``, ``out_root``) if that leaves them empty: no stray folder or file. What was
+    there before (the user's ``out_root``, an earlier sweep's multirun.yaml, which Hydra rewrote) stays."""
     if _sweep_dir is None:
         return
     folder = Path(_sweep_dir)
     stub = folder / "multirun.yaml"
     try:
-        if not stub.is_file() or stub.stat().st_mtime < started - 1 or len(list(folder.iterdir())) != 1:
+        if not _new_stub or not stub.is_file() or stub.stat().st_mtime < started - 1:
+            return
+        if folder in _new_folders and any(p != stub for p in folder.iterdir()):
             return
         stub.unlink()
-        folder.rmdir()
-        folder.parent.rmdir()
+        for made in _new_folders:  # deepest first
+            made.rmdir()
     except OSError:
         pass
 
@@ -190,9 +197,11 @@ class SweepSummary(Callback):
     """Hydra callback: give the sweep an id its jobs report under, then summarize their reports."""
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        global _sweep_dir, _started
+        global _sweep_dir, _started, _new_folders, _new_stub
         os.environ[ENV] = f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
         _sweep_dir, _started = str(config.hydra.sweep.dir), time.time()
+        _new_folders = missing_folders(Path(_sweep_dir).absolute())
+        _new_stub = not (Path(_sweep_dir) / "multirun.yaml").exists()
         if _parallel(config) and threading.current_thread() is threading.main_thread():
             os.environ[PARENT_ENV] = str(os.getpid())
             for s in PARENT_SIGNALS:
