@@ -663,6 +663,18 @@ def test_plot_never_replaces_a_side_figure_it_did_not_write(sweep: Path, tmp_pat
     assert qexp(["plot", str(sweep), "--out", str(out)]) == 0 and written_by_qexp(out)
     shutil.copyfile(out, side)  # a figure qexp plot wrote is qexp's to replace
     assert qexp(["plot", str(sweep), "--out", str(out)]) == 0
+    # no --out: DIR/plots/<metric>.png is not named by the user either (it was replaced whatever it was)
+    sweep_copy = tmp_path / "sweep_copy"
+    shutil.copytree(sweep, sweep_copy)
+    (sweep_copy / "plots").mkdir(exist_ok=True)
+    default = sweep_copy / "plots" / "test_error.png"
+    default.write_bytes(b"my own figure")
+    assert qexp(["plot", str(sweep_copy)]) == 2
+    assert "test_error.png exists and was not written by qexp plot" in _one_error_line(capsys)
+    assert default.read_bytes() == b"my own figure"
+    default.unlink()
+    assert qexp(["plot", str(sweep_copy)]) == 0 and written_by_qexp(default)
+    assert qexp(["plot", str(sweep_copy)]) == 0  # its own figure, replaced
 
 
 @pytest.mark.parametrize("edit", [{"test_error": "abc"}, {"status": 5}, {"wall_s": "x"}, {"history": [1, 2]}],

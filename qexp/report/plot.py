@@ -109,16 +109,17 @@ def written_by_qexp(path: Path) -> bool:
 
 def check_targets(out: Path, named: bool) -> list[Path]:
     """OUT and its side figures, checked before anything is drawn: a named ``--out`` must not be in a run
-    folder (:func:`qexp.report.table.check_report_target`); a side figure the user did not name is
-    replaced only when it is missing or qexp plot wrote it, never a file of the user's that happens to be
-    called OUT_ptq.png."""
+    folder (:func:`qexp.report.table.check_report_target`); a figure the user did not name (the side
+    figures; OUT itself when it is the default ``DIR/plots/<metric>.png``) is replaced only when it is
+    missing or qexp plot wrote it, never a file of the user's that happens to have its name."""
     if named:
         check_report_target(out)
     sides = [out.with_name(f"{out.stem}_{kind}.png") for kind in ("alloc", "ptq")]
-    for side in sides:
-        if (side.exists() or side.is_symlink()) and (side.is_symlink() or not written_by_qexp(side)):
-            raise QexpError(f"{side} exists and was not written by qexp plot (it would be replaced as the "
-                            f"figure beside {out.name}): move it or choose another --out")
+    for figure in ([] if named else [out]) + sides:
+        if (figure.exists() or figure.is_symlink()) and (figure.is_symlink() or not written_by_qexp(figure)):
+            why = "as the figure beside " + out.name if figure != out else "by the figure"
+            raise QexpError(f"{figure} exists and was not written by qexp plot (it would be replaced {why}): "
+                            "move it or choose another --out")
     return sides
 
 
