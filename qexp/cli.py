@@ -81,6 +81,9 @@ def _main(argv: list[str]) -> int:
     except QexpError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except PermissionError as e:  # a file or folder this user may not read or write: theirs to fix, not a bug
+        print(f"error: {e.filename}: {e.strerror}", file=sys.stderr)
+        return 2
 
 
 def _completion(args: list[str]) -> int:

@@ -89,6 +89,7 @@ def test_train_help_hides_internal_groups() -> None:
     (["eval"], "error: qexp eval: the following arguments are required: run_dir"),
     (["runs", "DIR", "--digits"], "error: qexp runs: unrecognized arguments: --digits"),
     (["plot", "DIR", "--dpi", "x"], "error: qexp plot: argument --dpi: invalid int value: 'x'"),
+    (["plot", "DIR", "--dpi", "100000"], "error: --dpi must be 10..1000, got 100000"),  # was out of memory
 ])
 def test_bad_arguments_of_every_command_are_one_line(runs: Path, args: list[str], message: str,
                                                      capsys: pytest.CaptureFixture) -> None:
@@ -100,3 +101,26 @@ def test_bad_arguments_of_every_command_are_one_line(runs: Path, args: list[str]
         code = e.code
     err = capsys.readouterr().err
     assert code == 2 and message in err and err.count("\n") == 1, err
+
+
+
+@pytest.mark.parametrize("command", ["eval", "export"])
+def test_a_file_the_user_may_not_read_is_one_line(tmp_path: Path, command: str, monkeypatch,
+                                                  capsys: pytest.CaptureFixture) -> None:
+    """An unreadable metrics.json (``chmod 000``, for a user who is not root) was a PermissionError
+    traceback in eval and export: the file and why, in one line, exit 2, nothing written."""
+    from qexp.run import record
+
+    run_qexp(["train", "dataset=synthetic", "dataset.train_subset=64", "batch_size=32", "model=mlp",
+              "model.width=16", "model.depth=1", "progress=false", "device=cpu", f"out_root={tmp_path}"])
+    (run,) = (p.parent for p in tmp_path.rglob("metrics.json"))
+    before = sorted(p.name for p in run.iterdir())
+
+    def denied(path: Path) -> None:
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(record, "read_json", denied)
+    code = qexp([command, str(run)])
+    err = capsys.readouterr().err
+    assert code == 2 and err == f"error: {run / 'metrics.json'}: Permission denied\n", err
+    assert sorted(p.name for p in run.iterdir()) == before

@@ -411,7 +411,7 @@ def main(argv: list[str]) -> int:
                          "figures go beside it as <name>_alloc.png and <name>_ptq.png")
     ap.add_argument("--size", type=parse_size, default=None, metavar="WxH",
                     help="figure size in pixels (default: from the number of panels)")
-    ap.add_argument("--dpi", type=int, default=100, help="dots per inch (default 100)")
+    ap.add_argument("--dpi", type=int, default=100, help="dots per inch: the size of the text (10..1000, default 100)")
     ap.add_argument("--logy", action=argparse.BooleanOptionalAction, default=None,
                     help="log-scale y axis (default: on for errors/losses spanning more than 10x)")
     ap.add_argument("--where", action="append", default=[], metavar="KEY=V[,V...]",
@@ -419,8 +419,8 @@ def main(argv: list[str]) -> int:
     args = ap.parse_args(argv)
     if args.out is not None and args.out.suffix.lower() != ".png":
         raise QexpError(f"--out must name a .png file, not {args.out}")
-    if args.dpi < 10:
-        raise QexpError("--dpi must be at least 10")
+    if not 10 <= args.dpi <= 1000:  # the size is in pixels: the dpi scales the text (100000: out of memory)
+        raise QexpError(f"--dpi must be 10..1000, got {args.dpi}")
 
     df, notes = results.dedupe(results.collect(args.dirs))
     df = results.where(df, args.where)
