@@ -639,6 +639,11 @@ def test_table_out_refuses_a_run_folder_and_run_files(sweep: Path, tmp_path: Pat
     mine = tmp_path / "elsewhere" / "table.md"
     mine.write_text("old table")
     assert qexp(["table", str(sweep), "--out", str(mine)]) == 0 and mine.read_text().startswith("*")
+    long = tmp_path / "new" / f"{'a' * 250}.md"  # a valid name (253 bytes): its temporary file once was not
+    assert qexp(["table", str(sweep), "--out", str(long)]) == 0 and long.is_file()
+    too_long = tmp_path / "new2" / "deeper" / f"{'a' * 300}.md"
+    assert qexp(["table", str(sweep), "--out", str(too_long)]) == 2
+    assert "File name too long" in _one_error_line(capsys) and not (tmp_path / "new2").exists()  # no folder left
 
 
 def test_plot_never_replaces_a_side_figure_it_did_not_write(sweep: Path, tmp_path: Path,

@@ -445,10 +445,10 @@ def _emit(text: str, out: Path | None, fmt: str, what: str) -> int:
     if out is None:
         sys.stdout.write(text)
     else:
-        from qexp.jsonio import atomic_write_bytes
+        from qexp.jsonio import atomic_write_bytes, without_new_folders
 
-        try:
-            atomic_write_bytes(out, text.encode())
+        try:  # a write that fails leaves none of the folders it made
+            without_new_folders([out.parent], lambda: atomic_write_bytes(out, text.encode()))
         except OSError as e:
             raise QexpError(f"cannot write {out}: {e.strerror or e}") from None
         print(f"wrote {out} ({fmt}, {what})")
