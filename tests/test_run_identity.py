@@ -53,6 +53,7 @@ def launched(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
         "unwritable_sweep_root": {"argv": ["--multirun", *T, "out_root=/sys/qexp-cannot-write-here"]},
         "interpolated": {"argv": [*T, "seed=${epochs}", f"out_root={out}/interp"]},
         "unread": {"argv": [*T, "method=ste", "abits=4", f"out_root={out}/unread"]},
+        "unread_lr": {"argv": [*T, "lr=0.01", "optim.lr=0.02", f"out_root={out}/unread_lr"]},
         "bad_sweep_option": {"argv": ["--multirun", *T, "method=float,nonexist", f"out_root={out}/badsweep"]},
         "bad_search_space": {"argv": ["--multirun", *T, "hydra/sweeper=optuna", "dataset.val_size=16",
                                       'hydra.sweeper.params={lr:"tag(log, interval(0.001, 0.1))"}',
@@ -207,6 +208,15 @@ def test_a_method_knob_the_method_does_not_read_is_named(launched) -> None:
     assert "abits=4 not read by method=ste: the run is the same as without it" in r["unread"]["stdout"]
     (run,) = runs(out / "unread")
     assert "ste-2b" in run.parts and not any("abits" in part for part in run.parts), run
+
+
+def test_optim_lr_under_a_set_lr_is_named(launched) -> None:
+    """``optim.lr`` is read only through ``lr``'s default (``${optim.lr}``): where ``lr`` is set (typed here;
+    a preset's, WAGE's) the run says optim.lr is not read (it said nothing) and trains at ``lr``."""
+    out, r = launched
+    assert "optim.lr=0.02 not read: this configuration sets lr=0.01 itself" in r["unread_lr"]["stdout"]
+    (run,) = runs(out / "unread_lr")
+    assert json.loads((run / "metrics.json").read_text())["lr"] == 0.01
 
 
 #: method option -> the typed knobs (of bits=3 abits=4 grid_scale=0.5) it does not read

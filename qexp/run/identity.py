@@ -335,6 +335,18 @@ def unread_knobs(cfg: DictConfig, typed: Iterable[str], ignored: Iterable[str] =
     return out
 
 
+def unread_optim_lr(cfg: DictConfig, typed: Iterable[str]) -> str | None:
+    """``optim.lr=X`` typed where the configuration sets the top-level ``lr`` itself (a preset, or a method
+    such as WAGE): the optimizer is built with ``lr``, so X is not read; the line the run logs, else None."""
+    lr = OmegaConf.to_container(cfg, resolve=False).get("lr")
+    for override in typed:
+        key, _, value = override.partition("=")
+        if key == "optim.lr" and lr != "${optim.lr}":
+            return (f"optim.lr={value} not read: this configuration sets lr={cfg.lr} itself (a preset's or the "
+                    f"method's); the run is the same as without it (lr={value} changes the rate)")
+    return None
+
+
 def locate(cfg: DictConfig, defaults: Defaults, ignored: Iterable[str] = ()) -> tuple[Path, str]:
     """The run folder and its difference level, measured against the defaults of the run's own seed (a
     stacked group's later seeds are not the command's: ``method.seed=0`` typed with seeds 0 and 1 is a

@@ -104,6 +104,9 @@ def run(cfg: DictConfig) -> dict[str, Any] | None:
         if unread and main:
             log.warning("%s not read by method=%s: the run is the same as without %s", " ".join(unread),
                         defaults.option, "it" if len(unread) == 1 else "them")
+        unread_lr = identity.unread_optim_lr(cfg, typed)
+        if unread_lr and main:
+            log.warning(unread_lr)
         if seeds_per_process == 1 and finished_run(cfg, run_dir, ignored, quiet=not main) is not None:
             done("skipped")
             return record.read(run_dir)
