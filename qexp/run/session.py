@@ -62,6 +62,11 @@ def instantiate(node: DictConfig, **kwargs: Any) -> Any:
     name = conf.get("name")
     for k in META_KEYS:
         conf.pop(k, None)
+    clash = sorted(set(conf) & set(kwargs))
+    if clash:  # +dataset.seed=5, +sched.epochs=5: the run passes its own value, so the setting is never read
+        raise QexpError(f"cannot build {conf.get('_target_')}: {', '.join(f'{k}={conf[k]}' for k in clash)} "
+                        "would not be read, the run passes its own (the top-level knobs set it: seed=, "
+                        "epochs=, batch_size=, ...)")
     try:
         factory = hydra.utils.instantiate(conf, _partial_=True)
     except hydra.errors.InstantiationException as e:
