@@ -28,6 +28,8 @@ BAD = {"epochs": "epochs=0", "batch_size": "batch_size=0", "eval_batch_size": "e
        "progress": "progress=maybe", "short_betas": "optim=adam optim.betas=[0.9]",
        "momentum": "optim=sgd optim.momentum=1", "milestones": "sched=step sched.milestones=[0,5]",
        "job_log_file": "hydra/job_logging=default",
+       "log_handler": "+hydra.job_logging.handlers.f={class:logging.FileHandler,filename:/tmp/qexp-escaped.log}",
+       "rerun": "--experimental-rerun x.pickle",
        "bn_batch_of_one": "model.bn=true dataset.train_subset=33",  # a last batch of 1 through BatchNorm1d
        "group_seed": "+dataset.seed=5", "group_epochs": "+sched.epochs=5"}  # passed by the run itself: unread
 

@@ -370,8 +370,9 @@ _VALUE_FLAGS = ("--config-dir", "-cd", "--config-path", "-cp", "--config-name", 
 _INFO_VALUES = ("all", "config", "defaults", "defaults-tree", "plugins", "searchpath")
 #: Hydra settings qexp decides itself: the run folder is a function of the configuration below out_root
 _PLACED = re.compile(r"[+~]*hydra\.(run\.dir|sweep\.dir|sweep\.subdir|output_subdir|job\.chdir)=")
-#: Hydra's job logging that writes a file (``<job>.log`` in the folder Hydra would run in, the current one)
-_LOG_FILE = re.compile(r"[+~]*hydra/job_logging=default$")
+#: Hydra's job logging that writes a file (``<job>.log`` in the folder Hydra would run in, the current one),
+#: or a logging handler of the user's (a FileHandler writes wherever its filename says)
+_LOG_FILE = re.compile(r"[+~]*hydra(/job_logging=default$|\.(job_logging|hydra_logging)\.handlers)")
 
 
 def arrange_argv(args: list[str]) -> list[str]:
@@ -399,8 +400,8 @@ def arrange_argv(args: list[str]) -> list[str]:
                                 "<out_root>/<name>/<dataset>/<model>/<method>/.../seed<k>; set out_root=DIR "
                                 "(and name=NAME) instead")
             if _LOG_FILE.match(a):
-                raise QexpError(f"{a.lstrip('+~')}: Hydra's default job logging writes a log file into the current "
-                                "folder; qexp writes train.log into each run folder itself (hydra/job_logging=qexp, "
+                raise QexpError(f"{a.lstrip('+~').split('=', 1)[0]}: Hydra's log files would be written outside "
+                                "out_root; qexp writes train.log into each run folder itself (hydra/job_logging=qexp, "
                                 "the default; stdout, none or disabled are accepted)")
             rest.append(a)
         i += 1
@@ -418,6 +419,9 @@ def check_flags(flags: list[str]) -> None:
     line (QexpError) instead of argparse's usage block; ``--version`` is left to Hydra (it prints, exits)."""
     if "--version" in flags:
         return
+    if "--experimental-rerun" in flags:  # unpickles a file Hydra wrote for a job; qexp resumes its own way
+        raise QexpError("--experimental-rerun: rerun a run by typing its command again (an unfinished run "
+                        "resumes, a finished one is reported; resume=false retrains)")
     from hydra._internal.utils import get_args_parser
 
     parser = get_args_parser()
