@@ -253,7 +253,7 @@ def check_feature_norm_batches(model: nn.Module, samples: int, batch: int, proce
         return
     last = samples % batch or batch
     shares = [batch // processes] + ([last // processes] if last >= processes else [])  # DDP drops a tail
-    if min(shares) == 1:  # smaller than the process count
+    if min(shares) == 1:  # (a share of none is refused before, by distributed.check_batch_share)
         per = f", {processes} processes" if processes > 1 else ""
         raise QexpError(f"a training batch of one image ({samples} training images, batch_size={batch}{per}) "
                         "cannot pass the model's BatchNorm over features; change batch_size or "

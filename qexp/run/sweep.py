@@ -148,7 +148,7 @@ def remove_stub(started: float) -> None:
     there before (the user's ``out_root``, an earlier sweep's multirun.yaml, which Hydra rewrote) stays."""
     if _sweep_dir is None:
         return
-    folder = Path(_sweep_dir)
+    folder = Path(_sweep_dir).absolute()  # as _new_folders names it (out_root may be relative)
     stub = folder / "multirun.yaml"
     try:
         if not _new_stub or not stub.is_file() or stub.stat().st_mtime < started - 1:
