@@ -103,7 +103,6 @@ def test_bad_arguments_of_every_command_are_one_line(runs: Path, args: list[str]
     assert code == 2 and message in err and err.count("\n") == 1, err
 
 
-
 @pytest.mark.parametrize("command", ["eval", "export"])
 def test_a_file_the_user_may_not_read_is_one_line(tmp_path: Path, command: str, monkeypatch,
                                                   capsys: pytest.CaptureFixture) -> None:
