@@ -62,7 +62,8 @@ def digest(root: str | Path, sources: Iterable[Path]) -> dict[str, object]:
     for s in sources:
         p = os.path.abspath(Path(s).expanduser())
         name = os.path.relpath(p, base)
-        files[p if name.startswith(os.pardir) else name] = source_sha1(Path(p))
+        outside = name == os.pardir or name.startswith(os.pardir + os.sep)  # not below the root: kept whole
+        files[p if outside else name] = source_sha1(Path(p))
     text = "\n".join(f"{k} {v}" for k, v in sorted(files.items()))
     return {"root": str(Path(base).resolve()), "files": dict(sorted(files.items())),
             "digest": hashlib.sha1(text.encode()).hexdigest() if files else None}

@@ -61,13 +61,13 @@ def load_arrays(variant: str, root: str | Path, download: bool = True) -> dict[s
     stems = [s for pair in FILES.values() for s in pair]
     if any(readable_file(raw, s) is None for s in stems) and download:
         _try_download(variant, Path(root).expanduser())
-    missing = [s for s in stems if readable_file(raw, s) is None]
-    if missing:
+    found = {s: readable_file(raw, s) for s in stems}  # what is read: the sources, and the check before
+    if None in found.values():
         raise missing_data_error(FOLDERS[variant], raw, [f"{s}.gz" for s in stems])
-    out: dict[str, tuple] = {"sources": tuple(readable_file(raw, s) for s in stems)}
+    out: dict[str, tuple] = {"sources": tuple(found.values())}
     for split, (img, lab) in FILES.items():
-        x = torch.from_numpy(read_idx(readable_file(raw, img)).copy()).unsqueeze(1)
-        y = torch.from_numpy(read_idx(readable_file(raw, lab)).astype(np.int64))
+        x = torch.from_numpy(read_idx(found[img]).copy()).unsqueeze(1)
+        y = torch.from_numpy(read_idx(found[lab]).astype(np.int64))
         if len(x) != len(y):
             raise QexpError(f"{raw}: {img} and {lab} hold different numbers of samples")
         out[split] = (x, y)

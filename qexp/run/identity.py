@@ -329,7 +329,8 @@ def unread_knobs(cfg: DictConfig, typed: Iterable[str], ignored: Iterable[str] =
     out = []
     for override in typed:
         key, _, value = override.lstrip("+~").partition("=")
-        # optim.lr (the other source key) is the optimizer's, read by every method
+        # optim.lr (the other source key) is the optimizer's, read by every method through lr's default
+        # (where lr is set instead, unread_optim_lr says so)
         if key in SOURCE_KEYS and "." not in key and (key in ignored or not method_reads(method, key)):
             out.append(f"{key}={value}")
     return out
@@ -338,10 +339,9 @@ def unread_knobs(cfg: DictConfig, typed: Iterable[str], ignored: Iterable[str] =
 def unread_optim_lr(cfg: DictConfig, typed: Iterable[str]) -> str | None:
     """``optim.lr=X`` typed where the configuration sets the top-level ``lr`` itself (a preset, or a method
     such as WAGE): the optimizer is built with ``lr``, so X is not read; the line the run logs, else None."""
-    lr = OmegaConf.to_container(cfg, resolve=False).get("lr")
     for override in typed:
         key, _, value = override.partition("=")
-        if key == "optim.lr" and lr != "${optim.lr}":
+        if key == "optim.lr" and OmegaConf.to_container(cfg, resolve=False).get("lr") != "${optim.lr}":
             return (f"optim.lr={value} not read: this configuration sets lr={cfg.lr} itself (a preset's or the "
                     f"method's); the run is the same as without it (lr={value} changes the rate)")
     return None
