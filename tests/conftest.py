@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import functools
 import getpass
 import json
 import os
@@ -40,6 +41,23 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 
 # the tests that train in the worker's own process reuse freed activations as every qexp process does
 keep_freed_memory()
+#: the environment the suite's ``qexp`` processes start from (the fork server's: tests/zygote.py)
+BASE_ENV = dict(os.environ)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None):
+    """Each test starts from the suite's environment: what a test's in-process qexp run sets in
+    ``os.environ`` (``HYDRA_FULL_ERROR``, the run's ``MPLCONFIGDIR``/``TRITON_CACHE_DIR`` below its
+    out_root, DDP's ``OMP_NUM_THREADS``) is undone after it, so the next test's ``qexp`` processes never
+    inherit it (a user's shell would not have it either)."""
+    saved = {k: v for k, v in os.environ.items() if k != "PYTEST_CURRENT_TEST"}
+    try:
+        return (yield)
+    finally:
+        for k in [k for k in os.environ if k not in saved and k != "PYTEST_CURRENT_TEST"]:
+            del os.environ[k]
+        os.environ.update(saved)
 
 
 def data_root_path() -> Path:
@@ -63,8 +81,15 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     * ``real_data``: every test that reads the real datasets (through the ``data_root`` fixture, directly
       or not), so ``-m "not real_data"`` is the suite without ``$QEXP_DATA``;
     * ``cuda``: skipped where no CUDA device is visible.
+
+    and the order in which the files run.
     """
     no_cuda = pytest.mark.skip(reason="needs a CUDA device") if not torch.cuda.is_available() else None
+    # the longest files first (tests/durations.json: seconds per file, measured on 2 cores): pytest-xdist
+    # hands out files in this order (pyproject's --no-loadscope-reorder), so no long file starts last while
+    # the other worker has nothing left to do; a file not listed counts as short
+    cost = json.loads((REPO / "tests" / "durations.json").read_text())
+    items.sort(key=lambda item: -cost.get(item.path.name, 0))
     for item in items:
         if "data_root" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.real_data)
@@ -74,14 +99,86 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 def run_qexp(args: list[str], cwd: Path | None = None, env: dict[str, str | None] | None = None,
              check: bool = True, timeout: float = 600) -> subprocess.CompletedProcess:
-    """Run ``qexp ARGS`` in a subprocess (the console script's module, so the venv's qexp is used);
-    ``env`` adds to this environment (a None value removes the variable)."""
+    """Run ``qexp ARGS`` in a process of its own, as ``python -m qexp.cli ARGS`` (so the venv's qexp is used);
+    ``env`` adds to this environment (a None value removes the variable). The process is forked from the
+    worker's fork server (tests/zygote.py: torch and Hydra imported once) when its environment allows,
+    else started fresh."""
     full_env = {k: v for k, v in {**os.environ, **(env or {})}.items() if v is not None}
-    proc = subprocess.run([sys.executable, "-m", "qexp.cli", *args], cwd=cwd, env=full_env,
-                          capture_output=True, text=True, timeout=timeout)
+    cmd = [sys.executable, "-m", "qexp.cli", *args]
+    server = _fork_server(full_env)
+    if server is not None:
+        proc = server.run(cmd, os.path.abspath(cwd or os.getcwd()), full_env, timeout)
+    else:
+        proc = subprocess.run(cmd, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"qexp {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
     return proc
+
+
+class _ForkServer:
+    """``python -m tests.zygote`` (see there) and the pipes to it."""
+
+    def __init__(self) -> None:
+        self.env = BASE_ENV
+        self.buf = b""
+        self.proc = subprocess.Popen([sys.executable, "-m", "tests.zygote"], cwd=REPO, env=self.env,
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0)
+        assert json.loads(self._answer(300)) == {"ready": True}
+
+    def _answer(self, timeout: float) -> str:
+        """The server's next line (read from the pipe unbuffered, so select() sees every line not read yet)."""
+        import select
+        import time
+
+        end = time.monotonic() + timeout
+        while b"\n" not in self.buf:
+            ready, _, _ = select.select([self.proc.stdout], [], [], max(0.0, end - time.monotonic()))
+            if not ready:
+                raise subprocess.TimeoutExpired("tests.zygote", timeout)
+            chunk = os.read(self.proc.stdout.fileno(), 65536)
+            if not chunk:
+                raise RuntimeError(f"the fork server (tests/zygote.py) ended ({self.proc.wait()})")
+            self.buf += chunk
+        line, self.buf = self.buf.split(b"\n", 1)
+        return line.decode()
+
+    def run(self, cmd: list[str], cwd: str, env: dict[str, str], timeout: float) -> subprocess.CompletedProcess:
+        with tempfile.TemporaryDirectory() as tmp:
+            out, err = Path(tmp, "out"), Path(tmp, "err")
+            out.touch()
+            err.touch()
+            request = json.dumps({"argv": cmd[3:], "cwd": cwd, "env": env, "out": str(out), "err": str(err)})
+            data = request.encode() + b"\n"
+            while data:  # an unbuffered pipe may take part of it
+                data = data[os.write(self.proc.stdin.fileno(), data):]
+            pid = json.loads(self._answer(60))["pid"]
+            try:
+                done = json.loads(self._answer(timeout))
+            except subprocess.TimeoutExpired:
+                os.kill(pid, 9)
+                self._answer(60)
+                raise subprocess.TimeoutExpired(cmd, timeout, out.read_text(), err.read_text()) from None
+            code = done["code"] if done["status"] == "exit" else -done["code"]
+            return subprocess.CompletedProcess(cmd, code, out.read_text(), err.read_text())
+
+
+@functools.cache
+def _server() -> _ForkServer:
+    """This test process's fork server, started on first use."""
+    return _ForkServer()
+
+
+def _fork_server(env: dict[str, str]) -> _ForkServer | None:
+    """The fork server, if a process forked from it would see what a fresh one sees: its environment differs
+    from the server's only in variables read at run time (tests/zygote.py's ``runtime_var``). ``QEXP_TESTS_FORK=0``
+    in the environment (the suite's, or one command's) starts every process (that one) fresh."""
+    from tests.zygote import runtime_var
+
+    if env.get("QEXP_TESTS_FORK", "1") == "0":  # every qexp process a fresh interpreter
+        return None
+    server = _server()
+    differ = {k for k in set(env) | set(server.env) if env.get(k) != server.env.get(k)}
+    return server if all(runtime_var(k) for k in differ) else None
 
 
 def run_drivers(specs: list[Path], timeout: float) -> dict:
