@@ -37,6 +37,8 @@ SAME = {
     "float_scale": (["method=float"], ["method=float", "grid_scale=0.5"]),
     "float_bits": (["method=float"], ["method=float", "bits=4"]),
     "explicit": (["method=bc"], ["method=bc", "bits=1", "method.stochastic=false", "optim=adam"]),
+    "number": (["method=bc", "sched=step", "grid_scale=2", "sched.gamma=1"],
+               ["method=bc", "sched=step", "grid_scale=2.0", "sched.gamma=1.0"]),
 }
 #: two configurations: two runs
 DIFF = {

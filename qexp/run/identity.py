@@ -158,8 +158,22 @@ def _show(v: Any) -> str:
     return "(absent)" if v is _MISSING else json.dumps(v)
 
 
+def _number(v: Any) -> Any:
+    """One number, one spelling: ``1.0`` and ``1`` are the same setting (fingerprints compare them equal), so
+    an integral float reads as an integer (``sched.gamma=1``), in lists too."""
+    if isinstance(v, float) and v.is_integer() and abs(v) < 2 ** 53:
+        return int(v)
+    if isinstance(v, list):
+        return [_number(x) for x in v]
+    if isinstance(v, dict):
+        return {k: _number(x) for k, x in v.items()}
+    return v
+
+
 def _fmt(v: Any) -> str:
-    """A value as it reads in a folder name (Hydra's spelling: true/false/null, lists without spaces)."""
+    """A value as it reads in a folder name (Hydra's spelling: true/false/null, lists without spaces; numbers
+    by :func:`_number`)."""
+    v = _number(v)
     if isinstance(v, bool):
         text = "true" if v else "false"
     elif v is None:
