@@ -176,6 +176,8 @@ def _fork_server(env: dict[str, str]) -> _ForkServer | None:
 
     if env.get("QEXP_TESTS_FORK", "1") == "0":  # every qexp process a fresh interpreter
         return None
+    if torch.cuda.is_available():  # a child forked after the CUDA driver was touched may not use CUDA:
+        return None  # on a GPU machine every qexp process starts fresh (as it always did there)
     server = _server()
     differ = {k for k in set(env) | set(server.env) if env.get(k) != server.env.get(k)}
     return server if all(runtime_var(k) for k in differ) else None
