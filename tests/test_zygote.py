@@ -5,6 +5,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+import torch
+
 from tests import conftest
 from tests.kill_driver import compare, run_folders
 
@@ -21,6 +24,7 @@ def _files(run: Path) -> list[str]:
     return sorted("events" if p.name.startswith("events.out.tfevents.") else p.name for p in run.iterdir())
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="where CUDA is, every qexp process starts fresh")
 def test_a_forked_run_writes_what_a_fresh_interpreter_writes(tmp_path: Path) -> None:
     forked = _run([*TINY, f"out_root={tmp_path}/fork"], fork=True)
     fresh = _run([*TINY, f"out_root={tmp_path}/fresh"], fork=False)
