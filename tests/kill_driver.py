@@ -32,6 +32,8 @@ import torch._dynamo  # noqa: F401  (imported once here, not in every child: the
 from torch.nn.modules.module import register_module_forward_pre_hook
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
+from tests.zygote import redirect
+
 #: metrics.json keys that measure time, not results
 TIMING = ("wall_s", "images_per_s")
 
@@ -76,7 +78,7 @@ def launch(argv: list[str], kill: tuple[str, int] | None = None, log: Path | Non
            umask: int | None = None, uid: int | None = None, env: dict[str, str] | None = None) -> tuple[str, int]:
     """``qexp train ARGV`` in a forked child; ("signal", n) or ("exit", code).
 
-    ``log``: the child's stdout and stderr go to LOG.out / LOG.err; ``umask``/``uid``/``env``: set in the
+    ``log``: the child's stdout and stderr go to LOG.out / LOG.err (stdin empty); ``umask``/``uid``/``env``: set in the
     child."""
     from qexp.run import train
 
@@ -87,10 +89,7 @@ def launch(argv: list[str], kill: tuple[str, int] | None = None, log: Path | Non
         code = 0
         try:
             if log is not None:
-                for fd, suffix in ((1, ".out"), (2, ".err")):
-                    f = os.open(f"{log}{suffix}", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-                    os.dup2(f, fd)
-                    os.close(f)
+                redirect(f"{log}.out", f"{log}.err")
             os.environ.update(env or {})
             if umask is not None:
                 os.umask(umask)

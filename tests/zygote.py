@@ -32,14 +32,19 @@ def runtime_var(name: str) -> bool:
     return name.startswith("QEXP_") or name in RUNTIME_VARS
 
 
-def _child(req: dict) -> None:
-    """Become ``python -m qexp.cli ARGV`` started in ``cwd`` with ``env`` (stdin empty, stdout/stderr to files):
-    returns in the child only; SystemExit and uncaught exceptions end it as they end an interpreter."""
-    for fd, path, flags in ((0, os.devnull, os.O_RDONLY), (1, req["out"], os.O_WRONLY | os.O_TRUNC),
-                            (2, req["err"], os.O_WRONLY | os.O_TRUNC)):
-        f = os.open(path, flags)
+def redirect(out: str, err: str) -> None:
+    """In a forked child: stdout and stderr into these files (made or emptied), stdin empty."""
+    for fd, path, flags in ((0, os.devnull, os.O_RDONLY), (1, out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC),
+                            (2, err, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)):
+        f = os.open(path, flags, 0o644)
         os.dup2(f, fd)
         os.close(f)
+
+
+def _child(req: dict) -> None:
+    """Become ``python -m qexp.cli ARGV`` started in ``cwd`` with ``env`` (:func:`redirect`): returns in the
+    child only; SystemExit and uncaught exceptions end it as they end an interpreter."""
+    redirect(req["out"], req["err"])
     os.chdir(req["cwd"])
     os.environ.clear()
     os.environ.update(req["env"])
