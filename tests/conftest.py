@@ -7,6 +7,7 @@ import functools
 import getpass
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -119,9 +120,8 @@ class _ForkServer:
     """``python -m tests.zygote`` (see there) and the pipes to it."""
 
     def __init__(self) -> None:
-        self.env = BASE_ENV
         self.buf = b""
-        self.proc = subprocess.Popen([sys.executable, "-m", "tests.zygote"], cwd=REPO, env=self.env,
+        self.proc = subprocess.Popen([sys.executable, "-m", "tests.zygote"], cwd=REPO, env=BASE_ENV,
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0)
         assert json.loads(self._answer(300)) == {"ready": True}
 
@@ -144,9 +144,7 @@ class _ForkServer:
 
     def run(self, cmd: list[str], cwd: str, env: dict[str, str], timeout: float) -> subprocess.CompletedProcess:
         with tempfile.TemporaryDirectory() as tmp:
-            out, err = Path(tmp, "out"), Path(tmp, "err")
-            out.touch()
-            err.touch()
+            out, err = Path(tmp, "out"), Path(tmp, "err")  # made by the child (tests/zygote.py's redirect)
             request = json.dumps({"argv": cmd[3:], "cwd": cwd, "env": env, "out": str(out), "err": str(err)})
             data = request.encode() + b"\n"
             while data:  # an unbuffered pipe may take part of it
@@ -155,7 +153,7 @@ class _ForkServer:
             try:
                 done = json.loads(self._answer(timeout))
             except subprocess.TimeoutExpired:
-                os.kill(pid, 9)
+                os.kill(pid, signal.SIGKILL)
                 self._answer(60)
                 raise subprocess.TimeoutExpired(cmd, timeout, out.read_text(), err.read_text()) from None
             code = done["code"] if done["status"] == "exit" else -done["code"]
@@ -178,9 +176,8 @@ def _fork_server(env: dict[str, str]) -> _ForkServer | None:
         return None
     if torch.cuda.is_available():  # a child forked after the CUDA driver was touched may not use CUDA:
         return None  # on a GPU machine every qexp process starts fresh (as it always did there)
-    server = _server()
-    differ = {k for k in set(env) | set(server.env) if env.get(k) != server.env.get(k)}
-    return server if all(runtime_var(k) for k in differ) else None
+    differ = {k for k in set(env) | set(BASE_ENV) if env.get(k) != BASE_ENV.get(k)}
+    return _server() if all(runtime_var(k) for k in differ) else None
 
 
 def run_drivers(specs: list[Path], timeout: float) -> dict:
