@@ -35,3 +35,18 @@ def test_li2017_entry_end_to_end_keeps_its_direction(tmp_path, data_root, one_th
     md = (docs / "li2017-small.md").read_text()
     assert "mean_flip_frac" in md and "flip fraction per epoch" in md and "| float |" in md.replace("**", "")
     assert (docs / "li2017-small.png").stat().st_size > 1000
+
+
+def test_medium_budget_only_where_an_entry_has_one(capsys, monkeypatch) -> None:
+    """``--budget medium`` runs the CIFAR-10 entry's medium overrides; an entry without that budget is
+    refused (one line, exit 2) before anything runs."""
+    monkeypatch.syspath_prepend(REPO / "scripts")
+    import reproduce
+
+    entry = reproduce.DATASET_ENTRIES["cifar10_jpeg"]["li2017"]
+    args = reproduce.budget_args(entry.sweeps[0], "medium", ["seed=0"])
+    assert set(reproduce.MEDIUM_CIFAR) <= set(args) and "seed=0" in args and "seed=0,1,2" not in args
+    with pytest.raises(SystemExit) as e:
+        reproduce.main(["li2017", "--budget", "medium"])
+    assert e.value.code == 2
+    assert "has no medium budget" in capsys.readouterr().err
