@@ -453,6 +453,31 @@ def test_no_runs_is_an_error(tmp_path: Path, capsys: pytest.CaptureFixture) -> N
         assert "no runs found" in capsys.readouterr().err
 
 
+def test_a_folder_that_cannot_be_read_is_named_not_left_out_silently(sweep: Path, capsys: pytest.CaptureFixture,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """A folder the user may not list (another user's, on a shared disk) once vanished from tables and
+    listings without a word ("no runs found" when it held them all): its runs are said to be left out.
+    Refused through os.scandir, which os.walk lists with, so the test also holds for root."""
+    hidden = sweep / "exp" / "mnist" / "lenet5" / "bc-1b"
+    scandir = os.scandir
+
+    def refuse(path: os.PathLike | str = ".") -> object:
+        if Path(path) == hidden:
+            raise PermissionError(13, "Permission denied", str(path))
+        return scandir(path)
+
+    monkeypatch.setattr(os, "scandir", refuse)
+    assert qexp(["runs", str(sweep)]) == 0
+    out, err = capsys.readouterr()
+    assert f"warning: cannot read {hidden} (Permission denied): the runs below it are left out" in err
+    assert out.strip().splitlines()[-1].startswith("7 runs:")  # bc 1-bit's three seeds are not listed
+    assert qexp(["table", str(hidden.parent)]) == 0  # its sibling folders still tabulate
+    assert "warning: cannot read" in capsys.readouterr().err
+    assert qexp(["table", str(hidden)]) == 2
+    assert capsys.readouterr().err.strip() == (f"error: no runs found below {hidden} (a run folder holds "
+                                               f"metrics.json); cannot read {hidden} (Permission denied)")
+
+
 # ---- runs ---------------------------------------------------------------------------------------
 def test_runs_lists_every_run(sweep: Path, capsys: pytest.CaptureFixture) -> None:
     assert qexp(["runs", str(sweep)]) == 0

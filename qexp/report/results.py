@@ -12,7 +12,8 @@ import math
 import os
 import re
 import statistics
-from collections.abc import Iterable, Iterator, Sequence
+import sys
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -56,18 +57,23 @@ MISSING = "—"
 
 
 # ---- collecting ---------------------------------------------------------------------------------
-def find_run_dirs(root: Path) -> list[Path]:
+def find_run_dirs(root: Path, unreadable: list[str] | None = None) -> list[Path]:
     """Folders below ``root`` (itself included) holding metrics.json or a Hydra job's .hydra/config.yaml;
-    ``out_root``'s cache (decoded data, compiled kernels) is not searched."""
-    found = {p.parent for p in _walk(root, record.METRICS)}
-    found |= {p.parent.parent for p in _walk(root, ".hydra/config.yaml")}
-    return sorted(found)
+    ``out_root``'s cache (decoded data, compiled kernels) is not searched. Folders that cannot be listed
+    are appended to ``unreadable`` (``PATH (reason)``): the runs below them are not found, and a table
+    or listing must not leave them out without saying so."""
 
+    def refused(e: OSError) -> None:
+        if unreadable is not None:
+            unreadable.append(f"{e.filename} ({e.strerror})")
 
-def _walk(root: Path, pattern: str) -> Iterator[Path]:
-    for dirpath, dirnames, _ in os.walk(root):  # as rglob did: linked folders are not entered
+    found = []
+    for dirpath, dirnames, filenames in os.walk(root, onerror=refused):  # linked folders are not entered
         dirnames[:] = sorted(d for d in dirnames if d != record.CACHE_FOLDER)
-        yield from Path(dirpath).glob(pattern)
+        here = Path(dirpath)
+        if record.METRICS in filenames or (here / ".hydra" / "config.yaml").is_file():
+            found.append(here)
+    return sorted(found)
 
 
 def _hydra_fields(run_dir: Path) -> dict[str, Any]:
@@ -186,9 +192,13 @@ def collect(dirs: Iterable[str | Path]) -> pd.DataFrame:
         root = Path(d)
         if not root.exists():
             raise QexpError(f"{root} does not exist")
-        runs = find_run_dirs(root)
+        unreadable: list[str] = []
+        runs = find_run_dirs(root, unreadable)
         if not runs:
-            raise QexpError(f"no runs found below {root} (a run folder holds metrics.json)")
+            why = f"; cannot read {', '.join(unreadable)}" if unreadable else ""
+            raise QexpError(f"no runs found below {root} (a run folder holds metrics.json){why}")
+        for u in unreadable:
+            print(f"warning: cannot read {u}: the runs below it are left out", file=sys.stderr)
         for r in runs:
             seen.setdefault(r.resolve(), read_run(r))
     if not seen:
