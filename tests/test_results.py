@@ -643,11 +643,11 @@ def _one_error_line(capsys: pytest.CaptureFixture) -> str:
     return err[0]
 
 
-def test_table_out_refuses_a_run_folder_and_run_files(sweep: Path, tmp_path: Path,
-                                                      capsys: pytest.CaptureFixture) -> None:
+def test_table_out_refuses_a_run_folder_and_run_files(sweep: Path, tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     """--out inside a run folder (its metrics.json, checkpoint.pt, a new file there or below) or an
     existing run file outside one: one line, exit 2, the run's files byte for byte; another existing
-    file of the user's is replaced, as asked."""
+    file of the user's is replaced, as asked, unless it is write-protected (table and plot alike)."""
     run = sweep / "exp" / "mnist" / "lenet5" / "bc-1b" / "seed0"
     (run / "checkpoint.pt").write_bytes(b"weights")
     before = {p.name: p.read_bytes() for p in run.iterdir()}
@@ -664,6 +664,14 @@ def test_table_out_refuses_a_run_folder_and_run_files(sweep: Path, tmp_path: Pat
     mine = tmp_path / "elsewhere" / "table.md"
     mine.write_text("old table")
     assert qexp(["table", str(sweep), "--out", str(mine)]) == 0 and mine.read_text().startswith("*")
+    if os.geteuid() == 0:  # root may write any file (as its shell's `>` would): the rule for everyone else
+        monkeypatch.setattr(os, "access", lambda p, mode: not mode & os.W_OK or bool(os.stat(p).st_mode & 0o200))
+    for cmd, kept in (("table", tmp_path / "elsewhere" / "kept.md"), ("plot", tmp_path / "elsewhere" / "kept.png")):
+        kept.write_text("keep me")
+        kept.chmod(0o444)  # write-protected: kept
+        assert qexp([cmd, str(sweep), "--out", str(kept)]) == 2
+        assert "is write-protected" in _one_error_line(capsys) and kept.read_text() == "keep me"
+    monkeypatch.undo()
     long = tmp_path / "new" / f"{'a' * 250}.md"  # a valid name (253 bytes): its temporary file once was not
     assert qexp(["table", str(sweep), "--out", str(long)]) == 0 and long.is_file()
     too_long = tmp_path / "new2" / "deeper" / f"{'a' * 300}.md"

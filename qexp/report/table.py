@@ -430,7 +430,8 @@ def run_folder_of(target: Path) -> Path | None:
 def check_report_target(target: Path, option: str = "--out") -> None:
     """Refuse (one line) a report file that would land in a run folder or replace one of qexp's run files
     (metrics.json, a checkpoint, ptq.json, quant.json, train.log): a table or figure there would silently
-    overwrite what a run wrote and leave it corrupt. Any other existing file is the user's to replace."""
+    overwrite what a run wrote and leave it corrupt. Any other existing file is the user's to replace,
+    unless they write-protected it (the atomic rename would replace it anyway, where ``>`` would refuse)."""
     run = run_folder_of(target)
     if run is not None:
         raise QexpError(f"{option} {target} is inside the run folder {run}: a report never writes among a "
@@ -439,6 +440,8 @@ def check_report_target(target: Path, option: str = "--out") -> None:
             and target.exists():
         raise QexpError(f"{option} {target} is an existing {target.name}, a file qexp runs write: "
                         "choose another name")
+    if target.is_file() and not os.access(target, os.W_OK):
+        raise QexpError(f"{option} {target} is write-protected: make it writable or choose another name")
 
 
 def _emit(text: str, out: Path | None, fmt: str, what: str) -> int:
