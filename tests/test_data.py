@@ -130,6 +130,10 @@ def test_missing_data_message_names_the_files(tmp_path):
         mnist.load_arrays("mnist", tmp_path, download=False)
     assert "train-images-idx3-ubyte.gz" in str(e.value) and str(tmp_path) in str(e.value)
     assert len(str(e.value).splitlines()) == 1  # one line, as every bad input is
+    with pytest.raises(QexpError) as e:  # an ImageFolder tree: where it is looked for, and how to name another
+        imagenet.build(str(tmp_path), dirname="imagenet")
+    assert str(tmp_path / "imagenet") in str(e.value) and "dataset.dirname=NAME" in str(e.value)
+    assert len(str(e.value).splitlines()) == 1
 
 
 def test_deferred_batches_gather_to_the_same_values() -> None:

@@ -124,7 +124,8 @@ def build(
     base = Path(root).expanduser() / dirname
     if not (base / "train").is_dir() or not (base / "val").is_dir():
         raise missing_data_error("ImageNet", base, ["train/<wnid>/*.JPEG", "val/<wnid>/*.JPEG"],
-                                 " (torchvision's ImageFolder layout)", downloadable=False)
+                                 " (torchvision's ImageFolder layout; dataset.dirname=NAME reads another folder "
+                                 "below the data root, e.g. imagenette-mini)", downloadable=False)
     if val_size:
         raise QexpError("dataset.val_size is not supported for ImageFolder datasets; use the val/ folder")
     if image_size < 1:
