@@ -50,3 +50,42 @@ def test_medium_budget_only_where_an_entry_has_one(capsys, monkeypatch) -> None:
         reproduce.main(["li2017", "--budget", "medium"])
     assert e.value.code == 2
     assert "has no medium budget" in capsys.readouterr().err
+
+
+
+#: training images of each dataset the entries run on (the split check below needs the full size)
+TRAIN_IMAGES = {"mnist": 60000, "fashion_mnist": 60000, "cifar10_jpeg": 50000}
+
+
+def test_every_entry_and_budget_composes_to_a_possible_split(monkeypatch) -> None:
+    """Every job of every entry, at every budget it has (seed 0; each comma list expanded), composes and
+    its training split is possible: bc2015's small budget once asked for 10,000 validation images out of
+    a 10,000-image subset, so `reproduce.py bc2015` trained nothing."""
+    import itertools
+
+    from hydra import compose, initialize_config_module
+
+    from qexp.run.config import register
+
+    monkeypatch.syspath_prepend(REPO / "scripts")
+    import reproduce
+
+    register()
+    checked = 0
+    with initialize_config_module(config_module="qexp.configs", version_base="1.3"):
+        for entries in reproduce.DATASET_ENTRIES.values():
+            for key, entry in entries.items():
+                sweeps = [*entry.sweeps, *entry.after]
+                jobs = [reproduce.budget_args(sw, budget, ["seed=0"]) for budget in ("small", "medium", "paper")
+                        if all(getattr(sw, budget) is not None for sw in sweeps) for sw in sweeps]
+                if entry.tune is not None:
+                    jobs.append([*entry.tune.args, f"{entry.tune.key}={entry.tune.values[0]}"])
+                for args in jobs:
+                    lists = [[f"{a.split('=', 1)[0]}={v}" for v in a.split("=", 1)[1].split(",")] for a in args]
+                    for job in itertools.product(*lists):
+                        data = compose("train", overrides=list(job)).dataset
+                        n = TRAIN_IMAGES[data.name]
+                        subset = data.get("train_subset") or n
+                        assert 0 < subset <= n and 0 <= (data.get("val_size") or 0) < subset, (key, job)
+                        checked += 1
+    assert checked > 50
