@@ -182,10 +182,11 @@ def test_ref_compares_with_the_papers_cifar10_and_says_it_is_a_jpeg_copy() -> No
     notes = {}
     for dataset in ("cifar10_jpeg", "cifar10"):
         run = {"status": "completed", "test_error": 9.0, "dataset": dataset}
-        grid = results.Grid(["method", "bits"], ["dataset", "model"], "test_error", [("bc", "1")],
-                            [(dataset, "vgg9")], {(("bc", "1"), (dataset, "vgg9")): results.Cell([run], "test_error")})
+        cell = (("bc_li", "1"), (dataset, "vgg9"))
+        grid = results.Grid(["method", "bits"], ["dataset", "model"], "test_error", [cell[0]], [cell[1]],
+                            {cell: results.Cell([run], "test_error")})
         view = build_view(grid, ref)
-        (bc,) = [line for line in view.body if line[0].text == "bc"]
+        (bc,) = [line for line in view.body if line[0].text == "bc_li"]
         assert [s.text for s in bc[2:5]] == ["9.00 (1)", "8.21", "+0.79"]  # ours (n), paper, ours - paper
         notes[dataset] = " ".join(view.notes)
     assert "JPEG copy" in notes["cifar10_jpeg"] and "JPEG" not in notes["cifar10"]

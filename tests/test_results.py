@@ -97,7 +97,7 @@ def test_order_is_paper_order_then_alphabetical_and_bits_numeric(tmp_path: Path)
 
 
 def test_orders_name_exactly_the_shipped_options() -> None:
-    """METHOD_ORDER / DATASET_ORDER list every shipped method / dataset name once and nothing else: a new
+    """METHOD_ORDER / DATASET_ORDER list every shipped method option / dataset name once and nothing else: a new
     option without a place in the tables, or a stale name (an svhn with no config), fails here."""
     configs = Path(__file__).resolve().parents[1] / "configs"
 
@@ -111,7 +111,7 @@ def test_orders_name_exactly_the_shipped_options() -> None:
         return out
 
     assert len(set(results.METHOD_ORDER)) == len(results.METHOD_ORDER)
-    assert set(results.METHOD_ORDER) == names("method", ("method", "name"))
+    assert set(results.METHOD_ORDER) == {f.stem for f in (configs / "method").glob("*.yaml")}
     assert len(set(results.DATASET_ORDER)) == len(results.DATASET_ORDER)
     assert set(results.DATASET_ORDER) == names("dataset", ("name",))
 
@@ -204,6 +204,20 @@ def test_any_config_key_groups_the_table(tmp_path: Path) -> None:
                                                       "--where", "method.ste=relu,identity"))))
     assert list(csv_rows[0])[:4] == ["bits", "identity mean", "identity std", "identity n"]
     assert float(csv_rows[0]["identity mean"]) == pytest.approx(6.0)
+
+
+def test_two_options_of_one_method_are_two_rows(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """method=bc and method=bc_li record one method name (bc); the table once pooled them into one cell
+    (with a note): each row is the option the run was launched with, as its folder says."""
+    out = tmp_path / "out"
+    r = run_qexp(["train", "--multirun", "method=bc,bc_li", "dataset=synthetic", "model=mlp", "model.width=16",
+                  "model.depth=1", "dataset.train_subset=64", "epochs=1", "progress=false", "threads=1",
+                  f"out_root={out}"])
+    assert r.returncode == 0, r.stderr
+    assert qexp(["table", str(out), "--format", "csv"]) == 0
+    rows = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
+    assert [(row["method"], row["bits"]) for row in rows] == [("bc", "1"), ("bc_li", "1")]
+    assert results.method_option(tmp_path) is None  # no .hydra/hydra.yaml: the record's method name stands
 
 
 def test_a_knob_the_method_does_not_read_gives_its_own_row(tmp_path: Path) -> None:
@@ -387,13 +401,13 @@ def test_ptq_rows_carry_only_the_ptq_results_and_their_checkpoint(tmp_path: Path
 def test_ref_adds_published_columns_and_differences(tmp_path: Path) -> None:
     for s, e in enumerate([6.0, 7.0]):
         make_run(tmp_path, "float", 32, s, [e], dataset="cifar10", model="resnet56")
-    make_run(tmp_path, "bc", 1, 0, [8.0], dataset="cifar10", model="resnet56")
+    make_run(tmp_path, "bc_li", 1, 0, [8.0], dataset="cifar10", model="resnet56")  # Li et al.'s BC
     rows = list(csv.DictReader(io.StringIO(render(tmp_path, "csv", "--ref", "li2017"))))
     by = {(r["method"], r["bits"]): r for r in rows}
-    assert list(by) == [("float", "32"), ("bc", "1"), ("big_sr", "1"), ("sr", "1"), ("r", "1")]
+    assert list(by) == [("float", "32"), ("bc_li", "1"), ("big_sr", "1"), ("sr", "1"), ("r", "1")]
     assert float(by["float", "32"]["cifar10/resnet56 paper"]) == pytest.approx(6.62)
     assert float(by["float", "32"]["cifar10/resnet56 diff"]) == pytest.approx(6.5 - 6.62)
-    assert float(by["bc", "1"]["cifar10/resnet56 diff"]) == pytest.approx(8.0 - 7.17)
+    assert float(by["bc_li", "1"]["cifar10/resnet56 diff"]) == pytest.approx(8.0 - 7.17)
     assert by["r", "1"]["cifar10/resnet56 note"] == "missing" and by["r", "1"]["cifar10/resnet56 diff"] == ""
     md = md_rows(render(tmp_path, "md", "--ref", "li2017"))
     assert md[0] == ["method", "bits", "cifar10/resnet56", "cifar10/resnet56 paper", "cifar10/resnet56 Δ"]

@@ -27,8 +27,9 @@ from qexp.run import lock, record
 
 #: row order of methods in every table (the papers' order: float, weight-only, activation, learned,
 #: post-training); names outside it (plug-ins) follow alphabetically. tests/test_results.py checks it
-#: names exactly the ``method.name`` of the options in configs/method/
-METHOD_ORDER = ("float", "bc", "big_sr", "sr", "r", "ste", "lsq", "pact", "dorefa", "wage", "learned", "ptq")
+#: names exactly the options in configs/method/ (tables show the option a run was launched with)
+METHOD_ORDER = ("float", "bc", "bc_li", "big_sr", "sr", "r", "ste", "lsq", "pact", "dorefa", "wage", "learned",
+                "ptq")
 #: column order of datasets, smallest images first; others follow alphabetically. tests/test_results.py
 #: checks it names exactly the ``name`` of the options in configs/dataset/
 DATASET_ORDER = ("synthetic", "mnist", "fashion_mnist", "cifar10", "cifar10_jpeg", "cifar100", "imagenet")
@@ -150,6 +151,9 @@ def read_run(run_dir: Path) -> dict[str, Any]:
         if why is not None:
             rec = {**rec, "status": "dead", "error": why}
     out = {k: v for k, v in rec.items() if isinstance(v, (str, int, float, bool)) or v is None}
+    option = method_option(run_dir)
+    if option is not None:  # method=bc_li records its method's name, bc: a table must not pool it with bc
+        out["method"] = option
     if out.get("bits_tag") is None and out.get("bits") is not None:
         out["bits_tag"] = str(out["bits"])
     out["history"] = rec.get("history") if isinstance(rec.get("history"), list) else []
@@ -158,6 +162,28 @@ def read_run(run_dir: Path) -> dict[str, Any]:
     out.setdefault("status", "failed")
     out.setdefault("epochs_done", len(out["history"]))
     return out
+
+
+def method_option(run_dir: Path) -> str | None:
+    """The method option the run was launched with (``bc_li``), as its folder names it, from Hydra's record
+    of the group choices (.hydra/hydra.yaml, ``runtime.choices.method``); None without one. metrics.json
+    holds the method's name, which two options can share (``bc`` and ``bc_li``; an option of one's own
+    under ``--config-dir``). Read by lines, not parsed: the file is large and qexp writes it in one format."""
+    try:
+        with open(run_dir / ".hydra" / "hydra.yaml", encoding="utf-8") as f:
+            lines = f.read().splitlines()
+    except (OSError, UnicodeDecodeError):
+        return None
+    for i, line in enumerate(lines):
+        if line.strip() == "choices:":
+            depth = len(line) - len(line.lstrip())
+            for entry in lines[i + 1:]:
+                if len(entry) - len(entry.lstrip()) <= depth:
+                    break
+                key, _, value = entry.strip().partition(": ")
+                if key == "method" and value and value != "null":
+                    return value.strip("'\"")
+    return None
 
 
 def dead_reason(run_dir: Path, mtime: float, now: float | None = None) -> str | None:
