@@ -135,9 +135,9 @@ ENTRIES: dict[str, Entry] = {
 SMALL_CIFAR = ["model=resnet20", "dataset.train_subset=6000", "dataset.test_subset=2000", "epochs=2",
                "eval_batch_size=250"]
 #: the same net with ~8x the updates (5 epochs of 20,000 images: 785 Adam steps against 94), tested on 5,000
-#: test images (a 95% interval of about +-1.3 points per run): about 10 minutes per run on one core, so
-#: the 15 equal-epoch runs take about 80 minutes as two queues; Big SR at equal updates (40 epochs) about
-#: an hour per seed more
+#: test images (a 95% interval of about +-1.3 points per run): 8-12 minutes per run on one core (measured
+#: 2026-12-07), the 15 equal-epoch runs 80 minutes as two queues; Big SR at equal updates (40 epochs) about
+#: 70 minutes per seed more
 MEDIUM_CIFAR = ["model=resnet20", "dataset.train_subset=20000", "dataset.test_subset=5000", "epochs=5",
                 "eval_batch_size=250"]
 
