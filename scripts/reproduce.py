@@ -195,10 +195,18 @@ def qexp(*args: str, check: bool = True) -> int:
     return subprocess.run(cmd, check=check, cwd=ROOT).returncode
 
 
+#: ``qexp train``'s exit status after Ctrl-C (its running jobs checkpointed, no new job started)
+EXIT_INTERRUPTED = 130
+
+
 def train(args: list[str], out: Path, jobs: int) -> None:
+    """One sweep; a failed run is recorded in its folder and shown in the table, and the entry goes on. An
+    interrupted sweep stops the entry (exit 130): the next sweep, evaluation or report would not be asked for
+    (Ctrl-C once started the entry's next sweep)."""
     launcher = ["hydra/launcher=local_parallel", f"hydra.launcher.n_jobs={jobs}"] if jobs > 1 else []
-    # a failed run is recorded in its folder and shown in the table; the sweep itself goes on
-    qexp("train", "--multirun", *args, f"out_root={out}", *launcher, check=False)
+    if qexp("train", "--multirun", *args, f"out_root={out}", *launcher, check=False) == EXIT_INTERRUPTED:
+        print("interrupted: the runs keep their checkpoints; the same command continues them", file=sys.stderr)
+        raise SystemExit(EXIT_INTERRUPTED)
 
 
 def run_dirs(root: Path) -> list[Path]:

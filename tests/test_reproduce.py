@@ -89,3 +89,16 @@ def test_every_entry_and_budget_composes_to_a_possible_split(monkeypatch) -> Non
                         assert 0 < subset <= n and 0 <= (data.get("val_size") or 0) < subset, (key, job)
                         checked += 1
     assert checked > 50
+
+
+def test_an_interrupted_sweep_stops_the_entry(tmp_path, monkeypatch, capsys) -> None:
+    """Ctrl-C in a sweep (qexp train exits 130) ends the entry there: no next sweep, no report."""
+    monkeypatch.syspath_prepend(REPO / "scripts")
+    import reproduce
+
+    calls = []
+    monkeypatch.setattr(reproduce, "qexp", lambda *args, check=True: calls.append(args) or 130)
+    with pytest.raises(SystemExit) as e:
+        reproduce.main(["li2017", "--out-root", str(tmp_path / "out"), "--docs", str(tmp_path / "docs")])
+    assert e.value.code == 130 and len(calls) == 1 and calls[0][0] == "train"
+    assert "interrupted" in capsys.readouterr().err and not (tmp_path / "docs").exists()
