@@ -195,18 +195,15 @@ def qexp(*args: str, check: bool = True) -> int:
     return subprocess.run(cmd, check=check, cwd=ROOT).returncode
 
 
-#: ``qexp train``'s exit status after Ctrl-C (its running jobs checkpointed, no new job started)
-EXIT_INTERRUPTED = 130
-
-
 def train(args: list[str], out: Path, jobs: int) -> None:
-    """One sweep; a failed run is recorded in its folder and shown in the table, and the entry goes on. An
-    interrupted sweep stops the entry (exit 130): the next sweep, evaluation or report would not be asked for
-    (Ctrl-C once started the entry's next sweep)."""
+    """One sweep; a failed run is recorded in its folder and shown in the table, and the entry goes on. A
+    sweep stopped by a signal (exit 128 + N: 130 after Ctrl-C, 143 after SIGTERM; its running jobs
+    checkpointed) stops the entry with the same status: Ctrl-C once started the entry's next sweep."""
     launcher = ["hydra/launcher=local_parallel", f"hydra.launcher.n_jobs={jobs}"] if jobs > 1 else []
-    if qexp("train", "--multirun", *args, f"out_root={out}", *launcher, check=False) == EXIT_INTERRUPTED:
+    status = qexp("train", "--multirun", *args, f"out_root={out}", *launcher, check=False)
+    if status > 128:
         print("interrupted: the runs keep their checkpoints; the same command continues them", file=sys.stderr)
-        raise SystemExit(EXIT_INTERRUPTED)
+        raise SystemExit(status)
 
 
 def run_dirs(root: Path) -> list[Path]:

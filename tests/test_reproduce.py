@@ -92,7 +92,8 @@ def test_every_entry_and_budget_composes_to_a_possible_split(monkeypatch) -> Non
 
 
 def test_an_interrupted_sweep_stops_the_entry(tmp_path, monkeypatch, capsys) -> None:
-    """Ctrl-C in a sweep (qexp train exits 130) ends the entry there: no next sweep, no report."""
+    """Ctrl-C in a sweep (qexp train exits 130; 128 + N after signal N) ends the entry there with that
+    status: no next sweep, no report."""
     monkeypatch.syspath_prepend(REPO / "scripts")
     import reproduce
 
