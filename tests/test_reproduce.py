@@ -37,12 +37,18 @@ def test_li2017_entry_end_to_end_keeps_its_direction(tmp_path, data_root, one_th
     assert (docs / "li2017-small.png").stat().st_size > 1000
 
 
-def test_medium_budget_only_where_an_entry_has_one(capsys, monkeypatch) -> None:
-    """``--budget medium`` runs the CIFAR-10 entry's medium overrides; an entry without that budget is
-    refused (one line, exit 2) before anything runs."""
+@pytest.fixture
+def reproduce(monkeypatch):
+    """scripts/reproduce.py as a module (the scripts folder is not a package)."""
     monkeypatch.syspath_prepend(REPO / "scripts")
     import reproduce
 
+    return reproduce
+
+
+def test_medium_budget_only_where_an_entry_has_one(capsys, reproduce) -> None:
+    """``--budget medium`` runs the CIFAR-10 entry's medium overrides; an entry without that budget is
+    refused (one line, exit 2) before anything runs."""
     entry = reproduce.DATASET_ENTRIES["cifar10_jpeg"]["li2017"]
     args = reproduce.budget_args(entry.sweeps[0], "medium", ["seed=0"])
     assert set(reproduce.MEDIUM_CIFAR) <= set(args) and "seed=0" in args and "seed=0,1,2" not in args
@@ -57,7 +63,7 @@ def test_medium_budget_only_where_an_entry_has_one(capsys, monkeypatch) -> None:
 TRAIN_IMAGES = {"mnist": 60000, "fashion_mnist": 60000, "cifar10_jpeg": 50000}
 
 
-def test_every_entry_and_budget_composes_to_a_possible_split(monkeypatch) -> None:
+def test_every_entry_and_budget_composes_to_a_possible_split(reproduce) -> None:
     """Every job of every entry, at every budget it has (seed 0; each comma list expanded), composes and
     its training split is possible: bc2015's small budget once asked for 10,000 validation images out of
     a 10,000-image subset, so `reproduce.py bc2015` trained nothing."""
@@ -66,9 +72,6 @@ def test_every_entry_and_budget_composes_to_a_possible_split(monkeypatch) -> Non
     from hydra import compose, initialize_config_module
 
     from qexp.run.config import register
-
-    monkeypatch.syspath_prepend(REPO / "scripts")
-    import reproduce
 
     register()
     checked = 0
@@ -91,12 +94,9 @@ def test_every_entry_and_budget_composes_to_a_possible_split(monkeypatch) -> Non
     assert checked > 50
 
 
-def test_an_interrupted_sweep_stops_the_entry(tmp_path, monkeypatch, capsys) -> None:
+def test_an_interrupted_sweep_stops_the_entry(tmp_path, monkeypatch, capsys, reproduce) -> None:
     """Ctrl-C in a sweep (qexp train exits 130; 128 + N after signal N) ends the entry there with that
     status: no next sweep, no report."""
-    monkeypatch.syspath_prepend(REPO / "scripts")
-    import reproduce
-
     calls = []
     monkeypatch.setattr(reproduce, "qexp", lambda *args, check=True: calls.append(args) or 130)
     with pytest.raises(SystemExit) as e:
