@@ -209,6 +209,16 @@ def test_bad_input_is_one_line(tmp_path: Path) -> None:
     assert not (tmp_path / "out").exists()
 
 
+def test_dropout_is_refused_before_any_folder(tmp_path: Path) -> None:
+    """vmap draws dropout masks from another stream than separate runs: a seed's result would not answer
+    for its ``seed=k`` run (measured: 9.4 points apart on a tiny MLP), so the group is refused."""
+    proc = run_qexp(["train", *TINY, "model.dropout=0.5", "trainer.seeds_per_process=2",
+                     f"out_root={tmp_path / 'out'}"], check=False)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and "Dropout" in lines[0], proc.stderr[-2000:]
+    assert not (tmp_path / "out").exists()
+
+
 def test_all_seeds_already_finished_is_a_skip(tmp_path: Path) -> None:
     """A group whose seeds all finished trains nothing (each seed's folder is reported)."""
     args = [*TINY, "epochs=1", "trainer.seeds_per_process=2", f"out_root={tmp_path}"]

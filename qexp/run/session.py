@@ -535,6 +535,13 @@ def check_seeds(cfg: DictConfig, method: Method) -> int:
 
 def stack_seeds(builts: list[Built]) -> seeds.Stack:
     """The seeds' models stacked (:class:`qexp.run.seeds.Stack`), checked on one batch of each seed."""
+    random = sorted({type(m).__name__ for m in builts[0].model.modules()
+                     if isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0})
+    if random:  # vmap(randomness="different") draws the masks from another stream than separate runs
+        raise QexpError(f"trainer.seeds_per_process cannot go with {', '.join(random)} in the model: under "
+                        f"vmap its masks come from another random stream than a separate seed=k run's, so "
+                        f"the result would not answer for it (set model.dropout=0, or train the seeds "
+                        f"separately)")
     stack = seeds.Stack([b.model for b in builts])
     xs = torch.stack([next(iter(b.data.train.iter_from(0)))[0][:2] for b in builts])
     stack.check(xs)
