@@ -181,6 +181,16 @@ def _pool_forward(m: nn.MaxPool2d) -> Any:
     return forward
 
 
+def compile_options(cuda_graphs: bool) -> dict[str, Any]:
+    """Inductor's options for the model: ``fallback_random`` makes random operations inside the graph
+    (dropout) draw from torch's generator as eager code does, so a compiled run draws the same masks as
+    the eager run it answers for (Inductor's own Philox stream gave 5.9% vs 9.4% on a tiny MLP with
+    dropout); ``cuda_graphs`` adds what the ``reduce-overhead`` mode sets."""
+    from torch._inductor import list_mode_options
+
+    return {"fallback_random": True, **(list_mode_options("reduce-overhead") if cuda_graphs else {})}
+
+
 class Compiled(nn.Module):
     """``module`` through ``torch.compile``; on a compile failure one warning, then eager for good.
 
@@ -203,8 +213,7 @@ class Compiled(nn.Module):
             max_pools_as_aten_ops(module)
         self.module = module
         # a plain attribute, not a child module: state_dict/parameters stay the module's own
-        mode = "reduce-overhead" if cuda_graphs else None
-        object.__setattr__(self, "_compiled", torch.compile(module, mode=mode))
+        object.__setattr__(self, "_compiled", torch.compile(module, options=compile_options(cuda_graphs)))
         self.failed = False
         self._ready = ready
         self.cuda_graphs = cuda_graphs
