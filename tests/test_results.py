@@ -242,6 +242,24 @@ def test_a_knob_the_method_does_not_read_gives_its_own_row(tmp_path: Path) -> No
     assert any("does not read grid_scale (float)" in w for w in g.warnings())
 
 
+def test_a_knob_is_labelled_by_the_value_the_run_used_however_it_was_typed(tmp_path: Path) -> None:
+    """``grid_scale=X`` and ``method.scale=X`` are one run, as are ``lr=X`` and ``optim.lr=X``: the table
+    reads the key that carries the value (runs typed ``method.scale=`` sat in the ``—`` row, "does not read
+    grid_scale", and ``lr=0.1`` runs in the ``optim.lr=0.001`` row of Adam's default)."""
+    out = tmp_path / "out"
+    tiny = ["dataset=synthetic", "model=mlp", "model.width=16", "model.depth=1", "dataset.train_subset=64",
+            "epochs=1", "progress=false", "threads=1", f"out_root={out}"]
+    for typed in (["method=bc", "method.scale=0.5"], ["method=bc", "grid_scale=0.05"], ["lr=0.1"],
+                  ["optim.lr=0.003"]):
+        assert run_qexp(["train", *tiny, *typed]).returncode == 0
+    g = grid_of(out, rows="method,grid_scale", cols="model")
+    assert g.rows == [("float", results.NOT_READ), ("bc", "0.05"), ("bc", "0.5")]
+    lr = grid_of(out, rows="method,optim.lr", cols="model")
+    assert [r for r in lr.rows if r[0] == "float"] == [("float", "0.003"), ("float", "0.1")]
+    kept = results.where(results.collect([out]), ["grid_scale=0.5"])
+    assert len(kept) == 1 and "method.scale=0.5" in kept.iloc[0]["overrides"]
+
+
 def test_runs_without_metrics_or_with_partial_records_are_kept(tmp_path: Path) -> None:
     """A job killed before its first record, and a failure record (train.py writes few keys), are read
     with their identifying keys recovered from .hydra/."""

@@ -263,7 +263,7 @@ def _identity(run: dict[str, Any]) -> tuple:
 #: how a run computed, outside its identity (``VOLATILE_KEYS`` of qexp.run.config), as metrics.json
 #: records it (``compile``: whether it has compile_s): repeats of one (configuration, seed) whose last
 #: digits disagree usually differ here
-HOW_FIELDS = ("device", "torch", "threads", "compile")
+HOW_FIELDS = ("device", "torch", "threads", "compile", "seeds_per_process")
 
 
 def _preference(run: dict[str, Any]) -> tuple:
@@ -505,9 +505,13 @@ def check_metric(df: pd.DataFrame, metric: str) -> None:
         raise QexpError(f"unknown metric {metric!r}; choose from {', '.join(choices)}")
 
 
-#: top-level knobs a method reads through its own config (``method.scale: ${grid_scale}``); ``bits`` is
-#: metrics.json's own column (the method's bits)
-METHOD_KNOBS = ("grid_scale", "abits")
+#: top-level knobs a method reads through its own config (``method.scale: ${grid_scale}``) -> the key that
+#: carries the value into the method; ``bits`` is metrics.json's own column (the method's bits)
+METHOD_KNOBS = {"grid_scale": "method.scale", "abits": "method.abits"}
+#: keys another key carries (:data:`qexp.run.config.SOURCE_KEYS`) -> the key whose value the run used: a
+#: table reads that one, so ``grid_scale=0.5`` and ``method.scale=0.5`` (one run) get one label whichever
+#: spelling started it, and ``optim.lr`` shows the rate the optimizer was built with (``lr=0.01`` sets it)
+CARRIED_BY = {**METHOD_KNOBS, "optim.lr": "lr"}
 #: a folder level too long for the file system ends in ``..<10 hex digits>`` (qexp.run.identity): its
 #: text is cut, so a key's value is read from the run's composed config instead
 TRUNCATED = re.compile(r"\.\.[0-9a-f]{10}$")
@@ -545,18 +549,19 @@ NOT_READ = "—"
 def config_value(run_dir: str, dotted: str, method_knob: bool = False) -> Any:
     """``dotted`` (``method.ste``, or ``method.scale: ${grid_scale}`` resolved) in the run's composed config
     (.hydra/config.yaml), or None. ``method_knob``: ``dotted`` is a top-level knob a method reads through its
-    own config (:data:`METHOD_KNOBS`), :data:`NOT_READ` when the run's method does not: the composed config
-    records its value either way, set by whichever job of a sweep started the run (float trained once for
+    own config (:data:`METHOD_KNOBS`): the value of the method's key that carries it (typed either way),
+    :data:`NOT_READ` when the run's method has no such key: the composed config records the top-level
+    value either way, set by whichever job of a sweep started the run (float trained once for
     ``grid_scale=0.01,glorot`` would otherwise sit in the row of that job's scale)."""
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
-    from qexp.run.config import method_reads
-
     try:
         cfg = OmegaConf.load(Path(run_dir.split("#")[0]) / ".hydra" / "config.yaml")
-        if method_knob and "method" in cfg and not method_reads(OmegaConf.to_container(cfg.method), dotted):
-            return NOT_READ
+        if method_knob:
+            dotted = METHOD_KNOBS[dotted]
+            if "method" in cfg and dotted.partition(".")[2] not in cfg.method:
+                return NOT_READ
         node: Any = OmegaConf.select(cfg, dotted, throw_on_missing=False)
         if OmegaConf.is_config(node):
             node = OmegaConf.to_container(node, resolve=True)
@@ -576,10 +581,16 @@ def with_keys(df: pd.DataFrame, keys: Sequence[str]) -> pd.DataFrame:
     for k in missing:
         values = []
         for r in recs:
+            if k in CARRIED_BY:  # the value the run used, not how it was typed
+                carried = r.get(CARRIED_BY[k]) if CARRIED_BY[k] in r else None
+                values.append(carried if carried is not None and not _isnan(carried)
+                              else config_value(r["run_dir"], k if k in METHOD_KNOBS else CARRIED_BY[k],
+                                                method_knob=k in METHOD_KNOBS))
+                continue
             text = r.get("overrides")
             usable = isinstance(text, str) and not TRUNCATED.search(text)
             v = split_overrides(text).get(k) if usable else None
-            values.append(v if v is not None else config_value(r["run_dir"], k, method_knob=k in METHOD_KNOBS))
+            values.append(v if v is not None else config_value(r["run_dir"], k))
         if any(v is not None for v in values):
             df[k] = pd.Series(values, index=df.index, dtype=object)
     return df
