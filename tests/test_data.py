@@ -90,6 +90,18 @@ def test_imagefolder_runs_are_identified_by_their_folders(data_root, tmp_path):
     assert same_files_under(tmp_path / "copy", first["files"]) not in (None, first["digest"])
 
 
+def test_a_dataset_folder_outside_the_root_is_checked_where_it_is(data_root, tmp_path):
+    """``dataset.dirname=/abs/folder``: the sources lie outside the data root and are stored by their
+    absolute names; a finished run is checked against those files (it was always "missing", so an
+    identical rerun was refused instead of skipped)."""
+    b = imagenet.build(str(tmp_path / "elsewhere"), dirname=str(data_root / "imagenette-mini"), image_size=16,
+                       workers=0)
+    first = digest(tmp_path / "elsewhere", b.sources)
+    assert all(name.startswith("/") for name in first["files"])
+    assert same_files_under(tmp_path / "another", first["files"]) == first["digest"]
+    assert same_files_under(tmp_path, {str(tmp_path / "gone"): "0"}) is None
+
+
 @pytest.mark.parametrize(("option", "why"), [({"image_size": 0}, "image_size"), ({"workers": -1}, "workers"),
                                              ({"train_subset": 0}, "1..400"), ({"train_subset": 401}, "1..400")])
 def test_imagefolder_options_out_of_range_are_one_line(data_root, option, why):

@@ -78,13 +78,13 @@ def readable_file(folder: Path, stem: str) -> Path | None:
 
 
 def same_files_under(root: str | Path, files: dict[str, str]) -> str | None:
-    """The digest the files named in ``files`` (relative names, as :func:`digest` stores them) have under
-    ``root``, or None when one is missing, is named outside any root (an absolute name: it says nothing
-    about this root), or is a ``.gz`` that a loader would not read (:func:`readable_file` prefers its
+    """The digest the files named in ``files`` (as :func:`digest` stores them: relative to the root, or
+    absolute for a source outside it, such as ``dataset.dirname=/abs/folder``) have under ``root``, or None
+    when one is missing or is a ``.gz`` that a loader would not read (:func:`readable_file` prefers its
     uncompressed copy): how a finished run is checked before any data is loaded."""
     root = Path(root).expanduser()
-    paths = [root / name for name in files]
-    if any(Path(name).is_absolute() for name in files) or not all(p.exists() for p in paths):
+    paths = [root / name for name in files]  # an absolute name stays itself
+    if not all(p.exists() for p in paths):
         return None
     if any(p.suffix == ".gz" and readable_file(p.parent, p.stem) != p for p in paths):
         return None
