@@ -72,6 +72,11 @@ def test_depth_rules_are_checked():
         CifarResNet(20, width=0)  # once a traceback from inside BatchNorm
     with pytest.raises(ValueError, match="widen"):
         WideResNet(26, widen=0)
+    for bad in (float("nan"), 1.0, -0.1):  # nan passed nn.Dropout's check and failed at the first step
+        with pytest.raises(ValueError, match="dropout"):
+            MLP(dropout=bad)
+        with pytest.raises(ValueError, match="dropout"):
+            WideResNet(26, dropout=bad)
 
 
 def test_resnet_parameter_counts_match_the_papers():

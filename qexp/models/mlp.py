@@ -15,6 +15,8 @@ class MLP(nn.Module):
         super().__init__()
         if width < 1 or depth < 0:
             raise ValueError(f"an MLP needs width >= 1 and depth >= 0 hidden layers, got width={width}, depth={depth}")
+        if not 0 <= dropout < 1:  # nan passed nn.Dropout's own check and failed at the first step
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
         layers: list[nn.Module] = [nn.Flatten()]
         fan_in = in_channels * image_size * image_size
         for _ in range(depth):

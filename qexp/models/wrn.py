@@ -42,6 +42,8 @@ class WideResNet(nn.Module):
             raise ValueError(f"WRN depth must be 6n+2 with n >= 1 (e.g. 26, 56), got {depth}")
         if widen < 1:
             raise ValueError(f"WRN widen (the width multiplier) must be at least 1, got {widen}")
+        if not 0 <= dropout < 1:  # nan passed nn.Dropout's own check and failed at the first step
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
         n = (depth - 2) // 6
         widths = (16 * widen, 32 * widen, 64 * widen)
         self.stem = nn.Conv2d(in_channels, 16, 3, 1, 1, bias=False)
