@@ -94,6 +94,10 @@ def matrix(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
     mine = out / "confdir2" / "method"
     mine.mkdir(parents=True)
     shutil.copy(REPO / "configs" / "method" / "bc.yaml", mine / "mybc.yaml")
+    own = out / "confdir3"  # a user's preset that sets no name, and a user's primary config
+    (own / "experiment").mkdir(parents=True)
+    (own / "experiment" / "mine.yaml").write_text("# @package _global_\nepochs: 2\n")
+    (own / "mytrain.yaml").write_text("defaults:\n  - train\n  - _self_\nepochs: 2\n")
     launches: dict[str, dict] = {}
     for kind, pairs in (("same", SAME), ("diff", DIFF)):
         for name, (a, b) in pairs.items():
@@ -101,6 +105,10 @@ def matrix(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
             launches[f"{kind}_{name}_b"] = {"argv": [*T, *b, f"out_root={out}/{kind}_{name}"]}
     launches["diff_preset_a"] = {"argv": [*PRESET[0], f"out_root={out}/diff_preset"]}
     launches["diff_preset_b"] = {"argv": [*PRESET[1], f"out_root={out}/diff_preset"]}
+    # each shared the plain run's folder (refused there): its defaults were the baseline, and hidden
+    for label, extra in (("user_preset", ["+experiment=mine"]), ("config_name", ["--config-name", "mytrain"])):
+        launches[f"diff_{label}_a"] = {"argv": [*T, "--config-dir", str(own), *extra, f"out_root={out}/diff_{label}"]}
+        launches[f"diff_{label}_b"] = {"argv": [*T, f"out_root={out}/diff_{label}"]}
     launches["same_preset_name_a"] = {"argv": [*PRESET_NAME[0], f"out_root={out}/same_preset_name"]}
     launches["same_preset_name_b"] = {"argv": [*PRESET_NAME[1], f"out_root={out}/same_preset_name"]}
     M = [*T, "dataset=mnist", "dataset.download=false", f"out_root={out}/data"]
@@ -129,6 +137,10 @@ def matrix(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
         "shadow": ["method=bc", "--config-dir", str(out / "confdir")],
         "seed_huge": ["seed=99999999999999999999"],
         "no_data": ["dataset=mnist", f"data_root={out}/nodata/x"],
+        # labels, read by nothing else: the folder and the table would name an option that did not run
+        "optim_name": ["optim.name=sgd"],
+        "method_tag": ["method=sr", "method.tag=bc-1b"],
+        "dataset_name": ["dataset.name=mnist"],
     }
     for name, argv in bad.items():
         launches[f"bad_{name}"] = {"argv": [*T, *argv, f"out_root={out}/bad"]}
@@ -170,7 +182,7 @@ def test_one_configuration_spelled_twice_is_one_run(matrix, name: str) -> None:
     assert len(find_runs(out / f"same_{name}")) == 1
 
 
-@pytest.mark.parametrize("name", sorted(DIFF) + ["preset"])
+@pytest.mark.parametrize("name", sorted(DIFF) + ["preset", "user_preset", "config_name"])
 def test_two_configurations_never_share_a_result(matrix, name: str) -> None:
     out, r = matrix
     a, b = r[f"diff_{name}_a"], r[f"diff_{name}_b"]
@@ -263,7 +275,7 @@ def test_eval_uses_the_runs_own_data_and_refuses_other_data(matrix, monkeypatch,
 
 
 BAD = ["stochastic_off", "bn_flase", "width_abc", "plus_foo", "name_abs", "name_up", "run_dir", "sweep_dir",
-       "shadow", "seed_huge", "out_root_file", "out_root_file_sweep"]
+       "shadow", "seed_huge", "out_root_file", "out_root_file_sweep", "optim_name", "method_tag", "dataset_name"]
 
 
 @pytest.mark.parametrize("name", BAD)
@@ -279,7 +291,10 @@ def test_bad_input_is_one_line_exit_2_nothing_written(matrix, name: str) -> None
                 "run_dir": "hydra.run.dir: qexp places every run", "sweep_dir": "hydra.sweep.dir: qexp places",
                 "shadow": "method/bc.yaml has the name of the shipped method=bc",
                 "seed_huge": "seed must be in", "out_root_file": "is a file, not a folder",
-                "out_root_file_sweep": "Not a directory"}
+                "out_root_file_sweep": "Not a directory",
+                "optim_name": "optim.name labels the optim option (adam)",
+                "method_tag": "method.tag labels the method option (sr-1b)",
+                "dataset_name": "dataset.name labels the dataset option (synthetic)"}
     assert expected[name] in err, err
 
 

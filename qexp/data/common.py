@@ -77,12 +77,17 @@ def readable_file(folder: Path, stem: str) -> Path | None:
     return None
 
 
-def same_files_under(root: str | Path, files: dict[str, str]) -> str | None:
+def same_files_under(root: str | Path, files: dict[str, str], stored_root: str | None = None) -> str | None:
     """The digest the files named in ``files`` (as :func:`digest` stores them: relative to the root, or
     absolute for a source outside it, such as ``dataset.dirname=/abs/folder``) have under ``root``, or None
     when one is missing or is a ``.gz`` that a loader would not read (:func:`readable_file` prefers its
-    uncompressed copy): how a finished run is checked before any data is loaded."""
+    uncompressed copy): how a finished run is checked before any data is loaded. An absolute name counts
+    only under the run's own root (``stored_root``): under another, a ``dirname=../x`` would be read
+    elsewhere, so which files it names is not known before loading."""
     root = Path(root).expanduser()
+    if any(Path(name).is_absolute() for name in files) and (
+            stored_root is None or Path(stored_root) != Path(os.path.abspath(root)).resolve()):
+        return None
     paths = [root / name for name in files]  # an absolute name stays itself
     if not all(p.exists() for p in paths):
         return None

@@ -38,6 +38,8 @@ from qexp.run.record import CACHE_FOLDER, CHECKPOINT
 
 #: groups whose choice is already a level of the folder (dataset/model/method tag) or names it (experiment)
 PATH_GROUPS = ("dataset", "model", "method", "experiment")
+#: qexp's own primary config (configs/train.yaml); another one (``--config-name``) is a folder level
+PRIMARY_CONFIG = "train"
 #: keys shown by the folder's fixed levels (the method tag carries ``bits``) or not part of the result
 PATH_KEYS = ("name", "seed", "bits", "method.bits", "abits", "method.abits", "method.tag", "method.name",
              "dataset.name", "model.name")
@@ -271,6 +273,10 @@ def _kind(default: Any) -> tuple[tuple[type, ...], str] | None:
     return None
 
 
+#: the keys that label a group's option (folders, tables) and are read by nothing else
+LABEL_KEYS = ("dataset.name", "model.name", "method.name", "method.tag", "optim.name", "sched.name")
+
+
 def check_types(cfg: DictConfig, defaults: DictConfig) -> None:
     """Every group key (``method.stochastic``, ``model.bn``, ...) has the type of its default: a mistyped
     boolean (``off``, ``flase``) is refused instead of being read as a true string. Keys whose default is
@@ -281,6 +287,15 @@ def check_types(cfg: DictConfig, defaults: DictConfig) -> None:
                         "`qexp train --help` lists the settings")
     got = flatten(OmegaConf.to_container(cfg, resolve=True, enum_to_str=True))
     base = flatten(OmegaConf.to_container(defaults, resolve=True, enum_to_str=True))
+    raw_got = flatten(OmegaConf.to_container(cfg, resolve=False, enum_to_str=True))
+    raw_base = flatten(OmegaConf.to_container(defaults, resolve=False, enum_to_str=True))
+    for k in LABEL_KEYS:  # dataset.name=cifar10 with MNIST data would name the folder and table row falsely
+        # as written (bc-${method.bits}b follows method.bits) and as resolved (typing the label it has is harmless)
+        if k in raw_got and raw_got[k] != raw_base.get(k, raw_got[k]) and got.get(k) != base.get(k):
+            group = k.split(".")[0]
+            raise QexpError(f"{k}={_fmt(got[k])}: {k} labels the {group} option ({_fmt(base[k])}) in folders "
+                            f"and tables and changes nothing it computes; pick an option with {group}=NAME "
+                            "(your own with --config-dir DIR)")
     for k in sorted(got):
         if k.split(".", 1)[0] not in TYPED_GROUPS or k not in base:
             continue
@@ -323,12 +338,18 @@ def compose_defaults() -> Defaults:
         items = [f"{g}={c}" for g, c in sorted(choices.items())
                  if g not in PATH_GROUPS and c is not None and default_choices.get(g) != c]
     named = [o for o in parsed if o.key_or_group == "name" and not o.is_delete()]
-    if choices.get("experiment") and named:
-        # another name than the preset's own no longer names the preset: its defaults would be invisible in
-        # the folder (the preset's own name typed again is the preset's folder, not a second run)
+    if choices.get("experiment"):
+        # the folder names the preset only under a name of the preset's own: another name typed, or a preset
+        # that sets none (a user's, under the default name), would hide its defaults, so the run would
+        # share a folder with one without it (the preset's own name typed again is the preset's folder)
         own = compose(config_name=hc.job.config_name, overrides=path_lines).get("name")
-        if str(named[-1].value()) != str(own):
+        plain = compose(config_name=hc.job.config_name,
+                        overrides=[o.input_line for o in groups if o.key_or_group in PATH_GROUPS
+                                   and o.key_or_group != "experiment"]).get("name")
+        if str(named[-1].value() if named else own) != str(own) or str(own) == str(plain):
             items.append(f"experiment={choices['experiment']}")
+    if hc.job.config_name != PRIMARY_CONFIG:  # --config-name: its own defaults are the baseline, hidden too
+        items.append(f"config={hc.job.config_name}")
     baseline = compose(config_name=hc.job.config_name, overrides=all_lines + kept)
     option = choices.get("method")
     return Defaults(baseline, items, str(option) if option is not None else None)

@@ -398,11 +398,12 @@ def finished_run(cfg: DictConfig, run_dir: Path, ignored: tuple[str, ...], quiet
         return None  # nothing this run would continue: it starts over in the folder
     stored = stored_fingerprint(run_dir, previous)
     if stored is not None:
-        files = (previous.get("data") or {}).get("files") if isinstance(previous.get("data"), dict) else None
+        stored_data = previous.get("data") if isinstance(previous.get("data"), dict) else {}
+        files = stored_data.get("files")
         if data is None and files:
             from qexp.data.common import same_files_under
 
-            data = same_files_under(str(cfg.data_root), files) or "missing"
+            data = same_files_under(str(cfg.data_root), files, stored_data.get("root")) or "missing"
         diff = identity.differences(stored, comparable_config(cfg, ignored, data), ignored)
         if diff:
             raise foreign_run(run_dir, diff, finished)
