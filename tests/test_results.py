@@ -9,6 +9,7 @@ import math
 import os
 import re
 import shutil
+import stat
 import struct
 from pathlib import Path
 
@@ -704,6 +705,25 @@ def test_table_out_refuses_a_run_folder_and_run_files(sweep: Path, tmp_path: Pat
         assert qexp([cmd, str(sweep), "--out", str(kept)]) == 2
         assert "is write-protected" in _one_error_line(capsys) and kept.read_text() == "keep me"
     monkeypatch.undo()
+    # a link, a FIFO, a folder: the atomic rename replaced them (as root, --out /dev/full became a file)
+    odd = tmp_path / "odd"
+    odd.mkdir()
+    (odd / "target.md").write_text("linked")
+    (odd / "link.md").symlink_to(odd / "target.md")
+    (odd / "link.png").symlink_to(odd / "target.md")
+    os.mkfifo(odd / "fifo.md")
+    (odd / "dir.md").mkdir()
+    for cmd, target, why in (("table", odd / "link.md", "is a link"), ("plot", odd / "link.png", "is a link"),
+                             ("table", odd / "fifo.md", "not a regular file"),
+                             ("table", odd / "dir.md", "not a regular file")):
+        assert qexp([cmd, str(sweep), "--out", str(target)]) == 2
+        assert why in _one_error_line(capsys), (cmd, target)
+    assert (odd / "link.md").is_symlink() and (odd / "link.png").is_symlink()
+    assert (odd / "target.md").read_text() == "linked"
+    assert stat.S_ISFIFO((odd / "fifo.md").stat().st_mode)
+    assert qexp(["table", str(sweep), "--out", str(tmp_path / "t.png")]) == 2  # once the terminal table
+    assert "--format FORMAT" in _one_error_line(capsys) and not (tmp_path / "t.png").exists()
+    assert qexp(["table", str(sweep), "--format", "md", "--out", str(tmp_path / "t.markdown")]) == 0
     long = tmp_path / "new" / f"{'a' * 250}.md"  # a valid name (253 bytes): its temporary file once was not
     assert qexp(["table", str(sweep), "--out", str(long)]) == 0 and long.is_file()
     too_long = tmp_path / "new2" / "deeper" / f"{'a' * 300}.md"

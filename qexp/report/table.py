@@ -384,6 +384,9 @@ def main(argv: list[str]) -> int:
 
     if args.out is not None:
         check_report_target(args.out)
+    if args.out is not None and args.format is None and args.out.suffix.lower() not in SUFFIX_FORMAT:
+        raise QexpError(f"--out {args.out}: a table is written as {', '.join(SUFFIX_FORMAT)} (by the suffix), "
+                        "or as --format FORMAT")
     fmt = args.format or (SUFFIX_FORMAT.get(args.out.suffix.lower(), "term") if args.out else "term")
     if fmt not in FORMATS:
         raise QexpError(f"unknown format {fmt!r}; choose from {', '.join(FORMATS)}")
@@ -432,6 +435,10 @@ def check_report_target(target: Path, option: str = "--out") -> None:
     (metrics.json, a checkpoint, ptq.json, quant.json, train.log): a table or figure there would silently
     overwrite what a run wrote and leave it corrupt. Any other existing file is the user's to replace,
     unless they write-protected it (the atomic rename would replace it anyway, where ``>`` would refuse)."""
+    if target.is_symlink():  # the atomic rename would replace the link, not write the file it names
+        raise QexpError(f"{option} {target} is a link: name the file it points to, or another name")
+    if target.exists() and not target.is_file():  # a folder, a FIFO, a device (/dev/full was replaced)
+        raise QexpError(f"{option} {target} exists and is not a regular file: choose a file name")
     run = run_folder_of(target)
     if run is not None:
         raise QexpError(f"{option} {target} is inside the run folder {run}: a report never writes among a "
