@@ -145,6 +145,9 @@ def matrix(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
     for name, argv in bad.items():
         launches[f"bad_{name}"] = {"argv": [*T, *argv, f"out_root={out}/bad"]}
     launches["huge_lr"] = {"argv": [*T, "lr=1e308", f"out_root={out}/huge_lr"]}
+    # Adam's per-tensor path (bc) raised when its step size passed float32; a stacked group too
+    launches["huge_lr_bc"] = {"argv": [*T, "lr=1e39", "method=bc", "trainer.seeds_per_process=2",
+                                       f"out_root={out}/huge_lr_bc"]}
     launches["bad_out_root_file"] = {"argv": [*T, f"out_root={out}/a_file"]}
     launches["bad_out_root_file_sweep"] = {"argv": ["--multirun", *T, "seed=0,1", f"out_root={out}/a_file"]}
     launches["late_flags"] = {"argv": [*T, "method=mybc", "seed=0,1", f"out_root={out}/late", "--multirun",
@@ -300,8 +303,10 @@ def test_bad_input_is_one_line_exit_2_nothing_written(matrix, name: str) -> None
 
 def test_a_huge_learning_rate_is_a_result_not_a_traceback(matrix) -> None:
     """lr=1e308 is finite and positive: the run trains (or diverges) and says so, no traceback."""
-    _, r = matrix
-    assert r["huge_lr"]["how"] == ["exit", 0] and "Traceback" not in r["huge_lr"]["stderr"], r["huge_lr"]
+    out, r = matrix
+    for name in ("huge_lr", "huge_lr_bc"):
+        assert r[name]["how"] == ["exit", 0] and "Traceback" not in r[name]["stderr"], r[name]
+    assert [read_metrics(p)["status"] for p in find_runs(out / "huge_lr_bc")] == ["diverged"] * 2
 
 
 def test_missing_data_message_leaves_no_folder(matrix) -> None:

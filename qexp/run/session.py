@@ -15,6 +15,7 @@ import logging
 import math
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -298,13 +299,28 @@ def train_step(model: nn.Module, method: Method, optimizer: torch.optim.Optimize
         scaler.scale(total).backward()
         scaler.unscale_(optimizer)
     method.after_backward(model)
-    if scaler is None:
-        optimizer.step()
-    else:
-        scaler.step(optimizer)  # skipped when a gradient overflowed float16
-        scaler.update()
+    if not _stepped(optimizer.step if scaler is None else lambda: _scaled_step(scaler, optimizer)):
+        return torch.full_like(loss.detach(), math.nan), out.detach()
     method.after_step(model, optimizer)
     return loss.detach(), out.detach()
+
+
+def _scaled_step(scaler: Any, optimizer: torch.optim.Optimizer) -> None:
+    scaler.step(optimizer)  # skipped when a gradient overflowed float16
+    scaler.update()
+
+
+def _stepped(step: Callable[[], Any]) -> bool:
+    """Run an optimizer step; False when its step size is past float32 (lr=1e39, or Adam's first step,
+    10x lr, on the per-tensor path raises): the update is infinite, as the foreach kernels make it, so
+    the run diverged there, and the caller hands the engine a non-finite loss that says so."""
+    try:
+        step()
+    except RuntimeError as e:
+        if "without overflow" not in str(e):
+            raise
+        return False
+    return True
 
 
 def evaluate(model: nn.Module, method: Method, loader: Any, device: torch.device,
@@ -570,9 +586,11 @@ def group_train_step(stack: seeds.Stack, builts: list[Built], optimizer: seeds.S
     stack.hand_out_grads()
     for i in active:
         builts[i].method.after_backward(builts[i].model)
-    optimizer.step(active)
-    for i in active:
-        builts[i].method.after_step(builts[i].model, builts[i].optimizer)
+    if _stepped(lambda: optimizer.step(active)):
+        for i in active:
+            builts[i].method.after_step(builts[i].model, builts[i].optimizer)
+    else:  # diverged: every seed's loss is not finite (train_step)
+        losses = torch.full_like(losses, math.nan)
     with torch.no_grad():
         losses, out = losses.detach(), out.detach()
         sums = engine.batch_total(builts[active[0]].method.loss_is_sum, losses, ys.shape[1])
