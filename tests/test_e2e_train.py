@@ -82,6 +82,10 @@ def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
     (run_dir / "metrics.json").write_text(__import__("json").dumps(m))
     (run_dir / "checkpoint.pt").write_bytes(b"\x00garbage" * 10)
     _fails(args, "corrupt", "resume=false")
+    failed = read_metrics(run_dir)  # the record still says which configuration the folder holds
+    assert failed["status"] == "failed" and "corrupt" in failed["error"]
+    assert {k: failed[k] for k in ("fingerprint", "data", "epochs", "lr", "history")} == \
+        {k: m[k] for k in ("fingerprint", "data", "epochs", "lr", "history")}
     # resume=false starts over and succeeds
     run_qexp([*args, "resume=false"])
     assert read_metrics(run_dir)["status"] == "completed"

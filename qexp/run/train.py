@@ -333,8 +333,12 @@ def _record_failure(cfg: DictConfig, run_dir: Path, message: str) -> None:
     meta = {"name": cfg.get("name"), "dataset": cfg.dataset.get("name"), "model": cfg.model.get("name"),
             "method": cfg.method.get("name"), "bits": cfg.get("bits"), "seed": cfg.get("seed")}
     prev = record.read(run_dir) or {}
-    record.write(run_dir, record.build(meta, "failed", prev.get("history", []), prev.get("wall_s", 0.0),
-                                       error=message))
+    # what the run recorded before (its fingerprint, data digest, settings) stays: a refused resume (a
+    # corrupt checkpoint) once left a record that no longer said which configuration the folder holds
+    kept = {k: v for k, v in prev.items() if k not in ("status", "error", "history", "epochs_done")}
+    rec = record.build({**kept, **{k: v for k, v in meta.items() if k not in kept}}, "failed",
+                       prev.get("history", []), prev.get("wall_s", 0.0), error=message)
+    record.write(run_dir, rec)
 
 
 @hydra.main(config_path="pkg://qexp.configs", config_name="train", version_base="1.3")
