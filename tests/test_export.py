@@ -250,6 +250,23 @@ def test_export_to_an_unwritable_folder_is_one_line_and_writes_nothing(synthetic
             ro.chmod(0o755)
 
 
+def test_a_write_protected_empty_folder_is_refused_not_replaced(synthetic_runs: dict[str, Path], tmp_path: Path,
+                                                                capsys: pytest.CaptureFixture,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """The swap needs only the parent writable: an empty read-only --out was deleted and made again with
+    the umask's mode. Refused like a write-protected table file (root: as for everyone else)."""
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    if os.geteuid() == 0:
+        monkeypatch.setattr(os, "access", lambda p, mode: not mode & os.W_OK or bool(os.stat(p).st_mode & 0o200))
+    try:
+        assert "is write-protected" in _refused([str(synthetic_runs["sr"]), "--out", str(ro)], capsys)
+        assert ro.stat().st_mode & 0o777 == 0o555 and not any(ro.iterdir())
+    finally:
+        ro.chmod(0o755)
+
+
 @pytest.mark.parametrize("umask", [0o002, 0o077])
 def test_export_folder_and_files_follow_the_umask(synthetic_runs: dict[str, Path], tmp_path: Path,
                                                   umask: int) -> None:

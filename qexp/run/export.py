@@ -192,6 +192,8 @@ def previous_export(out: Path) -> list[Path] | None:
         return None
     if not out.is_dir():
         raise QexpError(f"--out {out} is a file, not a folder: the export writes a folder; choose a new one")
+    if not os.access(out, os.W_OK):  # the swap needs only its parent writable: it replaced the folder
+        raise QexpError(f"--out {out} is write-protected: make it writable or choose a new folder")
     try:
         entries = sorted(out.iterdir())
     except OSError as e:
