@@ -47,12 +47,18 @@ def parallel_jobs(launcher: Any, n_cores: int) -> int | None:
     return max(1, n if n > 0 else n_cores + 1 + n)
 
 
+#: how far ``threads`` may oversubscribe the cores: more only slows a run down (5000 threads on 2 cores
+#: were 17x slower than 64), and far more crashes the process
+MAX_THREADS_PER_CORE = 16
+
+
 def job_threads(requested: int | None, jobs: int | None, n_cores: int) -> int | None:
     """Threads for this process: ``threads=N`` if given, ``cores // jobs`` inside a local parallel sweep,
     else None (torch's default, every core)."""
     if requested is not None:
-        if int(requested) < 1:
-            raise QexpError(f"threads must be >= 1 (or null for automatic), got {requested}")
+        if not 1 <= int(requested) <= MAX_THREADS_PER_CORE * n_cores:  # threads=100000 crashed (SIGSEGV)
+            raise QexpError(f"threads must be 1..{MAX_THREADS_PER_CORE * n_cores} on these {n_cores} cores "
+                            f"(or null for automatic), got {requested}")
         return int(requested)
     if jobs is None:
         return None
