@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any, NoReturn
 
 
@@ -63,3 +64,11 @@ class ArgumentParser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         print(f"error: {argument_error(self.prog, message)}", file=sys.stderr)
         raise SystemExit(2)
+
+
+def path_arg(text: str) -> Path:
+    """A path argument of a subcommand: an empty one would be the current folder (``qexp plot ""`` read
+    the current folder and wrote ./plots), so it is refused."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("an empty path names nothing (write . for the current folder)")
+    return Path(text)

@@ -90,6 +90,11 @@ def test_train_help_hides_internal_groups() -> None:
     (["runs", "DIR", "--digits"], "error: qexp runs: unrecognized arguments: --digits"),
     (["plot", "DIR", "--dpi", "x"], "error: qexp plot: argument --dpi: invalid int value: 'x'"),
     (["plot", "DIR", "--dpi", "100000"], "error: --dpi must be 10..1000, got 100000"),  # was out of memory
+    # an empty path was the current folder: `qexp plot ""` wrote ./plots
+    *[([cmd, ""], f"error: qexp {cmd}: argument {arg}: an empty path names nothing")
+      for cmd, arg in (("plot", "DIR"), ("runs", "DIR"), ("table", "DIR"), ("eval", "run_dir"),
+                       ("export", "run_dir"))],
+    (["table", "DIR", "--out", ""], "error: qexp table: argument --out: an empty path names nothing"),
 ])
 def test_bad_arguments_of_every_command_are_one_line(runs: Path, args: list[str], message: str,
                                                      capsys: pytest.CaptureFixture) -> None:

@@ -27,7 +27,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
-from qexp.errors import ArgumentParser, QexpError
+from qexp.errors import ArgumentParser, QexpError, path_arg
 from qexp.jsonio import without_new_folders
 from qexp.report import results
 from qexp.report.table import check_report_target
@@ -399,14 +399,14 @@ def parse_size(text: str) -> tuple[int, int]:
 def main(argv: list[str]) -> int:
     ap = ArgumentParser(prog="qexp plot", description=__doc__,
                         formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("dirs", nargs="+", type=Path, metavar="DIR", help="folders holding run folders")
+    ap.add_argument("dirs", nargs="+", type=path_arg, metavar="DIR", help="folders holding run folders")
     ap.add_argument("--metric", default="test_error",
                     help="per-epoch history key to plot: test_error (default), train_error, train_loss, "
                          "test_loss, lr, images_per_s, method/<diagnostic>")
     ap.add_argument("--rows", default="method,bits", help="keys giving one line each (default method,bits)")
     ap.add_argument("--cols", default="dataset,model",
                     help="keys giving one panel each (default dataset,model)")
-    ap.add_argument("--out", type=Path, default=None,
+    ap.add_argument("--out", type=path_arg, default=None,
                     help="PNG for the curves (default DIR/plots/<metric>.png); the allocation and PTQ "
                          "figures go beside it as <name>_alloc.png and <name>_ptq.png")
     ap.add_argument("--size", type=parse_size, default=None, metavar="WxH",

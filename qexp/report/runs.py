@@ -23,7 +23,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from qexp.errors import ArgumentParser, QexpError
+from qexp.errors import ArgumentParser, QexpError, path_arg
 from qexp.report import results
 from qexp.run import record
 
@@ -96,7 +96,7 @@ def _fmt_value(v: float | None, metric: str) -> str:
 def main(argv: list[str]) -> int:
     ap = ArgumentParser(prog="qexp runs", description=__doc__,
                         formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("dirs", nargs="+", type=Path, metavar="DIR", help="folders holding run folders")
+    ap.add_argument("dirs", nargs="+", type=path_arg, metavar="DIR", help="folders holding run folders")
     ap.add_argument("--status", default=None,
                     help="show only runs with these statuses (comma-separated, e.g. failed,diverged)")
     ap.add_argument("--where", action="append", default=[], metavar="KEY=V[,V...]",

@@ -27,7 +27,7 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from qexp.errors import ArgumentParser, QexpError
+from qexp.errors import ArgumentParser, QexpError, path_arg
 from qexp.report import reference as refs
 from qexp.report import results, stats, trials
 from qexp.run import record
@@ -340,7 +340,7 @@ def trials_view(df, study: trials.Study) -> View:  # type: ignore[no-untyped-def
 def main(argv: list[str]) -> int:
     ap = ArgumentParser(prog="qexp table", description=__doc__,
                         formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("dirs", nargs="+", type=Path, metavar="DIR", help="folders holding run folders")
+    ap.add_argument("dirs", nargs="+", type=path_arg, metavar="DIR", help="folders holding run folders")
     ap.add_argument("--rows", default=None,
                     help="comma-separated run keys, one table row per value (default method,bits); "
                          "e.g. method,bits,overrides or method,optim,lr")
@@ -351,7 +351,7 @@ def main(argv: list[str]) -> int:
                          "test_acc | train_loss | images_per_s | wall_s | any numeric field of metrics.json")
     ap.add_argument("--format", default=None,
                     help="term (rich, default), md, latex (booktabs) or csv; default from --out's suffix")
-    ap.add_argument("--out", type=Path, default=None, help="write to this file instead of stdout")
+    ap.add_argument("--out", type=path_arg, default=None, help="write to this file instead of stdout")
     ap.add_argument("--ref", default=None,
                     help=f"published numbers to show beside ours: a YAML path or a shipped name "
                          f"({', '.join(refs.available())})")

@@ -21,7 +21,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from qexp.data.common import run_cache, use_cache
-from qexp.errors import ArgumentParser, QexpError
+from qexp.errors import ArgumentParser, QexpError, path_arg
 from qexp.run import checkpoint, session
 from qexp.run.config import register
 
@@ -173,7 +173,7 @@ def analyses() -> list[ModuleType]:
 def main(argv: list[str]) -> int:
     ap = ArgumentParser(prog="qexp eval", description=__doc__,
                         formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("run_dir", type=Path, help="a run folder (holds .hydra/ and checkpoint.pt)")
+    ap.add_argument("run_dir", type=path_arg, help="a run folder (holds .hydra/ and checkpoint.pt)")
     ap.add_argument("--device", default=None, help="auto | cpu | cuda | cuda:N (default: $QEXP_DEVICE, else auto)")
     ap.add_argument("--data-root", default=None,
                     help="read the data from this folder instead of the run's own data root (the files "

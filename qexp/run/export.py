@@ -44,7 +44,7 @@ from omegaconf import OmegaConf
 from torch import nn
 from torch.nn.utils import parametrize
 
-from qexp.errors import ArgumentParser, QexpError
+from qexp.errors import ArgumentParser, QexpError, path_arg
 from qexp.jsonio import atomic_write_bytes, missing_folders, write_json, write_torch
 from qexp.quant.format import LayerFormat, parse_manifest, weight_formats
 from qexp.run import export_loader, record
@@ -565,10 +565,10 @@ def _normalization(run: Any) -> Any:
 def main(argv: list[str]) -> int:
     ap = ArgumentParser(prog="qexp export", description=__doc__,
                         formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("run_dir", type=Path, help="a finished run folder (holds .hydra/ and its checkpoints)")
+    ap.add_argument("run_dir", type=path_arg, help="a finished run folder (holds .hydra/ and its checkpoints)")
     ap.add_argument("--best", action="store_true",
                     help="export best.pt (the epoch with the lowest validation error) instead of the last epoch")
-    ap.add_argument("--out", type=Path, default=None, help="export folder (default RUN_DIR/export[-best])")
+    ap.add_argument("--out", type=path_arg, default=None, help="export folder (default RUN_DIR/export[-best])")
     ap.add_argument("--format", dest="fmt", choices=FORMATS, default="qexp",
                     help="qexp (default): integer codes + quant.json + a plain-PyTorch loader; onnx: model.onnx "
                          "with QuantizeLinear/DequantizeLinear, checked by onnxruntime on the test set "
