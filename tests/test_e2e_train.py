@@ -56,6 +56,8 @@ def _fails(args: list[str], *needles: str) -> str:
     (["bits=0"], ["bits=0", "allowed"]),
     (["device=tpu"], ["device must be auto, cpu, cuda or cuda:N, got 'tpu'"]),
     (["optim.momentum_typo=1"], ["momentum_typo"]),
+    # a key only another option has: Hydra advised `+dataset.test_subset=...`, which qexp refuses
+    (["dataset.test_subset=100"], ["no setting 'test_subset'"]),
 ])
 def test_bad_input_is_one_clear_message(tmp_path, args, needles):
     _fails(["train", f"out_root={tmp_path}", *args], *needles)

@@ -350,6 +350,10 @@ def _hydra_main(cfg: DictConfig) -> float | None:
     return None
 
 
+#: OmegaConf's words for a key the composed config does not have (``dataset.test_subset`` on mnist)
+_NOT_IN_STRUCT = re.compile(r"Key '([^']+)' is not in struct")
+
+
 def config_error_line(e: BaseException) -> str:
     """A Hydra/OmegaConf error as one line: what was asked, what is wrong, the options there are."""
     parts: list[str] = []
@@ -359,8 +363,11 @@ def config_error_line(e: BaseException) -> str:
             text = line.strip()
             if text.startswith("Config search path"):  # Hydra's own plumbing follows
                 break
-            if not text or text.startswith(("full_key:", "object_type=", "reference_type=", "Set the environment")):
+            if not text or text.startswith(("full_key:", "object_type=", "reference_type=", "Set the environment",
+                                            "To append to your config use")):  # qexp refuses +key=...
                 continue
+            text = _NOT_IN_STRUCT.sub(r"this configuration has no setting '\1' (`qexp train --cfg job` with the "
+                                      "same groups lists them)", text)
             if line.startswith("\t"):  # Hydra lists a group's options one per tab-indented line
                 options.append(text)
             elif text.rstrip(".:") not in parts:
