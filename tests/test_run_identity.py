@@ -43,6 +43,8 @@ def launched(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
     out = tmp_path_factory.mktemp("identity")
     (out / "mine" / "runs").mkdir(parents=True)  # the user's own folders, made before the sweeps below
     (out / "mine2").mkdir()
+    (out / "mine3" / "runs").mkdir(parents=True)
+    (out / "mine3" / "runs" / "multirun.yaml").write_text("my notes\n")  # not Hydra's: Hydra replaced it
     L = {
         "implicit": {"argv": [*T, f"out_root={out}/id"]},
         "explicit": {"argv": [*T, "epochs=1", "optim=adam", "lr=0.001", "sched=constant", f"out_root={out}/id"]},
@@ -65,6 +67,7 @@ def launched(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
         "all_refused_sweep": {"argv": ["--multirun", *T, "epochs=-1,-2", f"out_root={out}/refusedsweep"]},
         "refused_sweep_in_mine": {"argv": ["--multirun", *T, "epochs=-1,-2", f"out_root={out}/mine"]},
         "bad_key_sweep_in_mine": {"argv": ["--multirun", *T, "methd=1,2", f"out_root={out}/mine2"]},
+        "sweep_over_my_file": {"argv": ["--multirun", *T, "seed=0,1", f"out_root={out}/mine3"]},
         "long_name": {"argv": [*T, f"out_root={out}/long/deep", "name=" + "a" * 300]},
         "chg_setup": {"argv": [*T, f"out_root={out}/chg"]},
         "chg": {"argv": [*T, f"out_root={out}/chg"], "set_status": [str(out / "chg"), "interrupted"],
@@ -183,6 +186,14 @@ def test_a_refused_sweep_keeps_the_users_own_out_root(launched) -> None:
     assert r["refused_sweep_in_mine"]["how"] == ["exit", 1] and r["bad_key_sweep_in_mine"]["how"] == ["exit", 2]
     assert [p.name for p in (out / "mine").iterdir()] == ["runs"] and not any((out / "mine" / "runs").iterdir())
     assert (out / "mine2").is_dir() and not any((out / "mine2").iterdir())
+
+
+def test_a_sweep_never_replaces_a_multirun_yaml_hydra_did_not_write(launched) -> None:
+    out, r = launched
+    err = one_line_error(r["sweep_over_my_file"])
+    assert "multirun.yaml is not a sweep record Hydra wrote" in err, err
+    assert sorted(p.name for p in (out / "mine3" / "runs").iterdir()) == ["multirun.yaml"]
+    assert (out / "mine3" / "runs" / "multirun.yaml").read_text() == "my notes\n"
 
 
 def test_a_run_folder_the_file_system_refuses_leaves_no_folder(launched) -> None:

@@ -116,6 +116,25 @@ def check_launcher(config: DictConfig) -> None:
                         "(or submitit_local)")
 
 
+def check_sweep_record(config: DictConfig) -> None:
+    """Hydra writes every sweep's record to ``<out_root>/<name>/multirun.yaml``, replacing what is there: a
+    file of that name that is not such a record (the user's own, a folder, a link) is refused before it
+    would be lost."""
+    import yaml
+
+    path = Path(str(config.hydra.sweep.dir)) / "multirun.yaml"
+    if not path.exists() and not path.is_symlink():
+        return
+    try:
+        ours = (not path.is_symlink() and path.is_file() and path.stat().st_size < 10_000_000
+                and "hydra" in (yaml.safe_load(path.read_text()) or {}))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError, TypeError):
+        ours = False
+    if not ours:
+        raise QexpError(f"{path} is not a sweep record Hydra wrote, and a --multirun writes its record there "
+                        "(replacing it): move it, or give the sweep another name= or out_root=")
+
+
 def check_values(config: DictConfig) -> None:
     """A grid (Hydra's basic sweeper) with a sweep of no value (``seed=range(0,0)``) would run no job and
     exit 0: refused (QexpError) before any folder exists. Sweeps whose values need the config loader

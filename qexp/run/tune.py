@@ -95,6 +95,7 @@ class InputCheck(Callback):
     def _refuse(config: DictConfig, search: bool) -> None:
         try:
             if search:
+                sweep.check_sweep_record(config)
                 sweep.check_launcher(config)
                 sweep.check_values(config)
             if search and is_optuna(config.hydra):
