@@ -241,32 +241,22 @@ def _fit(method: list[str], epochs: int, compile: bool, ckpt: Path | None = None
 EXACT = ("train_loss", "train_error", "test_loss", "test_error")
 
 
-def test_compiled_stochastic_bc_rounds_eagerly_and_matches_eager(one_thread):
-    """Stochastic BC's rounding runs eagerly inside the compiled forward (``torch.compiler.disable``: its
-    seeded generator breaks the graph anyway, and on CUDA Dynamo would meet the hand-launched Triton
-    kernel): the run compiles without falling back and, drawing the same noise in the same order and
-    rounding with eager's operations, gives eager's numbers (traced, the rounding's fused arithmetic put
-    values near a threshold on the other grid point: train loss 3.167 against eager's 3.185)."""
-    method = ["method=bc", "method.stochastic=true"]
+@pytest.mark.parametrize("method, tol", [(["method=bc", "method.stochastic=true"], 1e-3),
+                                         (["method=float", "model.dropout=0.5"], 1e-4)],
+                         ids=["stochastic_bc", "dropout"])
+def test_compiled_random_draws_match_eager(one_thread, method: list[str], tol: float):
+    """Random draws inside a compiled forward are eager's, so a compiled run answers for the eager one it
+    shares a folder with. Stochastic BC's rounding runs eagerly (``torch.compiler.disable``: its seeded
+    generator breaks the graph anyway, and on CUDA Dynamo would meet the hand-launched Triton kernel);
+    traced, the rounding's fused arithmetic put values near a threshold on the other grid point (train
+    loss 3.167 against eager's 3.185). Dropout draws from torch's generator (``fallback_random``):
+    Inductor's own random stream gave 5.9% against eager's 9.4% test error on a tiny MLP."""
     _, eager = _fit(method, 1, compile=False)
     t, compiled = _fit(method, 1, compile=True)
     assert compiled.status == "completed" and not t.forward_model.failed
     for e, c in zip(eager.progress.history, compiled.progress.history):
         for k in EXACT:
-            assert c[k] == pytest.approx(e[k], rel=1e-3, abs=1e-3), (k, e, c)
-
-
-def test_compiled_dropout_draws_eagers_masks(one_thread):
-    """Dropout inside the compiled graph draws from torch's generator as eager code does
-    (``fallback_random``), so a compiled run answers for the eager one it shares a folder with
-    (Inductor's own random stream gave 5.9% against eager's 9.4% test error on a tiny MLP)."""
-    method = ["method=float", "model.dropout=0.5"]
-    _, eager = _fit(method, 1, compile=False)
-    t, compiled = _fit(method, 1, compile=True)
-    assert compiled.status == "completed" and not t.forward_model.failed
-    for e, c in zip(eager.progress.history, compiled.progress.history):
-        for k in EXACT:
-            assert c[k] == pytest.approx(e[k], rel=1e-4, abs=1e-4), (k, e, c)
+            assert c[k] == pytest.approx(e[k], rel=tol, abs=tol), (k, e, c)
 
 
 @pytest.mark.slow
