@@ -548,20 +548,18 @@ NOT_READ = "—"
 
 def config_value(run_dir: str, dotted: str, method_knob: bool = False) -> Any:
     """``dotted`` (``method.ste``, or ``method.scale: ${grid_scale}`` resolved) in the run's composed config
-    (.hydra/config.yaml), or None. ``method_knob``: ``dotted`` is a top-level knob a method reads through its
-    own config (:data:`METHOD_KNOBS`): the value of the method's key that carries it (typed either way),
-    :data:`NOT_READ` when the run's method has no such key: the composed config records the top-level
-    value either way, set by whichever job of a sweep started the run (float trained once for
-    ``grid_scale=0.01,glorot`` would otherwise sit in the row of that job's scale)."""
+    (.hydra/config.yaml), or None. ``method_knob``: ``dotted`` is the method's key that carries a top-level
+    knob (:data:`METHOD_KNOBS`: ``method.scale`` for ``grid_scale``, typed either way), :data:`NOT_READ` when
+    the run's method has no such key: the composed config records the top-level value either way, set by
+    whichever job of a sweep started the run (float trained once for ``grid_scale=0.01,glorot`` would
+    otherwise sit in the row of that job's scale)."""
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
     try:
         cfg = OmegaConf.load(Path(run_dir.split("#")[0]) / ".hydra" / "config.yaml")
-        if method_knob:
-            dotted = METHOD_KNOBS[dotted]
-            if "method" in cfg and dotted.partition(".")[2] not in cfg.method:
-                return NOT_READ
+        if method_knob and "method" in cfg and dotted.partition(".")[2] not in cfg.method:
+            return NOT_READ
         node: Any = OmegaConf.select(cfg, dotted, throw_on_missing=False)
         if OmegaConf.is_config(node):
             node = OmegaConf.to_container(node, resolve=True)
@@ -582,10 +580,9 @@ def with_keys(df: pd.DataFrame, keys: Sequence[str]) -> pd.DataFrame:
         values = []
         for r in recs:
             if k in CARRIED_BY:  # the value the run used, not how it was typed
-                carried = r.get(CARRIED_BY[k]) if CARRIED_BY[k] in r else None
+                carried = r.get(CARRIED_BY[k])
                 values.append(carried if carried is not None and not _isnan(carried)
-                              else config_value(r["run_dir"], k if k in METHOD_KNOBS else CARRIED_BY[k],
-                                                method_knob=k in METHOD_KNOBS))
+                              else config_value(r["run_dir"], CARRIED_BY[k], method_knob=k in METHOD_KNOBS))
                 continue
             text = r.get("overrides")
             usable = isinstance(text, str) and not TRUNCATED.search(text)

@@ -387,7 +387,7 @@ def main(argv: list[str]) -> int:
     if args.out is not None and args.format is None and args.out.suffix.lower() not in SUFFIX_FORMAT:
         raise QexpError(f"--out {args.out}: a table is written as {', '.join(SUFFIX_FORMAT)} (by the suffix), "
                         "or as --format FORMAT")
-    fmt = args.format or (SUFFIX_FORMAT.get(args.out.suffix.lower(), "term") if args.out else "term")
+    fmt = args.format or (SUFFIX_FORMAT[args.out.suffix.lower()] if args.out else "term")
     if fmt not in FORMATS:
         raise QexpError(f"unknown format {fmt!r}; choose from {', '.join(FORMATS)}")
     ref = refs.load(args.ref) if args.ref else None

@@ -203,7 +203,7 @@ def differing(cfg: DictConfig, baseline: DictConfig, group_items: Iterable[str] 
     raw = flatten(OmegaConf.to_container(cfg, resolve=False, enum_to_str=True))
     items = list(group_items)
     for k in sorted(set(eff) | set(base)):
-        if k in PATH_KEYS or k.split(".")[-1] in ("name", "tag") and k.count(".") == 1:
+        if k in PATH_KEYS or is_label(k):
             continue
         if eff.get(k, _MISSING) == base.get(k, _MISSING):
             continue
@@ -273,8 +273,26 @@ def _kind(default: Any) -> tuple[tuple[type, ...], str] | None:
     return None
 
 
-#: the keys that label a group's option (folders, tables) and are read by nothing else
-LABEL_KEYS = ("dataset.name", "model.name", "method.name", "method.tag", "optim.name", "sched.name")
+def is_label(key: str) -> bool:
+    """A key that labels a group's option in folders and tables (``optim.name``, ``method.tag``) and is
+    read by nothing else."""
+    return key.count(".") == 1 and key.rsplit(".", 1)[1] in ("name", "tag")
+
+
+def check_labels(cfg: DictConfig, defaults: DictConfig) -> None:
+    """A label typed to another value is refused: ``dataset.name=cifar10`` with MNIST data, or
+    ``optim.name=sgd`` on Adam, would name the folder and the table row falsely. Compared as written
+    (``bc-${method.bits}b`` follows ``method.bits``) and as resolved (typing the label it has is harmless)."""
+    raw_got = flatten(OmegaConf.to_container(cfg, resolve=False, enum_to_str=True))
+    raw_base = flatten(OmegaConf.to_container(defaults, resolve=False, enum_to_str=True))
+    for k in filter(is_label, raw_got):
+        if raw_got[k] != raw_base.get(k, raw_got[k]):
+            got, base = OmegaConf.select(cfg, k), OmegaConf.select(defaults, k)
+            if got != base:
+                group = k.split(".")[0]
+                raise QexpError(f"{k}={_fmt(got)}: {k} labels the {group} option ({_fmt(base)}) in folders and "
+                                f"tables and changes nothing it computes; pick an option with {group}=NAME "
+                                "(your own with --config-dir DIR)")
 
 
 def check_types(cfg: DictConfig, defaults: DictConfig) -> None:
@@ -287,15 +305,6 @@ def check_types(cfg: DictConfig, defaults: DictConfig) -> None:
                         "`qexp train --help` lists the settings")
     got = flatten(OmegaConf.to_container(cfg, resolve=True, enum_to_str=True))
     base = flatten(OmegaConf.to_container(defaults, resolve=True, enum_to_str=True))
-    raw_got = flatten(OmegaConf.to_container(cfg, resolve=False, enum_to_str=True))
-    raw_base = flatten(OmegaConf.to_container(defaults, resolve=False, enum_to_str=True))
-    for k in LABEL_KEYS:  # dataset.name=cifar10 with MNIST data would name the folder and table row falsely
-        # as written (bc-${method.bits}b follows method.bits) and as resolved (typing the label it has is harmless)
-        if k in raw_got and raw_got[k] != raw_base.get(k, raw_got[k]) and got.get(k) != base.get(k):
-            group = k.split(".")[0]
-            raise QexpError(f"{k}={_fmt(got[k])}: {k} labels the {group} option ({_fmt(base[k])}) in folders "
-                            f"and tables and changes nothing it computes; pick an option with {group}=NAME "
-                            "(your own with --config-dir DIR)")
     for k in sorted(got):
         if k.split(".", 1)[0] not in TYPED_GROUPS or k not in base:
             continue
@@ -342,11 +351,13 @@ def compose_defaults() -> Defaults:
         # the folder names the preset only under a name of the preset's own: another name typed, or a preset
         # that sets none (a user's, under the default name), would hide its defaults, so the run would
         # share a folder with one without it (the preset's own name typed again is the preset's folder)
-        own = compose(config_name=hc.job.config_name, overrides=path_lines).get("name")
-        plain = compose(config_name=hc.job.config_name,
-                        overrides=[o.input_line for o in groups if o.key_or_group in PATH_GROUPS
-                                   and o.key_or_group != "experiment"]).get("name")
-        if str(named[-1].value() if named else own) != str(own) or str(own) == str(plain):
+        own = str(compose(config_name=hc.job.config_name, overrides=path_lines).get("name"))
+
+        def plain() -> str:  # the name the same groups give without the preset (composed only if asked)
+            lines = [o.input_line for o in groups if o.key_or_group in PATH_GROUPS and o.key_or_group != "experiment"]
+            return str(compose(config_name=hc.job.config_name, overrides=lines).get("name"))
+
+        if (named and str(named[-1].value()) != own) or own == plain():
             items.append(f"experiment={choices['experiment']}")
     if hc.job.config_name != PRIMARY_CONFIG:  # --config-name: its own defaults are the baseline, hidden too
         items.append(f"config={hc.job.config_name}")

@@ -93,6 +93,7 @@ def run(cfg: DictConfig) -> dict[str, Any] | None:
             cfg.trainer.devices = ranks[1]
         defaults = identity.compose_defaults()
         identity.check_types(cfg, defaults.baseline)  # method.stochastic=off: refused, not read as true
+        identity.check_labels(cfg, defaults.baseline)  # optim.name=sgd on Adam: refused
         identity.check_place(cfg)
         resources.keep_caches_under(cfg.out_root)
         method = check_inputs(cfg)  # the run's method, built once in this process
@@ -336,8 +337,8 @@ def _record_failure(cfg: DictConfig, run_dir: Path, message: str) -> None:
     # what the run recorded before (its fingerprint, data digest, settings) stays: a refused resume (a
     # corrupt checkpoint) once left a record that no longer said which configuration the folder holds
     kept = {k: v for k, v in prev.items() if k not in ("status", "error", "history", "epochs_done")}
-    rec = record.build({**kept, **{k: v for k, v in meta.items() if k not in kept}}, "failed",
-                       prev.get("history", []), prev.get("wall_s", 0.0), error=message)
+    rec = record.build({**meta, **kept}, "failed", prev.get("history", []), prev.get("wall_s", 0.0),
+                       error=message)
     record.write(run_dir, rec)
 
 
